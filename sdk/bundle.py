@@ -1,0 +1,412 @@
+"""Writing and safely reading ``.edgebundle`` archives.
+
+A bundle is a POSIX tar archive (optionally gzip-compressed) whose first member is
+``manifest.json`` and second ``signatures.json``; every other member is listed in the manifest's
+``files`` with its sha256 and size. See docs/bundle-format.md.
+
+Reading never trusts the archive: the manifest and signatures are read under byte caps and
+verified first, then each member is streamed into a private staging folder, hashed and checked,
+and only when everything passed is the staging folder renamed to its destination. On any failure
+the staging folder is removed and the destination never appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sdk.errors import (
+    BundleError,
+    ExpiredError,
+    IntegrityError,
+    ManifestError,
+    RollbackError,
+    UnsafeArchiveError,
+)
+from sdk.manifest import FileEntry, Manifest, check_member_path, strict_json_loads
+from sdk.signing import TrustedKeys, sign_manifest, verify_signatures
+
+__all__ = [
+    "BUNDLE_SUFFIX",
+    "ReadLimits",
+    "VerifiedBundle",
+    "bundle_filename",
+    "file_sha256",
+    "inspect_bundle",
+    "read_bundle",
+    "write_bundle",
+]
+
+BUNDLE_SUFFIX = ".edgebundle"
+MANIFEST_NAME = "manifest.json"
+SIGNATURES_NAME = "signatures.json"
+_CHUNK = 1 << 20  # bytes
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps applied while reading an untrusted bundle."""
+
+    max_bundle_bytes: int = 4 * 2**30  # bytes, size of the archive file
+    max_manifest_bytes: int = 1 * 2**20  # bytes
+    max_signatures_bytes: int = 64 * 2**10  # bytes
+    max_members: int = 1024  # archive members, manifest and signatures included
+    max_member_bytes: int = 2 * 2**30  # bytes, one expanded member
+    max_total_bytes: int = 4 * 2**30  # bytes, all expanded members together
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signatures, version, expiry and every member were checked."""
+
+    manifest: Manifest
+    root: Path  # folder holding the verified members
+    sha256: str  # of the whole archive file
+    keyids: tuple[str, ...]  # trusted keys whose signatures were valid
+
+    def path(self, member: str) -> Path:
+        """Absolute path of a verified member."""
+        self.manifest.file(member)  # KeyError for a path the manifest does not list
+        return self.root / member
+
+
+def bundle_filename(manifest: Manifest) -> str:
+    """``NAME-VERSION-TARGET-PRECISION.edgebundle``."""
+    return f"{manifest.name}-{manifest.version}-{manifest.target}-{manifest.precision}{BUNDLE_SUFFIX}"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_bundle(
+    out_path: str | os.PathLike[str],
+    manifest: Manifest,
+    members: Mapping[str, str | os.PathLike[str] | bytes],
+    keys: Sequence[Ed25519PrivateKey],
+) -> Manifest:
+    """Hash ``members``, complete the manifest's ``files``, sign it and write the archive atomically.
+
+    Args:
+        out_path: the bundle file to write (replaced atomically if it exists).
+        manifest: the manifest; its ``files`` are replaced by the entries computed here.
+        members: archive path -> source file path or bytes.
+        keys: Ed25519 private keys to sign with (at least one).
+
+    Returns:
+        The manifest as written, with ``files`` filled in.
+
+    Raises:
+        ManifestError: a member path is unsafe, or the manifest's model/golden files are missing.
+    """
+    entries: list[FileEntry] = []
+    for path, src in members.items():
+        why = check_member_path(path)
+        if why:
+            raise ManifestError(f"bundle member {path!r}: {why}")
+        if isinstance(src, bytes):
+            entries.append(FileEntry(path, hashlib.sha256(src).hexdigest(), len(src)))
+        else:
+            entries.append(FileEntry(path, file_sha256(src), os.path.getsize(src)))
+    final = manifest.with_files(entries)
+    manifest_bytes = final.to_bytes()
+    signatures_bytes = sign_manifest(manifest_bytes, keys)
+    mtime = int(final.created_at().timestamp())
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name, data in ((MANIFEST_NAME, manifest_bytes), (SIGNATURES_NAME, signatures_bytes)):
+                    tar.addfile(_tarinfo(name, len(data), mtime), io.BytesIO(data))
+                for entry in final.files:
+                    src = members[entry.path]
+                    info = _tarinfo(entry.path, entry.size, mtime)
+                    if isinstance(src, bytes):
+                        tar.addfile(info, io.BytesIO(src))
+                    else:
+                        with open(src, "rb") as f:
+                            tar.addfile(info, f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return final
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _member_kind(info: tarfile.TarInfo) -> str | None:
+    """Why a member is not a plain file, or None for a plain file."""
+    if info.isreg():
+        return None
+    if info.issym():
+        return "symbolic link"
+    if info.islnk():
+        return "hard link"
+    if info.ischr() or info.isblk():
+        return "device node"
+    if info.isfifo():
+        return "FIFO"
+    if info.isdir():
+        return "directory"
+    return "special member"
+
+
+class _HashingFile(io.RawIOBase):
+    """Read-only file wrapper that hashes every byte read, so the archive hash is of what was checked."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        data = self._raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha256.update(data)
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+    def hexdigest(self) -> str:
+        """Hash of the whole file: reads whatever the tar reader left unread."""
+        while self.read(_CHUNK):
+            pass
+        return self.sha256.hexdigest()
+
+
+class _ArchiveReader:
+    """Walks an untrusted tar stream, enforcing member-level rules and caps."""
+
+    def __init__(self, fileobj: IO[bytes], limits: ReadLimits) -> None:
+        self.limits = limits
+        try:
+            self._tar = tarfile.open(fileobj=fileobj, mode="r|*")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UnsafeArchiveError(f"not a bundle archive (tar): {e}") from e
+        self._iter = iter(self._tar)
+        self.count = 0
+
+    def next(self) -> tarfile.TarInfo | None:
+        try:
+            info = next(self._iter, None)
+        except (tarfile.TarError, OSError, EOFError, UnicodeError) as e:
+            raise UnsafeArchiveError(f"corrupt or truncated archive: {e}") from e
+        if info is None:
+            return None
+        self.count += 1
+        if self.count > self.limits.max_members:
+            raise UnsafeArchiveError(f"archive has more than {self.limits.max_members} members")
+        kind = _member_kind(info)
+        if kind:
+            raise UnsafeArchiveError(f"member {info.name!r} is a {kind}; bundles hold plain files only")
+        why = check_member_path(info.name) if info.name not in (MANIFEST_NAME, SIGNATURES_NAME) else None
+        if why:
+            raise UnsafeArchiveError(f"member {info.name!r}: {why}")
+        return info
+
+    def read_small(self, info: tarfile.TarInfo, cap: int) -> bytes:
+        if info.size > cap:
+            raise UnsafeArchiveError(f"{info.name} is {info.size} bytes, over the {cap}-byte cap")
+        return b"".join(self.stream(info))
+
+    def stream(self, info: tarfile.TarInfo):  # type: ignore[no-untyped-def]
+        f = self._tar.extractfile(info)
+        if f is None:  # not reachable for regular files
+            raise UnsafeArchiveError(f"member {info.name!r} has no data")
+        remaining = info.size
+        try:
+            while remaining > 0:
+                chunk = f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise UnsafeArchiveError(f"archive ends inside member {info.name!r} (truncated)")
+                remaining -= len(chunk)
+                yield chunk
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UnsafeArchiveError(f"corrupt or truncated archive in {info.name!r}: {e}") from e
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def _open_header(path: Path, limits: ReadLimits) -> tuple[_HashingFile, _ArchiveReader, bytes, bytes]:
+    try:
+        size = path.stat().st_size
+        f = _HashingFile(open(path, "rb"))
+    except OSError as e:
+        raise BundleError(f"cannot open bundle {path}: {e.strerror or e}") from e
+    try:
+        if size > limits.max_bundle_bytes:
+            raise UnsafeArchiveError(f"bundle is {size} bytes, over the {limits.max_bundle_bytes}-byte cap")
+        reader = _ArchiveReader(f, limits)
+        first = reader.next()
+        if first is None or first.name != MANIFEST_NAME:
+            raise UnsafeArchiveError(f"first member must be {MANIFEST_NAME}")
+        manifest_bytes = reader.read_small(first, limits.max_manifest_bytes)
+        second = reader.next()
+        if second is None or second.name != SIGNATURES_NAME:
+            raise UnsafeArchiveError(f"second member must be {SIGNATURES_NAME}")
+        signatures_bytes = reader.read_small(second, limits.max_signatures_bytes)
+    except BaseException:
+        f.close()
+        raise
+    return f, reader, manifest_bytes, signatures_bytes
+
+
+def inspect_bundle(path: str | os.PathLike[str], limits: ReadLimits = ReadLimits()) -> tuple[Manifest, list[dict[str, str]]]:
+    """Read a bundle's manifest and signature entries WITHOUT verifying anything.
+
+    For display only (``edgeship bundle inspect``); never act on what this returns.
+    """
+    f, reader, manifest_bytes, signatures_bytes = _open_header(Path(path), limits)
+    try:
+        manifest = Manifest.from_bytes(manifest_bytes)
+        sigs = strict_json_loads(signatures_bytes, "signatures.json")
+        return manifest, sigs if isinstance(sigs, list) else []
+    finally:
+        reader.close()
+        f.close()
+
+
+def check_freshness(
+    manifest: Manifest,
+    *,
+    installed_version: int | None,
+    allow_downgrade: bool,
+    now: datetime | None,
+) -> None:
+    """Refuse expired bundles and silent downgrades; pure.
+
+    Raises:
+        ExpiredError: ``expires`` is at or before ``now``.
+        RollbackError: version lower than ``installed_version`` and no downgrade allowed.
+    """
+    now = now or datetime.now(timezone.utc)
+    expires = manifest.expires_at()
+    if expires is not None and expires <= now:
+        raise ExpiredError(f"bundle {manifest.name} v{manifest.version} expired at {manifest.expires}")
+    if installed_version is not None and manifest.version < installed_version and not allow_downgrade:
+        raise RollbackError(
+            f"bundle {manifest.name} v{manifest.version} is older than installed v{installed_version}; "
+            "a downgrade must be allowed explicitly"
+        )
+
+
+def read_bundle(
+    path: str | os.PathLike[str],
+    trust: TrustedKeys,
+    dest: str | os.PathLike[str],
+    *,
+    installed_version: int | None = None,
+    allow_downgrade: bool = False,
+    now: datetime | None = None,
+    limits: ReadLimits = ReadLimits(),
+) -> VerifiedBundle:
+    """Verify a bundle completely and extract it to ``dest`` (which must not exist).
+
+    Order: size cap, manifest and signatures under caps, signature threshold, manifest
+    validation, expiry, version, then every member streamed into a staging folder beside
+    ``dest`` with hash, size, type, path and count checks. ``dest`` appears (atomic rename)
+    only when all passed.
+
+    Raises:
+        SignatureError, ManifestError, ExpiredError, RollbackError, IntegrityError,
+        UnsafeArchiveError: see sdk.errors; nothing is left behind on failure.
+    """
+    bundle_path, dest_path = Path(path), Path(dest)
+    if dest_path.exists():
+        raise BundleError(f"destination {dest_path} exists already")
+    f, reader, manifest_bytes, signatures_bytes = _open_header(bundle_path, limits)
+    staging: Path | None = None
+    try:
+        keyids = verify_signatures(manifest_bytes, signatures_bytes, trust)
+        manifest = Manifest.from_bytes(manifest_bytes)
+        check_freshness(manifest, installed_version=installed_version, allow_downgrade=allow_downgrade, now=now)
+
+        expected = {e.path: e for e in manifest.files}
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.staging-", dir=dest_path.parent))
+        seen: set[str] = set()
+        total = 0
+        while (info := reader.next()) is not None:
+            entry = expected.get(info.name)
+            if entry is None:
+                raise IntegrityError(f"member {info.name!r} is not listed in the manifest")
+            if info.name in seen:
+                raise UnsafeArchiveError(f"member {info.name!r} appears twice")
+            seen.add(info.name)
+            if info.size > limits.max_member_bytes:
+                raise UnsafeArchiveError(f"member {info.name!r} is over the {limits.max_member_bytes}-byte cap")
+            total += info.size
+            if total > limits.max_total_bytes:
+                raise UnsafeArchiveError(f"archive expands past the {limits.max_total_bytes}-byte cap")
+            if info.size != entry.size:
+                raise IntegrityError(f"member {info.name!r} is {info.size} bytes, manifest says {entry.size}")
+            target = staging / info.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with open(target, "xb") as out:
+                for chunk in reader.stream(info):
+                    h.update(chunk)
+                    out.write(chunk)
+            if h.hexdigest() != entry.sha256:
+                raise IntegrityError(f"member {info.name!r} does not match its sha256 in the manifest")
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise IntegrityError(f"members missing from the archive: {', '.join(missing)}")
+        archive_sha = f.hexdigest()
+        os.replace(staging, dest_path)
+        staging = None
+        _fsync_dir(dest_path.parent)
+        return VerifiedBundle(manifest=manifest, root=dest_path, sha256=archive_sha, keyids=tuple(keyids))
+    finally:
+        reader.close()
+        f.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

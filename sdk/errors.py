@@ -1,0 +1,82 @@
+"""The one error tree of edgeship.
+
+Errors are split by who is at fault: untrusted content (``BundleError`` and its children),
+the caller's own data (``InputError``), the host-side build (``PackagingError``), the network
+(``TransportError``) and local configuration (``KeyFileError``, ``BackendError``). Foreign
+exceptions are converted at the seam where they happen, with ``raise X from e``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BundleError",
+    "DriftError",
+    "EdgeshipError",
+    "ExpiredError",
+    "InputError",
+    "IntegrityError",
+    "KeyFileError",
+    "ManifestError",
+    "PackagingError",
+    "RollbackError",
+    "SignatureError",
+    "TransportError",
+    "UnsafeArchiveError",
+]
+
+
+class EdgeshipError(Exception):
+    """Root of every error edgeship raises on purpose."""
+
+
+class BundleError(EdgeshipError):
+    """A bundle cannot be trusted or read; nothing from it was installed or loaded."""
+
+
+class ManifestError(BundleError):
+    """The manifest is malformed: bad JSON, duplicate keys, missing or ill-typed fields."""
+
+
+class SignatureError(BundleError):
+    """Signatures are missing, invalid, from untrusted keys or below the threshold."""
+
+
+class IntegrityError(BundleError):
+    """A member's bytes do not match the manifest (hash, size), or a member is missing or extra."""
+
+
+class RollbackError(BundleError):
+    """The bundle's version is lower than the one installed and no downgrade was allowed."""
+
+
+class ExpiredError(BundleError):
+    """The bundle's ``expires`` time has passed (protects against freeze attacks)."""
+
+
+class UnsafeArchiveError(BundleError):
+    """The archive itself is hostile or malformed: path traversal, links, devices, size bombs."""
+
+
+class PackagingError(EdgeshipError):
+    """The host could not build a bundle from the given model."""
+
+
+class DriftError(PackagingError):
+    """The built model's outputs differ from the original's beyond the tolerances."""
+
+
+class InputError(EdgeshipError):
+    """Inputs given to a model do not match its declared signature."""
+
+
+class TransportError(EdgeshipError):
+    """A network transfer failed (connection, timeout, truncated body)."""
+
+
+class KeyFileError(EdgeshipError):
+    """A key file is missing, malformed or has unsafe permissions."""
+
+
+class BackendError(EdgeshipError):
+    """The runtime a bundle needs is not installed or could not load the model."""
