@@ -1,0 +1,31 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgeship-installed
+
+.PHONY: demo test lint install clean
+
+install: $(STAMP)
+
+# torch first, pinned: 2.13.0 is a CPU build; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[all,test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgeship demo --out demo-out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sdk device_runtime packagers fleet tests examples benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,297 @@
+"""The ``edgeship`` command line: parse, build options, call the library, print.
+
+Expected failures (any ``EdgeshipError``) print one ``error: ...`` line to stderr and exit 1;
+usage mistakes exit 2 (argparse). Heavy libraries are imported only by the subcommands that
+need them, so ``edgeship bundle verify`` works on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sdk.errors import EdgeshipError, InputError
+
+__all__ = ["main"]
+
+
+class _Progress:
+    """Prints one line per step with the time since the command started (to stderr)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---- keys --------------------------------------------------------------------------------------
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from sdk.signing import generate_keypair, key_id, load_public_key
+
+    private_path, public_path = generate_keypair(args.out, args.name)
+    print(f"private key: {private_path} (mode 0600, keep it secret)")
+    print(f"public key:  {public_path} (give this to devices with --trust)")
+    print(f"key id:      {key_id(load_public_key(public_path))}")
+    return 0
+
+
+# ---- package -----------------------------------------------------------------------------------
+def _cmd_package(args: argparse.Namespace) -> int:
+    from packagers import package
+
+    progress = _Progress(args.quiet)
+    expires = None
+    if args.expires_days is not None:
+        expires = datetime.now(timezone.utc) + timedelta(days=args.expires_days)
+    labels = None
+    if args.labels:
+        import numpy as np
+
+        try:
+            labels = np.load(args.labels, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read labels {args.labels}: {e}") from e
+    results = package(
+        args.model,
+        name=args.name,
+        version=args.version,
+        key=args.key,
+        out_dir=args.out,
+        target=_split_list(args.target),
+        precision=_split_list(args.precision),
+        calibration=args.calibration,
+        labels=labels,
+        task=args.task,
+        accept_drift=args.accept_drift,
+        label=args.label,
+        expires=expires,
+        progress=progress,
+    )
+    rows = []
+    for r in results:
+        worst = min((m.get("cosine_min", m.get("cosine", 1.0)) for m in r.validation.get("metrics", {}).values()),
+                    default=float("nan"))  # fmt: skip
+        rows.append([
+            r.bundle_path.name, r.target, r.precision, f"{r.size_bytes / 1024:.1f} KiB",
+            f"{r.latency_ms.get('p50', float('nan')):.3f}", f"{worst:.5f}",
+            "pass" if r.validation.get("passed") else "DRIFT (accepted)",
+        ])  # fmt: skip
+    _print_table(["bundle", "target", "precision", "size", "p50 ms", "min cosine", "validation"], rows)
+    return 0
+
+
+# ---- bundle inspect / verify -------------------------------------------------------------------
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sdk.bundle import inspect_bundle
+
+    manifest, signatures = inspect_bundle(args.file)
+    if args.json:
+        print(json.dumps({"manifest": manifest.to_dict(), "signatures": signatures}, indent=2, sort_keys=True))
+        return 0
+    print("UNVERIFIED: inspect shows what the bundle claims; use `edgeship bundle verify` to check it.")
+    label = f" ({manifest.label})" if manifest.label else ""
+    print(f"name:       {manifest.name}  version {manifest.version}{label}")
+    print(f"target:     {manifest.target}  precision {manifest.precision}  task {manifest.task or '-'}")
+    print(f"runtime:    {json.dumps(dict(manifest.runtime), sort_keys=True)}")
+    print(f"created:    {manifest.created}  expires {manifest.expires or 'never'}")
+    for side, specs in (("inputs", manifest.inputs), ("outputs", manifest.outputs)):
+        print(f"{side + ':':<11} " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs))
+    v = manifest.validation
+    if v:
+        print(f"validation: {'passed' if v.get('passed') else 'FAILED'} against {v.get('reference')} "
+              f"on {v.get('samples')} samples{' (drift accepted)' if v.get('accepted_drift') else ''}")  # fmt: skip
+        for out, metrics in sorted(v.get("metrics", {}).items()):
+            print(f"  {out}: " + ", ".join(f"{k}={val:.6g}" if isinstance(val, float) else f"{k}={val}"
+                                            for k, val in sorted(metrics.items())))  # fmt: skip
+    print(f"files:      {len(manifest.files)}, {sum(f.size for f in manifest.files)} bytes")
+    for f in manifest.files:
+        print(f"  {f.size:>12}  {f.sha256[:16]}  {f.path}")
+    print("signatures: " + ", ".join(s.get("keyid", "?")[:16] for s in signatures))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from sdk.bundle import read_bundle
+    from sdk.signing import TrustedKeys
+
+    trust = TrustedKeys.from_files(args.trust, threshold=args.threshold)
+    scratch = Path(tempfile.mkdtemp(prefix="edgeship-verify-"))
+    try:
+        vb = read_bundle(
+            args.file,
+            trust,
+            scratch / "bundle",
+            installed_version=args.installed_version,
+            allow_downgrade=args.allow_downgrade,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    m = vb.manifest
+    print(
+        f"OK {m.name} v{m.version} {m.target}/{m.precision}: {len(vb.keyids)} of {trust.threshold} required "
+        f"signature(s) valid ({', '.join(k[:12] for k in vb.keyids)}), {len(m.files)} files checked, "
+        f"sha256 {vb.sha256}"
+    )
+    return 0
+
+
+# ---- predict -----------------------------------------------------------------------------------
+def _parse_inputs(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, Any]:
+    import numpy as np
+
+    feeds: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            if len(input_names) != 1:
+                raise InputError(f"the model has inputs {', '.join(input_names)}: pass --input NAME=FILE.npy for each")
+            name, path = input_names[0], spec
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read input {path}: {e}") from e
+    return feeds
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from device_runtime import load
+
+    with load(args.file, args.trust) as model:
+        if args.text is not None:
+            from device_runtime import encode_text
+
+            feeds = encode_text(model, args.text)
+        elif args.input:
+            feeds = _parse_inputs(args.input, [t.name for t in model.manifest.inputs])
+        else:
+            raise InputError("give --input FILE.npy (or NAME=FILE.npy per input) or --text")
+        outputs = model.predict(feeds)
+    if args.out:
+        np.savez(args.out, **outputs)
+    summary = {}
+    for name, arr in outputs.items():
+        entry: dict[str, Any] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+        if arr.ndim >= 1 and arr.shape[-1] > 1 and arr.dtype.kind == "f":
+            entry["argmax"] = np.argmax(arr, axis=-1).tolist()
+        entry["values"] = np.round(arr, 6).tolist() if arr.size <= 64 else "(large; use --out FILE.npz)"
+        summary[name] = entry
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---- targets / demo ----------------------------------------------------------------------------
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from packagers import capability_table
+
+    _print_table(*capability_table())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sdk._demo import run_demo
+
+    run_demo(Path(args.out), progress=_Progress(args.quiet))
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeship", description="Package, sign, verify and run edge model bundles.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="create an Ed25519 key pair (NAME.key 0600, NAME.pub)")
+    gen.add_argument("--out", required=True, help="folder for the key files")
+    gen.add_argument("--name", default="edgeship", help="file name stem (default: edgeship)")
+    gen.set_defaults(func=_cmd_keys_generate)
+
+    pk = sub.add_parser("package", help="build, validate, benchmark and sign bundles from a model")
+    pk.add_argument("model", help="an .onnx file or a Hugging Face transformers model folder")
+    pk.add_argument("--target", default="onnxruntime", help="comma-separated targets (see `edgeship targets`)")
+    pk.add_argument("--precision", default="fp32", help="comma-separated precisions, e.g. fp32,int8-dynamic")
+    pk.add_argument("--calibration", help="validation/calibration data: .npz or a folder of NAME.npy")
+    pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
+    pk.add_argument("--task", help="feature-extraction or text-classification (transformers folders)")
+    pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
+    pk.add_argument("--name", required=True, help="bundle name")
+    pk.add_argument("--version", required=True, type=int, help="monotonic integer version")
+    pk.add_argument("--label", help="human version label, e.g. 2026.11-rc1")
+    pk.add_argument("--expires-days", type=float, help="bundle expires this many days from now")
+    pk.add_argument("--out", required=True, help="output folder")
+    pk.add_argument("--accept-drift", action="store_true", help="sign even if validation fails (recorded)")
+    pk.set_defaults(func=_cmd_package)
+
+    bundle = sub.add_parser("bundle", help="inspect or verify a bundle").add_subparsers(
+        dest="bundle_command", required=True
+    )
+    ins = bundle.add_parser("inspect", help="show a bundle's manifest (unverified)")
+    ins.add_argument("file")
+    ins.add_argument("--json", action="store_true", help="print the manifest and signatures as JSON")
+    ins.set_defaults(func=_cmd_inspect)
+    ver = bundle.add_parser("verify", help="check signatures, expiry, version and every file's hash")
+    ver.add_argument("file")
+    ver.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
+    ver.add_argument("--threshold", type=int, default=1, help="signatures required (default 1)")
+    ver.add_argument("--installed-version", type=int, help="refuse a bundle older than this version")
+    ver.add_argument("--allow-downgrade", action="store_true", help="accept a version below --installed-version")
+    ver.set_defaults(func=_cmd_verify)
+
+    pr = sub.add_parser("predict", help="verify a bundle, run one prediction and print the outputs")
+    pr.add_argument("file")
+    pr.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
+    pr.add_argument("--input", action="append", default=[], help="FILE.npy or NAME=FILE.npy (repeatable)")
+    pr.add_argument("--text", help="text input for bundles that carry a tokenizer")
+    pr.add_argument("--out", help="also save the outputs to this .npz")
+    pr.set_defaults(func=_cmd_predict)
+
+    tg = sub.add_parser("targets", help="print each target's capabilities")
+    tg.set_defaults(func=_cmd_targets)
+
+    demo = sub.add_parser("demo", help="the whole path on scikit-learn's digits, on embedded defaults")
+    demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``edgeship``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeshipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
