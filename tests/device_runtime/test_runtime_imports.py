@@ -1,0 +1,46 @@
+"""The device must not pull in host-side libraries: checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from runtime_bundles import Keys
+
+FORBIDDEN = ["torch", "tensorflow", "transformers", "onnx", "coremltools", "packagers", "fleet"]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    forbidden = json.loads(sys.argv[3])
+    report = {}
+    import device_runtime, device_runtime.cli
+    report["after_import"] = [m for m in forbidden + ["onnxruntime"] if m in sys.modules]
+    with device_runtime.load(sys.argv[1], [sys.argv[2]]) as model:
+        y = model.predict({"x": [[1.0, 2.0, 3.0, 4.0]]})["y"]
+        report["health"] = model.health_check()["passed"]
+    report["shape"] = list(y.shape)
+    report["after_predict"] = [m for m in forbidden if m in sys.modules]
+    report["onnxruntime_loaded"] = "onnxruntime" in sys.modules
+    print(json.dumps(report))
+    """
+)
+
+
+def test_device_runtime_imports_no_host_libraries(linear_bundle: Path, keys: Keys) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(linear_bundle), str(keys.public), json.dumps(FORBIDDEN)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["after_import"] == []  # not even onnxruntime before a bundle needs it
+    assert report["shape"] == [1, 3] and report["health"] is True
+    assert report["after_predict"] == []
+    assert report["onnxruntime_loaded"] is True
