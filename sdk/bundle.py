@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,7 @@ class ReadLimits:
     max_members: int = 1024  # archive members, manifest and signatures included
     max_member_bytes: int = 2 * 2**30  # bytes, one expanded member
     max_total_bytes: int = 4 * 2**30  # bytes, all expanded members together
+    max_header_bytes: int = 64 * 2**10  # bytes, one pax extended header (read whole into memory)
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,15 @@ def write_bundle(
 
 
 # ---- reading -----------------------------------------------------------------------------------
+_GZIP_MAGIC = b"\x1f\x8b"
+# Other compressions tarfile would detect; refused (xz may demand a huge dictionary up front).
+_OTHER_MAGIC = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_MAX_HEADER_CHAIN = 4  # pax headers in a row before one member
+
+
 def _member_kind(info: tarfile.TarInfo) -> str | None:
     """Why a member is not a plain file, or None for a plain file."""
-    if info.isreg():
+    if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
         return None
     if info.issym():
         return "symbolic link"
@@ -191,6 +199,45 @@ def _member_kind(info: tarfile.TarInfo) -> str | None:
     if info.isdir():
         return "directory"
     return "special member"
+
+
+def _strict_tarinfo(limits: ReadLimits) -> type[tarfile.TarInfo]:
+    """A TarInfo class that refuses the header kinds tarfile would process at unbounded cost.
+
+    tarfile reads a pax or GNU long-name header's whole body into memory and follows chains of
+    them recursively, and expands GNU sparse maps: all before the caller sees the member, so a
+    small gzip file could exhaust memory or the stack before any cap applied. Bundles need none
+    of that: only ``x`` (per-member pax) headers up to ``max_header_bytes`` are accepted.
+    """
+    depth = 0
+
+    class _StrictTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+            nonlocal depth
+            if self.type in (tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+                raise UnsafeArchiveError("global pax headers are not allowed in a bundle")
+            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
+                raise UnsafeArchiveError("GNU tar extensions (long names, sparse files) are not allowed in a bundle")
+            if self.type != tarfile.XHDTYPE:
+                return super()._proc_member(tf)  # type: ignore[misc]
+            if not 0 <= self.size <= limits.max_header_bytes:
+                raise UnsafeArchiveError(
+                    f"pax header of {self.size} bytes, over the {limits.max_header_bytes}-byte cap"
+                )
+            depth += 1
+            try:
+                if depth > _MAX_HEADER_CHAIN:
+                    raise UnsafeArchiveError("too many pax headers in a row")
+                return super()._proc_member(tf)  # type: ignore[misc]
+            finally:
+                depth -= 1
+
+        def _refuse_sparse(self, *args: object) -> None:
+            raise UnsafeArchiveError("GNU sparse members are not allowed in a bundle")
+
+        _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+    return _StrictTarInfo
 
 
 class _HashingFile(io.RawIOBase):
@@ -224,11 +271,22 @@ class _HashingFile(io.RawIOBase):
 class _ArchiveReader:
     """Walks an untrusted tar stream, enforcing member-level rules and caps."""
 
-    def __init__(self, fileobj: IO[bytes], limits: ReadLimits) -> None:
+    def __init__(self, fileobj: io.BufferedReader, limits: ReadLimits) -> None:
         self.limits = limits
         try:
-            self._tar = tarfile.open(fileobj=fileobj, mode="r|*")
-        except (tarfile.TarError, OSError, EOFError) as e:
+            magic = fileobj.peek(8)[:8]  # peek: the bytes stay in the stream (and in the file's hash)
+        except OSError as e:
+            raise UnsafeArchiveError(f"cannot read the bundle: {e}") from e
+        for prefix, kind in _OTHER_MAGIC:
+            if magic.startswith(prefix):
+                raise UnsafeArchiveError(f"{kind}-compressed bundles are not supported (plain tar or gzip only)")
+        strict = _strict_tarinfo(limits)
+        try:
+            if magic.startswith(_GZIP_MAGIC):
+                self._tar = tarfile.open(fileobj=fileobj, mode="r|gz", tarinfo=strict)
+            else:
+                self._tar = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=strict)
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
             raise UnsafeArchiveError(f"not a bundle archive (tar): {e}") from e
         self._iter = iter(self._tar)
         self.count = 0
@@ -236,13 +294,15 @@ class _ArchiveReader:
     def next(self) -> tarfile.TarInfo | None:
         try:
             info = next(self._iter, None)
-        except (tarfile.TarError, OSError, EOFError, UnicodeError) as e:
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
             raise UnsafeArchiveError(f"corrupt or truncated archive: {e}") from e
         if info is None:
             return None
         self.count += 1
         if self.count > self.limits.max_members:
             raise UnsafeArchiveError(f"archive has more than {self.limits.max_members} members")
+        if info.size < 0:  # base-256 and pax sizes can be negative; tarfile does not refuse them
+            raise UnsafeArchiveError(f"member {info.name!r} has a negative size")
         kind = _member_kind(info)
         if kind:
             raise UnsafeArchiveError(f"member {info.name!r} is a {kind}; bundles hold plain files only")
@@ -268,7 +328,7 @@ class _ArchiveReader:
                     raise UnsafeArchiveError(f"archive ends inside member {info.name!r} (truncated)")
                 remaining -= len(chunk)
                 yield chunk
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise UnsafeArchiveError(f"corrupt or truncated archive in {info.name!r}: {e}") from e
 
     def close(self) -> None:
@@ -277,14 +337,16 @@ class _ArchiveReader:
 
 def _open_header(path: Path, limits: ReadLimits) -> tuple[_HashingFile, _ArchiveReader, bytes, bytes]:
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise BundleError(f"bundle {path} is not a regular file")
         f = _HashingFile(open(path, "rb"))
     except OSError as e:
         raise BundleError(f"cannot open bundle {path}: {e.strerror or e}") from e
     try:
-        if size > limits.max_bundle_bytes:
-            raise UnsafeArchiveError(f"bundle is {size} bytes, over the {limits.max_bundle_bytes}-byte cap")
-        reader = _ArchiveReader(f, limits)
+        if st.st_size > limits.max_bundle_bytes:
+            raise UnsafeArchiveError(f"bundle is {st.st_size} bytes, over the {limits.max_bundle_bytes}-byte cap")
+        reader = _ArchiveReader(io.BufferedReader(f, _CHUNK), limits)
         first = reader.next()
         if first is None or first.name != MANIFEST_NAME:
             raise UnsafeArchiveError(f"first member must be {MANIFEST_NAME}")
@@ -299,7 +361,9 @@ def _open_header(path: Path, limits: ReadLimits) -> tuple[_HashingFile, _Archive
     return f, reader, manifest_bytes, signatures_bytes
 
 
-def inspect_bundle(path: str | os.PathLike[str], limits: ReadLimits = ReadLimits()) -> tuple[Manifest, list[dict[str, str]]]:
+def inspect_bundle(
+    path: str | os.PathLike[str], limits: ReadLimits = ReadLimits()
+) -> tuple[Manifest, list[dict[str, str]]]:
     """Read a bundle's manifest and signature entries WITHOUT verifying anything.
 
     For display only (``edgeship bundle inspect``); never act on what this returns.
@@ -367,6 +431,8 @@ def read_bundle(
     try:
         keyids = verify_signatures(manifest_bytes, signatures_bytes, trust)
         manifest = Manifest.from_bytes(manifest_bytes)
+        if manifest.model not in {e.path for e in manifest.files}:  # a draft (no files) is not a bundle
+            raise ManifestError(f"model file {manifest.model!r} is not listed in files")
         check_freshness(manifest, installed_version=installed_version, allow_downgrade=allow_downgrade, now=now)
 
         expected = {e.path: e for e in manifest.files}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -43,15 +44,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_MAX_INT = 2**63 - 1  # versions and sizes fit a signed 64-bit int in every reader
 
 
 def canonical_json(obj: Any) -> bytes:
     """Encode ``obj`` as canonical JSON: sorted keys, no whitespace, UTF-8, no NaN."""
     try:
         text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
+        # A JSON "\ud800" escape parses to a lone surrogate, which UTF-8 cannot encode.
+        return text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
         raise ManifestError(f"value cannot be written as canonical JSON: {e}") from e
-    return text.encode("utf-8")
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -107,6 +110,8 @@ def check_member_path(path: str) -> str | None:
         return "absolute path"
     if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
         return "backslash or control character in path"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
+        return "path is not valid Unicode (lone surrogate)"
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         return "path with an empty, '.' or '..' part"
@@ -158,7 +163,7 @@ class TensorSpec:
     def from_dict(cls, d: Any) -> TensorSpec:
         _require(isinstance(d, Mapping), "tensor spec must be an object")
         _require(set(d) == {"name", "dtype", "shape"}, f"tensor spec keys must be name, dtype, shape: {sorted(d)}")
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+        return cls(name=d["name"], dtype=d["dtype"], shape=d["shape"])  # __post_init__ checks it is a list
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ class FileEntry:
         _require(why is None, f"file entry {self.path!r}: {why}")
         _require(isinstance(self.sha256, str) and _SHA256_RE.match(self.sha256) is not None,
                  f"file entry {self.path!r}: sha256 must be 64 lowercase hex digits")  # fmt: skip
-        _require(_is_int(self.size) and self.size >= 0, f"file entry {self.path!r}: size must be an int >= 0")
+        _require(_is_int(self.size) and 0 <= self.size <= _MAX_INT,
+                 f"file entry {self.path!r}: size must be an int from 0 to 2**63-1")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "size": self.size}
@@ -214,10 +220,11 @@ class Manifest:
     def __post_init__(self) -> None:
         _require(_is_int(self.schema), "schema must be an integer")
         _require(1 <= self.schema <= SCHEMA_VERSION,
-                 f"manifest schema {self.schema} is not supported (this edgeship reads up to {SCHEMA_VERSION})")  # fmt: skip
+                 f"manifest schema {self.schema} is not supported (edgeship reads up to {SCHEMA_VERSION})")  # fmt: skip
         _require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
                  f"name {self.name!r} must be 1-128 of letters, digits, '.', '_', '-'")  # fmt: skip
-        _require(_is_int(self.version) and self.version >= 0, f"version must be an integer >= 0, got {self.version!r}")
+        _require(_is_int(self.version) and 0 <= self.version <= _MAX_INT,
+                 f"version must be an integer from 0 to 2**63-1, got {self.version!r}")  # fmt: skip
         _require(self.target in TARGETS, f"target {self.target!r} not one of {', '.join(TARGETS)}")
         _require(self.precision in PRECISIONS, f"precision {self.precision!r} not one of {', '.join(PRECISIONS)}")
         _require(self.label is None or isinstance(self.label, str), "label must be a string")
@@ -225,6 +232,10 @@ class Manifest:
         parse_time(self.created, "created")
         if self.expires is not None:
             parse_time(self.expires, "expires")
+        why = check_member_path(self.model)
+        _require(why is None, f"model path {self.model!r}: {why}")
+        for name in ("inputs", "outputs", "files"):
+            _require(isinstance(getattr(self, name), (list, tuple)), f"{name} must be a list")
 
         inputs = tuple(t if isinstance(t, TensorSpec) else TensorSpec.from_dict(t) for t in self.inputs)
         outputs = tuple(t if isinstance(t, TensorSpec) else TensorSpec.from_dict(t) for t in self.outputs)
@@ -235,16 +246,26 @@ class Manifest:
             _require(len(set(names)) == len(names), f"duplicate {what} names: {names}")
         paths = [f.path for f in files]
         _require(len(set(paths)) == len(paths), "duplicate paths in files")
+        # Members must extract to distinct files on case-insensitive or normalising file systems
+        # (macOS, Windows), and no member may be the folder of another.
+        folded = [unicodedata.normalize("NFC", p).casefold() for p in paths]
+        _require(len(set(folded)) == len(folded), "paths in files that differ only by case or Unicode form")
+        folders = {"/".join(parts[:i]) for parts in (p.split("/") for p in folded) for i in range(1, len(parts))}
+        clash = sorted(folders.intersection(folded))
+        if clash:
+            raise ManifestError(f"path {clash[0]!r} in files is also used as a folder")
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "files", files)
         for name in ("runtime", "preprocessing", "validation", "golden"):
             object.__setattr__(self, name, _mapping_copy(getattr(self, name), name))
 
+        golden_paths = self.golden_paths()  # checks the shape of golden even in a draft
         if files:  # a draft built before its files are hashed has none yet
             _require(self.model in paths, f"model file {self.model!r} is not listed in files")
-            for path in self.golden_paths():
+            for path in golden_paths:
                 _require(path in paths, f"golden file {path!r} is not listed in files")
+        self.to_bytes()  # every valid manifest can be written (a "\ud800" escape parses but cannot)
 
     # ---- derived views -------------------------------------------------------------------------
     def golden_paths(self) -> list[str]:

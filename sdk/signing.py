@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -104,7 +104,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     data = _read_key_file(p)
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyFileError(f"{p} is not an unencrypted PEM private key") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{p} holds a {type(key).__name__}, edgeship signs with Ed25519")
@@ -121,7 +121,7 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     data = _read_key_file(p)
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyFileError(f"{p} is not a PEM public key") from e
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{p} holds a {type(key).__name__}, edgeship verifies Ed25519")
@@ -148,6 +148,8 @@ class TrustedKeys:
         ids = {key_id(k) for k in self.keys}
         if len(ids) != len(self.keys):
             raise KeyFileError("the same public key is trusted twice")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
+            raise KeyFileError(f"threshold must be an integer, got {self.threshold!r}")
         if not 1 <= self.threshold <= len(self.keys):
             raise KeyFileError(
                 f"threshold {self.threshold} needs between 1 and {len(self.keys)} trusted keys"
