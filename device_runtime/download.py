@@ -1,0 +1,368 @@
+"""Bundle download with a size cap, a deadline, Range resume and a sha256 check.
+
+``Downloader.download_file`` holds all the policy (limits, retries, resume, verification, the atomic
+rename) and calls one protected method, ``_fetch``, for the bytes; ``HttpDownloader`` implements
+``_fetch`` on urllib for ``http`` and ``https``. Tests and other transports subclass ``Downloader``.
+
+Bytes go to ``<dest>.part``; a part file left behind by a killed process is resumed by the next call.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import http.client
+import logging
+import os
+import random
+import re
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from device_runtime._backoff import Backoff
+from sdk.errors import IntegrityError, TransportError
+
+__all__ = ["Downloader", "FetchResponse", "HttpDownloader"]
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+@dataclass
+class FetchResponse:
+    """What ``_fetch`` returns: the HTTP-like status, headers (lower-case names) and an open body.
+
+    ``body.read1(n)`` (or ``read(n)``) must return at most ``n`` bytes, ``b""`` at the end.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: BinaryIO
+
+    def close(self) -> None:
+        self.body.close()
+
+
+class _Retry(Exception):
+    """This attempt failed in a way another attempt may fix (dropped connection, 5xx, short body)."""
+
+    def __init__(self, message: str, progressed: bool = False) -> None:
+        super().__init__(message)
+        self.progressed = progressed  # bytes were received before the failure
+
+
+class _RestartFromZero(_Retry):
+    """The server's answer cannot be appended to the part file: delete it and ask for everything."""
+
+
+class _Refused(TransportError):
+    """Not worth another try; the part file is useless (4xx, too large)."""
+
+
+class Downloader(abc.ABC):
+    """Downloads one URL to a file, enforcing limits; subclasses provide ``_fetch``.
+
+    Args:
+        attempts: tries in a row without progress before giving up (an attempt that received bytes
+            resets the count; the deadline still bounds the whole download).
+        backoff_base_s: ceiling of the first retry delay, in seconds.
+        backoff_cap_s: largest retry delay ceiling, in seconds.
+        read_timeout_s: the longest silence tolerated on the connection, in seconds.
+        chunk_size: bytes read at a time.
+        clock: monotonic seconds (the deadline).
+        sleep: sleeps a number of seconds (retry delays).
+        rng: randomness for the retry jitter.
+    """
+
+    def __init__(
+        self,
+        *,
+        attempts: int = 5,
+        backoff_base_s: float = 0.5,  # seconds
+        backoff_cap_s: float = 30.0,  # seconds
+        read_timeout_s: float = 30.0,  # seconds
+        chunk_size: int = 64 * 1024,  # bytes
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        self.attempts = attempts
+        self.read_timeout_s = read_timeout_s
+        self.chunk_size = chunk_size
+        self._backoff_args = (backoff_base_s, backoff_cap_s)
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    @abc.abstractmethod
+    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
+        """Start fetching ``url`` from byte ``offset`` (``Range: bytes=offset-`` when > 0).
+
+        HTTP error statuses are returned as responses, not raised.
+
+        Raises:
+            TransportError: the request could not be made or answered (retried by the caller).
+        """
+
+    def _check_url(self, url: str) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Refuse a URL this downloader cannot fetch.
+
+        Raises:
+            TransportError: the URL is unsupported.
+        """
+
+    def download_file(
+        self,
+        url: str,
+        dest: str | os.PathLike[str],
+        *,
+        max_length: int,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+        deadline_s: float = 600.0,
+    ) -> Path:
+        """Download ``url`` to ``dest`` atomically, resuming ``dest.part`` if present.
+
+        Args:
+            url: what to download.
+            dest: the final file; written only once every check has passed (``os.replace``).
+            max_length: the most bytes accepted, whatever the server says.
+            expected_size: the exact size, when known (it also caps the download).
+            expected_sha256: hex sha256 the bytes must have, when known.
+            deadline_s: the whole download, retries included, must finish within this many seconds.
+
+        Returns:
+            ``dest`` as a ``Path``.
+
+        Raises:
+            TransportError: a 4xx answer (not retried), a body larger than ``max_length`` or
+                ``expected_size`` (the part file is deleted), the deadline passed, or all attempts failed.
+            IntegrityError: the bytes do not match ``expected_sha256`` or ``expected_size`` (the part
+                file is deleted).
+        """
+        self._check_url(url)
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        limit = max_length if expected_size is None else min(max_length, expected_size)
+        deadline = self._clock() + deadline_s
+        backoff = Backoff(*self._backoff_args, rng=self._rng)
+        failures = 0
+        # Bytes inherited from an earlier call may belong to something else: if the hash fails on
+        # a resumed file, start once from zero before blaming the server.
+        inherited = part.exists() and part.stat().st_size > 0
+        while True:
+            if self._clock() >= deadline:
+                raise TransportError(f"download of {url} passed its {deadline_s:.0f} s deadline")
+            try:
+                self._attempt(url, part, limit, deadline, deadline_s)
+                if expected_size is not None and part.stat().st_size < expected_size:
+                    # A close-delimited body (no Content-Length) that ended early: resume it.
+                    raise _Retry(f"body ended after {part.stat().st_size} of {expected_size} bytes", True)
+            except _Retry as e:
+                if isinstance(e, _RestartFromZero):
+                    _unlink(part)
+                failures = 0 if e.progressed else failures + 1
+                if failures >= self.attempts:
+                    raise TransportError(f"download of {url} failed after {failures} attempts: {e}") from e
+                delay = min(backoff.next_delay(), max(0.0, deadline - self._clock()))
+                log.info("download of %s: %s; retrying in %.2f s", url, e, delay)
+                self._sleep(delay)
+                continue
+            except _Refused as e:
+                _unlink(part)
+                raise TransportError(str(e)) from e
+            # A deadline TransportError keeps the part file: a later call resumes it.
+            size = part.stat().st_size
+            if expected_size is not None and size != expected_size:
+                _unlink(part)
+                raise IntegrityError(f"{url}: got {size} bytes, expected {expected_size}")
+            if expected_sha256 is not None:
+                digest = _sha256(part)
+                if digest != expected_sha256.lower():
+                    _unlink(part)
+                    if inherited:
+                        log.warning("resumed part file of %s had the wrong hash; downloading from zero", url)
+                        inherited = False
+                        continue
+                    raise IntegrityError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
+            _fsync(part)
+            os.replace(part, dest)
+            _fsync_dir(dest.parent)
+            return dest
+
+    def _attempt(self, url: str, part: Path, limit: int, deadline: float, deadline_s: float) -> None:
+        """One request: append to ``part`` until the body ends.
+
+        Raises:
+            _Retry: worth another try (``_RestartFromZero``: after deleting the part file).
+            _Refused: not worth another try, and the part file must go (4xx, too large).
+            TransportError: the deadline passed.
+        """
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > limit:  # a stale part from something bigger
+            _unlink(part)
+            offset = 0
+        timeout = max(0.001, min(self.read_timeout_s, deadline - self._clock()))
+        try:
+            response = self._fetch(url, offset, timeout)
+        except TransportError as e:
+            raise _Retry(str(e)) from e
+        try:
+            start = self._check_response(url, response, offset, limit)
+            if start == 0 and offset > 0:
+                log.info("%s: the server sent the whole file instead of a range; restarting from zero", url)
+            self._stream(url, response, part, start, limit, deadline, deadline_s)
+        finally:
+            response.close()
+
+    def _check_response(self, url: str, response: FetchResponse, offset: int, limit: int) -> int:
+        """Return the offset the body starts at (0 or ``offset``)."""
+        status = response.status
+        if status == 416 and offset > 0:  # our range starts at or past the end: the part is stale
+            raise _RestartFromZero(f"{url}: HTTP 416 for a resume at byte {offset}")
+        if 400 <= status < 500:
+            raise _Refused(f"{url}: HTTP {status}")
+        if status >= 500:
+            raise _Retry(f"HTTP {status}")
+        if status not in (200, 206):
+            raise _Refused(f"{url}: unexpected HTTP {status}")
+        length = _int_header(response.headers, "content-length")
+        if status == 200:
+            start = 0  # a server that ignores Range sends everything: never append it to the part
+        else:
+            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+            if match is None or int(match.group(1)) != offset:
+                raise _RestartFromZero(
+                    f"{url}: asked for bytes {offset}-, got Content-Range {response.headers.get('content-range')!r}"
+                )
+            start = offset
+            if match.group(3) != "*" and int(match.group(3)) > limit:
+                raise _Refused(f"{url}: the file is {match.group(3)} bytes, more than the {limit} allowed")
+        if length is not None and start + length > limit:
+            raise _Refused(f"{url}: the server announces {start + length} bytes, more than the {limit} allowed")
+        return start
+
+    def _stream(
+        self,
+        url: str,
+        response: FetchResponse,
+        part: Path,
+        start: int,
+        limit: int,
+        deadline: float,
+        deadline_s: float,
+    ) -> None:
+        """Write the body to ``part`` from byte ``start``."""
+        announced = _int_header(response.headers, "content-length")
+        received = 0
+        read = getattr(response.body, "read1", response.body.read)
+        with open(part, "r+b" if start > 0 else "wb") as out:
+            out.seek(start)
+            out.truncate()
+            while True:
+                if self._clock() >= deadline:
+                    raise TransportError(f"download of {url} passed its {deadline_s:.0f} s deadline")
+                try:
+                    chunk = read(self.chunk_size)
+                except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+                    raise _Retry(f"connection lost after {start + received} bytes: {e}", received > 0) from e
+                if not chunk:
+                    break
+                received += len(chunk)
+                if start + received > limit:
+                    raise _Refused(f"{url}: the body passed the {limit}-byte limit")
+                out.write(chunk)
+            out.flush()
+        if announced is not None and received < announced:
+            raise _Retry(f"body ended after {received} of {announced} bytes", received > 0)
+
+
+class HttpDownloader(Downloader):
+    """``Downloader`` over ``http`` and ``https`` with urllib.
+
+    Args:
+        ca_file: CA bundle to verify HTTPS servers with (the system store when ``None``).
+        **kwargs: passed to ``Downloader``.
+    """
+
+    def __init__(self, *, ca_file: str | os.PathLike[str] | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
+        # No proxies from the environment: a device talks to its fleet's artifact server directly.
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self._context)
+        )
+
+    def _check_url(self, url: str) -> None:
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("http", "https"):
+            raise TransportError(f"unsupported URL scheme {scheme!r} in {url!r}; use http or https")
+
+    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
+        request = urllib.request.Request(url, headers={"Accept-Encoding": "identity"})
+        if offset > 0:
+            request.add_header("Range", f"bytes={offset}-")
+        try:
+            response = self._opener.open(request, timeout=timeout_s)
+        except urllib.error.HTTPError as e:  # an answer, just not a 2xx one
+            return FetchResponse(e.code, _lower(e.headers), e)  # type: ignore[arg-type]
+        except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, TLS
+            raise TransportError(f"cannot fetch {url}: {e}") from e
+        return FetchResponse(response.status, _lower(response.headers), response)
+
+
+def _lower(headers: object) -> dict[str, str]:
+    items = headers.items() if hasattr(headers, "items") else []
+    return {str(k).lower(): str(v) for k, v in items}
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform (Windows)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

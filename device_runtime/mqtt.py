@@ -1,0 +1,570 @@
+"""The device's MQTT link to the fleet, on paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``).
+
+Topics follow the contract in DESIGN.md: ``edgeship/v1/<fleet>/<device_id>/{status,telemetry,cmd,events}``.
+
+What ``DeviceLink`` guarantees:
+
+- **Status.** Each connection sets a retained Last Will ``{"schema": 1, "state": "offline", "ts": ...}``
+  on ``status`` (QoS 1; ``ts`` is the time of that connection, the broker sends the will when the
+  connection dies) and, once connected, publishes the retained ``online`` status the agent builds.
+  ``stop()`` publishes the same ``offline`` status itself, since a clean disconnect suppresses the will.
+- **Telemetry and events are at-least-once.** ``publish_telemetry`` / ``publish_event`` only append to
+  the durable ``Outbox`` and return. A drain thread publishes at QoS 1 while connected and deletes a
+  message from the outbox only when its PUBACK arrives, so a broker restart, a dropped link or an agent
+  restart loses nothing; the fleet removes duplicates by ``(device, seq)``.
+- **Commands.** ``cmd`` is subscribed at QoS 1 on a persistent session (MQTT 3.1.1, ``clean_session=False``,
+  fixed client id), so commands sent while the device was offline arrive on reconnect. Each valid JSON
+  object is handed to ``on_command`` on a dispatcher thread, in order; anything else is logged and counted
+  in ``malformed_cmds``. Commands are acknowledged to the broker on receipt: the agent must record them
+  (and de-duplicate by ``id``) itself.
+- **Reconnects** run forever with full-jitter exponential backoff (``_backoff.Backoff``), from this
+  module's own network thread; paho's un-jittered automatic reconnect is never used. A broker that is
+  down at start is fine.
+
+Threads: ``edgeship-mqtt`` (network I/O and reconnects; every paho callback runs here),
+``edgeship-outbox`` (drain) and ``edgeship-cmd`` (command dispatch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from device_runtime._backoff import Backoff
+from device_runtime.outbox import Outbox
+from sdk.errors import TransportError
+
+__all__ = ["SCHEMA", "DeviceLink", "LinkCounters", "MqttSettings", "Topics"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1  # the "schema" integer this module writes into every payload
+_FORBIDDEN_IN_SEGMENT = set("/+#\x00")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How to reach the broker, and the link's tuning values.
+
+    Attributes:
+        host: broker host name or address.
+        port: broker port (1883 plain, 8883 TLS by convention).
+        device_id: this device's id; one MQTT topic segment (no ``/``, ``+``, ``#``).
+        fleet: the fleet name, one topic segment.
+        client_id: MQTT client id; ``edgeship-<device_id>`` when empty. Must be stable: the persistent
+            session (queued commands) is keyed by it.
+        ca_file: CA bundle to verify the broker with; setting it turns TLS on.
+        cert_file: client certificate (PEM) for mutual TLS.
+        key_file: the client certificate's private key (PEM).
+        username: MQTT user name (with Mosquitto's ACL example: the device id).
+        password: MQTT password.
+        keepalive_s: MQTT keepalive; the broker declares the device dead after 1.5x this.
+        connect_timeout_s: how long a TCP connect plus CONNACK may take.
+        backoff_base_s: ceiling of the first reconnect delay.
+        backoff_cap_s: largest reconnect delay ceiling.
+        max_inflight: outbox messages published and not yet acknowledged, at most.
+        stop_timeout_s: how long ``stop()`` waits for the offline status's PUBACK and for threads.
+        persistent_session: keep the MQTT session (``clean_session=False``) so the broker queues QoS 1
+            commands while the device is offline. Turn off only for throw-away test clients.
+    """
+
+    host: str
+    port: int
+    device_id: str
+    fleet: str = "default"
+    client_id: str = ""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 30  # seconds
+    connect_timeout_s: float = 10.0  # seconds
+    backoff_base_s: float = 0.5  # seconds
+    backoff_cap_s: float = 60.0  # seconds
+    max_inflight: int = 20  # messages
+    stop_timeout_s: float = 5.0  # seconds
+    persistent_session: bool = True
+
+    def __post_init__(self) -> None:
+        _check_segment("device_id", self.device_id)
+        _check_segment("fleet", self.fleet)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+
+    @property
+    def effective_client_id(self) -> str:
+        """The client id actually sent to the broker."""
+        return self.client_id or f"edgeship-{self.device_id}"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The four topics of one device: ``edgeship/v1/<fleet>/<device_id>/...``."""
+
+    fleet: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        _check_segment("fleet", self.fleet)
+        _check_segment("device_id", self.device_id)
+
+    @property
+    def root(self) -> str:
+        return f"edgeship/v1/{self.fleet}/{self.device_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.root}/telemetry"
+
+    @property
+    def cmd(self) -> str:
+        return f"{self.root}/cmd"
+
+    @property
+    def events(self) -> str:
+        return f"{self.root}/events"
+
+
+@dataclass(frozen=True)
+class LinkCounters:
+    """A snapshot of what a ``DeviceLink`` has done since it was created.
+
+    Attributes:
+        published: outbox messages handed to the broker (retransmissions after a restart count again).
+        acked: outbox messages whose PUBACK arrived (and were deleted from the outbox).
+        connects: successful connections (CONNACK accepted).
+        reconnects: successful connections after the first.
+        connect_failures: connection attempts that failed (refused, timed out, rejected CONNACK).
+        commands: valid commands received.
+        malformed_cmds: ``cmd`` payloads that were not a UTF-8 JSON object.
+        command_errors: commands whose ``on_command`` raised.
+    """
+
+    published: int = 0
+    acked: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    commands: int = 0
+    malformed_cmds: int = 0
+    command_errors: int = 0
+
+
+StatusBuilder = Callable[[], Mapping[str, Any]]
+CommandHandler = Callable[[dict[str, Any]], None]
+
+
+class DeviceLink:
+    """The device end of the MQTT contract: status, durable telemetry/events, and commands.
+
+    Args:
+        settings: broker address, identity, TLS and tuning.
+        outbox: where telemetry and events wait for their PUBACK; the link does not close it.
+        status: builds the ``online`` status payload (``model``, ``runtime``, ``capabilities``, ...);
+            called on every connect and by ``publish_status``. ``schema``, ``state`` and ``ts`` are set
+            by the link.
+        on_command: called with each valid command dict on the ``edgeship-cmd`` thread.
+        clock: monotonic seconds (connect timeouts).
+        wall_clock: Unix seconds (``ts`` fields).
+        rng: randomness for the backoff jitter.
+
+    Use as a context manager or call ``start()`` and ``stop()``.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        *,
+        status: StatusBuilder,
+        on_command: CommandHandler | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.fleet, settings.device_id)
+        self._outbox = outbox
+        self._status = status
+        self._on_command = on_command
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._backoff = Backoff(settings.backoff_base_s, settings.backoff_cap_s, rng or random.Random())
+
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._wake_drain = threading.Event()
+        self._acked_mids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._subscribe_mid: int | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the drain thread only
+        self._counters = LinkCounters()
+        self._counter_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._client = self._make_client()
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the network, drain and command threads; returns at once (the broker may be down).
+
+        Raises:
+            RuntimeError: already started.
+        """
+        if self._threads:
+            raise RuntimeError("DeviceLink.start() called twice")
+        for name, target in (
+            ("edgeship-outbox", self._run_drain),
+            ("edgeship-cmd", self._run_commands),
+            ("edgeship-mqtt", self._run_network),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        """Publish the ``offline`` status if connected, disconnect and join the threads.
+
+        Waits at most about ``settings.stop_timeout_s`` in all. Messages still in the outbox stay there
+        for the next link on the same outbox. Safe to call twice or without ``start()``; a stopped link
+        cannot be started again (make a new one).
+        """
+        self._stop.set()
+        self._wake_drain.set()
+        self._commands.put(None)
+        deadline = self._clock() + self.settings.stop_timeout_s
+        for thread in self._threads:
+            if thread is threading.current_thread():  # stop() called from on_command
+                continue
+            thread.join(timeout=max(0.1, deadline - self._clock()))
+            if thread.is_alive():
+                log.warning("thread %s did not stop within %.1f s", thread.name, self.settings.stop_timeout_s)
+
+    def __enter__(self) -> DeviceLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is established and the ``cmd`` subscription acknowledged (SUBACK)."""
+        return self._connected.is_set()
+
+    @property
+    def counters(self) -> LinkCounters:
+        """A consistent snapshot of the counters."""
+        with self._counter_lock:
+            return self._counters
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected; return False after ``timeout_s`` seconds."""
+        return self._connected.wait(timeout_s)
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (everything acknowledged); return False after ``timeout_s``."""
+        deadline = self._clock() + timeout_s
+        while len(self._outbox) > 0:
+            if self._clock() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def publish_telemetry(self, payload: Mapping[str, Any]) -> int:
+        """Queue a telemetry message durably and return its ``seq``.
+
+        Sets ``schema`` and ``ts`` unless given, and always ``seq`` (from the outbox's durable counter)
+        and ``dropped`` (messages the full outbox has dropped so far, in total).
+
+        Raises:
+            ValueError: the payload is not JSON-serialisable (NaN and infinity included).
+            StateError: the outbox could not store it (``OutboxCorruptError`` if its file is corrupt).
+        """
+        base = self._stamp(payload)
+
+        def build(seq: int, dropped: int) -> bytes:
+            return _to_json({**base, "seq": seq, "dropped": dropped})
+
+        _to_json(base)  # fail on bad payloads before a seq is taken
+        _, seq = self._outbox.append_sequenced(self.topics.telemetry, build, qos=1, stream="telemetry")
+        self._wake_drain.set()
+        return seq
+
+    def publish_event(self, payload: Mapping[str, Any]) -> int:
+        """Queue an event (``cmd_id``, ``phase``, ``detail``) durably; return its outbox id.
+
+        Sets ``schema`` and ``ts`` unless given.
+
+        Raises:
+            ValueError: the payload is not JSON-serialisable.
+            StateError: the outbox could not store it.
+        """
+        msg_id = self._outbox.append(self.topics.events, _to_json(self._stamp(payload)), qos=1)
+        self._wake_drain.set()
+        return msg_id
+
+    def publish_status(self) -> None:
+        """Publish the retained ``online`` status now (after a deploy), if connected.
+
+        Not queued: if the link is down, the next connect publishes a fresh status anyway.
+        """
+        if self.connected:
+            self._publish_online()
+
+    # -- paho client and callbacks (network thread) -----------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.effective_client_id,
+            clean_session=not s.persistent_session,
+            protocol=paho.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = s.connect_timeout_s
+        client.max_inflight_messages_set(s.max_inflight + 2)  # room for the status publishes
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.ca_file is not None:
+            try:
+                client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+            except (OSError, ValueError) as e:
+                raise TransportError(f"cannot set up TLS with {s.ca_file}: {e}") from e
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%d refused the connection: %s", self.settings.host, self.settings.port, reason)
+            self._count(connect_failures=1)
+            return
+        log.info(
+            "connected to %s:%d (session present: %s)", self.settings.host, self.settings.port, flags.session_present
+        )
+        first = self.counters.connects == 0
+        self._count(connects=1, reconnects=0 if first else 1)
+        self._backoff.reset()
+        _, self._subscribe_mid = client.subscribe(self.topics.cmd, qos=1)
+        self._publish_online()
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: Any, props: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        if any(reason.is_failure for reason in reasons):
+            log.error("the broker refused the subscription to %s: %s (check its ACL)", self.topics.cmd, reasons)
+        # "connected" means ready: commands sent from now on reach us, and the drain may start.
+        self._connected.set()
+        self._wake_drain.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: Any, reason: Any, props: Any) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected from %s:%d: %s", self.settings.host, self.settings.port, reason)
+        self._connected.clear()
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: Any, props: Any) -> None:
+        self._acked_mids.put(mid)
+        self._wake_drain.set()
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        try:
+            command = json.loads(message.payload.decode("utf-8"))
+            if not isinstance(command, dict):
+                raise ValueError(f"a command is a JSON object, got {type(command).__name__}")
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            log.warning("malformed command on %s (%d bytes): %s", message.topic, len(message.payload), e)
+            self._count(malformed_cmds=1)
+            return
+        self._count(commands=1)
+        self._commands.put(command)
+
+    def _publish_online(self) -> None:
+        try:
+            status = dict(self._status())
+            status.update(schema=status.get("schema", SCHEMA), state="online", ts=self._wall_clock())
+            payload = _to_json(status)
+        except Exception:  # the agent's builder must not take the link down
+            log.exception("the status builder failed; publishing a minimal online status")
+            payload = _to_json({"schema": SCHEMA, "state": "online", "ts": self._wall_clock()})
+        self._client.publish(self.topics.status, payload, qos=1, retain=True)
+
+    def _offline_payload(self) -> bytes:
+        return _to_json({"schema": SCHEMA, "state": "offline", "ts": self._wall_clock()})
+
+    # -- threads -------------------------------------------------------------------------------------
+
+    def _run_network(self) -> None:
+        """Connect, run paho's loop while connected, back off with jitter, repeat until stopped."""
+        while not self._stop.is_set():
+            try:
+                self._connect()
+            except TransportError as e:
+                log.info("%s; retrying", e)
+                self._count(connect_failures=1)
+                self._sleep_backoff()
+                continue
+            try:
+                self._loop_while_connected()
+            except Exception:  # a bug in a callback must not end the link for good
+                log.exception("MQTT network loop failed; reconnecting")
+                self._connected.clear()
+                self._client.disconnect()
+            if not self._stop.is_set():
+                self._sleep_backoff()
+        self._shutdown()
+
+    def _connect(self) -> None:
+        s = self.settings
+        self._client.will_set(self.topics.status, self._offline_payload(), qos=1, retain=True)
+        try:
+            rc = self._client.connect(s.host, s.port, keepalive=s.keepalive_s)
+        except (OSError, ValueError) as e:  # refused, unreachable, DNS, TLS handshake
+            raise TransportError(f"cannot connect to {s.host}:{s.port}: {e}") from e
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"cannot connect to {s.host}:{s.port}: {paho.error_string(rc)}")
+
+    def _loop_while_connected(self) -> None:
+        connack_deadline = self._clock() + self.settings.connect_timeout_s
+        while not self._stop.is_set():
+            rc = self._client.loop(timeout=0.1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._connected.clear()
+                return
+            if not self._connected.is_set() and self._clock() > connack_deadline:
+                log.warning("no CONNACK/SUBACK in %.1f s; dropping the connection", self.settings.connect_timeout_s)
+                self._count(connect_failures=1)
+                self._client.disconnect()
+                return
+
+    def _sleep_backoff(self) -> None:
+        delay = self._backoff.next_delay()
+        log.debug("reconnecting in %.2f s (attempt %d)", delay, self._backoff.attempt)
+        self._stop.wait(delay)
+
+    def _shutdown(self) -> None:
+        """Runs on the network thread once stopped: offline status, DISCONNECT, socket closed."""
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=self.settings.stop_timeout_s / 2)  # no drain publish may race the goodbye
+        if self._connected.is_set():
+            info = self._client.publish(self.topics.status, self._offline_payload(), qos=1, retain=True)
+            deadline = self._clock() + self.settings.stop_timeout_s / 2
+            while not info.is_published() and self._clock() < deadline:
+                if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            self._connected.clear()  # a goodbye, not a lost connection: no warning from _on_disconnect
+            self._client.disconnect()
+            self._client.loop(timeout=0.05)
+        self._connected.clear()
+
+    def _run_drain(self) -> None:
+        """Publish outbox messages while connected; delete each when its PUBACK arrives."""
+        while not self._stop.is_set():
+            self._wake_drain.wait(timeout=0.5)
+            self._wake_drain.clear()
+            try:
+                self._ack_arrived()
+                if self.connected and not self._stop.is_set():
+                    self._publish_pending()
+            except Exception:  # a full disk must not kill the thread; retry on the next wake
+                log.exception("outbox drain failed")
+                self._stop.wait(1.0)
+
+    def _ack_arrived(self) -> None:
+        ids: list[int] = []
+        while True:
+            try:
+                mid = self._acked_mids.get_nowait()
+            except queue.Empty:
+                break
+            msg_id = self._inflight.pop(mid, None)
+            if msg_id is not None:  # otherwise a status publish or a subscription
+                ids.append(msg_id)
+        if ids:
+            self._outbox.ack(ids)
+            self._count(acked=len(ids))
+
+    def _publish_pending(self) -> None:
+        room = self.settings.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        # Messages in flight stay in paho's queue across reconnects (it resends them); skip them here.
+        sent = set(self._inflight.values())
+        for msg in self._outbox.pending(limit=room + len(sent)):
+            if msg.id in sent:
+                continue
+            if not self.connected or self._stop.is_set():
+                return
+            try:
+                info = self._client.publish(msg.topic, msg.payload, qos=msg.qos)
+            except ValueError as e:  # a topic or payload paho rejects will never succeed: drop it
+                log.error("dropping outbox message %d that cannot be published: %s", msg.id, e)
+                self._outbox.ack([msg.id])
+                continue
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                # NO_CONN still queues the message in paho, which sends it on reconnect.
+                log.warning("publish of outbox message %d failed: %s", msg.id, paho.error_string(info.rc))
+                return
+            self._inflight[info.mid] = msg.id
+            self._count(published=1)
+            if msg.qos == 0:  # no PUBACK will come
+                self._acked_mids.put(info.mid)
+
+    def _run_commands(self) -> None:
+        while True:
+            command = self._commands.get()
+            if command is None:
+                return
+            if self._on_command is None:
+                continue
+            try:
+                self._on_command(command)
+            except Exception:
+                log.exception("command handler failed on command %r", command.get("id"))
+                self._count(command_errors=1)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _count(self, **deltas: int) -> None:
+        with self._counter_lock:
+            values = {name: getattr(self._counters, name) + delta for name, delta in deltas.items()}
+            self._counters = replace(self._counters, **values)
+
+    def _stamp(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        stamped = dict(payload)
+        stamped.setdefault("schema", SCHEMA)
+        stamped.setdefault("ts", self._wall_clock())
+        return stamped
+
+
+def _to_json(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _check_segment(name: str, value: str) -> None:
+    if not value or _FORBIDDEN_IN_SEGMENT & set(value):
+        raise ValueError(f"{name} must be a non-empty MQTT topic segment without '/', '+', '#' or NUL: {value!r}")

@@ -1,0 +1,140 @@
+"""The durable outbox: persistence, the cap, durable sequence numbers, corruption."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from device_runtime.errors import StateError
+from device_runtime.outbox import Outbox, OutboxCorruptError
+
+
+def test_messages_survive_reopen_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        ids = [box.append(f"t/{i}", f"m{i}".encode(), qos=1) for i in range(5)]
+        box.ack(ids[:2])
+    with Outbox(path) as box:
+        assert len(box) == 3
+        pending = box.pending()
+        assert [m.payload for m in pending] == [b"m2", b"m3", b"m4"]
+        assert [m.topic for m in pending] == ["t/2", "t/3", "t/4"]
+        assert all(m.qos == 1 for m in pending)
+        assert box.pending(limit=2, after_id=pending[0].id) == pending[1:3]
+
+
+def test_ack_ignores_unknown_ids_and_keeps_the_count_right(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        a = box.append("t", b"a")
+        box.ack([a, a, 999])
+        assert len(box) == 0
+        box.ack([])
+
+
+def test_cap_drops_oldest_first_and_counts_persistently(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path, max_messages=3) as box:
+        for i in range(10):
+            box.append("t", str(i).encode())
+        assert len(box) == 3
+        assert [m.payload for m in box.pending()] == [b"7", b"8", b"9"]
+        assert box.dropped == 7
+    with Outbox(path, max_messages=3) as box:
+        assert box.dropped == 7
+        box.append("t", b"10")
+        assert box.dropped == 8
+
+
+def test_seq_is_monotonic_per_stream_and_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        assert [box.next_seq() for _ in range(3)] == [1, 2, 3]
+        assert box.next_seq("events") == 1
+        _, seq = box.append_sequenced("t", lambda s, d: f"{s}:{d}".encode())
+        assert seq == 4
+        assert box.pending()[-1].payload == b"4:0"
+    with Outbox(path) as box:
+        assert box.next_seq() == 5
+        assert box.next_seq("events") == 2
+
+
+def test_seq_never_repeats_after_the_process_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    script = (
+        "import os, signal, sys\n"
+        "from device_runtime.outbox import Outbox\n"
+        "box = Outbox(sys.argv[1])\n"
+        "seqs = [box.next_seq() for _ in range(25)]\n"
+        "print(seqs[-1], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)  # no close(), no clean shutdown\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    last = int(done.stdout)
+    assert last == 25
+    with Outbox(path) as box:
+        assert box.next_seq() == last + 1
+
+
+def test_concurrent_appends_from_threads(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        seqs: list[int] = []
+        lock = threading.Lock()
+
+        def work() -> None:
+            for _ in range(25):
+                _, seq = box.append_sequenced("t", lambda s, d: str(s).encode())
+                with lock:
+                    seqs.append(seq)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert sorted(seqs) == list(range(1, 101))
+        assert len(box) == 100
+
+
+def test_corrupt_file_is_moved_aside_and_seq_stays_above_old_values(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        for _ in range(10):
+            box.next_seq()
+    path.write_bytes(b"this is not sqlite" * 500)
+    for extra in ("-wal", "-shm"):
+        Path(f"{path}{extra}").unlink(missing_ok=True)
+    with Outbox(path, clock=lambda: 1_700_000_000.0) as box:
+        assert len(box) == 0
+        assert box.next_seq() == 1_700_000_000_001  # Unix ms: above any seq the lost file handed out
+        assert box.next_seq("events") == 1_700_000_000_001
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert aside == ["outbox.db.corrupt-1700000000"]
+    with Outbox(path) as box:  # the new file is healthy
+        assert box.next_seq() == 1_700_000_000_002
+
+
+def test_corrupt_file_raises_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"\x00garbage" * 1000)
+    with pytest.raises(OutboxCorruptError, match="corrupt"):
+        Outbox(path, on_corrupt="raise")
+    assert issubclass(OutboxCorruptError, StateError)
+    assert path.read_bytes().startswith(b"\x00garbage")  # left alone for inspection
+
+
+def test_unwritable_location_is_a_state_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError):
+        Outbox(tmp_path / "missing-folder" / "o.db")
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Outbox(tmp_path / "o.db", max_messages=0)
+    with Outbox(tmp_path / "o.db") as box, pytest.raises(ValueError):
+        box.append("t", b"x", qos=3)
