@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from device_runtime._backoff import Backoff
 from sdk.errors import IntegrityError, TransportError
+from sdk.fsutil import fsync_dir, fsync_file
 
 __all__ = ["Downloader", "FetchResponse", "HttpDownloader"]
 
@@ -195,9 +196,9 @@ class Downloader(abc.ABC):
                         inherited = False
                         continue
                     raise IntegrityError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
-            _fsync(part)
+            fsync_file(part)
             os.replace(part, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return dest
 
     def _attempt(self, url: str, part: Path, limit: int, deadline: float, deadline_s: float) -> None:
@@ -352,17 +353,3 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform (Windows)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from typing import Any
 
 from device_runtime.errors import StateError
 from sdk.bundle import ReadLimits, VerifiedBundle, check_freshness, inspect_bundle, read_bundle
+from sdk.fsutil import atomic_write_bytes, fsync_dir
 from sdk.manifest import canonical_json, format_time
 from sdk.signing import TrustedKeys
 
@@ -57,16 +58,6 @@ class InstalledBundle:
             "path": self.path.relative_to(state_dir).as_posix(),
             "installed": self.installed,
         }
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BundleStore:
@@ -201,7 +192,7 @@ class BundleStore:
             if final.exists():  # left by a crash between the move and the state write: replace it
                 shutil.rmtree(final)
             os.replace(verified.root, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             if existing is not None:  # recorded, but its folder had gone: restored, nothing to record
                 return existing
             entry = InstalledBundle(
@@ -224,18 +215,7 @@ class BundleStore:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        path = self.root / STATE_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(canonical_json(state))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.root)
+        atomic_write_bytes(self.root / STATE_FILE, canonical_json(state))
 
 
 class StagedBundle:

@@ -35,6 +35,7 @@ from sdk.errors import (
     RollbackError,
     UnsafeArchiveError,
 )
+from sdk.fsutil import fsync_dir
 from sdk.manifest import FileEntry, Manifest, check_member_path, strict_json_loads
 from sdk.signing import TrustedKeys, sign_manifest, verify_signatures
 
@@ -96,14 +97,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -170,7 +163,7 @@ def write_bundle(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp_name, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -469,7 +462,7 @@ def read_bundle(
         archive_sha = f.hexdigest()
         os.replace(staging, dest_path)
         staging = None
-        _fsync_dir(dest_path.parent)
+        fsync_dir(dest_path.parent)
         return VerifiedBundle(manifest=manifest, root=dest_path, sha256=archive_sha, keyids=tuple(keyids))
     finally:
         reader.close()

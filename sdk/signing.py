@@ -28,10 +28,19 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "sign_manifest",
+    "signed_message",
     "verify_signatures",
 ]
 
 MAX_KEY_FILE_BYTES = 16 * 2**10  # bytes
+# Signed message = context + manifest bytes. The context (domain separation) means a signature
+# made by the same key over some other JSON document can never pass as a manifest signature.
+SIGNING_CONTEXT = b"edgeship-manifest-v1\n"
+
+
+def signed_message(manifest_bytes: bytes) -> bytes:
+    """The exact bytes an Ed25519 manifest signature covers."""
+    return SIGNING_CONTEXT + manifest_bytes
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -132,7 +141,7 @@ def sign_manifest(manifest_bytes: bytes, keys: Sequence[Ed25519PrivateKey]) -> b
     """Sign manifest bytes with each key; returns the canonical ``signatures.json`` bytes."""
     if not keys:
         raise KeyFileError("at least one signing key is needed")
-    entries = {key_id(k.public_key()): k.sign(manifest_bytes).hex() for k in keys}
+    entries = {key_id(k.public_key()): k.sign(signed_message(manifest_bytes)).hex() for k in keys}
     return canonical_json([{"keyid": kid, "sig": sig} for kid, sig in sorted(entries.items())])
 
 
@@ -201,7 +210,7 @@ def verify_signatures(manifest_bytes: bytes, signatures_bytes: bytes, trust: Tru
         if key is None:
             continue
         try:
-            key.verify(bytes.fromhex(entry["sig"]), manifest_bytes)
+            key.verify(bytes.fromhex(entry["sig"]), signed_message(manifest_bytes))
         except (InvalidSignature, ValueError):
             continue
         valid.add(entry["keyid"])

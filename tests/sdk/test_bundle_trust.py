@@ -46,6 +46,14 @@ def test_untrusted_signature_under_trusted_keyid(bundle: Path, tmp_path: Path, k
     refused(SignatureError, _with_signatures(bundle, tmp_path, json.dumps(forged).encode()))
 
 
+def test_signature_without_domain_prefix_is_refused(bundle: Path, tmp_path: Path, keys, refused) -> None:
+    # The trusted key's own signature over the bare manifest bytes (no "edgeship-manifest-v1" prefix),
+    # as it might have signed the same JSON for another purpose, must not count.
+    manifest = read_members(bundle)[0].data
+    bare = [{"keyid": key_id(keys.signer.public_key()), "sig": keys.signer.sign(manifest).hex()}]
+    refused(SignatureError, _with_signatures(bundle, tmp_path, json.dumps(bare).encode()))
+
+
 @pytest.mark.parametrize(
     "signatures",
     [
