@@ -8,19 +8,25 @@ exceptions are converted at the seam where they happen, with ``raise X from e``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
     "BackendError",
     "BundleError",
     "DriftError",
     "EdgeshipError",
     "ExpiredError",
+    "HealthCheckError",
     "InputError",
     "IntegrityError",
     "KeyFileError",
     "ManifestError",
+    "ModelClosedError",
     "PackagingError",
     "RollbackError",
     "SignatureError",
+    "StateError",
     "TransportError",
     "UnsafeArchiveError",
 ]
@@ -54,6 +60,18 @@ class ExpiredError(BundleError):
     """The bundle's ``expires`` time has passed (protects against freeze attacks)."""
 
 
+class HealthCheckError(IntegrityError):
+    """The model did not reproduce its bundle's golden outputs on this device.
+
+    Attributes:
+        metrics: what was measured, the same dict ``Model.health_check`` returns on success.
+    """
+
+    def __init__(self, message: str, metrics: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics: dict[str, Any] = dict(metrics or {})
+
+
 class UnsafeArchiveError(BundleError):
     """The archive itself is hostile or malformed: path traversal, links, devices, size bombs."""
 
@@ -80,3 +98,11 @@ class KeyFileError(EdgeshipError):
 
 class BackendError(EdgeshipError):
     """The runtime a bundle needs is not installed or could not load the model."""
+
+
+class ModelClosedError(EdgeshipError):
+    """``predict`` or ``health_check`` was called on a ``Model`` after ``close()``."""
+
+
+class StateError(EdgeshipError):
+    """The device's state directory is unreadable, corrupt or cannot be written."""
