@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from device_runtime.backends import BACKENDS, Backend, BackendOptions
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
-from device_runtime.model import Model, load
+from device_runtime.model import Model, load, load_verified
 from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "StagedBundle",
     "StateError",
     "load",
+    "load_verified",
 ]

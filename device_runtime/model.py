@@ -26,7 +26,7 @@ from sdk.errors import InputError, ManifestError
 from sdk.manifest import Manifest, TensorSpec
 from sdk.signing import TrustedKeys
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "load", "load_verified"]
 
 Trust = TrustedKeys | Iterable[str | os.PathLike[str] | Ed25519PublicKey] | str | os.PathLike[str] | Ed25519PublicKey
 
@@ -236,6 +236,25 @@ def load(
         backend.close()
         raise
     return Model(staged.verified, installed.path, backend, None)
+
+
+def load_verified(
+    verified: VerifiedBundle, *, providers: Iterable[str] | None = None, intra_op_threads: int | None = None
+) -> Model:
+    """Load a bundle that ``sdk.bundle.read_bundle`` has already verified into ``verified.root``.
+
+    For callers that manage their own install folders (the OTA agent's A/B slots); the folder
+    stays the caller's: ``close()`` does not remove it.
+
+    Raises:
+        BackendError: no adapter for the target, its runtime is missing, or it cannot load the model.
+    """
+    if isinstance(providers, str):
+        providers = [providers]
+    options = BackendOptions(
+        providers=tuple(providers) if providers is not None else None, intra_op_threads=intra_op_threads
+    )
+    return Model(verified, verified.root, _load_backend(verified, options), None)
 
 
 def _load_backend(verified: VerifiedBundle, options: BackendOptions) -> Backend:
