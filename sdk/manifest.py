@@ -214,6 +214,7 @@ class Manifest:
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
     validation: Mapping[str, Any] = field(default_factory=dict)
     golden: Mapping[str, Any] = field(default_factory=dict)
+    input_policy: Mapping[str, Any] = field(default_factory=dict)
     expires: str | None = None
     schema: int = SCHEMA_VERSION
 
@@ -257,8 +258,9 @@ class Manifest:
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "files", files)
-        for name in ("runtime", "preprocessing", "validation", "golden"):
+        for name in ("runtime", "preprocessing", "validation", "golden", "input_policy"):
             object.__setattr__(self, name, _mapping_copy(getattr(self, name), name))
+        self._check_input_policy()
 
         golden_paths = self.golden_paths()  # checks the shape of golden even in a draft
         if files:  # a draft built before its files are hashed has none yet
@@ -266,6 +268,25 @@ class Manifest:
             for path in golden_paths:
                 _require(path in paths, f"golden file {path!r} is not listed in files")
         self.to_bytes()  # every valid manifest can be written (a "\ud800" escape parses but cannot)
+
+    def _check_input_policy(self) -> None:
+        """``input_policy``: {"nonfinite": "reject"|"pass", "dims": {dim: [min, max]}, "max_bytes": int}."""
+        policy = self.input_policy
+        unknown = sorted(set(policy) - {"nonfinite", "dims", "max_bytes"})
+        _require(not unknown, f"input_policy: unknown keys {unknown}")
+        _require(
+            policy.get("nonfinite", "reject") in ("reject", "pass"), "input_policy.nonfinite must be reject or pass"
+        )
+        max_bytes = policy.get("max_bytes", 1)
+        _require(_is_int(max_bytes) and max_bytes > 0, "input_policy.max_bytes must be an int > 0")
+        dims = policy.get("dims", {})
+        _require(isinstance(dims, Mapping), "input_policy.dims must be an object")
+        named = {d for spec in self.inputs for d in spec.shape if isinstance(d, str)}
+        for dim, bounds in dims.items():
+            _require(dim in named, f"input_policy.dims: {dim!r} is not a dynamic dimension of any input")
+            ok = (isinstance(bounds, list) and len(bounds) == 2 and all(_is_int(b) for b in bounds)
+                  and 0 <= bounds[0] <= bounds[1])  # fmt: skip
+            _require(ok, f"input_policy.dims.{dim} must be [min, max] with 0 <= min <= max")
 
     # ---- derived views -------------------------------------------------------------------------
     def golden_paths(self) -> list[str]:
