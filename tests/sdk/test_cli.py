@@ -239,7 +239,8 @@ def test_predict_wrong_shape_is_one_line(
         capsys, "predict", workspace["fp32"], "--trust", workspace["pub"], "--input", tmp_path / "x.npy"
     )
     _assert_one_line_error(code, err, "x")
-    np.save(tmp_path / "i.npy", np.zeros((2, 4), np.int64))  # never float from int silently? int64->float32 is unsafe
+    # int64 -> float32 only when every value survives exactly; 2**40 + 1 does not
+    np.save(tmp_path / "i.npy", np.full((2, 4), 2**40 + 1, np.int64))
     code, _, err = _run(
         capsys, "predict", workspace["fp32"], "--trust", workspace["pub"], "--input", tmp_path / "i.npy"
     )
@@ -249,7 +250,7 @@ def test_predict_wrong_shape_is_one_line(
 def test_package_refuses_bad_inputs_in_one_line(
     workspace: dict[str, Path], onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["package", "--key", workspace["key"], "--name", "t", "--version", "1", "--out", tmp_path / "out"]
+    base = ["-q", "package", "--key", workspace["key"], "--name", "t", "--version", "1", "--out", tmp_path / "out"]
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a model" * 50)
     code, _, err = _run(capsys, *base, junk)

@@ -1,0 +1,38 @@
+"""Host-side packaging: turn a model into signed, validated bundles for edge runtimes.
+
+``package(model, name=..., version=..., key=..., out_dir=...)`` is the entry point. Targets live one
+per module behind the ``Target`` registry; each declares its ``Capabilities`` and unsupported
+requests are refused before any work. Importing this package is cheap: torch, transformers, onnx
+and onnxruntime are imported only inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+from packagers._package import package
+from packagers.options import (
+    DEFAULT_TOLERANCES,
+    Capabilities,
+    PackageOptions,
+    PackageResult,
+    Precision,
+    Target,
+    Tolerances,
+)
+from packagers.registry import BuiltModel, Packager, available_targets, capabilities, capability_table, get_packager
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "BuiltModel",
+    "Capabilities",
+    "PackageOptions",
+    "PackageResult",
+    "Packager",
+    "Precision",
+    "Target",
+    "Tolerances",
+    "available_targets",
+    "capabilities",
+    "capability_table",
+    "get_packager",
+    "package",
+]

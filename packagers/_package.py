@@ -1,0 +1,347 @@
+"""``package``: the one orchestrator that turns a model into signed bundles.
+
+Order: parse and refuse unsupported requests (no work done), load keys, load the source, compute
+the reference outputs, then per (target, precision) build candidates, validate each in the real
+runtime and keep the best. Only when every combination passed (or drift was accepted) are golden
+arrays, benchmarks and bundles produced, so a DriftError leaves no bundle behind. Scratch files live
+in a temporary folder that is always removed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from packagers.benchmark import benchmark
+from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
+from packagers.registry import BuiltModel, Packager, Runner, get_packager
+from packagers.sources import Source, detect_input_kind, load_source
+from packagers.validation import compare_outputs, golden_tolerance, run_batched
+from sdk.bundle import bundle_filename, write_bundle
+from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
+from sdk.manifest import Manifest, TensorSpec, format_time
+from sdk.signing import load_private_key
+
+__all__ = ["package"]
+
+KeyLike = str | os.PathLike[str] | Ed25519PrivateKey
+
+
+@dataclass
+class _Plan:
+    """One (target, precision) after validation, before the bundle is written."""
+
+    target: Target
+    precision: Precision
+    packager: Packager
+    built: BuiltModel
+    run: Runner
+    tolerances: Tolerances
+    validation: dict[str, Any]
+    candidates: list[dict[str, Any]]
+
+
+def _as_list(value: Any, parse: Callable[[Any], Any]) -> list[Any]:
+    items = [value] if isinstance(value, (str, Target, Precision)) else list(value)
+    out: list[Any] = []
+    for item in items:
+        for part in str(item.value if isinstance(item, (Target, Precision)) else item).split(","):
+            parsed = parse(part)
+            if parsed not in out:
+                out.append(parsed)
+    if not out:
+        raise PackagingError("at least one target and one precision are needed")
+    return out
+
+
+def _load_keys(key: KeyLike | Sequence[KeyLike]) -> list[Ed25519PrivateKey]:
+    items = [key] if isinstance(key, (str, os.PathLike, Ed25519PrivateKey)) else list(key)
+    if not items:
+        raise KeyFileError("at least one signing key is needed")
+    return [k if isinstance(k, Ed25519PrivateKey) else load_private_key(k) for k in items]
+
+
+def _check_identity(name: str, version: int, label: str | None, expires: datetime | None) -> str | None:
+    """Validate what the manifest will say about the bundle before doing any work."""
+    if expires is not None:
+        if not isinstance(expires, datetime) or expires.tzinfo is None:
+            raise PackagingError("expires must be a timezone-aware datetime")
+        if expires <= datetime.now(timezone.utc):
+            raise PackagingError(f"expires {expires.isoformat()} is in the past")
+    expires_text = format_time(expires) if expires is not None else None
+    try:
+        Manifest(
+            name=name, version=version, target="onnxruntime", precision="fp32", model="model.onnx",
+            inputs=(TensorSpec("x", "float32", (1,)),), outputs=(TensorSpec("y", "float32", (1,)),),
+            created=format_time(datetime.now(timezone.utc)), label=label, expires=expires_text,
+        )  # fmt: skip
+    except ManifestError as e:
+        raise PackagingError(str(e)) from e
+    return expires_text
+
+
+def _check_labels(labels: Any, calibration: Any) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if calibration is None:
+        raise PackagingError("labels score the calibration samples; give calibration data with them")
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise PackagingError(f"labels must be a 1-D array of int class ids, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def _safe_name(name: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "tensor"
+    candidate, i = base[:100], 1
+    while candidate in used:
+        candidate, i = f"{base[:96]}_{i}", i + 1
+    used.add(candidate)
+    return candidate
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _min_cosine(validation: Mapping[str, Any]) -> float:
+    values = [m.get("cosine_min") for m in validation["metrics"].values()]
+    return min((v if v is not None else -2.0) for v in values) if values else -2.0
+
+
+def _validate_candidates(
+    packager: Packager, candidates: list[BuiltModel], source: Source, inputs: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray], tol: Tolerances, labels: np.ndarray | None, options: PackageOptions,
+) -> tuple[BuiltModel, Runner, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    best: tuple[BuiltModel, Runner, dict[str, Any]] | None = None
+    summary: list[dict[str, Any]] = []
+    for built in candidates:
+        run = packager.runner(built)
+        try:
+            outputs = run_batched(run, inputs)
+        except PackagingError:
+            raise
+        except Exception as e:  # the runtime failed on valid inputs: the build is broken
+            raise PackagingError(
+                f"the built model ({built.candidate}) failed to run on {len(next(iter(inputs.values())))} samples: "
+                f"{str(e)[:300]} (a shape fixed at export time? trace with example inputs of batch >= 2)"
+            ) from e
+        result = compare_outputs(source.outputs, reference, outputs, tol, labels=labels,
+                                 labels_output=options.labels_output)  # fmt: skip
+        summary.append({"candidate": built.candidate, "passed": result["passed"], "min_cosine": _min_cosine(result)})
+        key = (result["passed"], _min_cosine(result))
+        if best is None or key > (best[2]["passed"], _min_cosine(best[2])):
+            best = (built, run, result)
+    if best is None:
+        raise PackagingError("the packager built nothing")
+    return best[0], best[1], best[2], summary
+
+
+def _drift_message(failed: list[_Plan]) -> str:
+    lines = []
+    for plan in failed:
+        lines.append(f"{plan.target.value} {plan.precision.value}: " + "; ".join(plan.validation["failures"]))
+    return (
+        "validation failed, nothing was written: " + " | ".join(lines)
+        + ". Check the model and the data, or sign anyway with --accept-drift (accept_drift=True)."
+    )  # fmt: skip
+
+
+def package(
+    model: Any,
+    *,
+    name: str,
+    version: int,
+    key: KeyLike | Sequence[KeyLike],
+    out_dir: str | os.PathLike[str],
+    target: str | Target | Sequence[str | Target] = "onnxruntime",
+    precision: str | Precision | Sequence[str | Precision] = "fp32",
+    example_inputs: Any = None,
+    calibration: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    labels: Any = None,
+    task: str | None = None,
+    accept_drift: bool = False,
+    label: str | None = None,
+    expires: datetime | None = None,
+    options: PackageOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[PackageResult]:
+    """Build, validate, benchmark, sign and write one bundle per (target, precision).
+
+    Args:
+        model: a torch.nn.Module, a transformers model folder, or an .onnx file.
+        name: bundle name (letters, digits, ``.``, ``_``, ``-``).
+        version: monotonic integer version of ``name``.
+        key: Ed25519 private key file path or key object, or a list of them (all sign).
+        out_dir: folder the bundles are written into.
+        target: target name(s): a string (comma-separated allowed), a Target, or a sequence.
+        precision: precision name(s), same forms; "fp32" and "int8-dynamic" for onnxruntime.
+        example_inputs: torch modules only: a tuple of tensors/arrays or a dict name -> array, batch first.
+        calibration: dict name -> array (batch N), an .npz file or a folder of NAME.npy; validation data.
+        labels: int class label per calibration sample; adds task accuracy to the validation.
+        task: "feature-extraction" or "text-classification" for transformers folders (default from the config).
+        accept_drift: sign even when validation fails; recorded in the manifest.
+        label: optional human version label.
+        expires: optional aware datetime after which devices refuse the bundle.
+        options: less common settings (names, opset, tolerances, golden samples, benchmark runs).
+        progress: called with a short line at each step.
+
+    Returns:
+        One PackageResult per (target, precision), in the order asked.
+
+    Raises:
+        PackagingError: unsupported target/precision/input kind (before any work), a model or data that
+            cannot be loaded, or a failed export/quantization.
+        DriftError: validation failed and ``accept_drift`` is False; no bundle is written.
+        KeyFileError: a signing key cannot be loaded.
+    """
+    say = progress or (lambda _line: None)
+    opts = options or PackageOptions()
+    targets: list[Target] = _as_list(target, Target.parse)
+    precisions: list[Precision] = _as_list(precision, Precision.parse)
+    kind = detect_input_kind(model)
+    packagers = {t: get_packager(t) for t in targets}
+    refusals = [why for t in targets for p in precisions if (why := packagers[t].capabilities.refuse(t, p, kind))]
+    if refusals:
+        raise PackagingError("; ".join(refusals))
+    expires_text = _check_identity(name, version, label, expires)
+    label_array = _check_labels(labels, calibration)
+    keys = _load_keys(key)
+    out = Path(out_dir)
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-package-") as tmp_name:
+        tmp = Path(tmp_name)
+        start = time.perf_counter()
+        source = load_source(model, kind, task=task, example_inputs=example_inputs, calibration=calibration,
+                             options=opts, progress=say)  # fmt: skip
+        try:
+            source.workdir = tmp / "source"
+            if label_array is not None and len(label_array) != source.samples:
+                raise PackagingError(f"{len(label_array)} labels for {source.samples} calibration samples")
+            n = min(source.samples, opts.max_validation_samples)
+            inputs = {k: v[:n] for k, v in source.validation_inputs.items()}
+            label_array = label_array[:n] if label_array is not None else None
+            say(f"running the reference ({source.reference_name}) on {n} samples")
+            try:
+                reference = run_batched(source.reference, inputs)
+            except PackagingError:
+                raise
+            except Exception as e:  # the user's model failed on the validation data
+                raise PackagingError(f"the reference model failed on the validation data: {e}") from e
+            for spec in source.outputs:
+                if not np.isfinite(reference[spec.name].astype(np.float64)).all():
+                    raise PackagingError(f"the reference output {spec.name!r} has NaN or Inf on the validation data")
+
+            plans: list[_Plan] = []
+            for t in targets:
+                for p in precisions:
+                    say(f"{t.value} {p.value}: building")
+                    tol = opts.tolerances_for(p)
+                    candidates = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
+                    built, run, result, summary = _validate_candidates(packagers[t], candidates, source, inputs,
+                                                                       reference, tol, label_array, opts)  # fmt: skip
+                    status = "passed" if result["passed"] else "FAILED"
+                    say(f"{t.value} {p.value}: validation {status} (min cosine {_min_cosine(result):.6f})")
+                    plans.append(_Plan(t, p, packagers[t], built, run, tol, result, summary))
+            failed = [plan for plan in plans if not plan.validation["passed"]]
+            if failed and not accept_drift:
+                raise DriftError(_drift_message(failed))
+
+            results = [
+                _write(plan, source=source, inputs=inputs, n=n, name=name, version=version, label=label,
+                       expires=expires_text, keys=keys, out=out, options=opts, accept_drift=accept_drift,
+                       labels=label_array, say=say, started=start)
+                for plan in plans
+            ]  # fmt: skip
+        finally:
+            source.close()
+    return results
+
+
+def _write(
+    plan: _Plan, *, source: Source, inputs: Mapping[str, np.ndarray], n: int, name: str, version: int,
+    label: str | None, expires: str | None, keys: list[Ed25519PrivateKey], out: Path, options: PackageOptions,
+    accept_drift: bool, labels: np.ndarray | None, say: Callable[[str], None], started: float,
+) -> PackageResult:  # fmt: skip
+    tag = f"{plan.target.value} {plan.precision.value}"
+    g = min(options.golden_samples, n)
+    golden_in = {k: v[:g] for k, v in inputs.items()}
+    golden_out = plan.run(golden_in)
+    members: dict[str, str | os.PathLike[str] | bytes] = {plan.built.member: plan.built.path}
+    golden: dict[str, Any] = {"inputs": {}, "outputs": {}, "samples": g}
+    used: set[str] = set()
+    for side, arrays, specs in (("inputs", golden_in, source.inputs), ("outputs", golden_out, source.outputs)):
+        for spec in specs:
+            path = f"golden/{side}/{_safe_name(spec.name, used)}.npy"
+            members[path] = _npy_bytes(arrays[spec.name])
+            golden[side][spec.name] = path
+    golden["tolerance"] = golden_tolerance(plan.tolerances, {s.name: golden_out[s.name] for s in source.outputs})
+    members.update({k: v for k, v in source.members.items()})
+
+    say(f"{tag}: benchmarking on the host CPU (batch 1)")
+    bench = benchmark(plan.run, {k: v[:1] for k, v in inputs.items()}, warmup=options.benchmark_warmup,
+                      runs=options.benchmark_runs, max_seconds=options.benchmark_max_seconds)  # fmt: skip
+    passed = bool(plan.validation["passed"])
+    validation: dict[str, Any] = {
+        "reference": source.reference_name,
+        "samples": n,
+        "data": source.data_origin,
+        "metrics": plan.validation["metrics"],
+        "tolerances": plan.tolerances.to_dict(),
+        "passed": passed,
+        "accepted_drift": bool(accept_drift and not passed),
+        "failures": plan.validation["failures"],
+        "benchmark": bench,
+    }
+    if "accuracy" in plan.validation:
+        validation["accuracy"] = plan.validation["accuracy"]
+    try:
+        manifest = Manifest(
+            name=name, version=version, target=plan.target.value, precision=plan.precision.value,
+            model=plan.built.member, inputs=source.inputs, outputs=source.outputs,
+            created=format_time(datetime.now(timezone.utc)), runtime=dict(plan.built.runtime), label=label,
+            task=source.task, preprocessing=source.preprocessing, validation=validation, golden=golden,
+            expires=expires,
+        )  # fmt: skip
+    except ManifestError as e:  # e.g. a tensor name the bundle format cannot hold
+        raise PackagingError(f"cannot describe the model in a manifest: {e}") from e
+    report = {
+        "name": name,
+        "version": version,
+        "target": plan.target.value,
+        "precision": plan.precision.value,
+        "source": {"kind": source.kind, "description": source.description, **source.info},
+        "build": dict(plan.built.recipe),
+        "candidates": plan.candidates,
+        "chosen": plan.built.candidate,
+        "validation": validation,
+        "benchmark": bench,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    members["report.json"] = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+    bundle_path = out / bundle_filename(manifest)
+    try:
+        final = write_bundle(bundle_path, manifest, members, keys)
+    except ManifestError as e:  # a member path the format refuses
+        raise PackagingError(f"cannot write {bundle_path.name}: {e}") from e
+    size = bundle_path.stat().st_size
+    say(f"{tag}: wrote {bundle_path} ({size} bytes, p50 {bench['p50']} ms)")
+    latency = {"p50": bench["p50"], "p95": bench["p95"], "mean": bench["mean"], "runs": bench["runs"]}
+    return PackageResult(
+        bundle_path=bundle_path, manifest=final, target=plan.target.value, precision=plan.precision.value,
+        validation=final.validation, size_bytes=size, latency_ms=latency,
+    )  # fmt: skip

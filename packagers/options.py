@@ -1,0 +1,221 @@
+"""Plain data shared by every target: targets, precisions, capabilities, tolerances, options, results.
+
+Nothing here imports a heavy library; ``import packagers`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from sdk.errors import PackagingError
+from sdk.manifest import Manifest
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "INPUT_KINDS",
+    "Capabilities",
+    "PackageOptions",
+    "PackageResult",
+    "Precision",
+    "Target",
+    "Tolerances",
+]
+
+INPUT_KINDS = ("torch", "transformers", "onnx")
+
+
+class Target(str, Enum):
+    """An edge runtime a bundle is built for (the manifest's ``target``)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    TFLITE = "tflite"
+    COREML = "coreml"
+
+    @classmethod
+    def parse(cls, value: str | Target) -> Target:
+        """The Target named by ``value``.
+
+        Raises:
+            PackagingError: ``value`` names no known target.
+        """
+        if isinstance(value, Target):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(t.value for t in cls)
+            raise PackagingError(f"unknown target {value!r}; known targets: {choices}") from None
+
+
+class Precision(str, Enum):
+    """Numeric precision of the built model (the manifest's ``precision``)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8_DYNAMIC = "int8-dynamic"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        """The Precision named by ``value``.
+
+        Raises:
+            PackagingError: ``value`` names no known precision.
+        """
+        if isinstance(value, Precision):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(p.value for p in cls)
+            raise PackagingError(f"unknown precision {value!r}; known precisions: {choices}") from None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one target can build, declared up front so requests are refused before any work."""
+
+    precisions: tuple[Precision, ...]
+    input_kinds: tuple[str, ...]  # subset of INPUT_KINDS
+    dynamic_shapes: bool  # named dynamic dims (batch, sequence) survive the build
+
+    def refuse(self, target: Target, precision: Precision, input_kind: str) -> str | None:
+        """Why ``target`` cannot build ``precision`` from ``input_kind``, or None when it can."""
+        if precision not in self.precisions:
+            valid = ", ".join(p.value for p in self.precisions)
+            return f"target {target.value} does not support precision {precision.value}; valid precisions: {valid}"
+        if input_kind not in self.input_kinds:
+            valid = ", ".join(self.input_kinds)
+            return f"target {target.value} cannot build from a {input_kind} model; valid input kinds: {valid}"
+        return None
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far a built model's outputs may drift from the reference and still be signed.
+
+    Every bound is checked per output on the validation samples; None switches a check off.
+    """
+
+    min_cosine: float = 0.9999  # lowest per-sample cosine similarity (outputs flattened per sample)
+    min_cosine_mean: float = 0.9999  # mean of the per-sample cosine similarities
+    max_rel_diff: float | None = 1e-3  # max |built - reference| divided by max |reference|
+    min_top1_agreement: float | None = None  # logits-like outputs: share of samples with the same argmax
+    max_accuracy_drop: float | None = 0.01  # with labels: reference accuracy minus bundle accuracy
+    # Golden health check on the device (another CPU's kernels): |out - golden| <= atol + rtol * |golden|,
+    # with atol = golden_atol_rel * max |golden|, and per-sample cosine >= golden_min_cosine.
+    golden_atol_rel: float = 1e-3
+    golden_rtol: float = 1e-3
+    golden_min_cosine: float = 0.999
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise PackagingError(f"tolerance {name} must be a finite number, got {value!r}")
+            low = -1.0 if "cosine" in name else 0.0  # cosine similarity lies in [-1, 1]
+            if value < low:
+                raise PackagingError(f"tolerance {name} must be >= {low:g}, got {value!r}")
+        for name in ("min_cosine", "min_cosine_mean", "golden_min_cosine", "min_top1_agreement"):
+            value = getattr(self, name)
+            if value is not None and value > 1:
+                raise PackagingError(f"tolerance {name} must be <= 1, got {value!r}")
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+# Tuned on the tests' models (tiny BERT, digits MLP and CNN). Measured int8-dynamic: mean cosine
+# 0.9995-0.99998, worst sample 0.9957 (CNN, 200 samples), top-1 agreement >= 0.985. The worst-sample
+# bound is looser than the mean because the minimum over many samples keeps falling as N grows; a
+# model whose export does not match its eager behaviour lands far below both.
+DEFAULT_TOLERANCES: Mapping[Precision, Tolerances] = MappingProxyType(
+    {
+        Precision.FP32: Tolerances(),
+        Precision.FP16: Tolerances(
+            min_cosine=0.999, min_cosine_mean=0.999, max_rel_diff=1e-2, min_top1_agreement=0.95, max_accuracy_drop=0.01,
+            golden_atol_rel=1e-2, golden_rtol=1e-2, golden_min_cosine=0.995,
+        ),
+        Precision.INT8_DYNAMIC: Tolerances(
+            min_cosine=0.95, min_cosine_mean=0.99, max_rel_diff=None, min_top1_agreement=0.9, max_accuracy_drop=0.03,
+            golden_atol_rel=0.05, golden_rtol=0.05, golden_min_cosine=0.98,
+        ),
+        Precision.INT8: Tolerances(
+            min_cosine=0.95, min_cosine_mean=0.98, max_rel_diff=None, min_top1_agreement=0.9, max_accuracy_drop=0.03,
+            golden_atol_rel=0.05, golden_rtol=0.05, golden_min_cosine=0.98,
+        ),
+        Precision.INT4: Tolerances(
+            min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
+            golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
+        ),
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    """Less common knobs of ``package``; the defaults suit small and medium models."""
+
+    input_names: Sequence[str] | None = None  # torch modules: names for the positional example inputs
+    output_names: Sequence[str] | None = None  # torch modules: names for the returned tensors
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None  # torch: {tensor: {dim: name}}; default batch
+    opset: int = 17  # ONNX opset for torch exports
+    exporter: str = "auto"  # "auto" (TorchScript, then dynamo if it fails), "torchscript" or "dynamo"
+    tolerances: Tolerances | Mapping[str, Tolerances] | None = None  # one for all, or per precision
+    golden_samples: int = 4  # validation samples stored for the on-device health check
+    validation_samples: int = 32  # generated when no calibration data is given (one top-1 flip = 3%)
+    max_validation_samples: int = 512  # calibration data beyond this is not used for validation
+    sequence_length: int = 16  # text models without a tokenizer: length of the random ids
+    dim_values: Mapping[str, int] | None = None  # .onnx files: values for named dynamic dims of random data
+    seed: int = 0  # random validation data
+    benchmark_warmup: int = 5  # runs
+    benchmark_runs: int = 50  # timed runs
+    benchmark_max_seconds: float = 10.0  # seconds, stops the timed runs early
+    labels_output: str | None = None  # output the labels are scored against; default the first logits-like one
+    extra: Mapping[str, Any] = field(default_factory=dict)  # target-specific settings, recorded in the report
+
+    def __post_init__(self) -> None:
+        if self.exporter not in ("auto", "torchscript", "dynamo"):
+            raise PackagingError(f"exporter must be auto, torchscript or dynamo, got {self.exporter!r}")
+        for name in ("golden_samples", "validation_samples", "max_validation_samples", "benchmark_runs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PackagingError(f"option {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.opset, int) or not 7 <= self.opset <= 25:
+            raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")
+
+    def tolerances_for(self, precision: Precision) -> Tolerances:
+        """The tolerances that gate ``precision``: an override if given, else the default.
+
+        Raises:
+            PackagingError: an override mapping names an unknown precision.
+        """
+        if isinstance(self.tolerances, Tolerances):
+            return self.tolerances
+        if self.tolerances:
+            overrides = {Precision.parse(k): v for k, v in self.tolerances.items()}
+            if precision in overrides:
+                return overrides[precision]
+        return DEFAULT_TOLERANCES[precision]
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """One signed bundle written by ``package``."""
+
+    bundle_path: Path
+    manifest: Manifest
+    target: str
+    precision: str
+    validation: Mapping[str, Any]  # same as manifest.validation
+    size_bytes: int
+    latency_ms: Mapping[str, Any]  # host CPU, batch 1: p50, p95, runs

@@ -1,0 +1,119 @@
+"""The registry of targets: one module per target behind the ``Target`` enum.
+
+The only module-level table is ``_BUILTIN`` (read-only): target -> "module:Class" of its packager,
+or None while the target is not implemented. Target modules import their heavy libraries inside
+functions, so looking up capabilities costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from packagers.options import Capabilities, PackageOptions, Precision, Target
+from sdk.errors import PackagingError
+
+if TYPE_CHECKING:
+    from packagers.sources import Source
+
+__all__ = [
+    "BuiltModel",
+    "Packager",
+    "Runner",
+    "available_targets",
+    "capabilities",
+    "capability_table",
+    "get_packager",
+]
+
+Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+_BUILTIN: Mapping[Target, str | None] = MappingProxyType(
+    {
+        Target.ONNXRUNTIME: "packagers.onnxruntime:OnnxRuntimePackager",
+        Target.OPENVINO: None,
+        Target.TFLITE: None,
+        Target.COREML: None,
+    }
+)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """One candidate model file a packager built for a (target, precision)."""
+
+    path: Path  # the model file on disk
+    member: str  # its path inside the bundle, the manifest's ``model``
+    runtime: Mapping[str, Any]  # the manifest's ``runtime``
+    recipe: Mapping[str, Any] = field(default_factory=dict)  # how it was built, for the report
+    candidate: str = "default"  # short label when a packager offers several variants
+
+
+class Packager(Protocol):
+    """What every target module provides."""
+
+    target: Target
+    capabilities: Capabilities
+
+    def build(self, source: Source, precision: Precision, workdir: Path, options: PackageOptions,
+              progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
+        """Build one or more candidates; the caller validates them and keeps the best."""
+        ...
+
+    def runner(self, built: BuiltModel) -> Runner:
+        """Load ``built`` in the target's real runtime and return its run function."""
+        ...
+
+
+def available_targets() -> list[Target]:
+    """The targets implemented in this version of edgeship."""
+    return [t for t, path in _BUILTIN.items() if path is not None]
+
+
+def get_packager(target: str | Target) -> Packager:
+    """The packager of ``target``.
+
+    Raises:
+        PackagingError: unknown target, or one not implemented yet (the message lists those that are).
+    """
+    t = Target.parse(target)
+    path = _BUILTIN.get(t)
+    if path is None:
+        valid = ", ".join(x.value for x in available_targets())
+        raise PackagingError(f"target {t.value} is not implemented yet; available targets: {valid}")
+    module_name, _, class_name = path.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    packager: Packager = cls()
+    return packager
+
+
+def capabilities(target: str | Target) -> Capabilities:
+    """What ``target`` can build.
+
+    Raises:
+        PackagingError: unknown or not implemented target.
+    """
+    return get_packager(target).capabilities
+
+
+def capability_table() -> tuple[list[str], list[list[str]]]:
+    """Headers and rows describing every target, for ``edgeship targets`` and the README."""
+    rows = []
+    for target, path in _BUILTIN.items():
+        if path is None:
+            rows.append([target.value, "not implemented yet", "-", "-"])
+            continue
+        caps = capabilities(target)
+        rows.append([
+            target.value,
+            ", ".join(p.value for p in caps.precisions),
+            ", ".join(caps.input_kinds),
+            "yes" if caps.dynamic_shapes else "no",
+        ])  # fmt: skip
+    return ["target", "precisions", "inputs", "dynamic shapes"], rows

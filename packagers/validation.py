@@ -1,0 +1,193 @@
+"""Numerical validation of a built model against its reference, and the golden tolerance.
+
+Pure numpy: the caller runs both models; this module compares their outputs per output tensor
+(max/mean absolute difference, per-sample cosine similarity, top-1 agreement for logits-like
+outputs, task accuracy with labels) and decides pass/fail against ``Tolerances``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from packagers.options import Tolerances
+from sdk.errors import PackagingError
+from sdk.manifest import TensorSpec
+
+__all__ = [
+    "check_golden",
+    "compare_outputs",
+    "cosine_per_sample",
+    "golden_tolerance",
+    "is_logits_like",
+    "run_batched",
+]
+
+Arrays = dict[str, np.ndarray]
+
+
+def _num(x: float) -> float | None:
+    """A JSON-safe float with 8 significant digits; None for NaN/Inf (canonical JSON refuses them)."""
+    x = float(x)
+    return float(f"{x:.8g}") if math.isfinite(x) else None
+
+
+def run_batched(fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]], inputs: Mapping[str, np.ndarray],
+                batch_size: int = 64) -> Arrays:  # fmt: skip
+    """Run ``fn`` over ``inputs`` in chunks along the batch axis and concatenate the outputs."""
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
+        for k, v in fn(chunk).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+
+def is_logits_like(spec: TensorSpec) -> bool:
+    """Whether top-1 agreement is meaningful: named logits, or rank 2 [batch, classes > 1]."""
+    if spec.name.lower().endswith("logits"):
+        return True
+    return len(spec.shape) == 2 and isinstance(spec.shape[1], int) and spec.shape[1] > 1
+
+
+def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (first axis), the rest flattened; 1 when both are zero."""
+    x = a.reshape(len(a), -1).astype(np.float64)
+    y = b.reshape(len(b), -1).astype(np.float64)
+    num = (x * y).sum(axis=1)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    both_zero = (np.abs(x).sum(axis=1) == 0) & (np.abs(y).sum(axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tolerances,
+                    failures: list[str]) -> dict[str, Any]:  # fmt: skip
+    name = spec.name
+    if ref.shape != out.shape:
+        failures.append(f"{name}: shape {list(out.shape)} differs from the reference {list(ref.shape)}")
+        return {"shape_mismatch": True}
+    r, o = ref.astype(np.float64), out.astype(np.float64)
+    finite = bool(np.isfinite(o).all())
+    diff = np.abs(o - r)
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    cos = cosine_per_sample(r, o)
+    metrics: dict[str, Any] = {
+        "max_abs_diff": _num(max_abs),
+        "mean_abs_diff": _num(diff.mean()) if diff.size else 0.0,
+        "scale": _num(scale),
+        "max_rel_diff": _num(rel),
+        "cosine_mean": _num(cos.mean()),
+        "cosine_min": _num(cos.min()),
+        "finite": finite,
+    }
+    if not finite:
+        failures.append(f"{name}: the built model produced NaN or Inf")
+    if not np.isfinite(cos).all() or cos.min() < tol.min_cosine:
+        failures.append(f"{name}: min cosine {cos.min():.6f} < {tol.min_cosine}")
+    if not np.isfinite(cos).all() or cos.mean() < tol.min_cosine_mean:
+        failures.append(f"{name}: mean cosine {cos.mean():.6f} < {tol.min_cosine_mean}")
+    if tol.max_rel_diff is not None and not rel <= tol.max_rel_diff:
+        failures.append(f"{name}: max abs diff {max_abs:.3g} is {rel:.3g} of the output scale {scale:.3g} "
+                        f"(> {tol.max_rel_diff})")  # fmt: skip
+    if is_logits_like(spec) and r.ndim >= 2:
+        agree = float((r.argmax(axis=-1) == o.argmax(axis=-1)).mean())
+        metrics["top1_agreement"] = _num(agree)
+        if tol.min_top1_agreement is not None and agree < tol.min_top1_agreement:
+            failures.append(f"{name}: top-1 agreement {agree:.4f} < {tol.min_top1_agreement}")
+    return metrics
+
+
+def compare_outputs(
+    outputs: Sequence[TensorSpec],
+    reference: Mapping[str, np.ndarray],
+    built: Mapping[str, np.ndarray],
+    tolerances: Tolerances,
+    *,
+    labels: np.ndarray | None = None,
+    labels_output: str | None = None,
+) -> dict[str, Any]:
+    """Compare a built model's outputs with the reference's on the same samples.
+
+    Args:
+        outputs: the output specs (order and logits-likeness).
+        reference: output name -> reference array, batch first.
+        built: output name -> the built model's array for the same inputs.
+        tolerances: the bounds that decide ``passed``.
+        labels: optional int class label per sample; adds task accuracy for both models.
+        labels_output: the output the labels score; default the first logits-like output.
+
+    Returns:
+        {"metrics": {output: {...}}, "accuracy": {...} (with labels), "passed": bool, "failures": [str]}.
+
+    Raises:
+        PackagingError: an output is missing, or labels do not fit any output.
+    """
+    failures: list[str] = []
+    metrics: dict[str, Any] = {}
+    for spec in outputs:
+        if spec.name not in built or spec.name not in reference:
+            raise PackagingError(f"output {spec.name!r} is missing from the built model's or the reference's results")
+        metrics[spec.name] = _output_metrics(spec, np.asarray(reference[spec.name]), np.asarray(built[spec.name]),
+                                             tolerances, failures)  # fmt: skip
+    result: dict[str, Any] = {"metrics": metrics}
+    if labels is not None:
+        scored = labels_output or next((s.name for s in outputs if is_logits_like(s)), None)
+        if scored is None or scored not in metrics:
+            raise PackagingError("labels were given but no output is logits-like; set options.labels_output")
+        ref_pred = np.asarray(reference[scored]).argmax(axis=-1)
+        out_pred = np.asarray(built[scored]).argmax(axis=-1)
+        y = np.asarray(labels)
+        ref_acc, out_acc = float((ref_pred == y).mean()), float((out_pred == y).mean())
+        result["accuracy"] = {"output": scored, "reference": _num(ref_acc), "bundle": _num(out_acc),
+                              "drop": _num(ref_acc - out_acc)}  # fmt: skip
+        if tolerances.max_accuracy_drop is not None and ref_acc - out_acc > tolerances.max_accuracy_drop + 1e-12:
+            failures.append(
+                f"accuracy {out_acc:.4f} vs reference {ref_acc:.4f} (drop > {tolerances.max_accuracy_drop})"
+            )
+    result["passed"] = not failures
+    result["failures"] = failures
+    return result
+
+
+def golden_tolerance(tolerances: Tolerances, golden_outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The on-device health-check tolerance for these golden outputs.
+
+    ``atol`` scales with the largest golden output magnitude, so it is loose enough for another
+    CPU's kernels and still orders of magnitude below what a broken model produces.
+    """
+    scale = max((float(np.abs(v.astype(np.float64)).max()) for v in golden_outputs.values() if v.size), default=1.0)
+    atol = tolerances.golden_atol_rel * max(scale, 1e-6)
+    return {
+        "atol": float(f"{atol:.6g}"),
+        "rtol": float(tolerances.golden_rtol),
+        "min_cosine": float(tolerances.golden_min_cosine),
+    }
+
+
+def check_golden(outputs: Mapping[str, np.ndarray], golden: Mapping[str, np.ndarray],
+                 tolerance: Mapping[str, float]) -> list[str]:  # fmt: skip
+    """What fails the golden health check (empty when it passes); mirrors what a device does."""
+    problems: list[str] = []
+    for name, expected in golden.items():
+        got = outputs.get(name)
+        if got is None or got.shape != expected.shape:
+            problems.append(f"{name}: missing or shape {None if got is None else list(got.shape)}")
+            continue
+        g, e = got.astype(np.float64), expected.astype(np.float64)
+        if not np.isfinite(g).all():
+            problems.append(f"{name}: NaN or Inf")
+            continue
+        if not np.allclose(g, e, atol=tolerance["atol"], rtol=tolerance["rtol"]):
+            problems.append(f"{name}: max abs diff {np.abs(g - e).max():.3g} over atol {tolerance['atol']}")
+        cos = cosine_per_sample(e, g)
+        if cos.min() < tolerance["min_cosine"]:
+            problems.append(f"{name}: min cosine {cos.min():.6f} < {tolerance['min_cosine']}")
+    return problems

@@ -1,0 +1,145 @@
+"""Session fixtures for the packager tests: small trained models, a tiny BERT folder, a signing key.
+
+Nothing is downloaded: the digits data ship with scikit-learn, the transformers models are built
+from configs with random weights, and the tokenizer is a hand-made WordPiece vocabulary.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from packager_checks import Digits
+
+from sdk.signing import TrustedKeys, generate_keypair, load_private_key, load_public_key
+
+
+def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    return Digits()
+
+
+@pytest.fixture(scope="session")
+def mlp(digits: Digits) -> torch.nn.Module:
+    """A 64-32-10 MLP trained on digits for a moment (about 90% held-out accuracy)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    return _train(model, digits.x_train, digits.y_train, epochs=60)
+
+
+@pytest.fixture(scope="session")
+def cnn(digits: Digits) -> torch.nn.Module:
+    """A small CNN on [N, 1, 8, 8] digit images."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 10),
+    )
+    return _train(model, digits.x_train[:500].reshape(-1, 1, 8, 8), digits.y_train[:500], epochs=30)
+
+
+WORDS = (
+    "the quick brown fox jumps over lazy dog edge devices run small models close to data i loved this film "
+    "acting was wonderful worst service have ever had is a cat sat on mat hello world"
+).split()
+
+
+def _vocab() -> dict[str, int]:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?"]
+    tokens += list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
+    tokens += [w for w in dict.fromkeys(WORDS) if w not in tokens][: 100 - len(tokens)]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A tiny WordPiece tokenizer (vocab of 100) saved the way transformers saves BERT's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = _vocab()
+    assert len(vocab) <= 100
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )  # fmt: skip
+    fast.save_pretrained(folder)
+
+
+def _bert_config(**extra: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bert_feature_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BertModel folder with random weights and no tokenizer (random-id validation path)."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("bert-feature")
+    torch.manual_seed(0)
+    BertModel(_bert_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_cls_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BertForSequenceClassification folder (3 labels) with a tokenizer."""
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("bert-cls")
+    torch.manual_seed(1)
+    config = _bert_config(num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                          label2id={"negative": 0, "neutral": 1, "positive": 2})  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def key(keypair: tuple[Path, Path]) -> Ed25519PrivateKey:
+    return load_private_key(keypair[0])
+
+
+@pytest.fixture(scope="session")
+def trust(keypair: tuple[Path, Path]) -> TrustedKeys:
+    public: Ed25519PublicKey = load_public_key(keypair[1])
+    return TrustedKeys((public,))
