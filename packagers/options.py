@@ -58,10 +58,12 @@ class Precision(str, Enum):
     """Numeric precision of the built model (the manifest's ``precision``)."""
 
     FP32 = "fp32"
-    FP16 = "fp16"
-    INT8_DYNAMIC = "int8-dynamic"
-    INT8 = "int8"
-    INT4 = "int4"
+    FP16 = "fp16"  # weights and compute in half precision where the target runs it
+    INT8_DYNAMIC = "int8-dynamic"  # int8 weights, activations quantized at run time
+    INT8 = "int8"  # static int8 weights and activations, calibrated on data
+    INT8_WEIGHTS = "int8-weights"  # weight-only int8 compression, float activations
+    INT4 = "int4"  # weight-only 4-bit (blockwise / grouped)
+    INT4_PALETTE = "int4-palette"  # 4-bit weight palettization (a 16-entry lookup table per tensor)
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:

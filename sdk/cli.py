@@ -220,6 +220,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from sdk._broker import run_broker
+
+    print(f"embedded MQTT broker on {args.host}:{args.port} (Ctrl-C stops it; production: Mosquitto)", flush=True)
+    run_broker(args.host, args.port)
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeship", description="Package, sign, verify and run edge model bundles.")
@@ -273,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tg = sub.add_parser("targets", help="print each target's capabilities")
     tg.set_defaults(func=_cmd_targets)
+
+    br = sub.add_parser("broker", help="run an embedded MQTT broker (amqtt) for local use")
+    br.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    br.add_argument("--port", type=int, default=1883, help="port (default 1883)")
+    br.set_defaults(func=_cmd_broker)
 
     demo = sub.add_parser("demo", help="the whole path on scikit-learn's digits, on embedded defaults")
     demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")

@@ -33,7 +33,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 TARGETS = ("onnxruntime", "openvino", "tflite", "coreml")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int8-weights", "int4", "int4-palette")
 DTYPES = (
     "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
     "float16", "float32", "float64",

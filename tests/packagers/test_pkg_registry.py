@@ -69,7 +69,7 @@ def test_registry_and_capabilities() -> None:
         ({"precision": "int4"}, "does not support precision int4; valid precisions: fp32, int8-dynamic"),
         ({"precision": "fp16"}, "does not support precision fp16; valid precisions: fp32, int8-dynamic"),
         ({"precision": ["fp32", "int8"]}, "does not support precision int8; valid precisions: fp32, int8-dynamic"),
-        ({"precision": "int3"}, "unknown precision 'int3'; known precisions: fp32, fp16, int8-dynamic, int8, int4"),
+        ({"precision": "int3"}, "unknown precision 'int3'; known precisions: fp32, fp16, int8-dynamic, int8, int8-weights, int4, int4-palette"),
         ({"target": "openvino"}, "target openvino is not implemented yet; available targets: onnxruntime"),
         ({"target": ["onnxruntime", "coreml"]}, "target coreml is not implemented yet"),
         ({"target": "tensorrt"}, "unknown target 'tensorrt'"),
