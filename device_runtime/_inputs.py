@@ -11,23 +11,53 @@ The rules (every refusal is an ``InputError`` naming the declared name, dtype an
   (``float64 -> float32``) unless a finite value would overflow; never float to integer, never a
   number to bool;
 - shapes: same rank, fixed dimensions equal, and a named dimension (``"batch"``) the same size
-  everywhere it appears, across inputs.
+  everywhere it appears, across inputs;
+- the manifest's ``input_policy`` (``InputPolicy``): a named dimension inside its ``dims`` range
+  ``[min, max]``; no zero-size dimension (an empty tensor) unless the shape declares ``0`` there or the
+  ``dims`` range of that name starts at 0; no NaN or infinity in a float input unless ``nonfinite`` is
+  ``"pass"``; the inputs' total size (after conversion) at most ``max_bytes``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sdk.errors import InputError
-from sdk.manifest import TensorSpec
+from sdk.manifest import DTYPES, TensorSpec
 
-__all__ = ["check_inputs", "describe"]
+__all__ = ["InputPolicy", "check_inputs", "describe"]
 
 # numpy kinds that are numbers or booleans; anything else (str, bytes, object, void, datetime) is junk.
 _NUMERIC_KINDS = frozenset("biuf")
+_NUMPY_DTYPES = {name: np.dtype(name) for name in DTYPES}  # manifest dtype name -> numpy dtype, built once
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """What the device accepts beyond names, dtypes and shapes: the manifest's ``input_policy``.
+
+    ``Manifest`` has already validated the values; ``from_manifest`` only reads them.
+    """
+
+    reject_nonfinite: bool = True  # refuse NaN and +-inf in float inputs ("nonfinite": "reject")
+    dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # dynamic dim -> (min, max), inclusive
+    max_bytes: int | None = None  # total bytes of all inputs after conversion; None: no limit
+
+    @classmethod
+    def from_manifest(cls, policy: Mapping[str, Any]) -> InputPolicy:
+        """Read a manifest's ``input_policy`` object (``{}`` gives the defaults)."""
+        return cls(
+            reject_nonfinite=policy.get("nonfinite", "reject") != "pass",
+            dims={str(name): (int(lo), int(hi)) for name, (lo, hi) in policy.get("dims", {}).items()},
+            max_bytes=policy.get("max_bytes"),
+        )
+
+
+_DEFAULT_POLICY = InputPolicy()
 
 
 def describe(spec: TensorSpec) -> str:
@@ -35,42 +65,59 @@ def describe(spec: TensorSpec) -> str:
     return f"{spec.name!r} {spec.dtype} {list(spec.shape)}"
 
 
-def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Validate ``inputs`` against ``specs`` and return contiguous arrays of the declared dtypes.
+def check_inputs(
+    specs: Sequence[TensorSpec], inputs: Mapping[str, Any], policy: InputPolicy = _DEFAULT_POLICY
+) -> dict[str, np.ndarray]:
+    """Validate ``inputs`` against ``specs`` and ``policy``; return contiguous arrays of the declared dtypes.
 
     Args:
         specs: the manifest's inputs.
         inputs: input name -> array-like.
+        policy: the manifest's input policy (default: non-finite values refused, no ranges, no byte cap).
 
     Returns:
         Input name -> C-contiguous array, in ``specs`` order. The caller's arrays are never modified.
 
     Raises:
         InputError: not a mapping, a missing or unexpected name, a value that is not a numeric array,
-            an unsafe dtype cast, or a shape that does not fit the declaration.
+            an unsafe dtype cast, a shape that does not fit the declaration, an empty tensor, a dynamic
+            dimension outside its range, a NaN or infinity refused by the policy, or inputs larger in
+            total than ``policy.max_bytes``.
     """
-    if not isinstance(inputs, Mapping):
+    # The checks below run on every predict: exact-type fast paths skip the slower ABC checks.
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):
         expected = ", ".join(describe(s) for s in specs)
         raise InputError(f"inputs must be a mapping of name -> array, got {type(inputs).__name__}; expected {expected}")
-    declared = {s.name for s in specs}
     missing = [s for s in specs if s.name not in inputs]
     if missing:
         raise InputError(f"missing input(s): {', '.join(describe(s) for s in missing)}")
-    unexpected = sorted(str(k) for k in inputs if k not in declared)
-    if unexpected:
+    if len(inputs) != len(specs):  # every declared name is there, so some other name is too
+        declared = {s.name for s in specs}
+        unexpected = sorted(str(k) for k in inputs if k not in declared)
         expected = ", ".join(describe(s) for s in specs)
         raise InputError(f"unexpected input(s) {', '.join(map(repr, unexpected))}; the model takes {expected}")
 
     feeds: dict[str, np.ndarray] = {}
     dims: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, input that set it)
+    total_bytes = 0
     for spec in specs:
         array = _cast(spec, _as_array(spec, inputs[spec.name]))
-        _check_shape(spec, array.shape, dims)
+        _check_shape(spec, array.shape, dims, policy)
+        if policy.reject_nonfinite and array.dtype.kind == "f":
+            _check_finite(spec, array)
+        total_bytes += array.nbytes
+        if policy.max_bytes is not None and total_bytes > policy.max_bytes:
+            raise InputError(
+                f"inputs take {total_bytes} bytes or more (input {describe(spec)}: {array.nbytes} bytes), "
+                f"over the model's limit of {policy.max_bytes} bytes (input_policy.max_bytes)"
+            )
         feeds[spec.name] = np.ascontiguousarray(array)
     return feeds
 
 
 def _as_array(spec: TensorSpec, value: Any) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype.kind in _NUMERIC_KINDS:
+        return value
     if isinstance(value, (str, bytes, bytearray, Mapping)) or value is None:
         raise InputError(f"input {describe(spec)}: got {type(value).__name__}, expected a numeric array")
     try:
@@ -83,7 +130,7 @@ def _as_array(spec: TensorSpec, value: Any) -> np.ndarray:
 
 
 def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    source, target = array.dtype, np.dtype(spec.dtype)
+    source, target = array.dtype, _NUMPY_DTYPES[spec.dtype]
     if source == target:
         return array
     if np.can_cast(source, target, casting="safe"):
@@ -114,7 +161,19 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     raise InputError(f"{refused}")  # not reachable for bool/int/uint/float sources, kept as a guard
 
 
-def _check_shape(spec: TensorSpec, shape: tuple[int, ...], dims: dict[str, tuple[int, str]]) -> None:
+def _check_finite(spec: TensorSpec, array: np.ndarray) -> None:
+    finite = np.isfinite(array)  # faster than a sum or min/max pass here, and never overflows
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InputError(
+            f"input {describe(spec)}: {bad} NaN or infinite value(s); the model refuses them "
+            '(input_policy.nonfinite is "reject")'
+        )
+
+
+def _check_shape(
+    spec: TensorSpec, shape: tuple[int, ...], dims: dict[str, tuple[int, str]], policy: InputPolicy
+) -> None:
     if len(shape) != len(spec.shape):
         raise InputError(
             f"input {describe(spec)}: got shape {list(shape)} (rank {len(shape)}, expected {len(spec.shape)})"
@@ -124,6 +183,16 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], dims: dict[str, tuple
             if want != got:
                 raise InputError(f"input {describe(spec)}: got shape {list(shape)}, dimension {axis} must be {want}")
             continue
+        bounds = policy.dims.get(want)
+        if bounds is not None and not bounds[0] <= got <= bounds[1]:
+            raise InputError(
+                f"input {describe(spec)}: got shape {list(shape)}, dimension {want!r} is {got}, outside the "
+                f"declared range [{bounds[0]}, {bounds[1]}] (input_policy.dims)"
+            )
+        if got == 0 and bounds is None:
+            raise InputError(
+                f"input {describe(spec)}: got shape {list(shape)}, an empty tensor (dimension {want!r} is 0)"
+            )
         seen = dims.setdefault(want, (got, spec.name))
         if seen[0] != got:
             raise InputError(

@@ -2,6 +2,11 @@
 
     edgeship-device predict --bundle FILE --trust PUB [--trust PUB ...] --input NAME=x.npy [...] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
+    edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
+                            [--max-body-bytes N] [--state-dir DIR]
+    edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
+                            --trust PUB [--trust PUB ...] [--bundle FILE] [--telemetry-interval S]
+                            [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
 
 Results go to stdout as JSON. An expected failure (any ``EdgeshipError``) prints one ``error: ...``
 line to stderr and exits 1; bad usage exits 2.
@@ -11,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
+import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +73,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     health = sub.add_parser("health", help="run the bundle's golden health check")
     bundle_args(health)
+    serve = sub.add_parser("serve", help="serve the model over a local HTTP API (predict, model, healthz, metrics)")
+    bundle_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20, metavar="N", help="request body cap")
+
+    run = sub.add_parser("run", help="run the device agent: serve the model, talk to the fleet, apply updates")
+    run.add_argument("--state-dir", required=True, type=Path, help="the agent's state directory")
+    run.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    run.add_argument("--device-id", required=True, help="this device's id (one MQTT topic segment)")
+    run.add_argument("--fleet", default="default", help="fleet name (default: default)")
+    run.add_argument("--trust", required=True, action="append", type=Path, metavar="PUB", help="trusted public key")
+    run.add_argument("--bundle", type=Path, help="initial bundle, installed when no model is active yet")
+    run.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S", help="seconds (default 10)")
+    run.add_argument("--tls-ca", help="CA file to verify the broker (turns TLS on)")
+    run.add_argument("--tls-cert", help="client certificate (PEM)")
+    run.add_argument("--tls-key", help="client certificate's private key (PEM)")
+    run.add_argument("--username", help="MQTT user name")
+    run.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    run.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return parser
 
 
@@ -131,6 +161,87 @@ def _health(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from device_runtime.serve import ModelServer
+
+    with _load(args) as model:
+        try:
+            server = ModelServer(model, args.host, args.port, max_body_bytes=args.max_body_bytes)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+        server.start()
+        stop = threading.Event()
+        previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            print(json.dumps({"url": server.url, "model": _model_info(model)}), flush=True)
+            stop.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            server.stop()
+    return 0
+
+
+def _broker_address(url: str) -> tuple[str, int, bool]:
+    """``mqtt://HOST:PORT`` -> (host, port, tls); ``mqtts://`` means TLS (default port 8883)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise InputError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as e:
+        raise InputError(f"--broker {url!r}: {e}") from e
+    return parts.hostname, port, tls
+
+
+def _run(args: argparse.Namespace) -> int:
+    from device_runtime.agent import Agent, AgentConfig
+    from device_runtime.mqtt import MqttSettings
+    from sdk.signing import TrustedKeys
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    host, port, tls = _broker_address(args.broker)
+    if tls and not args.tls_ca:
+        raise InputError("mqtts:// needs --tls-ca (the CA that signed the broker's certificate)")
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise InputError(f"cannot read --password-file {args.password_file}: {e.strerror or e}") from e
+    try:
+        settings = MqttSettings(
+            host, port, args.device_id, fleet=args.fleet, ca_file=args.tls_ca, cert_file=args.tls_cert,
+            key_file=args.tls_key, username=args.username, password=password,
+        )  # fmt: skip
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    config = AgentConfig(
+        state_dir=args.state_dir,
+        mqtt=settings,
+        trust=TrustedKeys.from_files(args.trust),
+        initial_bundle=args.bundle,
+        telemetry_interval_s=args.telemetry_interval,
+        intra_op_threads=args.threads,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    agent = Agent(config)
+    agent.start()
+    logging.getLogger("edgeship-device").info(
+        "agent %s running; serving %s", args.device_id, agent.active_model or "no model yet"
+    )
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edgeship-device``; returns the exit status."""
     try:
@@ -140,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "serve":
+            return _serve(args)
         return _health(args)
     except EdgeshipError as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     forbidden = json.loads(sys.argv[3])
     report = {}
-    import device_runtime, device_runtime.cli
+    import device_runtime, device_runtime.cli, device_runtime.metrics, device_runtime.serve
     report["after_import"] = [m for m in forbidden + ["onnxruntime"] if m in sys.modules]
     with device_runtime.load(sys.argv[1], [sys.argv[2]]) as model:
         y = model.predict({"x": [[1.0, 2.0, 3.0, 4.0]]})["y"]

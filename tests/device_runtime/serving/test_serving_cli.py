@@ -1,0 +1,64 @@
+"""``edgeship-device serve`` as a real process answering HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from runtime_bundles import Keys
+from serving_parts import linear_reference, request
+
+from device_runtime.cli import main
+
+
+def test_serve_subprocess_answers_and_stops_on_sigterm(bundle_factory: Callable[..., Path], keys: Keys) -> None:
+    command = [
+        sys.executable, "-m", "device_runtime.cli", "serve", "--bundle", str(bundle_factory()),
+        "--trust", str(keys.public), "--port", "0", "--max-body-bytes", "4096",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        started = json.loads(process.stdout.readline())
+        assert started["url"].startswith("http://127.0.0.1:") and started["model"]["name"] == "linear"
+        port = int(started["url"].rsplit(":", 1)[1])
+        x = [[1.0, 2.0, 3.0, 4.0]]
+        response = request(port, "POST", "/v1/predict", json.dumps({"inputs": {"x": x}}).encode())
+        assert response.status == 200
+        y = np.array(response.json()["outputs"]["y"]["data"], np.float32)
+        np.testing.assert_allclose(y, linear_reference(np.array(x)), rtol=1e-6)
+        assert request(port, "POST", "/v1/predict", b"{" * 5000).status == 413
+        assert request(port, "GET", "/healthz").status == 200
+        assert b"edgeship_inferences_total 1" in request(port, "GET", "/metrics").body
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_with_an_untrusted_key_prints_one_line(
+    bundle_factory: Callable[..., Path], keys: Keys, capsys: object
+) -> None:
+    code = main(["serve", "--bundle", str(bundle_factory()), "--trust", str(keys.other_public), "--port", "0"])
+    assert code == 1
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_serve_on_a_busy_port_prints_one_line(bundle_factory: Callable[..., Path], keys: Keys, capsys: object) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--bundle", str(bundle_factory()), "--trust", str(keys.public), "--port", str(port)])
+    assert code == 1
+    assert "cannot listen" in capsys.readouterr().err  # type: ignore[attr-defined]
