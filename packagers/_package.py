@@ -28,7 +28,7 @@ from packagers.benchmark import benchmark
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, Packager, Runner, get_packager
 from packagers.sources import Source, detect_input_kind, load_source
-from packagers.validation import compare_outputs, golden_tolerance, run_batched
+from packagers.validation import ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
 from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
 from sdk.manifest import Manifest, TensorSpec, format_time
@@ -47,7 +47,7 @@ class _Plan:
     precision: Precision
     packager: Packager
     built: BuiltModel
-    run: Runner
+    run: Runner | None  # None: this host cannot run the target's runtime (structure checked only)
     tolerances: Tolerances
     validation: dict[str, Any]
     candidates: list[dict[str, Any]]
@@ -98,8 +98,10 @@ def _check_labels(labels: Any, calibration: Any) -> np.ndarray | None:
     if calibration is None:
         raise PackagingError("labels score the calibration samples; give calibration data with them")
     arr = np.asarray(labels)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise PackagingError(f"labels must be a 1-D array of int class ids, got {arr.dtype} {arr.shape}")
+    if arr.ndim not in (1, 2) or arr.dtype.kind not in "iu":  # 2-D: one label per token, -100 = not scored
+        raise PackagingError(
+            f"labels must be a 1-D (2-D: per token) array of int class ids, got {arr.dtype} {arr.shape}"
+        )
     return arr
 
 
@@ -126,11 +128,16 @@ def _min_cosine(validation: Mapping[str, Any]) -> float:
 def _validate_candidates(
     packager: Packager, candidates: list[BuiltModel], source: Source, inputs: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray], tol: Tolerances, labels: np.ndarray | None, options: PackageOptions,
-) -> tuple[BuiltModel, Runner, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+) -> tuple[BuiltModel, Runner | None, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     best: tuple[BuiltModel, Runner, dict[str, Any]] | None = None
     summary: list[dict[str, Any]] = []
     for built in candidates:
-        run = packager.runner(built)
+        try:
+            run = packager.runner(built)
+        except ValidationUnavailable as e:  # nothing to compare candidates with here: keep the first
+            result = {"metrics": {}, "passed": True, "failures": [], "numeric": {"ran": False, "reason": e.reason},
+                      "structure": e.structure}  # fmt: skip
+            return built, None, result, [{"candidate": built.candidate, "passed": True, "numeric": False}]
         try:
             outputs = run_batched(run, inputs)
         except PackagingError:
@@ -193,7 +200,7 @@ def package(
         example_inputs: torch modules only: a tuple of tensors/arrays or a dict name -> array, batch first.
         calibration: dict name -> array (batch N), an .npz file or a folder of NAME.npy; validation data.
         labels: int class label per calibration sample; adds task accuracy to the validation.
-        task: "feature-extraction" or "text-classification" for transformers folders (default from the config).
+        task: transformers folders: one of ``packagers.sources.TASKS`` (default from the config's architecture).
         accept_drift: sign even when validation fails; recorded in the manifest.
         label: optional human version label.
         expires: optional aware datetime after which devices refuse the bundle.
@@ -255,7 +262,9 @@ def package(
                     built, run, result, summary = _validate_candidates(packagers[t], candidates, source, inputs,
                                                                        reference, tol, label_array, opts)  # fmt: skip
                     status = "passed" if result["passed"] else "FAILED"
-                    say(f"{t.value} {p.value}: validation {status} (min cosine {_min_cosine(result):.6f})")
+                    detail = (f"min cosine {_min_cosine(result):.6f}" if result["metrics"]
+                              else f"structure only: {result['numeric']['reason']}")  # fmt: skip
+                    say(f"{t.value} {p.value}: validation {status} ({detail})")
                     plans.append(_Plan(t, p, packagers[t], built, run, tol, result, summary))
             failed = [plan for plan in plans if not plan.validation["passed"]]
             if failed and not accept_drift:
@@ -272,29 +281,54 @@ def package(
     return results
 
 
+def _policy_for(policy: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """The source's input policy without ranges for dims the build fixed (they are no longer named)."""
+    named = {d for spec in inputs for d in spec.shape if isinstance(d, str)}
+    out = dict(policy)
+    if "dims" in out:
+        out["dims"] = {d: v for d, v in out["dims"].items() if d in named}
+        if not out["dims"]:
+            del out["dims"]
+    return out
+
+
 def _write(
     plan: _Plan, *, source: Source, inputs: Mapping[str, np.ndarray], n: int, name: str, version: int,
     label: str | None, expires: str | None, keys: list[Ed25519PrivateKey], out: Path, options: PackageOptions,
     accept_drift: bool, labels: np.ndarray | None, say: Callable[[str], None], started: float,
 ) -> PackageResult:  # fmt: skip
     tag = f"{plan.target.value} {plan.precision.value}"
+    in_specs = plan.built.inputs or source.inputs
+    out_specs = plan.built.outputs or source.outputs
     g = min(options.golden_samples, n)
+    fixed_batch = in_specs[0].shape[0] if in_specs and in_specs[0].shape else None
+    if isinstance(fixed_batch, int) and fixed_batch <= n:  # a static-shape model takes exactly that many samples
+        g = fixed_batch
     golden_in = {k: v[:g] for k, v in inputs.items()}
-    golden_out = plan.run(golden_in)
+    if plan.run is not None:
+        golden_out = plan.run(golden_in)
+    else:  # the bundle cannot run here: the device compares with the reference, within the precision's tolerance
+        golden_out = source.reference(golden_in)
     members: dict[str, str | os.PathLike[str] | bytes] = {plan.built.member: plan.built.path}
+    members.update(plan.built.extra_members)
     golden: dict[str, Any] = {"inputs": {}, "outputs": {}, "samples": g}
     used: set[str] = set()
-    for side, arrays, specs in (("inputs", golden_in, source.inputs), ("outputs", golden_out, source.outputs)):
+    for side, arrays, specs in (("inputs", golden_in, in_specs), ("outputs", golden_out, out_specs)):
         for spec in specs:
             path = f"golden/{side}/{_safe_name(spec.name, used)}.npy"
             members[path] = _npy_bytes(arrays[spec.name])
             golden[side][spec.name] = path
     golden["tolerance"] = golden_tolerance(plan.tolerances, {s.name: golden_out[s.name] for s in source.outputs})
+    if plan.run is None:
+        golden["outputs_from"] = source.reference_name
     members.update({k: v for k, v in source.members.items()})
 
     say(f"{tag}: benchmarking on the host CPU (batch 1)")
-    bench = benchmark(plan.run, {k: v[:1] for k, v in inputs.items()}, warmup=options.benchmark_warmup,
-                      runs=options.benchmark_runs, max_seconds=options.benchmark_max_seconds)  # fmt: skip
+    if plan.run is not None:
+        bench = benchmark(plan.run, {k: v[:1] for k, v in inputs.items()}, warmup=options.benchmark_warmup,
+                          runs=options.benchmark_runs, max_seconds=options.benchmark_max_seconds)  # fmt: skip
+    else:
+        bench = {"skipped": plan.validation["numeric"]["reason"], "runs": 0}
     passed = bool(plan.validation["passed"])
     validation: dict[str, Any] = {
         "reference": source.reference_name,
@@ -307,15 +341,18 @@ def _write(
         "failures": plan.validation["failures"],
         "benchmark": bench,
     }
+    for key in ("numeric", "structure"):  # set when the runtime could not run on this host
+        if key in plan.validation:
+            validation[key] = plan.validation[key]
     if "accuracy" in plan.validation:
         validation["accuracy"] = plan.validation["accuracy"]
     try:
         manifest = Manifest(
             name=name, version=version, target=plan.target.value, precision=plan.precision.value,
-            model=plan.built.member, inputs=source.inputs, outputs=source.outputs,
+            model=plan.built.member, inputs=in_specs, outputs=out_specs,
             created=format_time(datetime.now(timezone.utc)), runtime=dict(plan.built.runtime), label=label,
             task=source.task, preprocessing=source.preprocessing, validation=validation, golden=golden,
-            expires=expires,
+            expires=expires, input_policy=_policy_for(source.input_policy, in_specs),
         )  # fmt: skip
     except ManifestError as e:  # e.g. a tensor name the bundle format cannot hold
         raise PackagingError(f"cannot describe the model in a manifest: {e}") from e
@@ -339,8 +376,8 @@ def _write(
     except ManifestError as e:  # a member path the format refuses
         raise PackagingError(f"cannot write {bundle_path.name}: {e}") from e
     size = bundle_path.stat().st_size
-    say(f"{tag}: wrote {bundle_path} ({size} bytes, p50 {bench['p50']} ms)")
-    latency = {"p50": bench["p50"], "p95": bench["p95"], "mean": bench["mean"], "runs": bench["runs"]}
+    say(f"{tag}: wrote {bundle_path} ({size} bytes, p50 {bench.get('p50', 'n/a')} ms)")
+    latency = {k: bench[k] for k in ("p50", "p95", "mean", "runs") if k in bench}
     return PackageResult(
         bundle_path=bundle_path, manifest=final, target=plan.target.value, precision=plan.precision.value,
         validation=final.validation, size_bytes=size, latency_ms=latency,

@@ -18,6 +18,7 @@ import numpy as np
 
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from sdk.errors import PackagingError
+from sdk.manifest import TensorSpec
 
 if TYPE_CHECKING:
     from packagers.sources import Source
@@ -37,9 +38,9 @@ Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 _BUILTIN: Mapping[Target, str | None] = MappingProxyType(
     {
         Target.ONNXRUNTIME: "packagers.onnxruntime:OnnxRuntimePackager",
-        Target.OPENVINO: None,
-        Target.TFLITE: None,
-        Target.COREML: None,
+        Target.OPENVINO: "packagers.openvino:OpenVinoPackager",
+        Target.TFLITE: "packagers.tflite:TfLitePackager",
+        Target.COREML: "packagers.coreml:CoreMlPackager",
     }
 )
 
@@ -53,6 +54,12 @@ class BuiltModel:
     runtime: Mapping[str, Any]  # the manifest's ``runtime``
     recipe: Mapping[str, Any] = field(default_factory=dict)  # how it was built, for the report
     candidate: str = "default"  # short label when a packager offers several variants
+    # Other files the model needs beside ``path`` (bundle member -> file), e.g. OpenVINO's weights .bin.
+    extra_members: Mapping[str, Path] = field(default_factory=dict)
+    # The manifest's inputs/outputs when the build fixed dims the source left named (static-shape targets);
+    # None keeps the source's specs.
+    inputs: tuple[TensorSpec, ...] | None = None
+    outputs: tuple[TensorSpec, ...] | None = None
 
 
 class Packager(Protocol):

@@ -16,6 +16,8 @@ __all__ = ["BACKENDS", "Backend", "BackendOptions", "create_backend"]
 # target -> "module:Class"; openvino, tflite and coreml get theirs in later issues.
 BACKENDS: dict[str, str] = {
     "onnxruntime": "device_runtime.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "device_runtime.backends.openvino:OpenVinoBackend",
+    "tflite": "device_runtime.backends.tflite:TfLiteBackend",
 }
 
 

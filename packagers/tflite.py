@@ -1,0 +1,415 @@
+"""Target: TFLite / LiteRT (``model.tflite``).
+
+Sources and converters:
+- torch modules and transformers folders: ``litert_torch.convert`` on the source's module, traced at
+  a fixed batch (``PackageOptions.extra["batch_size"]``, default 1) and the validation data's other
+  dims. litert-torch names the inputs ``args_0``... and takes int32 where the module took int64;
+  the manifest keeps the user's names and dtypes and ``runtime["tensor_map"]`` says which model
+  tensor each is. Quantized variants are made from that fp32 model with ai-edge-quantizer recipes
+  (fp16: float16 weights; int8-dynamic: int8 weights, dynamic-range activations; int8: static
+  int8 weights and activations calibrated on ``source.validation_inputs``).
+- keras models / SavedModels: ``tf.lite.TFLiteConverter.from_saved_model`` (fp16 with float16
+  weights, int8-dynamic with dynamic range quantization, int8 with a representative dataset and
+  ``TFLITE_BUILTINS_INT8``). Unknown dims stay dynamic where the converted model keeps them
+  (``shape_signature`` -1): the interpreter resizes to the input's shape.
+
+``extra["int8_io"] = True`` (int8 only) gives int8 input and output tensors, as microcontrollers and
+the Edge TPU need; their scale and zero point go to ``runtime["quantization"]`` so the device
+quantizes the caller's floats and dequantizes the outputs. TFLite models are static: every dim the
+converted model fixes is written as a number into the manifest (a batch-1 model says batch 1).
+Heavy libraries are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from packagers.options import Capabilities, PackageOptions, Precision, Target
+from packagers.registry import BuiltModel, Runner
+from sdk.errors import PackagingError
+from sdk.manifest import TensorSpec
+
+if TYPE_CHECKING:
+    from packagers.sources import Source
+
+__all__ = ["CAPABILITIES", "MODEL_MEMBER", "TfLitePackager", "inspect_model"]
+
+CAPABILITIES = Capabilities(
+    precisions=(Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8),
+    input_kinds=("torch", "transformers", "keras"),
+    dynamic_shapes=False,
+)
+MODEL_MEMBER = "model.tflite"
+SIGNATURE = "serving_default"
+_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _min_version() -> str:
+    major, minor = [*_version("ai-edge-litert").split("."), "0"][:2]
+    return f"{major}.{minor}.0"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The converters print progress trees and advice on stdout/stderr and the root logger; keep the CLI clean."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _interpreter(model: Path | bytes) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(model, Path):
+        return Interpreter(model_path=str(model))
+    return Interpreter(model_content=model)
+
+
+def inspect_model(model: Path | bytes) -> dict[str, Any]:
+    """Signature input/output details of a .tflite model: name -> {dtype, shape, shape_signature, quantization}.
+
+    Raises:
+        PackagingError: the model cannot be loaded or has no ``serving_default`` signature.
+    """
+    try:
+        interpreter = _interpreter(model)
+        runner = interpreter.get_signature_runner(SIGNATURE)
+    except Exception as e:  # ValueError for a bad flatbuffer or a missing signature
+        raise PackagingError(f"the built TFLite model cannot be loaded: {str(e)[:300]}") from e
+
+    def details(raw: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, d in raw.items():
+            scale, zero = d["quantization"]
+            out[name] = {
+                "dtype": np.dtype(d["dtype"]).name,
+                "shape": [int(x) for x in d["shape"]],
+                "shape_signature": [int(x) for x in d.get("shape_signature", d["shape"])],
+                "quantization": {"scale": float(scale), "zero_point": int(zero)} if scale else None,
+            }
+        return out
+
+    return {"inputs": details(runner.get_input_details()), "outputs": details(runner.get_output_details())}
+
+
+class TfLitePackager:
+    """Builds ``model.tflite`` for LiteRT (ai-edge-litert, tflite-runtime or tensorflow.lite)."""
+
+    target = Target.TFLITE
+    capabilities = CAPABILITIES
+
+    def build(
+        self,
+        source: Source,
+        precision: Precision,
+        workdir: Path,
+        options: PackageOptions,
+        progress: Callable[[str], None],
+    ) -> list[BuiltModel]:
+        """Convert (and quantize) ``source`` to one ``model.tflite`` under ``workdir``.
+
+        Raises:
+            PackagingError: an unsupported precision, input kind or option, or a failed conversion.
+        """
+        why = CAPABILITIES.refuse(self.target, precision, source.kind)
+        if why:
+            raise PackagingError(why)
+        int8_io = options.extra.get("int8_io", False)
+        if not isinstance(int8_io, bool):
+            raise PackagingError(f"option extra['int8_io'] must be True or False, got {int8_io!r}")
+        if int8_io and precision is not Precision.INT8:
+            raise PackagingError(f"extra['int8_io'] needs precision int8 (int8 tensors), not {precision.value}")
+        batch = options.extra.get("batch_size", 1)
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= source.samples:
+            raise PackagingError(f"option extra['batch_size'] must be an int from 1 to {source.samples}, got {batch!r}")
+        if source.native is None:
+            raise PackagingError(f"{source.description} carries no model for the TFLite converters")
+        workdir.mkdir(parents=True, exist_ok=True)
+        out = workdir / MODEL_MEMBER
+        start = time.perf_counter()
+        if source.kind == "keras":
+            converter, recipe = self._from_saved_model(source, precision, int8_io, out, progress)
+        else:
+            converter, recipe = self._from_torch(source, precision, int8_io, batch, workdir, out, progress)
+        recipe["seconds"] = round(time.perf_counter() - start, 3)
+        details = inspect_model(out)
+        inputs, outputs, tensor_map = _specs(source, details)
+        runtime: dict[str, Any] = {
+            "package": "ai-edge-litert",
+            "min_version": _min_version(),
+            "fallbacks": ["tflite-runtime", "tensorflow"],
+            "arch": ["any"],
+            "delegates": ["xnnpack"],
+            "signature": SIGNATURE,
+            "converter": converter,
+            "tensor_map": tensor_map,
+            "int8_io": int8_io,
+        }
+        quant = {side: _io_quantization(details[side], tensor_map[side], specs) for side, specs in
+                 (("inputs", inputs), ("outputs", outputs))}  # fmt: skip
+        if quant["inputs"] or quant["outputs"]:
+            runtime["quantization"] = quant
+        return [BuiltModel(out, MODEL_MEMBER, runtime, recipe, precision.value, inputs=inputs, outputs=outputs)]
+
+    # ---- torch / transformers via litert-torch ----------------------------------------------------------
+    def _float_torch(self, source: Source, batch: int, workdir: Path, progress: Callable[[str], None]) -> Path:
+        """The fp32 .tflite of the source, converted once per package() call and shared by the precisions."""
+        import torch
+
+        folder = source.workdir or workdir
+        path = folder / f"tflite-fp32-b{batch}.tflite"
+        if path.is_file():
+            return path
+        import litert_torch
+
+        progress(f"tflite: converting with litert-torch {_version('litert-torch')} (batch {batch})")
+        sample = tuple(torch.from_numpy(np.ascontiguousarray(source.validation_inputs[s.name][:batch]))
+                       for s in source.inputs)  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with _quiet():
+                model = litert_torch.convert(source.native, sample)
+                model.export(str(path))
+        except Exception as e:  # unsupported op, export failure: report, do not fall back silently
+            raise PackagingError(f"litert-torch cannot convert {source.description}: {type(e).__name__}: "
+                                 f"{str(e)[:400]}") from e  # fmt: skip
+        return path
+
+    def _from_torch(self, source: Source, precision: Precision, int8_io: bool, batch: int, workdir: Path, out: Path,
+                    progress: Callable[[str], None]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+        fp32 = self._float_torch(source, batch, workdir, progress)
+        converter = f"litert-torch {_version('litert-torch')}"
+        recipe: dict[str, Any] = {"converter": converter, "batch": batch, "int64_inputs": "int32 in the model"}
+        if precision is Precision.FP32:
+            out.write_bytes(fp32.read_bytes())
+            return converter, {**recipe, "quantization": None}
+        from ai_edge_quantizer import qtyping, quantizer
+        from ai_edge_quantizer import recipe as aeq_recipe
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+        progress(f"tflite {precision.value}: ai-edge-quantizer")
+        q = quantizer.Quantizer(str(fp32))
+        calibration = None
+        if precision is Precision.FP16:
+            q.add_weight_only_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 16,
+                                     algorithm_key=AlgorithmName.FLOAT_CASTING)  # fmt: skip
+            method = "float16 weights (ai-edge-quantizer FLOAT_CASTING, weight-only), float compute"
+        elif precision is Precision.INT8_DYNAMIC:
+            q.load_quantization_recipe(aeq_recipe.dynamic_wi8_afp32())
+            method = "int8 per-channel weights, activations quantized at run time (dynamic_wi8_afp32)"
+        else:
+            q.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
+            if not int8_io:  # keep float model inputs/outputs; a QUANTIZE / DEQUANTIZE op sits inside
+                for op in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+                    q._recipe_manager.add_quantization_config(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
+            method = "static int8 (static_wi8_ai8: per-channel int8 weights, per-tensor int8 activations, min-max)"
+            calibration = self._calibrate(q, source, fp32, batch)
+        try:
+            with _quiet():
+                result = q.quantize(calibration, enable_progress_report=False)
+        except Exception as e:  # unsupported op patterns
+            raise PackagingError(f"ai-edge-quantizer failed ({precision.value}): {str(e)[:300]}") from e
+        out.write_bytes(bytes(result.quantized_model))
+        recipe["quantization"] = {
+            "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
+            "method": method,
+            "calibration_samples": source.samples if calibration is not None else 0,
+            "int8_io": int8_io,
+        }
+        return converter, recipe
+
+    def _calibrate(self, q: Any, source: Source, fp32: Path, batch: int) -> Any:
+        details = inspect_model(fp32)["inputs"]
+        conv = _converter_names([s.name for s in source.inputs], list(details))
+        n = source.samples - source.samples % batch
+        samples = []
+        for start in range(0, n, batch):
+            samples.append({c: source.validation_inputs[u][start : start + batch].astype(details[c]["dtype"])
+                            for u, c in conv.items()})  # fmt: skip
+        try:
+            with _quiet():
+                return q.calibrate({SIGNATURE: samples}, num_threads=1)
+        except Exception as e:  # calibration runs the model: data that do not fit it
+            raise PackagingError(f"ai-edge-quantizer calibration failed: {str(e)[:300]}") from e
+
+    # ---- keras / SavedModel via the TensorFlow converter ------------------------------------------------
+    def _from_saved_model(self, source: Source, precision: Precision, int8_io: bool, out: Path,
+                          progress: Callable[[str], None]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        converter_name = f"tensorflow {tf.__version__} TFLiteConverter"
+        progress(f"tflite {precision.value}: {converter_name}")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(source.native), signature_keys=[SIGNATURE])
+        quantization: dict[str, Any] | None = None
+        if precision is Precision.FP16:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+            quantization = {"method": "float16 weights (post-training float16 quantization)"}
+        elif precision is Precision.INT8_DYNAMIC:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            quantization = {"method": "dynamic range quantization: int8 weights, activations quantized at run time"}
+        elif precision is Precision.INT8:
+            data = source.validation_inputs
+
+            def representative() -> Iterator[dict[str, np.ndarray]]:
+                for i in range(source.samples):
+                    yield {k: v[i : i + 1] for k, v in data.items()}
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if int8_io:
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+            quantization = {
+                "method": "full integer quantization (TFLITE_BUILTINS_INT8) with a representative dataset",
+                "calibration_samples": source.samples,
+                "int8_io": int8_io,
+            }
+        try:
+            with _quiet():
+                out.write_bytes(converter.convert())
+        except Exception as e:  # ConverterError: ops without an (int8) TFLite kernel
+            raise PackagingError(f"the TFLite converter failed ({precision.value}): {str(e)[:400]}") from e
+        return converter_name, {"converter": converter_name, "quantization": quantization}
+
+    def runner(self, built: BuiltModel) -> Runner:
+        """A run function over an ai-edge-litert interpreter of ``built``, feeding by the manifest's tensor map.
+
+        Rows beyond a fixed batch run in chunks (the last one padded); a dynamic batch is resized.
+
+        Raises:
+            PackagingError: the interpreter cannot load the model.
+        """
+        try:
+            interpreter = _interpreter(built.path)
+            signature = interpreter.get_signature_runner(SIGNATURE)
+        except Exception as e:  # a broken flatbuffer
+            raise PackagingError(f"ai-edge-litert cannot load {built.path.name}: {str(e)[:300]}") from e
+        tmap = built.runtime["tensor_map"]
+        quant = built.runtime.get("quantization", {})
+        details = {**signature.get_input_details()}
+        first = next(iter(details.values()))
+        fixed = int(first["shape_signature"][0]) if int(first["shape_signature"][0]) > 0 else None
+
+        def run_once(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            feeds = {}
+            for user, conv in tmap["inputs"].items():
+                arr = np.asarray(inputs[user])
+                q = quant.get("inputs", {}).get(user)
+                feeds[conv] = _quantize(arr, q) if q else arr.astype(np.dtype(details[conv]["dtype"]))
+            raw = signature(**feeds)
+            result = {}
+            for user, conv in tmap["outputs"].items():
+                q = quant.get("outputs", {}).get(user)
+                value = np.asarray(raw[conv])
+                result[user] = (value.astype(np.float32) - q["zero_point"]) * np.float32(q["scale"]) if q else value
+            return result
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            n = len(next(iter(inputs.values())))
+            if fixed is None or n == fixed:
+                return run_once(inputs)
+            parts: dict[str, list[np.ndarray]] = {}
+            for start in range(0, n, fixed):
+                chunk = {k: np.asarray(v)[start : start + fixed] for k, v in inputs.items()}
+                rows = len(next(iter(chunk.values())))
+                if rows < fixed:  # pad with the last row, drop its outputs
+                    chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - rows, axis=0)]) for k, v in chunk.items()}
+                for k, v in run_once(chunk).items():
+                    parts.setdefault(k, []).append(v[:rows])
+            return {k: np.concatenate(v) for k, v in parts.items()}
+
+        return run
+
+
+def _quantize(arr: np.ndarray, q: Mapping[str, Any]) -> np.ndarray:
+    low, high = _INT_RANGES[q["dtype"]]
+    scaled = np.round(arr.astype(np.float32) / np.float32(q["scale"])) + q["zero_point"]
+    return np.clip(scaled, low, high).astype(q["dtype"])
+
+
+def _io_quantization(details: Mapping[str, Any], names: Mapping[str, str],
+                     specs: tuple[TensorSpec, ...]) -> dict[str, Any]:  # fmt: skip
+    """User name -> {scale, zero_point, dtype} of each quantized model input/output the user sees as float."""
+    out = {}
+    for spec in specs:
+        d = details[names[spec.name]]
+        if d["dtype"] in _INT_RANGES and d["dtype"] != spec.dtype:
+            if d["quantization"] is None:
+                raise PackagingError(f"{spec.name}: the model takes {d['dtype']} without a quantization scale")
+            out[spec.name] = {**d["quantization"], "dtype": d["dtype"]}
+    return out
+
+
+def _converter_names(user: list[str], model: list[str]) -> dict[str, str]:
+    """User input/output name -> the model's signature name: same name, else position (``args_0``, ``output_0``)."""
+    if set(user) == set(model):
+        return {n: n for n in user}
+    if len(user) != len(model):
+        raise PackagingError(f"the converted model has tensors {model}, the source declares {user}")
+
+    def index(name: str) -> tuple[int, str]:
+        digits = name.rsplit("_", 1)[-1]
+        return (int(digits) if digits.isdigit() else 1 << 30, name)
+
+    return dict(zip(user, sorted(model, key=index), strict=True))
+
+
+def _fixed_spec(spec: TensorSpec, detail: Mapping[str, Any]) -> TensorSpec:
+    """``spec`` with every dim the converted model fixes written as its number."""
+    signature = detail["shape_signature"]
+    if len(signature) != len(spec.shape):
+        raise PackagingError(
+            f"{spec.name}: the converted model has rank {len(signature)}, the source {len(spec.shape)}"
+        )
+    dims: list[int | str] = []
+    for declared, sig in zip(spec.shape, signature, strict=True):
+        if isinstance(declared, int) and sig > 0 and declared != sig:
+            raise PackagingError(f"{spec.name}: the converted model has shape {signature}, the source {spec.shape}")
+        dims.append(int(sig) if sig > 0 else declared)  # -1: the model resizes, the name stays
+    return TensorSpec(spec.name, spec.dtype, tuple(dims))
+
+
+def _specs(source: Source, details: Mapping[str, Any]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...],
+                                                                 dict[str, dict[str, str]]]:  # fmt: skip
+    tensor_map: dict[str, dict[str, str]] = {}
+    specs: dict[str, tuple[TensorSpec, ...]] = {}
+    for side, declared in (("inputs", source.inputs), ("outputs", source.outputs)):
+        names = _converter_names([s.name for s in declared], list(details[side]))
+        tensor_map[side] = names
+        specs[side] = tuple(_fixed_spec(s, details[side][names[s.name]]) for s in declared)
+    for spec in source.inputs:
+        model_dtype = details["inputs"][tensor_map["inputs"][spec.name]]["dtype"]
+        if (
+            model_dtype != spec.dtype
+            and not (spec.dtype == "int64" and model_dtype == "int32")
+            and (model_dtype not in _INT_RANGES)
+        ):
+            raise PackagingError(f"input {spec.name!r}: the model takes {model_dtype}, the source {spec.dtype}")
+    return specs["inputs"], specs["outputs"], tensor_map
