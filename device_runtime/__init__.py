@@ -9,22 +9,55 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from device_runtime._preprocess import encode_text
 from device_runtime.backends import BACKENDS, Backend, BackendOptions
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
 from device_runtime.model import Model, load, load_verified
+from device_runtime.pipeline import Pipeline, pipeline
 from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
+from device_runtime.tasks import (
+    EdgeModelForFeatureExtraction,
+    EdgeModelForImageClassification,
+    EdgeModelForSequenceClassification,
+    EdgeModelForTokenClassification,
+    TaskMismatchError,
+)
+
+if TYPE_CHECKING:
+    from device_runtime.agent import Agent, AgentConfig
 
 __all__ = [
     "BACKENDS",
+    "Agent",
+    "AgentConfig",
     "Backend",
     "BackendOptions",
     "BundleStore",
+    "EdgeModelForFeatureExtraction",
+    "EdgeModelForImageClassification",
+    "EdgeModelForSequenceClassification",
+    "EdgeModelForTokenClassification",
     "HealthCheckError",
     "InstalledBundle",
     "Model",
     "ModelClosedError",
+    "Pipeline",
     "StagedBundle",
     "StateError",
+    "TaskMismatchError",
+    "encode_text",
     "load",
     "load_verified",
+    "pipeline",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The agent needs paho-mqtt (the ``device`` extra): imported on first use, not by ``import device_runtime``.
+    if name in ("Agent", "AgentConfig"):
+        from device_runtime import agent
+
+        return getattr(agent, name)
+    raise AttributeError(f"module 'device_runtime' has no attribute {name!r}")

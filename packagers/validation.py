@@ -18,6 +18,7 @@ from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
 __all__ = [
+    "ValidationUnavailable",
     "check_golden",
     "compare_outputs",
     "cosine_per_sample",
@@ -27,6 +28,22 @@ __all__ = [
 ]
 
 Arrays = dict[str, np.ndarray]
+
+
+class ValidationUnavailable(PackagingError):
+    """``Packager.runner`` cannot run the built model on this host (Core ML predicts only on macOS).
+
+    The packager has already checked what it can without running the model (``structure``: the saved
+    file loads, its inputs/outputs match the manifest, the precision's ops are present), failing the
+    build if that did not pass. ``package`` then signs on the structural check alone and records it:
+    ``validation.numeric = {"ran": False, "reason": ...}``, ``validation.structure``, golden outputs taken
+    from the reference (``golden.outputs_from``), and no host benchmark.
+    """
+
+    def __init__(self, reason: str, structure: Mapping[str, Any]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.structure = dict(structure)
 
 
 def _num(x: float) -> float | None:
@@ -145,7 +162,13 @@ def compare_outputs(
         ref_pred = np.asarray(reference[scored]).argmax(axis=-1)
         out_pred = np.asarray(built[scored]).argmax(axis=-1)
         y = np.asarray(labels)
-        ref_acc, out_acc = float((ref_pred == y).mean()), float((out_pred == y).mean())
+        if y.shape != ref_pred.shape:
+            raise PackagingError(f"labels have shape {list(y.shape)}; {scored!r} predicts {list(ref_pred.shape)}")
+        scored_at = y >= 0  # -100 (transformers' ignore index) marks tokens that are not scored: padding, specials
+        if not scored_at.any():
+            raise PackagingError("every label is negative (ignored); nothing to score")
+        ref_acc = float((ref_pred == y)[scored_at].mean())
+        out_acc = float((out_pred == y)[scored_at].mean())
         result["accuracy"] = {"output": scored, "reference": _num(ref_acc), "bundle": _num(out_acc),
                               "drop": _num(ref_acc - out_acc)}  # fmt: skip
         if tolerances.max_accuracy_drop is not None and ref_acc - out_acc > tolerances.max_accuracy_drop + 1e-12:
