@@ -98,6 +98,7 @@ class TextEncoder:
             pad_id=int(pad_id) if pad_id is not None else 0,  # no pad token: positions are masked out anyway
             pad_type_id=int(contract.get("pad_type_id", 0)),
             pad_token=str(contract.get("pad_token") or "[PAD]"),
+            length=contract.get("pad_to"),  # a model built with a fixed sequence length (TFLite) needs exactly it
         )
         self._tokenizer = tokenizer
         self._decoder = tokenizer.decoder
@@ -300,6 +301,12 @@ def text_encoder(model: Model) -> TextEncoder:
             if not isinstance(contract, Mapping):
                 names = ", ".join(s.name for s in model.manifest.inputs)
                 raise InputError(f"bundle {model.manifest.name} carries no tokenizer; give arrays for {names}")
+            fixed = {s.shape[1] for s in model.manifest.inputs if len(s.shape) >= 2 and isinstance(s.shape[1], int)}
+            if len(fixed) == 1:  # the converter fixed the sequence length: pad (and truncate) to exactly it
+                (length,) = fixed
+                declared = contract.get("max_length")
+                max_length = min(declared, length) if isinstance(declared, int) else declared
+                contract = {**contract, "pad_to": length, "max_length": max_length}
             encoder = TextEncoder(model.root, contract, [s.name for s in model.manifest.inputs])
             _TEXT_ENCODERS[model] = encoder
         return encoder

@@ -173,3 +173,28 @@ def test_capabilities_and_refusals(tmp_path: Path, key: Ed25519PrivateKey, mlp: 
         package(mlp, name="x", version=1, key=key, out_dir=tmp_path, target="tflite", precision="fp16",
                 example_inputs=(torch.zeros(1, 64),), options=PackageOptions(extra={"int8_io": True}))  # fmt: skip
     assert not any(tmp_path.glob("*.edgebundle"))
+
+
+def test_text_classifier_with_fixed_sequence_runs_from_text(
+    bert_cls_folder: Path, key: Ed25519PrivateKey, trust: TrustedKeys, tmp_path: Path
+) -> None:
+    """litert-torch fixes the sequence length: the device tokenizer must pad and truncate to exactly it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from device_runtime import EdgeModelForSequenceClassification
+
+    (result,) = package(bert_cls_folder, name="cls", version=1, key=key, out_dir=tmp_path, target="tflite",
+                        precision="fp32", options=PackageOptions(validation_samples=4))  # fmt: skip
+    length = result.manifest.inputs[0].shape[1]
+    assert isinstance(length, int)
+    texts = ["a short one", " ".join(["word"] * 200)]  # shorter than, and far longer than, the fixed length
+    tokenizer = AutoTokenizer.from_pretrained(bert_cls_folder)
+    hf = AutoModelForSequenceClassification.from_pretrained(bert_cls_folder).eval()
+    with torch.no_grad():
+        expected = hf(**tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")).logits
+    model = EdgeModelForSequenceClassification.from_bundle(result.bundle_path, trust=trust)
+    try:
+        got = np.concatenate([model(text).logits for text in texts])  # fixed batch of 1
+    finally:
+        model.close()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
