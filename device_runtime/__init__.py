@@ -9,24 +9,40 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from device_runtime._preprocess import encode_text
 from device_runtime.backends import BACKENDS, Backend, BackendOptions
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
 from device_runtime.model import Model, load, load_verified
-from device_runtime.pipeline import Pipeline, pipeline
 from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
-from device_runtime.tasks import (
-    EdgeModelForFeatureExtraction,
-    EdgeModelForImageClassification,
-    EdgeModelForSequenceClassification,
-    EdgeModelForTokenClassification,
-    TaskMismatchError,
-)
 
 if TYPE_CHECKING:
+    from device_runtime._preprocess import encode_text
     from device_runtime.agent import Agent, AgentConfig
+    from device_runtime.pipelines import Pipeline, pipeline
+    from device_runtime.tasks import (
+        EdgeModelForFeatureExtraction,
+        EdgeModelForImageClassification,
+        EdgeModelForSequenceClassification,
+        EdgeModelForTokenClassification,
+        TaskMismatchError,
+    )
+
+# Imported on first use, so a device that only calls ``load``/``predict`` pays nothing for them
+# (the agent also needs paho-mqtt, the ``device`` extra).
+_LAZY = {
+    "Agent": "device_runtime.agent",
+    "AgentConfig": "device_runtime.agent",
+    "encode_text": "device_runtime._preprocess",
+    "Pipeline": "device_runtime.pipelines",
+    "pipeline": "device_runtime.pipelines",
+    "EdgeModelForFeatureExtraction": "device_runtime.tasks",
+    "EdgeModelForImageClassification": "device_runtime.tasks",
+    "EdgeModelForSequenceClassification": "device_runtime.tasks",
+    "EdgeModelForTokenClassification": "device_runtime.tasks",
+    "TaskMismatchError": "device_runtime.tasks",
+}
 
 __all__ = [
     "BACKENDS",
@@ -55,9 +71,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The agent needs paho-mqtt (the ``device`` extra): imported on first use, not by ``import device_runtime``.
-    if name in ("Agent", "AgentConfig"):
-        from device_runtime import agent
-
-        return getattr(agent, name)
-    raise AttributeError(f"module 'device_runtime' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'device_runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
