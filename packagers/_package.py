@@ -377,7 +377,7 @@ def _write(
         raise PackagingError(f"cannot write {bundle_path.name}: {e}") from e
     size = bundle_path.stat().st_size
     say(f"{tag}: wrote {bundle_path} ({size} bytes, p50 {bench.get('p50', 'n/a')} ms)")
-    latency = {k: bench[k] for k in ("p50", "p95", "mean", "runs") if k in bench}
+    latency: dict[str, Any] = {k: bench[k] for k in ("p50", "p95", "mean", "runs") if k in bench}
     return PackageResult(
         bundle_path=bundle_path, manifest=final, target=plan.target.value, precision=plan.precision.value,
         validation=final.validation, size_bytes=size, latency_ms=latency,

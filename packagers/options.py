@@ -155,7 +155,17 @@ DEFAULT_TOLERANCES: Mapping[Precision, Tolerances] = MappingProxyType(
             min_cosine=0.95, min_cosine_mean=0.98, max_rel_diff=None, min_top1_agreement=0.9, max_accuracy_drop=0.03,
             golden_atol_rel=0.05, golden_rtol=0.05, golden_min_cosine=0.98,
         ),
+        # Weight-only int8 (per-channel, float activations): tiny BERT cosine 0.99998 (OpenVINO/NNCF).
+        Precision.INT8_WEIGHTS: Tolerances(
+            min_cosine=0.99, min_cosine_mean=0.995, max_rel_diff=None, min_top1_agreement=0.95, max_accuracy_drop=0.02,
+            golden_atol_rel=0.02, golden_rtol=0.02, golden_min_cosine=0.99,
+        ),
         Precision.INT4: Tolerances(
+            min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
+            golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
+        ),
+        # 4-bit palettization (16 k-means centroids per weight tensor, float activations): INT4's bounds.
+        Precision.INT4_PALETTE: Tolerances(
             min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
             golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
         ),
@@ -183,6 +193,8 @@ class PackageOptions:
     benchmark_runs: int = 50  # timed runs
     benchmark_max_seconds: float = 10.0  # seconds, stops the timed runs early
     labels_output: str | None = None  # output the labels are scored against; default the first logits-like one
+    calibration_method: str = "minmax"  # static int8: "minmax", "entropy" or "percentile"
+    per_channel: bool | None = None  # static int8 weights per output channel; None: the target decides
     extra: Mapping[str, Any] = field(default_factory=dict)  # target-specific settings, recorded in the report
 
     def __post_init__(self) -> None:
@@ -192,6 +204,10 @@ class PackageOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PackagingError(f"option {name} must be an integer >= 1, got {value!r}")
+        if self.calibration_method not in ("minmax", "entropy", "percentile"):
+            raise PackagingError(
+                f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}"
+            )
         if not isinstance(self.opset, int) or not 7 <= self.opset <= 25:
             raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")
 

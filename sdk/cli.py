@@ -61,7 +61,7 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 
 # ---- package -----------------------------------------------------------------------------------
 def _cmd_package(args: argparse.Namespace) -> int:
-    from packagers import package
+    from packagers import PackageOptions, package
 
     progress = _Progress(args.quiet)
     expires = None
@@ -84,6 +84,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
         target=_split_list(args.target),
         precision=_split_list(args.precision),
         calibration=args.calibration,
+        options=PackageOptions(calibration_method=args.calibration_method),
         labels=labels,
         task=args.task,
         accept_drift=args.accept_drift,
@@ -127,6 +128,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for out, metrics in sorted(v.get("metrics", {}).items()):
             print(f"  {out}: " + ", ".join(f"{k}={val:.6g}" if isinstance(val, float) else f"{k}={val}"
                                             for k, val in sorted(metrics.items())))  # fmt: skip
+        numeric = v.get("numeric")
+        if isinstance(numeric, dict) and not numeric.get("ran", True):
+            print(f"  numeric validation NOT run: {numeric.get('reason')}; signed on the structure check")
     print(f"files:      {len(manifest.files)}, {sum(f.size for f in manifest.files)} bytes")
     for f in manifest.files:
         print(f"  {f.size:>12}  {f.sha256[:16]}  {f.path}")
@@ -223,8 +227,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_broker(args: argparse.Namespace) -> int:
     from sdk._broker import run_broker
 
-    print(f"embedded MQTT broker on {args.host}:{args.port} (Ctrl-C stops it; production: Mosquitto)", flush=True)
-    run_broker(args.host, args.port)
+    def ready() -> None:
+        print(f"embedded MQTT broker on {args.host}:{args.port} (Ctrl-C stops it; production: Mosquitto)", flush=True)
+
+    run_broker(args.host, args.port, on_ready=ready)
     return 0
 
 
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--precision", default="fp32", help="comma-separated precisions, e.g. fp32,int8-dynamic")
     pk.add_argument("--calibration", help="validation/calibration data: .npz or a folder of NAME.npy")
     pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
+    pk.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                    help="static int8 calibration (default: minmax)")
     pk.add_argument("--task", help="feature-extraction or text-classification (transformers folders)")
     pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
     pk.add_argument("--name", required=True, help="bundle name")

@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "device_runtime.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "device_runtime.backends.openvino:OpenVinoBackend",
     "tflite": "device_runtime.backends.tflite:TfLiteBackend",
+    "coreml": "device_runtime.backends.coreml:CoreMlBackend",
 }
 
 

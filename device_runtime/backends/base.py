@@ -39,6 +39,10 @@ class BackendOptions:
 
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order of preference
     intra_op_threads: int | None = None  # threads inside one operator; 0 or None lets the runtime pick
+    device: str | None = None  # OpenVINO device: CPU, GPU, NPU, AUTO (default: the bundle's)
+    performance_hint: str | None = None  # OpenVINO: LATENCY or THROUGHPUT (default: the bundle's)
+    cache_dir: str | None = None  # OpenVINO compiled-model cache folder, so a restart does not recompile
+    compute_units: str | None = None  # Core ML: ALL, CPU_ONLY, CPU_AND_NE, CPU_AND_GPU (default: the bundle's)
 
     def __post_init__(self) -> None:
         if self.intra_op_threads is not None and (
@@ -49,6 +53,8 @@ class BackendOptions:
             raise BackendError(f"intra_op_threads must be an int >= 0, got {self.intra_op_threads!r}")
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
 
 
 class Backend(abc.ABC):
