@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sdk.errors import TransportError
@@ -111,13 +112,20 @@ def start_broker_thread(host: str = "127.0.0.1", port: int = 1883) -> EmbeddedBr
     return broker
 
 
-def run_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
-    """Run an embedded broker in the foreground until interrupted (Ctrl-C).
+def run_broker(host: str = "127.0.0.1", port: int = 1883, on_ready: Callable[[], None] | None = None) -> None:
+    """Run an embedded broker in the foreground until interrupted (Ctrl-C or SIGTERM).
+
+    Args:
+        host: address to listen on.
+        port: TCP port.
+        on_ready: called once the broker listens.
 
     Raises:
         TransportError: amqtt is missing or the broker cannot listen on ``host:port``.
     """
     with start_broker_thread(host, port) as broker:
+        if on_ready is not None:
+            on_ready()
         try:
             while broker._thread.is_alive():
                 broker._thread.join(0.5)

@@ -1,0 +1,271 @@
+"""OTA swap under load: deploy a small bundle to a running agent while threads call ``predict``.
+
+    .venv/bin/python benchmarks/ota_swap.py [--threads 3] [--hidden 512]
+
+Everything runs on this machine: the embedded MQTT broker (amqtt), an HTTP server on loopback, and the
+agent in this process. Prints one table: cold load, download, deploy total against the target
+``2 x cold load + download``, failed requests during the swap (target 0), p99 during the swap against the
+steady p99 (target <= 2x), telemetry throughput and outbox drain rate. One run; ratios matter, not the
+absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import paho.mqtt.client as paho
+from onnx import TensorProto, helper, numpy_helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+import device_runtime
+from device_runtime.agent import Agent, AgentConfig
+from device_runtime.download import HttpDownloader
+from device_runtime.mqtt import MqttSettings
+from sdk._broker import start_broker_thread
+from sdk.bundle import write_bundle
+from sdk.manifest import Manifest, TensorSpec
+from sdk.signing import TrustedKeys, generate_keypair, load_private_key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mlp(hidden: int, seed: int) -> tuple[bytes, Any]:
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, hidden)).astype(np.float32) / 8
+    w2 = rng.standard_normal((hidden, 10)).astype(np.float32) / 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), lambda x: np.maximum(x @ w1, 0) @ w2
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _bundle(folder: Path, key: Any, version: int, hidden: int) -> Path:
+    onnx_bytes, reference = _mlp(hidden, version)
+    x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
+    manifest = Manifest(
+        name="mlp",
+        version=version,
+        target="onnxruntime",
+        precision="fp32",
+        model="model.onnx",
+        inputs=(TensorSpec("x", "float32", ("batch", 64)),),
+        outputs=(TensorSpec("y", "float32", ("batch", 10)),),
+        created="2026-01-01T00:00:00Z",
+        runtime={"package": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        golden={
+            "inputs": {"x": "golden/x.npy"},
+            "outputs": {"y": "golden/y.npy"},
+            "tolerance": {"atol": 1e-3, "rtol": 1e-3},
+        },
+    )
+    members = {"model.onnx": onnx_bytes, "golden/x.npy": _npy(x), "golden/y.npy": _npy(reference(x).astype(np.float32))}
+    out = folder / f"mlp-{version}.edgebundle"
+    write_bundle(out, manifest, members, [key])
+    onnx.checker.check_model(onnx.load_from_string(onnx_bytes))
+    return out
+
+
+def _p99(values: list[float]) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, 99)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=3, help="predict threads (default 3)")
+    parser.add_argument("--hidden", type=int, default=512, help="MLP hidden width (default 512)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="edgeship-bench-"))
+    private, public = generate_keypair(work, "bench")
+    key = load_private_key(private)
+    v1, v2 = _bundle(work, key, 1, args.hidden), _bundle(work, key, 2, args.hidden)
+    trust = TrustedKeys.from_files([public])
+
+    # cold load: verify + extract + session + health check, in a fresh temp folder each time
+    cold = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with device_runtime.load(v2, trust, intra_op_threads=1) as model:
+            model.health_check()
+        cold.append(time.perf_counter() - start)
+    cold_s = min(cold)
+
+    # The artifact server is another process, as in a fleet (and not competing for this one's GIL).
+    http_port = _free_port()
+    http = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1", "--directory", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{http_port}/{v2.name}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", http_port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    downloads = []
+    for i in range(3):
+        start = time.perf_counter()
+        HttpDownloader().download_file(url, work / f"dl-{i}", max_length=2**30)
+        downloads.append(time.perf_counter() - start)
+    download_s = min(downloads)
+
+    port = _free_port()
+    broker = start_broker_thread("127.0.0.1", port)
+    settings = MqttSettings("127.0.0.1", port, "bench", backoff_base_s=0.05, backoff_cap_s=0.5)
+    agent = Agent(
+        AgentConfig(
+            state_dir=work / "state", mqtt=settings, trust=trust, initial_bundle=v1, telemetry_interval_s=3600,
+            intra_op_threads=1,
+        )
+    )  # fmt: skip
+    agent.start()
+    assert agent.link.wait_connected(10)
+
+    events: list[dict[str, Any]] = []
+    fleet = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-fleet")
+    fleet.on_message = lambda c, u, m: events.append(json.loads(m.payload))
+    fleet.connect("127.0.0.1", port)
+    fleet.loop_start()
+    fleet.subscribe("edgeship/v1/default/bench/events", qos=1)
+    time.sleep(0.3)
+
+    samples: list[tuple[float, float]] = []  # (end time, latency)
+    failures: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+    x = np.ones((1, 64), np.float32)
+
+    def load() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                agent.predict({"x": x})
+            except Exception as e:
+                with lock:
+                    failures.append(repr(e))
+                continue
+            t1 = time.perf_counter()
+            with lock:
+                samples.append((t1, t1 - t0))
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(args.threads)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    steady_end = time.perf_counter()
+    data = v2.read_bytes()
+    cmd = {
+        "schema": 1, "id": "bench-1", "type": "deploy", "url": url, "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data), "version": 2,
+    }  # fmt: skip
+    sent = time.perf_counter()
+    fleet.publish("edgeship/v1/default/bench/cmd", json.dumps(cmd), qos=1)
+    deadline = sent + 60
+
+    def final() -> str | None:
+        return next(
+            (e["phase"] for e in list(events) if e.get("cmd_id") == "bench-1" and e["phase"] in ("active", "failed")),
+            None,
+        )
+
+    while final() is None and time.perf_counter() < deadline:
+        time.sleep(0.002)
+    deploy_s = time.perf_counter() - sent
+    outcome = final() or "timeout"
+    swap_end = time.perf_counter() + 0.2
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    steady = [lat for end, lat in samples if end <= steady_end]
+    during = [lat for end, lat in samples if sent <= end <= swap_end]
+
+    # telemetry: how fast the agent can queue durable telemetry, and how fast a backlog drains
+    n = 500
+    start = time.perf_counter()
+    for _ in range(n):
+        agent.publish_telemetry()
+    queue_rate = n / (time.perf_counter() - start)
+    agent.link.wait_drained(60)
+    broker.stop()
+    time.sleep(0.5)
+    for _ in range(n):
+        agent.publish_telemetry()
+    broker = start_broker_thread("127.0.0.1", port)
+    agent.link.wait_connected(20)
+    start = time.perf_counter()
+    agent.link.wait_drained(120)
+    drain_rate = n / (time.perf_counter() - start)
+    agent.stop()
+    fleet.loop_stop()
+    broker.stop()
+    http.terminate()
+
+    target = 2 * cold_s + download_s
+    p99_steady, p99_swap = _p99(steady), _p99(during)
+    rows = [
+        ("bundle size", f"{len(data) / 1024:.0f} KiB", ""),
+        ("cold load (verify+load+health)", f"{cold_s * 1000:.1f} ms", ""),
+        ("download (loopback)", f"{download_s * 1000:.1f} ms", ""),
+        (
+            "deploy total (cmd -> active)",
+            f"{deploy_s * 1000:.1f} ms",
+            f"target {target * 1000:.1f} ms: ratio {deploy_s / target:.2f}",
+        ),
+        ("deploy outcome", outcome, ""),
+        ("failed requests during swap", str(len(failures)), "target 0"),
+        ("requests steady / during swap", f"{len(steady)} / {len(during)}", ""),
+        ("p99 steady", f"{p99_steady:.3f} ms", ""),
+        ("p99 during swap", f"{p99_swap:.3f} ms", f"ratio {p99_swap / p99_steady:.2f} (target <= 2)"),
+        ("telemetry queued (durable)", f"{queue_rate:.0f} msg/s", "per device process"),
+        ("outbox drain after outage", f"{drain_rate:.0f} msg/s", f"{n} messages, QoS 1"),
+    ]
+    phases = [(e["phase"], e["ts"]) for e in events if e.get("cmd_id") == "bench-1"]
+    for (name, ts), (_, nxt) in itertools.pairwise(phases):
+        rows.append((f"  phase {name}", f"{(nxt - ts) * 1000:.1f} ms", "until the next event"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric'.ljust(width)}  {'value':>16}  note")
+    print(f"{'-' * width}  {'-' * 16}  ----")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>16}  {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1058 @@
+"""The device agent: serves the active model, talks MQTT to the fleet, and applies OTA updates safely.
+
+One ``Agent`` owns one state directory::
+
+    STATE_DIR/pointer.json          which A/B slot is active (device_runtime.slots)
+    STATE_DIR/slots/{A,B}/          the installed bundles
+    STATE_DIR/deploy.json           the OTA operation in progress (device_runtime.ota.Deployment)
+    STATE_DIR/commands.json         command ids seen, for de-duplication, and OTA commands not yet run
+    STATE_DIR/bad.json              sha256 of bundles that failed verification, load or health check
+    STATE_DIR/config.json           settings changed by ``config`` commands
+    STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
+    STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.outbox)
+
+Threads: the ``DeviceLink``'s (network, outbox drain, command dispatch), ``edgeship-telemetry`` and
+``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived). Local callers
+use ``Agent.predict`` from any thread; a swap never fails one of them (see ``_Serving``).
+
+Test hook: with ``EDGESHIP_AGENT_CRASH_AT=<point>`` in the environment the process SIGKILLs itself at
+that point of a deployment; the points are ``CRASH_POINTS`` (docs/ota.md describes each).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from device_runtime import _sysinfo
+from device_runtime.backends import BACKENDS
+from device_runtime.download import FetchResponse, HttpDownloader
+from device_runtime.errors import HealthCheckError, StateError
+from device_runtime.model import Model, load_verified
+from device_runtime.mqtt import DeviceLink, MqttSettings
+from device_runtime.ota import (
+    CommandError,
+    Deployment,
+    Limits,
+    deployment_from_command,
+    parse_command,
+    parse_config,
+    recover,
+)
+from device_runtime.outbox import Outbox
+from device_runtime.slots import Pointer, SlotInfo, SlotStore, other_slot
+from sdk.bundle import VerifiedBundle, check_freshness, inspect_bundle, read_bundle
+from sdk.errors import BackendError, BundleError, EdgeshipError, InputError, RollbackError, TransportError
+from sdk.fsutil import atomic_write_bytes
+from sdk.manifest import Manifest, canonical_json
+from sdk.signing import TrustedKeys
+
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "EDGESHIP_AGENT_CRASH_AT"
+CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
+_DEPLOY_FILE = "deploy.json"
+_COMMANDS_FILE = "commands.json"
+_BAD_FILE = "bad.json"
+_CONFIG_FILE = "config.json"
+_DOWNLOADS = "downloads"
+_OUTBOX = "outbox.sqlite"
+_KEEP_COMMANDS = 512  # finished command ids remembered for de-duplication
+_KEEP_BAD = 256  # bad bundle hashes remembered
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an ``Agent`` needs; tuning values carry their units.
+
+    Attributes:
+        state_dir: the agent's folder (created if missing).
+        mqtt: broker address, identity and TLS.
+        trust: public keys (and threshold) bundles must be signed with.
+        initial_bundle: installed into slot A when no slot is active yet (a factory image).
+        telemetry_interval_s: seconds between telemetry messages (a ``config`` command may change it).
+        max_bundle_bytes: the download cap when a deploy command gives no ``size``.
+        download_deadline_s: a whole download, retries included, must finish within this.
+        download_read_timeout_s: the longest silence tolerated on the connection (also the connect timeout).
+        download_attempts: tries in a row without progress before a download fails.
+        health_timeout_s: a trial health check that has not returned by then fails (the check "hangs").
+        health_latency_budget_ms: the golden run must take at most this, unless the bundle's
+            ``golden.latency_budget_ms`` says otherwise.
+        check_slots_on_start: re-hash the active slot's files at start (catches on-disk corruption).
+        limits: how often an interrupted deployment is resumed before it is abandoned.
+        outbox_max_messages: telemetry and events kept while the broker is unreachable.
+        intra_op_threads: threads inside one operator (None: the runtime's choice).
+        providers: execution providers to use instead of the bundle's.
+    """
+
+    state_dir: Path
+    mqtt: MqttSettings
+    trust: TrustedKeys
+    initial_bundle: Path | None = None
+    telemetry_interval_s: float = 10.0  # seconds
+    max_bundle_bytes: int = 2 * 2**30  # bytes
+    download_deadline_s: float = 600.0  # seconds
+    download_read_timeout_s: float = 30.0  # seconds
+    download_attempts: int = 5
+    health_timeout_s: float = 30.0  # seconds
+    health_latency_budget_ms: float = 2000.0  # milliseconds
+    check_slots_on_start: bool = True
+    limits: Limits = field(default_factory=Limits)
+    outbox_max_messages: int = 10_000  # messages
+    intra_op_threads: int | None = None
+    providers: tuple[str, ...] | None = None
+
+
+# ---- small durable records ---------------------------------------------------------------------
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        log.error("%s is unreadable (%s); starting it afresh", path, e)
+        return default
+
+
+def _write_json(path: Path, value: Any) -> None:
+    try:
+        atomic_write_bytes(path, canonical_json(value))
+    except OSError as e:
+        raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+class _Journal:
+    """Command ids seen (de-duplication) and OTA commands not yet finished, in ``commands.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        raw = _read_json(path, {})
+        entries = raw.get("entries", []) if isinstance(raw, dict) else []
+        self._entries: dict[str, dict[str, Any]] = {
+            e["id"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)
+        }
+
+    def get(self, cmd_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(cmd_id)
+            return dict(entry) if entry else None
+
+    def record(self, cmd_id: str, **fields: Any) -> None:
+        """Add or update an entry durably (``state``: queued, running or done; ``outcome``; ``cmd``).
+
+        Raises:
+            StateError: the file cannot be written.
+        """
+        with self._lock:
+            entry = self._entries.pop(cmd_id, {"id": cmd_id})
+            entry.update(fields)
+            self._entries[cmd_id] = entry  # most recent last
+            finished = [k for k, e in self._entries.items() if e.get("state") == "done"]
+            for old in finished[: max(0, len(finished) - _KEEP_COMMANDS)]:
+                del self._entries[old]
+            _write_json(self._path, {"schema": 1, "entries": list(self._entries.values())})
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """OTA commands queued or started but not finished, oldest first."""
+        with self._lock:
+            return [dict(e) for e in self._entries.values() if e.get("state") in ("queued", "running")]
+
+
+class _BadBundles:
+    """sha256 of bundles that failed on this device, in ``bad.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        raw = _read_json(path, {})
+        self._bad: dict[str, Any] = raw if isinstance(raw, dict) else {}
+
+    def get(self, sha256: str) -> Any:
+        with self._lock:
+            return self._bad.get(sha256)
+
+    def add(self, sha256: str, cmd_id: str, reason: str) -> None:
+        with self._lock:
+            self._bad.pop(sha256, None)
+            self._bad[sha256] = {"cmd_id": cmd_id, "reason": reason[:500], "ts": time.time()}
+            for old in list(self._bad)[: max(0, len(self._bad) - _KEEP_BAD)]:
+                del self._bad[old]
+            _write_json(self._path, self._bad)
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+
+class _MetricsLike(Protocol):
+    def observe(self, latency_s: float, queue_s: float = 0.0) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+    def snapshot(self, reset_window: bool = False) -> dict[str, Any]: ...
+
+
+class _MinimalMetrics:
+    """Latency and count tracking used until ``device_runtime.metrics.Metrics`` is available."""
+
+    _MAX_SAMPLES = 20_000  # latencies kept per window
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latencies: list[float] = []
+        self._count = 0
+        self._errors: dict[str, int] = {}
+        self._window_start = time.monotonic()
+        self._cpu_mark = (time.monotonic(), sum(os.times()[:2]))
+
+    def observe(self, latency_s: float, queue_s: float = 0.0) -> None:
+        with self._lock:
+            self._count += 1
+            if len(self._latencies) < self._MAX_SAMPLES:
+                self._latencies.append(latency_s)
+
+    def error(self, kind: str) -> None:
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def snapshot(self, reset_window: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            latencies = np.asarray(self._latencies) * 1000.0
+            snap: dict[str, Any] = {
+                "count": self._count,
+                "errors": dict(self._errors),
+                "error_count": sum(self._errors.values()),
+                "latency_ms": {
+                    f"p{q}": (round(float(np.percentile(latencies, q)), 3) if latencies.size else None)
+                    for q in (50, 95, 99)
+                },
+                "window_s": round(now - self._window_start, 3),
+            }
+            cpu_wall, cpu_used = self._cpu_mark
+            used = sum(os.times()[:2])
+            snap["cpu_pct"] = round(100.0 * (used - cpu_used) / max(now - cpu_wall, 1e-6), 1)
+            if reset_window:
+                self._latencies, self._count, self._errors = [], 0, {}
+                self._window_start = now
+                self._cpu_mark = (now, used)
+        snap["rss_mb"] = _rss_mb()
+        snap["temperature_c"] = _temperature_c()
+        return snap
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _temperature_c() -> float | None:
+    try:
+        with open("/sys/class/thermal/thermal_zone0/temp", encoding="ascii") as f:
+            return round(int(f.read().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+def _new_metrics() -> _MetricsLike:
+    """The runtime's ``Metrics`` when that module exists, else this module's minimal tracker."""
+    try:
+        from device_runtime.metrics import Metrics  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return _MinimalMetrics()
+    return Metrics()  # type: ignore[no-any-return]
+
+
+# ---- serving and the atomic swap ---------------------------------------------------------------
+
+
+@dataclass
+class _Active:
+    """A loaded model and the calls running on it."""
+
+    model: Model
+    slot: str | None
+    info: SlotInfo
+    inflight: int = 0
+    retired: bool = False
+    closed: bool = False
+
+
+class _Serving:
+    """Holds the active model. ``swap`` is atomic for callers: a call started before it finishes on
+    the old model, every call after it uses the new one, and the old one is closed by whichever of
+    ``swap`` or the last in-flight call comes last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: _Active | None = None
+
+    @property
+    def active(self) -> _Active | None:
+        with self._lock:
+            return self._active
+
+    def acquire(self) -> _Active:
+        with self._lock:
+            active = self._active
+            if active is None:
+                raise StateError("no model is active on this device yet")
+            active.inflight += 1
+            return active
+
+    def release(self, active: _Active) -> None:
+        with self._lock:
+            active.inflight -= 1
+            close = active.retired and active.inflight == 0 and not active.closed
+            active.closed = active.closed or close
+        if close:
+            active.model.close()
+
+    def swap(self, new: _Active | None) -> _Active | None:
+        with self._lock:
+            old, self._active = self._active, new
+            close = old is not None and old.inflight == 0 and not old.closed
+            if old is not None:
+                old.retired = True
+                old.closed = old.closed or close
+        if close and old is not None:
+            old.model.close()
+        return old
+
+
+# ---- download with a crash hook ----------------------------------------------------------------
+
+
+def _crash_point(name: str) -> None:
+    """SIGKILL this process if the test hook names ``name`` (see ``CRASH_ENV``)."""
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("test hook %s=%s: killing the agent", CRASH_ENV, name)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _CrashingBody:
+    """A response body that SIGKILLs the process once half of ``total`` bytes were read (test hook)."""
+
+    def __init__(self, body: Any, total: int) -> None:
+        self._body = body
+        self._left = max(1, total // 2)
+
+    def read1(self, n: int) -> bytes:
+        chunk: bytes = getattr(self._body, "read1", self._body.read)(min(n, self._left))
+        self._left -= len(chunk)
+        if self._left <= 0:
+            _crash_point("downloading")
+        return chunk
+
+    read = read1
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class _AgentDownloader(HttpDownloader):
+    """``HttpDownloader`` with the mid-download crash hook."""
+
+    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
+        response = super()._fetch(url, offset, timeout_s)
+        if os.environ.get(CRASH_ENV) == "downloading":
+            length = int(response.headers.get("content-length", "0") or 0)
+            response.body = _CrashingBody(response.body, length)  # type: ignore[assignment]
+        return response
+
+
+class _Failed(Exception):
+    """A deployment step failed: report ``failed`` (and ``rolled_back`` when a trial had started)."""
+
+    def __init__(self, message: str, *, bad: bool = False, trial: bool = False, error: str = "") -> None:
+        super().__init__(message)
+        self.bad = bad
+        self.trial = trial
+        self.error = error
+
+
+# ---- the agent ---------------------------------------------------------------------------------
+
+
+class Agent:
+    """The long-running device agent. ``start()``, then ``predict`` from any thread; ``stop()`` at the end.
+
+    Raises (from the constructor):
+        StateError: the state directory or its outbox cannot be opened.
+        TransportError: the TLS files cannot be read.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._started_at = clock()
+        self.state_dir = Path(config.state_dir).absolute()
+        try:
+            (self.state_dir / _DOWNLOADS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
+        self._slots = SlotStore(self.state_dir)
+        self._journal = _Journal(self.state_dir / _COMMANDS_FILE)
+        self._bad = _BadBundles(self.state_dir / _BAD_FILE)
+        self._settings: dict[str, Any] = {"telemetry_interval_s": config.telemetry_interval_s, "log_level": None}
+        saved = _read_json(self.state_dir / _CONFIG_FILE, {})
+        if isinstance(saved, dict):
+            self._settings.update({k: v for k, v in saved.items() if k in self._settings})
+        self._metrics = _new_metrics()
+        self._serving = _Serving()
+        self._deployment: Deployment | None = None  # what deploy.json holds, for the status
+        self._ota_queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._wake_telemetry = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._capabilities = _sysinfo.capabilities()
+        self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
+        self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
+        self._downloader = _AgentDownloader(
+            attempts=config.download_attempts, read_timeout_s=config.download_read_timeout_s
+        )
+        self._apply_log_level()
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the active model (or the initial bundle), connect, and resume an interrupted deployment.
+
+        Returns at once when the broker is down: the link keeps retrying.
+
+        Raises:
+            RuntimeError: already started.
+        """
+        if self._threads:
+            raise RuntimeError("Agent.start() called twice")
+        record = self._read_deployment()
+        self._boot(record)
+        self.link.start()
+        for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        if record is not None:
+            found = record
+            self._ota_queue.put(lambda: self._recover(found))
+        for entry in self._journal.unfinished():  # OTA commands received but not started before a restart
+            if record is None or entry["id"] != record.cmd_id:
+                self._ota_queue.put(functools.partial(self._run_ota_command, entry.get("cmd") or {}))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads, publish ``offline``, and close the model and the outbox.
+
+        A deployment in progress is interrupted at its next step; its record stays in ``deploy.json`` and
+        the next start resumes it.
+        """
+        self._stop.set()
+        self._wake_telemetry.set()
+        self._ota_queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        self.link.stop()
+        self._serving.swap(None)
+        self._outbox.close()
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the active model once; safe from any thread, also during a swap.
+
+        Raises:
+            StateError: no model is active yet.
+            InputError: inputs do not match the model's declared inputs.
+            BackendError: the runtime failed.
+        """
+        active = self._serving.acquire()
+        start = time.perf_counter()
+        try:
+            outputs = active.model.predict(inputs)
+        except InputError:
+            self._metrics.error("input")
+            raise
+        except EdgeshipError:
+            self._metrics.error("backend")
+            raise
+        finally:
+            self._serving.release(active)
+        self._metrics.observe(time.perf_counter() - start)
+        return outputs
+
+    @property
+    def active_model(self) -> dict[str, Any] | None:
+        """``{"name", "version", "target", "sha256"}`` of the model serving now, or None."""
+        active = self._serving.active
+        return None if active is None else active.info.model()
+
+    @property
+    def active_slot(self) -> str | None:
+        active = self._serving.active
+        return None if active is None else active.slot
+
+    @property
+    def telemetry_interval_s(self) -> float:
+        return float(self._settings["telemetry_interval_s"])
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no OTA operation is queued or running; False after ``timeout_s``."""
+        done = threading.Event()
+        self._ota_queue.put(done.set)
+        return done.wait(timeout_s)
+
+    # -- status and telemetry ----------------------------------------------------------------------
+
+    def _status(self) -> dict[str, Any]:
+        active = self._serving.active
+        runtime: dict[str, Any] = {"agent": _edgeship_version()}
+        if active is not None and not active.closed:
+            try:
+                info = active.model.backend_info
+                runtime.update(backend=info.get("backend"), version=info.get("runtime_version"))
+            except EdgeshipError:
+                pass
+        deployment = self._deployment
+        return {
+            "model": None if active is None else active.info.model(),
+            "slot": None if active is None else active.slot,
+            "runtime": runtime,
+            "capabilities": self._capabilities,
+            "uptime_s": round(self._clock() - self._started_at, 1),
+            "system_uptime_s": _sysinfo.system_uptime_s(),
+            "deployment": None if deployment is None else {"cmd_id": deployment.cmd_id, "phase": deployment.phase},
+        }
+
+    def _run_telemetry(self) -> None:
+        next_due = self._clock() + self.telemetry_interval_s
+        while not self._stop.is_set():
+            self._wake_telemetry.wait(timeout=max(0.0, next_due - self._clock()))
+            if self._stop.is_set():
+                return
+            if self._wake_telemetry.is_set():  # the interval changed: restart the countdown
+                self._wake_telemetry.clear()
+                next_due = self._clock() + self.telemetry_interval_s
+                continue
+            next_due += self.telemetry_interval_s
+            if next_due < self._clock():  # a long stall: do not fire a burst to catch up
+                next_due = self._clock() + self.telemetry_interval_s
+            try:
+                self.publish_telemetry()
+            except EdgeshipError:
+                log.exception("telemetry could not be queued")
+
+    def publish_telemetry(self) -> int:
+        """Queue one telemetry message now (the window restarts); return its ``seq``.
+
+        Raises:
+            StateError: the outbox cannot store it.
+        """
+        snap = self._metrics.snapshot(reset_window=True)
+        payload = {
+            "window_s": snap.get("window_s"),
+            "count": snap.get("count", 0),
+            "errors": int(snap.get("error_count", 0)),
+            "error_kinds": dict(snap.get("errors") or {}),
+            "latency_ms": snap.get("latency_ms", {"p50": None, "p95": None, "p99": None}),
+            "rss_mb": snap.get("rss_mb"),
+            "cpu_pct": snap.get("cpu_pct"),
+            "temperature_c": snap.get("temperature_c"),
+            "model": self.active_model,
+        }
+        return self.link.publish_telemetry(payload)
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def _event(self, cmd_id: str | None, phase: str, message: str, **detail: Any) -> None:
+        log.info("event %s %s: %s", cmd_id, phase, message)
+        self.link.publish_event({"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}})
+
+    def _on_command(self, cmd: dict[str, Any]) -> None:
+        """Runs on the link's dispatcher thread, one command at a time, in arrival order."""
+        try:
+            cmd_id, kind = parse_command(cmd)
+        except CommandError as e:
+            raw_id = cmd.get("id")
+            self._event(raw_id if isinstance(raw_id, str) else None, "failed", str(e), error="CommandError")
+            return
+        seen = self._journal.get(cmd_id)
+        if seen is not None:  # redelivered (or resent by the fleet): acknowledge, do not run again
+            state = "done" if seen.get("state") == "done" else "running"
+            self._event(
+                cmd_id, "received", f"duplicate command: already {state}",
+                duplicate=True, type=seen.get("type"), state=seen.get("state"), outcome=seen.get("outcome"),
+            )  # fmt: skip
+            return
+        if kind == "ping":
+            self._journal.record(cmd_id, type=kind, state="done", outcome="pong")
+            self._event(
+                cmd_id, "pong", "pong", model=self.active_model, uptime_s=round(self._clock() - self._started_at, 1)
+            )
+            self.link.publish_status()
+            return
+        if kind == "config":
+            self._configure(cmd_id, cmd)
+            return
+        try:
+            deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)  # refuse early
+        except CommandError as e:
+            self._journal.record(cmd_id, type=kind, state="done", outcome="failed")
+            self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        self._journal.record(cmd_id, type=kind, state="queued", cmd=cmd)
+        self._event(cmd_id, "received", f"{kind} queued")
+        self._ota_queue.put(lambda: self._run_ota_command(cmd))
+
+    def _configure(self, cmd_id: str, cmd: Mapping[str, Any]) -> None:
+        try:
+            changes = parse_config(cmd)
+        except CommandError as e:
+            self._journal.record(cmd_id, type="config", state="done", outcome="failed")
+            self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        self._settings.update(changes)
+        _write_json(self.state_dir / _CONFIG_FILE, self._settings)
+        self._apply_log_level()
+        self._wake_telemetry.set()
+        self._journal.record(cmd_id, type="config", state="done", outcome="applied")
+        self._event(cmd_id, "applied", "configuration changed", settings=dict(self._settings))
+
+    def _apply_log_level(self) -> None:
+        level = self._settings.get("log_level")
+        if level:
+            logging.getLogger("device_runtime").setLevel(level)
+
+    # -- the OTA worker ----------------------------------------------------------------------------
+
+    def _run_ota(self) -> None:
+        while True:
+            task = self._ota_queue.get()
+            if task is None or self._stop.is_set():
+                return
+            try:
+                task()
+            except Exception:  # a bug must not end the worker: the next command still runs
+                log.exception("OTA task failed")
+
+    def _run_ota_command(self, cmd: Mapping[str, Any]) -> None:
+        dep = deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)
+        # The journal entry stays "queued" while deploy.json exists: a restart recovers it from there.
+        self._run_deployment(dep.at("received", previous=self.active_model), resume_at=None)
+
+    def _run_deployment(self, dep: Deployment, resume_at: str | None) -> None:
+        try:
+            if dep.kind == "rollback":
+                self._rollback(dep)
+            else:
+                self._deploy(dep, resume_at)
+        except _Failed as f:
+            self._finish_failed(self._deployment or dep, str(f), bad=f.bad, trial=f.trial, error=f.error)
+        except _Interrupted:
+            log.info("deployment %s interrupted by stop(); the next start resumes it", dep.cmd_id)
+
+    def _save(self, dep: Deployment) -> Deployment:
+        if self._stop.is_set():
+            raise _Interrupted
+        _write_json(self.state_dir / _DEPLOY_FILE, json.loads(dep.to_bytes()))
+        self._deployment = dep
+        return dep
+
+    def _read_deployment(self) -> Deployment | None:
+        path = self.state_dir / _DEPLOY_FILE
+        try:
+            return Deployment.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("%s is unreadable (%s); the deployment it held is abandoned", path, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def _forget(self, dep: Deployment, outcome: str) -> None:
+        """The deployment is over and reported: clear its record and its downloads."""
+        self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
+        (self.state_dir / _DEPLOY_FILE).unlink(missing_ok=True)
+        self._deployment = None
+        shutil.rmtree(self.state_dir / _DOWNLOADS, ignore_errors=True)
+        (self.state_dir / _DOWNLOADS).mkdir(exist_ok=True)
+        self._slots.clean_incoming()
+
+    def _finish_failed(self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "") -> None:
+        if bad and dep.sha256:
+            self._bad.add(dep.sha256, dep.cmd_id, message)
+        final = "rolled_back" if trial else "failed"
+        dep = self._save_final(dep.at(final))
+        self._event(dep.cmd_id, "failed", message, error=error, bad=bad, model=self.active_model)
+        if trial:
+            self._event(dep.cmd_id, "rolled_back", "kept the previous model", model=self.active_model)
+        self._slots.clean_unlisted(self._slots.read_pointer())
+        self._forget(dep, final)
+        self.link.publish_status()
+
+    def _save_final(self, dep: Deployment) -> Deployment:
+        _write_json(self.state_dir / _DEPLOY_FILE, json.loads(dep.to_bytes()))
+        self._deployment = dep
+        return dep
+
+    # -- deploy ------------------------------------------------------------------------------------
+
+    def _deploy(self, dep: Deployment, resume_at: str | None) -> None:
+        phase = resume_at or "received"
+        if phase == "received":
+            bad = self._bad.get(dep.sha256)
+            if bad is not None and not dep.retry_bad:
+                raise _Failed(
+                    f"bundle {dep.sha256[:12]} failed on this device before ({bad.get('reason')}); "
+                    "send retry_bad to try it again",
+                    error="BadBundle",
+                )
+            phase = "downloading"
+        bundle_path = self.state_dir / _DOWNLOADS / f"{dep.sha256}.edgebundle"
+        if phase == "downloading" or (phase == "verifying" and not bundle_path.exists()):
+            dep = self._save(dep.at("downloading"))
+            self._event(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
+            self._download(dep, bundle_path)
+            phase = "verifying"
+        verified: VerifiedBundle | None = None
+        if phase == "verifying":
+            dep = self._save(dep.at("verifying"))
+            self._event(dep.cmd_id, "verifying", "verifying the bundle")
+            dep, verified = self._verify_and_stage(dep, bundle_path)
+        if verified is None:  # resumed at the health check: the staged slot must still be intact
+            try:
+                if dep.slot is None:
+                    raise StateError("no staged slot recorded")
+                verified = self._slots.open_staged(dep.slot, dep.sha256)
+            except EdgeshipError as e:
+                log.warning("staged slot of %s unusable (%s); verifying again", dep.cmd_id, e)
+                self._deploy(dep, "verifying")
+                return
+        dep = self._save(dep.at("health_check", attempts=dep.attempts + 1))
+        self._event(dep.cmd_id, "health_check", "loading and checking the new model", attempt=dep.attempts)
+        assert dep.slot is not None
+        trial, metrics = self._trial(verified, dep.slot)
+        dep = self._save(dep.at("switching"))
+        self._commit(dep, trial, metrics)
+
+    def _download(self, dep: Deployment, dest: Path) -> None:
+        try:
+            self._downloader.download_file(
+                dep.url,
+                dest,
+                max_length=dep.size or self.config.max_bundle_bytes,
+                expected_size=dep.size,
+                expected_sha256=dep.sha256,
+                deadline_s=self.config.download_deadline_s,
+            )
+        except (TransportError, BundleError) as e:  # IntegrityError: wrong bytes from the server
+            raise _Failed(f"download failed: {e}", error=type(e).__name__) from e
+
+    def _verify_and_stage(self, dep: Deployment, path: Path) -> tuple[Deployment, VerifiedBundle]:
+        self._slots.clean_incoming()
+        pointer = self._slots.read_pointer()
+        try:
+            peeked, _ = inspect_bundle(path)  # unverified: only to find the version floor of its name
+            floor = pointer.floor(peeked.name)
+            verified = read_bundle(
+                path,
+                self.config.trust,
+                self._slots.incoming / "bundle",
+                installed_version=floor,
+                allow_downgrade=dep.allow_downgrade,
+            )
+            if verified.manifest.name != peeked.name:
+                check_freshness(
+                    verified.manifest,
+                    installed_version=pointer.floor(verified.manifest.name),
+                    allow_downgrade=dep.allow_downgrade,
+                    now=None,
+                )
+            if verified.sha256 != dep.sha256:
+                raise BundleError(f"the bundle's sha256 {verified.sha256} is not the announced {dep.sha256}")
+        except RollbackError as e:  # the command's fault, not the bundle's: a downgrade may be allowed later
+            self._slots.clean_incoming()
+            raise _Failed(f"refused: {e}", error=type(e).__name__) from e
+        except BundleError as e:
+            self._slots.clean_incoming()
+            raise _Failed(f"verification failed: {e}", bad=True, error=type(e).__name__) from e
+        try:
+            self._check_compatible(verified.manifest)
+        except BackendError as e:
+            self._slots.clean_incoming()
+            raise _Failed(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
+        _crash_point("verifying")
+        # The inactive slot is about to be overwritten: from here on it is no rollback target.
+        slot = pointer.inactive
+        dep = self._save(dep.at("staged", slot=slot))
+        self._slots.write_pointer(pointer.with_slot(slot, None))
+        shutil.rmtree(self._slots.slot_dir(slot), ignore_errors=True)
+        _crash_point("slot_write")
+        staged = self._slots.install(slot, verified)
+        m = staged.manifest
+        self._event(
+            dep.cmd_id, "staged", f"{m.name} v{m.version} verified into slot {slot}", slot=slot, version=m.version
+        )
+        return dep, staged
+
+    def _check_compatible(self, manifest: Manifest) -> None:
+        """The bundle's target, runtime version and CPU architecture must fit this device.
+
+        Raises:
+            BackendError: they do not.
+        """
+        if manifest.target not in BACKENDS:
+            raise BackendError(f"this device has no backend for target {manifest.target!r}")
+        if not _sysinfo.target_runs_here(manifest.target):
+            raise BackendError(f"{manifest.target} bundles do not run on {sys.platform}")
+        runtime = manifest.runtime
+        package = str(runtime.get("package") or manifest.target)
+        installed = {
+            p: v for p, v in self._capabilities["runtimes"].items() if _sysinfo.RUNTIME_PACKAGES[p] == manifest.target
+        }
+        if not installed:
+            raise BackendError(f"no {manifest.target} runtime is installed (the bundle needs {package})")
+        minimum = runtime.get("min_version")
+        if isinstance(minimum, str) and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
+            raise BackendError(f"the bundle needs {package} >= {minimum}; this device has {installed}")
+        arch = self._capabilities["arch"]
+        if not _sysinfo.arch_compatible(runtime.get("arch"), arch):
+            raise BackendError(f"the bundle is built for {runtime.get('arch')}, this device is {arch}")
+
+    def _trial(self, verified: VerifiedBundle, slot: str, *, hooks: bool = True) -> tuple[_Active, dict[str, Any]]:
+        """Load a bundle beside the serving model and health-check it.
+
+        ``hooks``: a deployment's trial (crash hook and latency budget); False for the initial bundle.
+
+        Raises:
+            _Failed: it did not load or did not pass (``trial=True``, ``bad=True``).
+        """
+        if hooks:
+            _crash_point("load")
+        try:
+            model = load_verified(
+                verified, providers=self.config.providers, intra_op_threads=self.config.intra_op_threads
+            )
+        except EdgeshipError as e:
+            raise _Failed(f"load failed: {e}", bad=True, trial=True, error=type(e).__name__) from e
+        try:
+            metrics = self._health_check(model, hooks=hooks)
+        except HealthCheckError as e:
+            raise _Failed(str(e), bad=True, trial=True, error="HealthCheckError") from e
+        except EdgeshipError as e:
+            model.close()
+            raise _Failed(f"health check failed: {e}", bad=True, trial=True, error=type(e).__name__) from e
+        return _Active(model, slot, SlotInfo.of(verified)), metrics
+
+    def _health_check(self, model: Model, *, hooks: bool = True) -> dict[str, Any]:
+        """``model.health_check()`` under a timeout; closes the model if it fails.
+
+        ``hooks``: also the crash hook and the latency budget (a deployment's trial; at start the process
+        is busy loading and the latency says little).
+
+        Raises:
+            HealthCheckError: it failed, hung past ``health_timeout_s`` or ran over the latency budget.
+        """
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            if hooks:
+                _crash_point("health_check")
+            try:
+                result["metrics"] = model.health_check()
+            except BaseException as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=run, name="edgeship-health", daemon=True)
+        thread.start()
+        thread.join(self.config.health_timeout_s)
+        if thread.is_alive():
+            # The runtime cannot be interrupted: close the model once the stuck call returns.
+            def close_when_done() -> None:
+                thread.join()
+                model.close()
+
+            threading.Thread(target=close_when_done, name="edgeship-health-close", daemon=True).start()
+            raise HealthCheckError(f"health check did not finish within {self.config.health_timeout_s:g} s")
+        error = result.get("error")
+        if error is not None:
+            model.close()
+            raise error
+        metrics: dict[str, Any] = result["metrics"]
+        budget = model.manifest.golden.get("latency_budget_ms", self.config.health_latency_budget_ms)
+        if hooks and isinstance(budget, (int, float)) and metrics["latency_ms"] > budget:
+            model.close()
+            raise HealthCheckError(
+                f"health check took {metrics['latency_ms']} ms, over the {budget} ms budget", metrics
+            )
+        return metrics
+
+    def _commit(self, dep: Deployment, trial: _Active, metrics: Mapping[str, Any]) -> None:
+        """Write the pointer (the commit point), swap the serving model, report."""
+        assert trial.slot is not None
+        pointer = self._slots.read_pointer()
+        pointer = pointer.with_slot(trial.slot, trial.info).activate(trial.slot, raise_floor=dep.kind == "deploy")
+        try:
+            self._slots.write_pointer(pointer)
+        except StateError as e:
+            trial.model.close()
+            raise _Failed(f"cannot commit: {e}", trial=True, error="StateError") from e
+        _crash_point("pointer_written")
+        previous = self._serving.swap(trial)
+        final = "active" if dep.kind == "deploy" else "rolled_back"
+        dep = self._save_final(dep.at(final))
+        self._event(
+            dep.cmd_id, final, f"serving {trial.info.name} v{trial.info.version} from slot {trial.slot}",
+            model=trial.info.model(), previous=None if previous is None else previous.info.model(),
+            health=_health_summary(metrics),
+        )  # fmt: skip
+        self._forget(dep, final)
+        self.link.publish_status()
+
+    # -- rollback ----------------------------------------------------------------------------------
+
+    def _rollback(self, dep: Deployment) -> None:
+        pointer = self._slots.read_pointer()
+        if pointer.active is None:
+            raise _Failed("no model is active; nothing to roll back", error="NothingToRollBack")
+        slot = other_slot(pointer.active)
+        info = pointer.slots.get(slot)
+        if info is None:
+            raise _Failed(f"slot {slot} holds no previous model to roll back to", error="NothingToRollBack")
+        dep = self._save(dep.at("health_check", slot=slot, sha256=info.sha256, attempts=dep.attempts + 1))
+        self._event(dep.cmd_id, "health_check", f"loading {info.name} v{info.version} from slot {slot}")
+        try:
+            verified = self._slots.open_slot(slot, info)
+        except EdgeshipError as e:
+            raise _Failed(f"slot {slot} is damaged: {e}", error=type(e).__name__) from e
+        try:
+            trial, metrics = self._trial(verified, slot)
+        except _Failed as f:
+            raise _Failed(f"the previous model failed its check: {f}", error=f.error) from f
+        dep = self._save(dep.at("switching"))
+        self._commit(dep, trial, metrics)
+
+    # -- start and recovery ------------------------------------------------------------------------
+
+    def _boot(self, record: Deployment | None) -> None:
+        """Serve the pointer's active slot (or its other slot, or the initial bundle) before connecting."""
+        try:
+            pointer = self._slots.read_pointer()
+        except StateError as e:
+            log.error("%s; starting without a model", e)
+            self._event(None, "failed", f"pointer unreadable: {e}")
+            pointer = Pointer()
+        keep = record.slot if record is not None and record.phase in ("health_check", "switching") else None
+        self._slots.clean_incoming()
+        self._slots.clean_unlisted(pointer, keep=keep)
+        for slot in [pointer.active, *([other_slot(pointer.active)] if pointer.active else [])]:
+            info = pointer.slots.get(slot) if slot else None
+            if slot is None or info is None:
+                continue
+            try:
+                verified = self._slots.open_slot(slot, info, check_hashes=self.config.check_slots_on_start)
+                model = load_verified(
+                    verified, providers=self.config.providers, intra_op_threads=self.config.intra_op_threads
+                )
+                self._health_check(model, hooks=False)
+            except EdgeshipError as e:
+                log.error("slot %s (%s v%s) cannot be served: %s", slot, info.name, info.version, e)
+                self._event(None, "failed", f"slot {slot} cannot be served: {e}", slot=slot)
+                continue
+            if slot != pointer.active:  # the active slot broke: fall back to the other, durably
+                self._slots.write_pointer(pointer.activate(slot, raise_floor=False))
+                self._event(
+                    None, "rolled_back", f"serving {info.name} v{info.version} from slot {slot}", model=info.model()
+                )
+            self._serving.swap(_Active(model, slot, info))
+            return
+        if self.config.initial_bundle is not None and self._serving.active is None:
+            self._install_initial(self.config.initial_bundle)
+
+    def _install_initial(self, path: Path) -> None:
+        """Verify, check and activate the factory bundle into slot A."""
+        try:
+            self._slots.clean_incoming()
+            verified = read_bundle(path, self.config.trust, self._slots.incoming / "bundle")
+            self._check_compatible(verified.manifest)
+            self._slots.write_pointer(Pointer())
+            staged = self._slots.install("A", verified)
+            trial, _ = self._trial(staged, "A", hooks=False)
+        except (EdgeshipError, _Failed) as e:
+            self._slots.clean_incoming()
+            log.error("initial bundle %s refused: %s", path, e)
+            self._event(None, "failed", f"initial bundle refused: {e}")
+            return
+        self._slots.write_pointer(Pointer().with_slot("A", trial.info).activate("A"))
+        self._serving.swap(trial)
+        self._event(None, "active", f"initial bundle {trial.info.name} v{trial.info.version}", model=trial.info.model())
+
+    def _recover(self, record: Deployment) -> None:
+        """Runs first on the OTA worker after a restart that found ``deploy.json``."""
+        active = self._serving.active
+        decision = recover(record, None if active is None else active.info.sha256, self.config.limits)
+        log.warning(
+            "deployment %s found in phase %s: %s (%s)", record.cmd_id, record.phase, decision.action, decision.reason
+        )
+        self._deployment = record
+        detail = {"restarted": True, "found_phase": record.phase, "reason": decision.reason}
+        if decision.action == "report":
+            self._event(record.cmd_id, record.phase, f"reported again after a restart: {decision.reason}", **detail)
+            self._forget(record, record.phase)
+        elif decision.action == "committed":
+            final = "active" if record.kind == "deploy" else "rolled_back"
+            self._save_final(record.at(final))
+            self._event(record.cmd_id, final, decision.reason, model=self.active_model, **detail)
+            self._forget(record, final)
+            self.link.publish_status()
+        elif decision.action == "abandon":
+            trial = record.kind == "deploy" and record.phase in ("health_check", "switching")
+            self._finish_failed(
+                record, f"abandoned: {decision.reason}", bad=decision.bad, trial=trial, error="Interrupted"
+            )
+        else:
+            assert decision.resume_at is not None
+            resumed = record if decision.resume_at == "health_check" else replace(record, resumes=record.resumes + 1)
+            self._event(record.cmd_id, "received", f"resuming at {decision.resume_at}: {decision.reason}", **detail)
+            self._run_deployment(resumed, resume_at=decision.resume_at)
+
+
+class _Interrupted(Exception):
+    """``stop()`` was called during a deployment; its record stays for the next start."""
+
+
+def _health_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {"latency_ms": metrics.get("latency_ms"), "tolerance": metrics.get("tolerance")}
+
+
+def _edgeship_version() -> str:
+    try:
+        return metadata.version("edgeship")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,252 @@
+"""The OTA deployment state machine: commands, the durable deployment record, and restart decisions.
+
+Pure data and pure functions; the agent (``device_runtime.agent``) does all the I/O. See docs/ota.md.
+
+A deployment moves through these phases, each written to ``deploy.json`` before its work starts::
+
+    received -> downloading -> verifying -> staged -> health_check -> switching -> active
+                     |              |           |           |
+                     +--------------+-----------+-----------+---> failed (-> rolled_back after a trial)
+
+``switching`` is internal (the health check passed and the pointer is about to be written); the MQTT
+``events`` carry the phases of the contract. After a crash, ``recover`` decides what the restarted
+agent does with the record it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from sdk.errors import InputError
+
+__all__ = [
+    "COMMAND_TYPES",
+    "PHASES",
+    "CommandError",
+    "Deployment",
+    "Limits",
+    "Recovery",
+    "deployment_from_command",
+    "parse_command",
+    "parse_config",
+    "recover",
+]
+
+COMMAND_TYPES = ("deploy", "rollback", "config", "ping")
+PHASES = (
+    "received",
+    "downloading",
+    "verifying",
+    "staged",
+    "health_check",
+    "switching",
+    "active",
+    "failed",
+    "rolled_back",
+)
+TERMINAL = ("active", "failed", "rolled_back")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_MAX_ID = 128  # characters in a command id
+
+
+class CommandError(InputError):
+    """A command that cannot be carried out as given (missing or ill-typed keys)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How often an interrupted deployment is resumed before it is abandoned."""
+
+    max_trial_attempts: int = 2  # trial loads/health checks started (a crash there counts)
+    max_resumes: int = 3  # restarts that resumed a download or verification
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The durable record of the one OTA operation in progress (``deploy`` or ``rollback``)."""
+
+    cmd_id: str
+    kind: Literal["deploy", "rollback"]
+    phase: str = "received"
+    url: str = ""
+    sha256: str = ""  # expected sha256 of the bundle archive (deploy) or of the slot rolled back to
+    size: int | None = None  # exact size in bytes, when the command gave it
+    version: int | None = None  # the version the fleet announced (informational; the manifest decides)
+    allow_downgrade: bool = False
+    retry_bad: bool = False
+    slot: str | None = None  # the slot being written / switched to
+    attempts: int = 0  # trial loads started
+    resumes: int = 0  # restarts that resumed this deployment
+    previous: Mapping[str, Any] | None = None  # the active model when it started
+
+    def at(self, phase: str, **changes: Any) -> Deployment:
+        """This record in ``phase`` (with other fields changed)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        return replace(self, phase=phase, **changes)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Deployment:
+        """Parse a record written by ``to_bytes``.
+
+        Raises:
+            ValueError: not such a record.
+        """
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("a deployment record is a JSON object")
+        try:
+            record = cls(**raw)
+        except TypeError as e:
+            raise ValueError(f"deployment record: {e}") from e
+        if record.phase not in PHASES or record.kind not in ("deploy", "rollback"):
+            raise ValueError(f"deployment record with phase {record.phase!r}, kind {record.kind!r}")
+        return record
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise CommandError(message)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_command(cmd: Mapping[str, Any]) -> tuple[str, str]:
+    """Check a command's envelope; return ``(id, type)``.
+
+    Raises:
+        CommandError: no usable ``id`` or an unknown ``type``.
+    """
+    cmd_id = cmd.get("id")
+    _require(isinstance(cmd_id, str) and 0 < len(cmd_id) <= _MAX_ID, f"command id must be 1-{_MAX_ID} characters")
+    kind = cmd.get("type")
+    _require(kind in COMMAND_TYPES, f"command type must be one of {', '.join(COMMAND_TYPES)}, got {kind!r}")
+    return str(cmd_id), str(kind)
+
+
+def deployment_from_command(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> Deployment:
+    """The initial record of a ``deploy`` or ``rollback`` command.
+
+    Raises:
+        CommandError: a missing or ill-typed key (``url``, ``sha256``, ``size``, ``version``, ...).
+    """
+    cmd_id, kind = parse_command(cmd)
+    if kind == "rollback":
+        return Deployment(cmd_id=cmd_id, kind="rollback")
+    _require(kind == "deploy", f"command {cmd_id} is a {kind}, not a deployment")
+    url = cmd.get("url")
+    _require(isinstance(url, str) and url.startswith(("http://", "https://")), "deploy.url must be an http(s) URL")
+    sha = cmd.get("sha256")
+    _require(isinstance(sha, str) and _SHA256_RE.match(sha.lower()) is not None, "deploy.sha256 must be 64 hex digits")
+    size = cmd.get("size")
+    _require(size is None or (_int(size) and 0 < size <= max_bundle_bytes),
+             f"deploy.size must be an integer from 1 to {max_bundle_bytes} (the device's cap)")  # fmt: skip
+    version = cmd.get("version")
+    _require(version is None or (_int(version) and version >= 0), "deploy.version must be an integer >= 0")
+    for flag in ("allow_downgrade", "retry_bad"):
+        _require(isinstance(cmd.get(flag, False), bool), f"deploy.{flag} must be true or false")
+    return Deployment(
+        cmd_id=cmd_id,
+        kind="deploy",
+        url=str(url),
+        sha256=str(sha).lower(),
+        size=size,
+        version=version,
+        allow_downgrade=bool(cmd.get("allow_downgrade", False)),
+        retry_bad=bool(cmd.get("retry_bad", False)),
+    )
+
+
+def parse_config(cmd: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a ``config`` command changes: ``telemetry_interval_s`` (0.1-86400) and ``log_level``.
+
+    Raises:
+        CommandError: an unknown key, a value out of range, or nothing to change.
+    """
+    known = {"telemetry_interval_s", "log_level"}
+    settings = {k: v for k, v in cmd.items() if k not in ("schema", "id", "type", "ts")}
+    unknown = sorted(set(settings) - known)
+    _require(not unknown, f"config: unknown settings {unknown}; known: {sorted(known)}")
+    _require(bool(settings), f"config: nothing to change; known settings: {sorted(known)}")
+    if "telemetry_interval_s" in settings:
+        value = settings["telemetry_interval_s"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.1 <= value <= 86400
+        _require(ok, "config.telemetry_interval_s must be a number of seconds from 0.1 to 86400")
+        settings["telemetry_interval_s"] = float(value)
+    if "log_level" in settings:
+        level = settings["log_level"]
+        _require(
+            isinstance(level, str) and level.upper() in LOG_LEVELS, f"config.log_level must be one of {LOG_LEVELS}"
+        )
+        settings["log_level"] = str(level).upper()
+    return settings
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a restarted agent does with the deployment record it found.
+
+    Attributes:
+        action: ``"resume"`` (continue from ``resume_at``), ``"committed"`` (the pointer already names
+            the new bundle: report it active), ``"abandon"`` (report ``failed``; ``rolled_back`` too when
+            a trial had started; mark the bundle bad when ``bad``) or ``"report"`` (the record is terminal:
+            report its phase again and forget it).
+        resume_at: the phase to continue from.
+        reason: for the event's detail.
+        bad: the bundle itself is to blame (mark its sha256 bad).
+    """
+
+    action: Literal["resume", "committed", "abandon", "report"]
+    resume_at: str | None = None
+    reason: str = ""
+    bad: bool = False
+
+
+def recover(record: Deployment, active_sha256: str | None, limits: Limits = Limits()) -> Recovery:
+    """Decide what to do with a deployment record found at start, given the pointer's active sha256.
+
+    Pure. The rules (docs/ota.md, "Crash at each step"):
+
+    - a terminal record is reported again (its event may not have reached the outbox);
+    - a rollback is committed if the pointer names its slot's bundle, else abandoned (nothing changed);
+    - ``switching`` with the pointer on the new bundle is committed;
+    - a crash during the trial load or health check (``health_check``, or ``switching`` not yet
+      committed) is retried until ``max_trial_attempts`` trials have started, then abandoned and the
+      bundle marked bad: a bundle that kills the process is not retried forever;
+    - a crash while downloading, verifying or staging resumes (the download from its part file, the
+      verification from scratch) up to ``max_resumes`` times.
+    """
+    if record.terminal:
+        return Recovery("report", reason=f"the agent restarted after the deployment ended ({record.phase})")
+    if record.kind == "rollback":
+        if record.sha256 and active_sha256 == record.sha256:
+            return Recovery("committed", reason="the rollback was committed before the restart")
+        return Recovery("abandon", reason="the agent restarted before the rollback was committed; nothing changed")
+    if record.phase == "switching" and active_sha256 == record.sha256:
+        return Recovery("committed", reason="the switch was committed before the restart")
+    if record.phase in ("health_check", "switching"):
+        if record.attempts >= limits.max_trial_attempts:
+            return Recovery(
+                "abandon",
+                reason=f"the agent died during the trial load or health check {record.attempts} times",
+                bad=True,
+            )
+        return Recovery("resume", resume_at="health_check", reason="the agent restarted during the health check")
+    if record.resumes >= limits.max_resumes:
+        return Recovery("abandon", reason=f"the deployment was interrupted by {record.resumes + 1} restarts")
+    resume_at = "downloading" if record.phase in ("received", "downloading") else "verifying"
+    return Recovery("resume", resume_at=resume_at, reason=f"the agent restarted while {record.phase}")

@@ -1,0 +1,302 @@
+"""A/B model slots and the pointer that says which one is active.
+
+Layout under the agent's state directory::
+
+    slots/A/                    one installed bundle: bundle/ (verified members), manifest.json, slot.json
+    slots/B/                    the other one
+    slots/.incoming/            a bundle being verified (read_bundle's staging folder lives inside it)
+    pointer.json                {"active": "A", "slots": {"A": {...}, "B": {...} | null}, "floors": {...}}
+
+The pointer is the single commit point: it is replaced with temp file + fsync + ``os.replace`` + fsync of
+the folder (``sdk.fsutil.atomic_write_bytes``), so after a crash it is either the old or the new one, whole.
+A slot the pointer lists is complete: its entry is cleared (pointer written) *before* the folder is
+touched, and set only after the folder was filled and flushed. A slot folder the pointer does not list
+is garbage and may be removed at any time.
+
+``floors`` holds the highest version of each bundle name ever made active: the anti-rollback floor
+(a later deploy below it needs ``allow_downgrade``), which an explicit ``rollback`` does not lower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from device_runtime.errors import StateError
+from sdk.bundle import VerifiedBundle
+from sdk.errors import IntegrityError, ManifestError
+from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from sdk.manifest import Manifest, canonical_json
+
+__all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "other_slot"]
+
+SLOTS = ("A", "B")
+POINTER_FILE = "pointer.json"
+POINTER_SCHEMA = 1
+SLOTS_DIR = "slots"
+INCOMING = ".incoming"
+_BUNDLE = "bundle"
+_MANIFEST = "manifest.json"
+_SLOT_META = "slot.json"
+_CHUNK = 1 << 20  # bytes
+
+
+def other_slot(slot: str) -> str:
+    """``"B"`` for ``"A"`` and the reverse."""
+    return SLOTS[1 - SLOTS.index(slot)]
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """What the pointer records about one installed slot."""
+
+    name: str
+    version: int
+    target: str
+    sha256: str  # of the bundle archive
+    keyids: tuple[str, ...] = ()
+
+    def model(self) -> dict[str, Any]:
+        """The ``model`` object of the MQTT contract."""
+        return {"name": self.name, "version": self.version, "target": self.target, "sha256": self.sha256}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.model(), "keyids": list(self.keyids)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SlotInfo:
+        return cls(str(d["name"]), int(d["version"]), str(d["target"]), str(d["sha256"]), tuple(d.get("keyids", ())))
+
+    @classmethod
+    def of(cls, verified: VerifiedBundle) -> SlotInfo:
+        m = verified.manifest
+        return cls(m.name, m.version, m.target, verified.sha256, verified.keyids)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The pointer file's content; pure data."""
+
+    active: str | None = None
+    slots: Mapping[str, SlotInfo | None] = field(default_factory=lambda: {s: None for s in SLOTS})
+    floors: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.active is not None and self.active not in SLOTS:
+            raise StateError(f"pointer: active slot {self.active!r} is not one of {SLOTS}")
+        if self.active is not None and self.slots.get(self.active) is None:
+            raise StateError(f"pointer: active slot {self.active} has no bundle recorded")
+
+    @property
+    def active_info(self) -> SlotInfo | None:
+        return None if self.active is None else self.slots.get(self.active)
+
+    @property
+    def inactive(self) -> str:
+        """The slot a deployment writes into."""
+        return "A" if self.active is None else other_slot(self.active)
+
+    def floor(self, name: str) -> int | None:
+        return self.floors.get(name)
+
+    def with_slot(self, slot: str, info: SlotInfo | None) -> Pointer:
+        return replace(self, slots={**self.slots, slot: info})
+
+    def activate(self, slot: str, *, raise_floor: bool = True) -> Pointer:
+        """Make ``slot`` active; ``raise_floor`` lifts its name's version floor to its version."""
+        info = self.slots.get(slot)
+        if info is None:
+            raise StateError(f"cannot activate empty slot {slot}")
+        floors = dict(self.floors)
+        if raise_floor:
+            floors[info.name] = max(floors.get(info.name, info.version), info.version)
+        return replace(self, active=slot, floors=floors)
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(
+            {
+                "schema": POINTER_SCHEMA,
+                "active": self.active,
+                "slots": {s: (None if i is None else i.to_dict()) for s, i in sorted(self.slots.items())},
+                "floors": dict(self.floors),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Pointer:
+        """Parse a pointer file.
+
+        Raises:
+            StateError: not a pointer of this schema.
+        """
+        try:
+            raw = json.loads(data)
+            if raw.get("schema") != POINTER_SCHEMA:
+                raise ValueError(f"schema {raw.get('schema')!r}, expected {POINTER_SCHEMA}")
+            slots = {s: (None if raw["slots"].get(s) is None else SlotInfo.from_dict(raw["slots"][s])) for s in SLOTS}
+            floors = {str(k): int(v) for k, v in raw.get("floors", {}).items()}
+            return cls(active=raw.get("active"), slots=slots, floors=floors)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise StateError(f"{POINTER_FILE} is corrupt: {e}") from e
+
+
+class SlotStore:
+    """The slots folder and the pointer file of one state directory. One writer (the agent) at a time."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        """Open the slot folders, creating them if needed.
+
+        Raises:
+            StateError: the folders cannot be created.
+        """
+        self.root = Path(state_dir).absolute()
+        self.slots_dir = self.root / SLOTS_DIR
+        try:
+            self.slots_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create {self.slots_dir}: {e.strerror or e}") from e
+
+    @property
+    def pointer_path(self) -> Path:
+        return self.root / POINTER_FILE
+
+    @property
+    def incoming(self) -> Path:
+        """Where ``read_bundle`` extracts a new bundle: ``incoming / "bundle"``."""
+        return self.slots_dir / INCOMING
+
+    def slot_dir(self, slot: str) -> Path:
+        return self.slots_dir / slot
+
+    def read_pointer(self) -> Pointer:
+        """The current pointer; an empty one when none was written yet.
+
+        Raises:
+            StateError: the file is unreadable or corrupt.
+        """
+        try:
+            data = self.pointer_path.read_bytes()
+        except FileNotFoundError:
+            return Pointer()
+        except OSError as e:
+            raise StateError(f"cannot read {self.pointer_path}: {e.strerror or e}") from e
+        return Pointer.from_bytes(data)
+
+    def write_pointer(self, pointer: Pointer) -> None:
+        """Replace the pointer atomically and durably (temp file, fsync, ``os.replace``, fsync folder).
+
+        Raises:
+            StateError: it cannot be written.
+        """
+        try:
+            atomic_write_bytes(self.pointer_path, pointer.to_bytes())
+        except OSError as e:
+            raise StateError(f"cannot write {self.pointer_path}: {e.strerror or e}") from e
+
+    def clean_incoming(self) -> None:
+        """Remove a half-verified bundle (and read_bundle's staging folders) left by a crash."""
+        shutil.rmtree(self.incoming, ignore_errors=True)
+
+    def clean_unlisted(self, pointer: Pointer, keep: str | None = None) -> None:
+        """Remove slot folders the pointer does not list (crash leftovers), except ``keep`` (a staged slot)."""
+        for slot in SLOTS:
+            if pointer.slots.get(slot) is None and slot != keep:
+                shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
+
+    def install(self, slot: str, verified: VerifiedBundle) -> VerifiedBundle:
+        """Move a bundle verified into ``incoming / "bundle"`` into ``slot``, flushed to disk.
+
+        The caller must already have cleared ``slot`` in the pointer, and sets it after this returns.
+
+        Returns:
+            The same bundle, now rooted in the slot.
+
+        Raises:
+            StateError: the files cannot be written or moved.
+        """
+        if verified.root != self.incoming / _BUNDLE:
+            raise StateError(f"install expects a bundle verified into {self.incoming / _BUNDLE}")
+        target = self.slot_dir(slot)
+        try:
+            (self.incoming / _MANIFEST).write_bytes(verified.manifest.to_bytes())
+            (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
+            # read_bundle renames but does not flush member data; a power cut must not leave the pointer
+            # on a slot with truncated files.
+            for path in [*sorted(self.incoming.rglob("*")), self.incoming]:
+                if path.is_file():
+                    fsync_file(path)
+                else:
+                    fsync_dir(path)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(self.incoming, target)
+            fsync_dir(self.slots_dir)
+        except OSError as e:
+            raise StateError(f"cannot install into slot {slot}: {e.strerror or e}") from e
+        return replace(verified, root=target / _BUNDLE)
+
+    def open_staged(self, slot: str, sha256: str) -> VerifiedBundle:
+        """A slot installed by a deployment but not yet in the pointer, re-hashed.
+
+        Raises:
+            IntegrityError: the slot is incomplete, holds another bundle or a changed file.
+            StateError: its metadata is unreadable.
+        """
+        try:
+            meta = SlotInfo.from_dict(json.loads((self.slot_dir(slot) / _SLOT_META).read_bytes()))
+        except FileNotFoundError as e:
+            raise IntegrityError(f"slot {slot} is incomplete: {e.filename} is missing") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateError(f"slot {slot}'s metadata is unreadable: {e}") from e
+        if meta.sha256 != sha256:
+            raise IntegrityError(f"slot {slot} holds bundle {meta.sha256[:12]}, not {sha256[:12]}")
+        return self.open_slot(slot, meta)
+
+    def open_slot(self, slot: str, expected: SlotInfo, *, check_hashes: bool = True) -> VerifiedBundle:
+        """A slot's bundle as a ``VerifiedBundle``, after checking it still is what the pointer says.
+
+        Args:
+            slot: ``"A"`` or ``"B"``.
+            expected: the pointer's record of the slot.
+            check_hashes: re-hash every member against the manifest (catches on-disk corruption).
+
+        Raises:
+            IntegrityError: a member is missing, changed, or the slot holds another bundle.
+            StateError: the slot's metadata is unreadable.
+        """
+        folder = self.slot_dir(slot)
+        try:
+            meta = SlotInfo.from_dict(json.loads((folder / _SLOT_META).read_bytes()))
+            manifest = Manifest.from_bytes((folder / _MANIFEST).read_bytes())
+        except FileNotFoundError as e:
+            raise IntegrityError(f"slot {slot} is incomplete: {e.filename} is missing") from e
+        except (OSError, ValueError, KeyError, TypeError, ManifestError) as e:
+            raise StateError(f"slot {slot}'s metadata is unreadable: {e}") from e
+        if meta.sha256 != expected.sha256 or manifest.name != expected.name or manifest.version != expected.version:
+            raise IntegrityError(f"slot {slot} holds {meta.name} v{meta.version}, the pointer expects {expected}")
+        root = folder / _BUNDLE
+        if check_hashes:
+            for entry in manifest.files:
+                path = root / entry.path
+                try:
+                    digest, size = _hash_file(path)
+                except OSError as e:
+                    raise IntegrityError(f"slot {slot}: {entry.path} is unreadable: {e.strerror or e}") from e
+                if size != entry.size or digest != entry.sha256:
+                    raise IntegrityError(f"slot {slot}: {entry.path} does not match its manifest hash")
+        return VerifiedBundle(manifest=manifest, root=root, sha256=expected.sha256, keyids=expected.keyids)
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size

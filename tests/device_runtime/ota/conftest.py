@@ -1,0 +1,123 @@
+"""Fixtures for the OTA agent tests: Mosquitto, the HTTP server, the fleet stand-in, agents and bundles.
+
+The broker and HTTP server are the transport tests' real parts (``../agent/agent_parts.py``), reused.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+
+from agent_parts import Broker, HttpServer, HttpState, free_port, make_handler
+from ota_parts import FLEET, Fleet, connect_fleet
+from runtime_bundles import BundleMaker, Keys
+
+from device_runtime.agent import Agent, AgentConfig
+from device_runtime.mqtt import MqttSettings
+from device_runtime.ota import Limits
+from sdk.signing import TrustedKeys
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """``broker_factory(start=True, port=None) -> Broker``; all are stopped after the test."""
+    brokers: list[Broker] = []
+
+    def make(start: bool = True, port: int | None = None) -> Broker:
+        folder = tmp_path / f"broker{len(brokers)}"
+        folder.mkdir()
+        broker = Broker(folder, port or free_port())
+        brokers.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    return broker_factory()
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpServer]:
+    state = HttpState()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield HttpServer(state, f"http://127.0.0.1:{server.server_address[1]}/bundle")
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def fleet_factory() -> Iterator[Callable[[int, str], Fleet]]:
+    made: list[Fleet] = []
+
+    def make(port: int, device_id: str = "dev1") -> Fleet:
+        fleet = connect_fleet(port, device_id)
+        made.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in made:
+        fleet.close()
+
+
+@pytest.fixture
+def v1(make_bundle: BundleMaker) -> Path:
+    return make_bundle(version=1)
+
+
+@pytest.fixture
+def v2(make_bundle: BundleMaker) -> Path:
+    return make_bundle(version=2)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Agent]]:
+    """``agent_factory(port, bundle=None, device_id="dev1", start=True, **config) -> Agent`` (stopped after)."""
+    agents: list[Agent] = []
+
+    def make(
+        port: int, bundle: Path | None = None, *, device_id: str = "dev1", start: bool = True, **overrides: Any
+    ) -> Agent:
+        settings = MqttSettings(
+            "127.0.0.1", port, device_id, fleet=FLEET, keepalive_s=5, backoff_base_s=0.05, backoff_cap_s=0.5,
+            stop_timeout_s=2.0,
+        )  # fmt: skip
+        config = AgentConfig(
+            state_dir=overrides.pop("state_dir", tmp_path / f"state-{device_id}"),
+            mqtt=settings,
+            trust=TrustedKeys.from_files([keys.public]),
+            initial_bundle=bundle,
+            telemetry_interval_s=overrides.pop("telemetry_interval_s", 60.0),
+            download_read_timeout_s=overrides.pop("download_read_timeout_s", 5.0),
+            download_deadline_s=overrides.pop("download_deadline_s", 30.0),
+            health_timeout_s=overrides.pop("health_timeout_s", 10.0),
+            intra_op_threads=1,
+            limits=overrides.pop("limits", Limits()),
+            **overrides,
+        )
+        agent = Agent(config)
+        agents.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()

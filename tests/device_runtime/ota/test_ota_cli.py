@@ -1,0 +1,76 @@
+"""``edgeship-device run`` and ``edgeship broker`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from agent_parts import Broker, HttpServer, free_port, wait_for
+from ota_parts import ROOT, AgentProcess, Fleet, connect_fleet, deploy_cmd, unique_seqs
+from runtime_bundles import Keys
+
+from device_runtime.cli import main as device_main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_device_run_end_to_end(
+    tmp_path: Path,
+    broker: Broker,
+    keys: Keys,
+    fleet_factory: Callable[..., Fleet],
+    http_server: HttpServer,
+    v1: Path,
+    v2: Path,
+) -> None:
+    fleet = fleet_factory(broker.port, "cli-dev")
+    agent = AgentProcess(tmp_path / "state", broker.port, "cli-dev", keys.public, v1)
+    agent.start()
+    try:
+        fleet.wait_status(lambda s: s["state"] == "online" and s["model"]["version"] == 1, 20, "online v1")
+        http_server.state.body = v2.read_bytes()
+        fleet.send(deploy_cmd(http_server.url, v2, "cli-1"))
+        fleet.wait_phase("cli-1", "active", 30)
+        fleet.wait_status(lambda s: s["model"]["version"] == 2, 10, "v2")
+        wait_for(lambda: len(fleet.telemetry()) >= 1, 10, "telemetry at the 1 s interval")
+        assert fleet.telemetry()[-1]["model"]["version"] == 2
+        assert agent.terminate() == 0, agent.tail()
+        fleet.wait_status(lambda s: s["state"] == "offline", 10, "offline after SIGTERM")
+        pointer = json.loads((tmp_path / "state" / "pointer.json").read_text())
+        assert pointer["slots"][pointer["active"]]["version"] == 2
+        # a restart serves v2 without the initial bundle and continues the telemetry seq
+        before = max(unique_seqs(fleet.telemetry()))
+        agent.start()
+        fleet.wait_status(lambda s: s["state"] == "online" and s["model"]["version"] == 2, 20, "v2 after restart")
+        wait_for(lambda: max(unique_seqs(fleet.telemetry())) > before, 10, "telemetry after the restart")
+    finally:
+        agent.kill()
+
+
+def test_device_run_usage_errors(tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["run", "--state-dir", str(tmp_path / "s"), "--device-id", "d", "--trust", str(keys.public)]
+    assert device_main([*base, "--broker", "http://x:1"]) == 1
+    assert "mqtt://HOST:PORT" in capsys.readouterr().err
+    assert device_main([*base, "--broker", "mqtts://x:8883"]) == 1
+    assert "--tls-ca" in capsys.readouterr().err
+    assert device_main([*base, "--broker", "mqtt://x:1", "--device-id", "a/b"]) == 1
+    assert device_main(["run", "--state-dir", "x"]) == 2
+
+
+def test_edgeship_broker_command(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdk.cli", "broker", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "embedded MQTT broker" in proc.stdout.readline()
+        fleet = connect_fleet(port, "probe")
+        fleet.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

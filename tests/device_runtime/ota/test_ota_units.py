@@ -1,0 +1,114 @@
+"""The pure parts: pointer, deployment record, restart decisions, command parsing, slots on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from runtime_bundles import Keys
+
+from device_runtime._sysinfo import arch_compatible, capabilities, machine_arch, target_runs_here, version_at_least
+from device_runtime.errors import StateError
+from device_runtime.ota import CommandError, Deployment, Limits, deployment_from_command, parse_config, recover
+from device_runtime.slots import Pointer, SlotInfo, SlotStore
+from sdk.bundle import read_bundle
+from sdk.errors import IntegrityError
+from sdk.signing import TrustedKeys
+
+SHA = "ab" * 32
+INFO = SlotInfo("m", 3, "onnxruntime", SHA, ("k",))
+
+
+def test_pointer_round_trip_and_floors() -> None:
+    p = Pointer().with_slot("A", INFO).activate("A")
+    assert p.active == "A" and p.inactive == "B" and p.floor("m") == 3
+    q = Pointer.from_bytes(p.to_bytes())
+    assert q == p
+    older = SlotInfo("m", 1, "onnxruntime", "cd" * 32)
+    r = q.with_slot("B", older).activate("B", raise_floor=False)  # an explicit rollback keeps the floor
+    assert r.active == "B" and r.floor("m") == 3
+    with pytest.raises(StateError):
+        Pointer(active="B")  # active slot without a bundle
+    with pytest.raises(StateError):
+        Pointer.from_bytes(b"{not json")
+
+
+def _dep(phase: str, **kw: object) -> Deployment:
+    return Deployment(cmd_id="c", kind="deploy", sha256=SHA, url="http://x/b", **kw).at(phase)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("record", "active", "action", "resume_at", "bad"),
+    [
+        (_dep("received"), None, "resume", "downloading", False),
+        (_dep("downloading"), None, "resume", "downloading", False),
+        (_dep("verifying"), None, "resume", "verifying", False),
+        (_dep("staged"), None, "resume", "verifying", False),
+        (_dep("downloading", resumes=3), None, "abandon", None, False),
+        (_dep("health_check", attempts=1), None, "resume", "health_check", False),
+        (_dep("health_check", attempts=2), None, "abandon", None, True),
+        (_dep("switching", attempts=1), SHA, "committed", None, False),
+        (_dep("switching", attempts=1), "ef" * 32, "resume", "health_check", False),
+        (_dep("active"), SHA, "report", None, False),
+        (Deployment("r", "rollback", sha256=SHA).at("health_check"), SHA, "committed", None, False),
+        (Deployment("r", "rollback", sha256=SHA).at("health_check"), None, "abandon", None, False),
+    ],
+)
+def test_recover(record: Deployment, active: str | None, action: str, resume_at: str | None, bad: bool) -> None:
+    decision = recover(record, active, Limits(max_trial_attempts=2, max_resumes=3))
+    assert (decision.action, decision.resume_at, decision.bad) == (action, resume_at, bad)
+    assert Deployment.from_bytes(record.to_bytes()) == record
+
+
+def test_command_parsing() -> None:
+    ok = {"id": "d", "type": "deploy", "url": "https://h/b", "sha256": SHA.upper(), "size": 10, "version": 2}
+    dep = deployment_from_command(ok, max_bundle_bytes=100)
+    assert dep.sha256 == SHA and dep.size == 10 and not dep.allow_downgrade
+    for bad in (
+        {"url": "file:///etc/passwd"},
+        {"sha256": "xyz"},
+        {"size": 101},
+        {"size": True},
+        {"allow_downgrade": "yes"},
+    ):
+        with pytest.raises(CommandError):
+            deployment_from_command({**ok, **bad}, max_bundle_bytes=100)
+    with pytest.raises(CommandError):
+        deployment_from_command({"type": "deploy"}, max_bundle_bytes=100)
+    assert parse_config({"id": "c", "type": "config", "telemetry_interval_s": 5, "log_level": "debug"}) == {
+        "telemetry_interval_s": 5.0,
+        "log_level": "DEBUG",
+    }
+    for bad_cfg in ({"telemetry_interval_s": 0}, {"colour": "red"}, {}):
+        with pytest.raises(CommandError):
+            parse_config({"id": "c", "type": "config", **bad_cfg})
+
+
+def test_sysinfo() -> None:
+    assert machine_arch("AMD64") == "x86_64" and machine_arch("arm64") == "aarch64"
+    assert arch_compatible(None, "x86_64") and arch_compatible(["any"], "riscv64")
+    assert arch_compatible(["amd64"], "x86_64") and not arch_compatible(["aarch64"], "x86_64")
+    assert version_at_least("1.20.1", "1.17") and not version_at_least("1.16.3", "1.17")
+    assert version_at_least("1.17.0rc1", "1.17")
+    assert target_runs_here("coreml", "darwin") and not target_runs_here("coreml", "linux")
+    assert target_runs_here("onnxruntime", "linux")
+    caps = capabilities()
+    assert set(caps) >= {"arch", "runtimes", "accelerators"} and "onnxruntime" in caps["runtimes"]
+
+
+def test_slot_install_open_and_tamper(tmp_path: Path, linear_bundle: Path, keys: Keys) -> None:
+    store = SlotStore(tmp_path)
+    verified = read_bundle(linear_bundle, TrustedKeys.from_files([keys.public]), store.incoming / "bundle")
+    staged = store.install("B", verified)
+    assert not store.incoming.exists() and staged.root == tmp_path / "slots" / "B" / "bundle"
+    info = SlotInfo.of(verified)
+    store.write_pointer(Pointer().with_slot("B", info).activate("B"))
+    assert json.loads(store.pointer_path.read_text())["active"] == "B"
+    assert store.open_slot("B", store.read_pointer().slots["B"]).manifest.name == "linear"  # type: ignore[arg-type]
+    assert store.open_staged("B", info.sha256).sha256 == info.sha256
+    (staged.root / "model.onnx").write_bytes(b"corrupt")
+    with pytest.raises(IntegrityError):
+        store.open_slot("B", info)
+    store.clean_unlisted(Pointer())
+    assert not store.slot_dir("B").exists()
