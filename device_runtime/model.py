@@ -350,6 +350,7 @@ def load(
     device: str | None = None,
     performance_hint: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    compute_units: str | None = None,
     metrics: Metrics | None = None,
 ) -> Model:
     """Verify a bundle completely, then load it in the backend its target needs.
@@ -369,6 +370,7 @@ def load(
         device: OpenVINO bundles: the device (CPU, GPU, NPU, AUTO) instead of the bundle's.
         performance_hint: OpenVINO bundles: LATENCY or THROUGHPUT instead of the bundle's.
         cache_dir: OpenVINO bundles: a folder for compiled models, so a restart does not recompile.
+        compute_units: Core ML bundles: ALL, CPU_ONLY, CPU_AND_NE or CPU_AND_GPU instead of the bundle's.
         metrics: count this model's calls in an existing ``Metrics`` (one that outlives model swaps);
             default a new one.
 
@@ -386,12 +388,7 @@ def load(
     """
     trusted = TrustedKeys.coerce(trust)  # type: ignore[arg-type]
     limits = limits or ReadLimits()
-    if isinstance(providers, str):  # one name, not its characters
-        providers = [providers]
-    options = BackendOptions(
-        providers=tuple(providers) if providers is not None else None, intra_op_threads=intra_op_threads,
-        device=device, performance_hint=performance_hint, cache_dir=os.fspath(cache_dir) if cache_dir else None,
-    )  # fmt: skip
+    options = _backend_options(providers, intra_op_threads, device, performance_hint, cache_dir, compute_units)
     if state_dir is None:
         temp_dir = Path(tempfile.mkdtemp(prefix="edgeship-model-"))
         try:
@@ -425,6 +422,7 @@ def load_verified(
     device: str | None = None,
     performance_hint: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    compute_units: str | None = None,
     metrics: Metrics | None = None,
 ) -> Model:
     """Load a bundle that ``sdk.bundle.read_bundle`` has already verified into ``verified.root``.
@@ -435,13 +433,28 @@ def load_verified(
     Raises:
         BackendError: no adapter for the target, its runtime is missing, or it cannot load the model.
     """
-    if isinstance(providers, str):
-        providers = [providers]
-    options = BackendOptions(
-        providers=tuple(providers) if providers is not None else None, intra_op_threads=intra_op_threads,
-        device=device, performance_hint=performance_hint, cache_dir=os.fspath(cache_dir) if cache_dir else None,
-    )  # fmt: skip
+    options = _backend_options(providers, intra_op_threads, device, performance_hint, cache_dir, compute_units)
     return Model(verified, verified.root, _load_backend(verified, options), None, metrics)
+
+
+def _backend_options(
+    providers: Iterable[str] | None,
+    intra_op_threads: int | None,
+    device: str | None,
+    performance_hint: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    compute_units: str | None,
+) -> BackendOptions:
+    if isinstance(providers, str):  # one name, not its characters
+        providers = [providers]
+    return BackendOptions(
+        providers=tuple(providers) if providers is not None else None,
+        intra_op_threads=intra_op_threads,
+        device=device,
+        performance_hint=performance_hint,
+        cache_dir=os.fspath(cache_dir) if cache_dir else None,
+        compute_units=compute_units,
+    )
 
 
 def _load_backend(verified: VerifiedBundle, options: BackendOptions) -> Backend:

@@ -197,7 +197,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise InputError("give --input FILE.npy (or NAME=FILE.npy per input) or --text")
         outputs = model.predict(feeds)
     if args.out:
-        np.savez(args.out, **outputs)
+        np.savez(args.out, **outputs)  # type: ignore[arg-type]  # numpy stubs take **kwds as allow_pickle
     summary = {}
     for name, arr in outputs.items():
         entry: dict[str, Any] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}

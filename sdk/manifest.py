@@ -153,7 +153,10 @@ class TensorSpec:
         _require(isinstance(self.shape, (tuple, list)), f"tensor {self.name!r}: shape must be a list")
         object.__setattr__(self, "shape", tuple(self.shape))
         for dim in self.shape:
-            ok = (_is_int(dim) and dim >= 0) or (isinstance(dim, str) and _DIM_RE.match(dim) is not None)
+            if isinstance(dim, str):
+                ok = _DIM_RE.match(dim) is not None
+            else:
+                ok = _is_int(dim) and dim >= 0
             _require(ok, f"tensor {self.name!r}: dimension {dim!r} must be a non-negative int or a name")
 
     def to_dict(self) -> dict[str, Any]:
