@@ -255,7 +255,7 @@ def test_package_refuses_bad_inputs_in_one_line(
     junk.write_bytes(b"\x00not a model" * 50)
     code, _, err = _run(capsys, *base, junk)
     _assert_one_line_error(code, err, "junk.onnx")
-    code, _, err = _run(capsys, *base, onnx_model, "--precision", "int4")
+    code, _, err = _run(capsys, *base, onnx_model, "--precision", "int4-palette")
     _assert_one_line_error(code, err, "fp32")  # the message lists the valid choices
     code, _, err = _run(capsys, *base, onnx_model, "--target", "nosuchtarget")
     _assert_one_line_error(code, err, "onnxruntime")
