@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packagers.options import INPUT_KINDS, Capabilities, PackageOptions, Precision, Target
+from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner
 from sdk.errors import PackagingError
 
@@ -45,7 +45,7 @@ __all__ = ["CAPABILITIES", "OnnxRuntimePackager", "make_session", "runtime_min_v
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4),
-    input_kinds=INPUT_KINDS,
+    input_kinds=("torch", "transformers", "onnx"),
     dynamic_shapes=True,
 )
 MODEL_MEMBER = "model.onnx"

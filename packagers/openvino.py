@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packagers.options import INPUT_KINDS, Capabilities, PackageOptions, Precision, Target
+from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner
 from sdk.errors import PackagingError
 
@@ -46,7 +46,7 @@ __all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtim
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_WEIGHTS, Precision.INT4),
-    input_kinds=INPUT_KINDS,
+    input_kinds=("torch", "transformers", "onnx"),
     dynamic_shapes=True,
 )
 MODEL_MEMBER = "model.xml"

@@ -27,7 +27,7 @@ __all__ = [
     "Tolerances",
 ]
 
-INPUT_KINDS = ("torch", "transformers", "onnx")
+INPUT_KINDS = ("torch", "transformers", "onnx", "keras")  # every kind packagers.sources can load
 
 
 class Target(str, Enum):

@@ -138,3 +138,12 @@ def test_two_keys_label_and_expiry(mlp: torch.nn.Module, key: Ed25519PrivateKey,
     assert len(bundle.keyids) == 2
     only_second = TrustedKeys((load_private_key(second_priv).public_key(),))
     assert open_bundle(result, only_second, tmp_path / "again").manifest.version == 9
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "coreml"])
+def test_keras_input_refused_where_no_converter_takes_it(target: str, tmp_path: Path) -> None:
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"never opened: the refusal comes first")
+    with pytest.raises(PackagingError, match=f"target {target} cannot build from a keras model; valid input kinds"):
+        package(model, name="m", version=1, key=tmp_path / "no-such.key", out_dir=tmp_path / "out", target=target)
+    assert not (tmp_path / "out").exists()
