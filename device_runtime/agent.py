@@ -11,9 +11,11 @@ One ``Agent`` owns one state directory::
     STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
     STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.outbox)
 
-Threads: the ``DeviceLink``'s (network, outbox drain, command dispatch), ``edgeship-telemetry`` and
-``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived). Local callers
-use ``Agent.predict`` from any thread; a swap never fails one of them (see ``_Serving``).
+Threads: the ``DeviceLink``'s (network, outbox drain, command dispatch), ``edgeship-telemetry``,
+``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived) and
+``edgeship-events`` (appends events to the outbox in order, so no step waits for its fsync). Local
+callers use ``Agent.predict`` from any thread, or HTTP when ``AgentConfig.serve`` is set (the
+``ModelServer``'s threads); a swap never fails one of them (see ``_Serving``).
 
 Test hook: with ``EDGESHIP_AGENT_CRASH_AT=<point>`` in the environment the process SIGKILLs itself at
 that point of a deployment; the points are ``CRASH_POINTS`` (docs/ota.md describes each).
@@ -29,13 +31,15 @@ import queue
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +47,7 @@ from device_runtime import _sysinfo
 from device_runtime.backends import BACKENDS
 from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import HealthCheckError, StateError
+from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from device_runtime.mqtt import DeviceLink, MqttSettings
 from device_runtime.ota import (
@@ -55,10 +60,11 @@ from device_runtime.ota import (
     recover,
 )
 from device_runtime.outbox import Outbox
-from device_runtime.slots import Pointer, SlotInfo, SlotStore, other_slot
+from device_runtime.serve import ModelServer
+from device_runtime.slots import Pointer, SlotInfo, SlotStore, TreeFlush, other_slot
 from sdk.bundle import VerifiedBundle, check_freshness, inspect_bundle, read_bundle
-from sdk.errors import BackendError, BundleError, EdgeshipError, InputError, RollbackError, TransportError
-from sdk.fsutil import atomic_write_bytes
+from sdk.errors import BackendError, BundleError, EdgeshipError, RollbackError, TransportError
+from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from sdk.manifest import Manifest, canonical_json
 from sdk.signing import TrustedKeys
 
@@ -76,6 +82,7 @@ _DOWNLOADS = "downloads"
 _OUTBOX = "outbox.sqlite"
 _KEEP_COMMANDS = 512  # finished command ids remembered for de-duplication
 _KEEP_BAD = 256  # bad bundle hashes remembered
+_IO_THREADS = 8  # fsyncs a deployment issues at once (the slot's files and folders, its record)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ class AgentConfig:
         outbox_max_messages: telemetry and events kept while the broker is unreachable.
         intra_op_threads: threads inside one operator (None: the runtime's choice).
         providers: execution providers to use instead of the bundle's.
+        serve: also serve the active model over HTTP (``device_runtime.serve.ModelServer``: predict,
+            model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
+        serve_host: address the HTTP server binds (loopback: this machine only).
+        serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
     """
 
     state_dir: Path
@@ -118,6 +129,9 @@ class AgentConfig:
     outbox_max_messages: int = 10_000  # messages
     intra_op_threads: int | None = None
     providers: tuple[str, ...] | None = None
+    serve: bool = False
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8080
 
 
 # ---- small durable records ---------------------------------------------------------------------
@@ -133,11 +147,46 @@ def _read_json(path: Path, default: Any) -> Any:
         return default
 
 
-def _write_json(path: Path, value: Any) -> None:
+def _write_json(path: Path, value: Any, *, durable: bool = True) -> None:
+    """Replace ``path`` atomically: temp file, fsync, ``os.replace``, fsync of the folder.
+
+    ``durable=False`` skips both fsyncs: the new file is whole and in place for any process that reads it
+    after this returns (a kill -9 does not lose the page cache), but a power cut may leave the previous
+    file or, where the rename reached the disk before the data, an unreadable one. The caller flushes it
+    with ``_fsync_file_and_folder`` before anything that relies on it surviving power loss.
+
+    Raises:
+        StateError: it cannot be written.
+    """
     try:
-        atomic_write_bytes(path, canonical_json(value))
+        if durable:
+            atomic_write_bytes(path, canonical_json(value))
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(canonical_json(value))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _fsync_file_and_folder(path: Path) -> None:
+    """Make a file written with ``_write_json(durable=False)`` durable (data, then its name).
+
+    Raises:
+        StateError: it cannot be flushed (a file that is gone already needs nothing).
+    """
+    try:
+        fsync_file(path)
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateError(f"cannot flush {path}: {e.strerror or e}") from e
 
 
 class _Journal:
@@ -203,88 +252,6 @@ class _BadBundles:
 # ---- metrics -----------------------------------------------------------------------------------
 
 
-class _MetricsLike(Protocol):
-    def observe(self, latency_s: float, queue_s: float = 0.0) -> None: ...
-
-    def error(self, kind: str) -> None: ...
-
-    def snapshot(self, reset_window: bool = False) -> dict[str, Any]: ...
-
-
-class _MinimalMetrics:
-    """Latency and count tracking used until ``device_runtime.metrics.Metrics`` is available."""
-
-    _MAX_SAMPLES = 20_000  # latencies kept per window
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._latencies: list[float] = []
-        self._count = 0
-        self._errors: dict[str, int] = {}
-        self._window_start = time.monotonic()
-        self._cpu_mark = (time.monotonic(), sum(os.times()[:2]))
-
-    def observe(self, latency_s: float, queue_s: float = 0.0) -> None:
-        with self._lock:
-            self._count += 1
-            if len(self._latencies) < self._MAX_SAMPLES:
-                self._latencies.append(latency_s)
-
-    def error(self, kind: str) -> None:
-        with self._lock:
-            self._errors[kind] = self._errors.get(kind, 0) + 1
-
-    def snapshot(self, reset_window: bool = False) -> dict[str, Any]:
-        now = time.monotonic()
-        with self._lock:
-            latencies = np.asarray(self._latencies) * 1000.0
-            snap: dict[str, Any] = {
-                "count": self._count,
-                "errors": dict(self._errors),
-                "error_count": sum(self._errors.values()),
-                "latency_ms": {
-                    f"p{q}": (round(float(np.percentile(latencies, q)), 3) if latencies.size else None)
-                    for q in (50, 95, 99)
-                },
-                "window_s": round(now - self._window_start, 3),
-            }
-            cpu_wall, cpu_used = self._cpu_mark
-            used = sum(os.times()[:2])
-            snap["cpu_pct"] = round(100.0 * (used - cpu_used) / max(now - cpu_wall, 1e-6), 1)
-            if reset_window:
-                self._latencies, self._count, self._errors = [], 0, {}
-                self._window_start = now
-                self._cpu_mark = (now, used)
-        snap["rss_mb"] = _rss_mb()
-        snap["temperature_c"] = _temperature_c()
-        return snap
-
-
-def _rss_mb() -> float | None:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _temperature_c() -> float | None:
-    try:
-        with open("/sys/class/thermal/thermal_zone0/temp", encoding="ascii") as f:
-            return round(int(f.read().strip()) / 1000.0, 1)
-    except (OSError, ValueError):
-        return None
-
-
-def _new_metrics() -> _MetricsLike:
-    """The runtime's ``Metrics`` when that module exists, else this module's minimal tracker."""
-    try:
-        from device_runtime.metrics import Metrics  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return _MinimalMetrics()
-    return Metrics()  # type: ignore[no-any-return]
-
-
 # ---- serving and the atomic swap ---------------------------------------------------------------
 
 
@@ -330,16 +297,23 @@ class _Serving:
         if close:
             active.model.close()
 
-    def swap(self, new: _Active | None) -> _Active | None:
+    def swap(self, new: _Active | None, *, close_old: bool = True) -> _Active | None:
+        """Serve ``new`` from now on; return the old one. ``close_old=False``: the caller ``retire``s it later
+        (the old model is then still open, but no new call reaches it)."""
         with self._lock:
             old, self._active = self._active, new
-            close = old is not None and old.inflight == 0 and not old.closed
-            if old is not None:
-                old.retired = True
-                old.closed = old.closed or close
-        if close and old is not None:
-            old.model.close()
+        if old is not None and close_old:
+            self.retire(old)
         return old
+
+    def retire(self, old: _Active) -> None:
+        """Close a swapped-out model now, or when its last call returns."""
+        with self._lock:
+            close = old.inflight == 0 and not old.closed
+            old.retired = True
+            old.closed = old.closed or close
+        if close:
+            old.model.close()
 
 
 # ---- download with a crash hook ----------------------------------------------------------------
@@ -421,13 +395,23 @@ class Agent:
         saved = _read_json(self.state_dir / _CONFIG_FILE, {})
         if isinstance(saved, dict):
             self._settings.update({k: v for k, v in saved.items() if k in self._settings})
-        self._metrics = _new_metrics()
+        # One Metrics for every model the agent serves: telemetry counts Agent.predict and HTTP calls
+        # alike, across swaps (a health check is not counted).
+        self._metrics = Metrics()
         self._serving = _Serving()
         self._deployment: Deployment | None = None  # what deploy.json holds, for the status
+        # Threads for fsyncs that run beside a deployment's other steps (started in start(): a thread
+        # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
+        self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io")
+        self._record_flush: Future[None] | None = None  # the fsyncs of the last deploy.json (see _save)
+        self._staged_flush: TreeFlush | None = None  # the fsyncs of the bundle being staged (_verify_and_stage)
         self._ota_queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._wake_telemetry = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._events: queue.SimpleQueue[dict[str, Any] | threading.Event | None] = queue.SimpleQueue()
+        self._event_writer: threading.Thread | None = None
+        self.server: ModelServer | None = None  # the local HTTP endpoint, with ``config.serve``
         self._capabilities = _sysinfo.capabilities()
         self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
         self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
@@ -441,15 +425,31 @@ class Agent:
     def start(self) -> None:
         """Load the active model (or the initial bundle), connect, and resume an interrupted deployment.
 
-        Returns at once when the broker is down: the link keeps retrying.
+        Returns at once when the broker is down: the link keeps retrying. With ``config.serve`` the HTTP
+        endpoint is up (serving the model, or 503 while there is none) before the broker is contacted.
 
         Raises:
             RuntimeError: already started.
+            TransportError: ``config.serve`` and the HTTP address cannot be bound (the agent is stopped).
         """
         if self._threads:
             raise RuntimeError("Agent.start() called twice")
+        self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
+        self._event_writer.start()
+        ready = threading.Barrier(_IO_THREADS + 1)  # every I/O thread started now, not during a deployment
+        for _ in range(_IO_THREADS):
+            self._io.submit(ready.wait)
+        ready.wait()
         record = self._read_deployment()
         self._boot(record)
+        if self.config.serve:
+            server = ModelServer(self._current_model, self.config.serve_host, self.config.serve_port)
+            try:
+                server.start()
+            except TransportError:
+                self.stop()
+                raise
+            self.server = server
         self.link.start()
         for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -473,7 +473,14 @@ class Agent:
         self._ota_queue.put(None)
         for thread in self._threads:
             thread.join(timeout=timeout_s)
+        if self._event_writer is not None:  # every event reported so far goes into the outbox
+            self._events.put(None)
+            self._event_writer.join(timeout=timeout_s)
+            self._event_writer = None
         self.link.stop()
+        if self.server is not None:
+            self.server.stop()
+        self._io.shutdown(wait=True)
         self._serving.swap(None)
         self._outbox.close()
 
@@ -493,19 +500,24 @@ class Agent:
             BackendError: the runtime failed.
         """
         active = self._serving.acquire()
-        start = time.perf_counter()
         try:
-            outputs = active.model.predict(inputs)
-        except InputError:
-            self._metrics.error("input")
-            raise
-        except EdgeshipError:
-            self._metrics.error("backend")
-            raise
+            return active.model.predict(inputs)  # counted in the shared metrics by the model
         finally:
             self._serving.release(active)
-        self._metrics.observe(time.perf_counter() - start)
-        return outputs
+
+    def _current_model(self) -> Model:
+        """The ``ModelServer``'s provider: the model serving now. A request that took the model just
+        before a swap finishes on it (``Model.close`` waits for it) or, if it was already closed, the
+        server retries it once on the new one."""
+        active = self._serving.active
+        if active is None:
+            raise StateError("no model is active on this device yet")
+        return active.model
+
+    @property
+    def serve_url(self) -> str | None:
+        """``http://host:port`` of the local HTTP endpoint, or None when not serving."""
+        return None if self.server is None else self.server.url
 
     @property
     def active_model(self) -> dict[str, Any] | None:
@@ -591,8 +603,39 @@ class Agent:
     # -- commands ----------------------------------------------------------------------------------
 
     def _event(self, cmd_id: str | None, phase: str, message: str, **detail: Any) -> None:
+        """Report a step; queued for the ``edgeship-events`` thread, which appends to the outbox in order.
+
+        The caller does not wait for the outbox's fsync (a deployment's steps overlap with it); what must
+        be durable before a state change calls ``_flush_events`` first.
+        """
         log.info("event %s %s: %s", cmd_id, phase, message)
-        self.link.publish_event({"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}})
+        payload = {"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": time.time()}
+        if self._event_writer is None:  # not started, or stopped
+            self.link.publish_event(payload)
+        else:
+            self._events.put(payload)
+
+    def _flush_events(self, timeout_s: float = 30.0) -> None:
+        """Wait until every event reported so far is in the outbox (durable)."""
+        if self._event_writer is None or threading.current_thread() is self._event_writer:
+            return
+        done = threading.Event()
+        self._events.put(done)
+        if not done.wait(timeout_s):
+            log.error("events not written to the outbox within %s s", timeout_s)
+
+    def _write_events(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self.link.publish_event(item)
+            except Exception:  # a full disk must not end the thread; the next event tries again
+                log.exception("event %s %s could not be queued", item.get("cmd_id"), item.get("phase"))
 
     def _on_command(self, cmd: dict[str, Any]) -> None:
         """Runs on the link's dispatcher thread, one command at a time, in arrival order."""
@@ -667,6 +710,7 @@ class Agent:
         self._run_deployment(dep.at("received", previous=self.active_model), resume_at=None)
 
     def _run_deployment(self, dep: Deployment, resume_at: str | None) -> None:
+        self._staged_flush = None
         try:
             if dep.kind == "rollback":
                 self._rollback(dep)
@@ -678,9 +722,36 @@ class Agent:
             log.info("deployment %s interrupted by stop(); the next start resumes it", dep.cmd_id)
 
     def _save(self, dep: Deployment) -> Deployment:
+        """Write ``deploy.json`` (a step recovery needs) and note it; ``_Interrupted`` after ``stop()``.
+
+        The record is in place when this returns (what a restart after kill -9 reads); its fsyncs run on
+        a background thread while the step it guards goes on, and ``_record_flushed`` waits for them
+        before the next pointer write. A power cut before that leaves the previous record or an
+        unreadable one; recovery is safe from either (docs/ota.md, "Durable state").
+        """
         if self._stop.is_set():
             raise _Interrupted
-        _write_json(self.state_dir / _DEPLOY_FILE, json.loads(dep.to_bytes()))
+        self._record_flushed()
+        path = self.state_dir / _DEPLOY_FILE
+        _write_json(path, json.loads(dep.to_bytes()), durable=False)
+        self._record_flush = self._io.submit(_fsync_file_and_folder, path)
+        self._deployment = dep
+        return dep
+
+    def _record_flushed(self) -> None:
+        """Wait for the background flush of the last ``_save``.
+
+        Raises:
+            StateError: it failed.
+        """
+        flush, self._record_flush = self._record_flush, None
+        if flush is not None:
+            flush.result()
+
+    def _note(self, dep: Deployment) -> Deployment:
+        """A phase that is only reported (status, events), not written: recovery does not need it."""
+        if self._stop.is_set():
+            raise _Interrupted
         self._deployment = dep
         return dep
 
@@ -696,7 +767,12 @@ class Agent:
             return None
 
     def _forget(self, dep: Deployment, outcome: str) -> None:
-        """The deployment is over and reported: clear its record and its downloads."""
+        """The deployment is over and reported: clear its record and its downloads.
+
+        Its final events must be in the outbox first: after the record is gone nothing reports them again.
+        """
+        self._flush_events()
+        self._record_flushed()
         self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
         (self.state_dir / _DEPLOY_FILE).unlink(missing_ok=True)
         self._deployment = None
@@ -717,6 +793,7 @@ class Agent:
         self.link.publish_status()
 
     def _save_final(self, dep: Deployment) -> Deployment:
+        self._record_flushed()
         _write_json(self.state_dir / _DEPLOY_FILE, json.loads(dep.to_bytes()))
         self._deployment = dep
         return dep
@@ -735,14 +812,16 @@ class Agent:
                 )
             phase = "downloading"
         bundle_path = self.state_dir / _DOWNLOADS / f"{dep.sha256}.edgebundle"
-        if phase == "downloading" or (phase == "verifying" and not bundle_path.exists()):
-            dep = self._save(dep.at("downloading"))
-            self._event(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
-            self._download(dep, bundle_path)
-            phase = "verifying"
         verified: VerifiedBundle | None = None
-        if phase == "verifying":
-            dep = self._save(dep.at("verifying"))
+        if phase in ("downloading", "verifying"):
+            # The one record before the health check: it counts this run (``resumes``). A crash while
+            # downloading, verifying or staging resumes from here; a complete download (renamed only
+            # after its sha256 matched, flushed by the downloader) is not fetched again.
+            dep = self._save(dep.at("downloading"))
+            if not bundle_path.exists():
+                self._event(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
+                self._download(dep, bundle_path)
+            dep = self._note(dep.at("verifying"))
             self._event(dep.cmd_id, "verifying", "verifying the bundle")
             dep, verified = self._verify_and_stage(dep, bundle_path)
         if verified is None:  # resumed at the health check: the staged slot must still be intact
@@ -754,12 +833,29 @@ class Agent:
                 log.warning("staged slot of %s unusable (%s); verifying again", dep.cmd_id, e)
                 self._deploy(dep, "verifying")
                 return
+        # Counted before the trial load, so a bundle that kills the process is not retried forever.
         dep = self._save(dep.at("health_check", attempts=dep.attempts + 1))
         self._event(dep.cmd_id, "health_check", "loading and checking the new model", attempt=dep.attempts)
         assert dep.slot is not None
-        trial, metrics = self._trial(verified, dep.slot)
-        dep = self._save(dep.at("switching"))
-        self._commit(dep, trial, metrics)
+        # The slot's fsyncs (I/O, started by prepare() right after verification) run on while the trial
+        # loads and checks the model (CPU); both must be done before the pointer names the slot.
+        started, self._staged_flush = self._staged_flush, None  # None when resumed: flushed from scratch
+        try:
+            flush = self._slots.start_flush(dep.slot, self._io, started)
+        except StateError as e:
+            raise _Failed(f"cannot stage: {e}", error="StateError") from e
+        try:
+            trial, metrics = self._trial(verified, dep.slot)
+        finally:
+            try:
+                flush.wait()
+                flushed: OSError | None = None
+            except OSError as e:
+                flushed = e
+        if flushed is not None:
+            trial.model.close()
+            raise _Failed(f"cannot stage: {flushed.strerror or flushed}", trial=True, error="StateError")
+        self._commit(self._note(dep.at("switching")), trial, metrics)
 
     def _download(self, dep: Deployment, dest: Path) -> None:
         try:
@@ -808,13 +904,17 @@ class Agent:
             self._slots.clean_incoming()
             raise _Failed(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
         _crash_point("verifying")
+        # Its data goes to disk while the pointer is written and the trial runs (joined before the commit).
+        self._staged_flush = self._slots.prepare(verified, self._io)
         # The inactive slot is about to be overwritten: from here on it is no rollback target.
         slot = pointer.inactive
-        dep = self._save(dep.at("staged", slot=slot))
-        self._slots.write_pointer(pointer.with_slot(slot, None))
+        dep = self._note(dep.at("staged", slot=slot))
+        self._record_flushed()
+        if pointer.slots.get(slot) is not None:  # (an empty slot needs no pointer write)
+            self._slots.write_pointer(pointer.with_slot(slot, None))
         shutil.rmtree(self._slots.slot_dir(slot), ignore_errors=True)
         _crash_point("slot_write")
-        staged = self._slots.install(slot, verified)
+        staged = self._slots.install(slot, verified, flush=False)  # flushed beside the trial (_deploy)
         m = staged.manifest
         self._event(
             dep.cmd_id, "staged", f"{m.name} v{m.version} verified into slot {slot}", slot=slot, version=m.version
@@ -857,7 +957,10 @@ class Agent:
             _crash_point("load")
         try:
             model = load_verified(
-                verified, providers=self.config.providers, intra_op_threads=self.config.intra_op_threads
+                verified,
+                providers=self.config.providers,
+                intra_op_threads=self.config.intra_op_threads,
+                metrics=self._metrics,
             )
         except EdgeshipError as e:
             raise _Failed(f"load failed: {e}", bad=True, trial=True, error=type(e).__name__) from e
@@ -919,19 +1022,24 @@ class Agent:
         pointer = self._slots.read_pointer()
         pointer = pointer.with_slot(trial.slot, trial.info).activate(trial.slot, raise_floor=dep.kind == "deploy")
         try:
+            self._record_flushed()  # the health_check record is durable before the pointer moves
             self._slots.write_pointer(pointer)
         except StateError as e:
             trial.model.close()
             raise _Failed(f"cannot commit: {e}", trial=True, error="StateError") from e
         _crash_point("pointer_written")
-        previous = self._serving.swap(trial)
+        previous = self._serving.swap(trial, close_old=False)  # closed once reported (below)
         final = "active" if dep.kind == "deploy" else "rolled_back"
-        dep = self._save_final(dep.at(final))
+        # No terminal record: deploy.json still says health_check, and after a crash from here on
+        # ``recover`` sees the pointer on this bundle and reports it again ("committed").
+        dep = self._note(dep.at(final))
         self._event(
             dep.cmd_id, final, f"serving {trial.info.name} v{trial.info.version} from slot {trial.slot}",
             model=trial.info.model(), previous=None if previous is None else previous.info.model(),
             health=_health_summary(metrics),
         )  # fmt: skip
+        if previous is not None:
+            self._serving.retire(previous)
         self._forget(dep, final)
         self.link.publish_status()
 
@@ -955,8 +1063,7 @@ class Agent:
             trial, metrics = self._trial(verified, slot)
         except _Failed as f:
             raise _Failed(f"the previous model failed its check: {f}", error=f.error) from f
-        dep = self._save(dep.at("switching"))
-        self._commit(dep, trial, metrics)
+        self._commit(self._note(dep.at("switching")), trial, metrics)
 
     # -- start and recovery ------------------------------------------------------------------------
 
@@ -978,7 +1085,10 @@ class Agent:
             try:
                 verified = self._slots.open_slot(slot, info, check_hashes=self.config.check_slots_on_start)
                 model = load_verified(
-                    verified, providers=self.config.providers, intra_op_threads=self.config.intra_op_threads
+                    verified,
+                    providers=self.config.providers,
+                    intra_op_threads=self.config.intra_op_threads,
+                    metrics=self._metrics,
                 )
                 self._health_check(model, hooks=False)
             except EdgeshipError as e:

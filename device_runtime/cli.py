@@ -7,6 +7,7 @@
     edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
                             --trust PUB [--trust PUB ...] [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
+                            [--serve [--serve-host 127.0.0.1] [--serve-port N]]
 
 Results go to stdout as JSON. An expected failure (any ``EdgeshipError``) prints one ``error: ...``
 line to stderr and exits 1; bad usage exits 2.
@@ -94,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--password-file", type=Path, help="file holding the MQTT password")
     run.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    run.add_argument(
+        "--serve", action="store_true", help="also serve the active model over the local HTTP API (as `serve`)"
+    )
+    run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
+    run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
     return parser
 
 
@@ -226,6 +232,9 @@ def _run(args: argparse.Namespace) -> int:
         initial_bundle=args.bundle,
         telemetry_interval_s=args.telemetry_interval,
         intra_op_threads=args.threads,
+        serve=args.serve,
+        serve_host=args.serve_host,
+        serve_port=args.serve_port,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -235,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeship-device").info(
         "agent %s running; serving %s", args.device_id, agent.active_model or "no model yet"
     )
+    if agent.server is not None:  # like `serve`: one JSON line with the address, for scripts
+        print(json.dumps({"url": agent.server.url, "model": agent.active_model}), flush=True)
     try:
         stop.wait()
     finally:

@@ -15,8 +15,11 @@ What ``DeviceLink`` guarantees:
 - **Commands.** ``cmd`` is subscribed at QoS 1 on a persistent session (MQTT 3.1.1, ``clean_session=False``,
   fixed client id), so commands sent while the device was offline arrive on reconnect. Each valid JSON
   object is handed to ``on_command`` on a dispatcher thread, in order; anything else is logged and counted
-  in ``malformed_cmds``. Commands are acknowledged to the broker on receipt: the agent must record them
-  (and de-duplicate by ``id``) itself.
+  in ``malformed_cmds``. A command's PUBACK is sent only after ``on_command`` returned (paho's
+  ``manual_ack``), so a handler that records the command durably closes the window in which a crash
+  after the PUBACK loses it: a command killed before its PUBACK is redelivered by the broker, and the
+  agent de-duplicates by ``id``. An ack for a connection that has since dropped is not sent (the broker
+  redelivers on the new session).
 - **Reconnects** run forever with full-jitter exponential backoff (``_backoff.Backoff``), from this
   module's own network thread; paho's un-jittered automatic reconnect is never used. A broker that is
   down at start is fine.
@@ -31,6 +34,7 @@ import json
 import logging
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -214,7 +218,9 @@ class DeviceLink:
         self._connected = threading.Event()
         self._wake_drain = threading.Event()
         self._acked_mids: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        # command, then (paho mid, qos, connection number) for its PUBACK
+        self._commands: queue.SimpleQueue[tuple[dict[str, Any], tuple[int, int, int]] | None] = queue.SimpleQueue()
+        self._connection = 0  # bumped on every CONNACK: acks of older connections are not sent
         self._subscribe_mid: int | None = None
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the drain thread only
         self._counters = LinkCounters()
@@ -341,6 +347,7 @@ class DeviceLink:
             clean_session=not s.persistent_session,
             protocol=paho.MQTTv311,
             reconnect_on_failure=False,
+            manual_ack=True,  # PUBACK a command once on_command has recorded it (_run_commands)
         )
         client.connect_timeout = s.connect_timeout_s
         client.max_inflight_messages_set(s.max_inflight + 2)  # room for the status publishes
@@ -368,6 +375,7 @@ class DeviceLink:
         )
         first = self.counters.connects == 0
         self._count(connects=1, reconnects=0 if first else 1)
+        self._connection += 1
         self._backoff.reset()
         _, self._subscribe_mid = client.subscribe(self.topics.cmd, qos=1)
         self._publish_online()
@@ -398,9 +406,10 @@ class DeviceLink:
         except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             log.warning("malformed command on %s (%d bytes): %s", message.topic, len(message.payload), e)
             self._count(malformed_cmds=1)
+            client.ack(message.mid, message.qos)  # never useful: a redelivery would be just as malformed
             return
         self._count(commands=1)
-        self._commands.put(command)
+        self._commands.put((command, (message.mid, message.qos, self._connection)))
 
     def _publish_online(self) -> None:
         try:
@@ -446,6 +455,14 @@ class DeviceLink:
             raise TransportError(f"cannot connect to {s.host}:{s.port}: {e}") from e
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot connect to {s.host}:{s.port}: {paho.error_string(rc)}")
+        # No Nagle: the link writes small packets back to back (a command's PUBACK, then its first event);
+        # with Nagle the second waits for the broker's delayed ACK of the first, ~40 ms on Linux.
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as e:  # not TCP: keep Nagle
+                log.debug("cannot set TCP_NODELAY: %s", e)
 
     def _loop_while_connected(self) -> None:
         connack_deadline = self._clock() + self.settings.connect_timeout_s
@@ -536,16 +553,20 @@ class DeviceLink:
 
     def _run_commands(self) -> None:
         while True:
-            command = self._commands.get()
-            if command is None:
+            item = self._commands.get()
+            if item is None:
                 return
-            if self._on_command is None:
-                continue
+            command, (mid, qos, connection) = item
             try:
-                self._on_command(command)
+                if self._on_command is not None:
+                    self._on_command(command)
             except Exception:
                 log.exception("command handler failed on command %r", command.get("id"))
                 self._count(command_errors=1)
+            # Acked even when the handler failed: the broker would hold it (and block its in-flight
+            # window) until the next session, to fail the same way.
+            if connection == self._connection:
+                self._client.ack(mid, qos)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

@@ -2,15 +2,17 @@
 
 Pure data and pure functions; the agent (``device_runtime.agent``) does all the I/O. See docs/ota.md.
 
-A deployment moves through these phases, each written to ``deploy.json`` before its work starts::
+A deployment moves through these phases (reported in events and the status)::
 
     received -> downloading -> verifying -> staged -> health_check -> switching -> active
                      |              |           |           |
                      +--------------+-----------+-----------+---> failed (-> rolled_back after a trial)
 
 ``switching`` is internal (the health check passed and the pointer is about to be written); the MQTT
-``events`` carry the phases of the contract. After a crash, ``recover`` decides what the restarted
-agent does with the record it finds.
+``events`` carry the phases of the contract. ``deploy.json`` is written only where recovery needs it:
+``downloading`` when a run starts (it counts ``resumes``), ``health_check`` before each trial load (it
+counts ``attempts``) and a terminal ``failed``/``rolled_back`` record; a success is committed by the
+pointer alone. After a crash, ``recover`` decides what the restarted agent does with the record it finds.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ def recover(record: Deployment, active_sha256: str | None, limits: Limits = Limi
 
     - a terminal record is reported again (its event may not have reached the outbox);
     - a rollback is committed if the pointer names its slot's bundle, else abandoned (nothing changed);
-    - ``switching`` with the pointer on the new bundle is committed;
+    - ``health_check`` (or ``switching``, written by older agents) with the pointer on the new bundle is
+      committed: the pointer write is the commit, no record follows it;
     - a crash during the trial load or health check (``health_check``, or ``switching`` not yet
       committed) is retried until ``max_trial_attempts`` trials have started, then abandoned and the
       bundle marked bad: a bundle that kills the process is not retried forever;
@@ -236,7 +239,8 @@ def recover(record: Deployment, active_sha256: str | None, limits: Limits = Limi
         if record.sha256 and active_sha256 == record.sha256:
             return Recovery("committed", reason="the rollback was committed before the restart")
         return Recovery("abandon", reason="the agent restarted before the rollback was committed; nothing changed")
-    if record.phase == "switching" and active_sha256 == record.sha256:
+    if record.phase in ("health_check", "switching") and active_sha256 == record.sha256:
+        # The agent writes no record after the trial: the pointer naming the new bundle is the commit.
         return Recovery("committed", reason="the switch was committed before the restart")
     if record.phase in ("health_check", "switching"):
         if record.attempts >= limits.max_trial_attempts:

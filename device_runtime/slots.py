@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,10 @@ from typing import Any
 from device_runtime.errors import StateError
 from sdk.bundle import VerifiedBundle
 from sdk.errors import IntegrityError, ManifestError
-from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from sdk.fsutil import atomic_write_bytes, fsync_dir
 from sdk.manifest import Manifest, canonical_json
 
-__all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "other_slot"]
+__all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "TreeFlush", "flush_tree", "other_slot"]
 
 SLOTS = ("A", "B")
 POINTER_FILE = "pointer.json"
@@ -45,6 +46,7 @@ _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
 _SLOT_META = "slot.json"
 _CHUNK = 1 << 20  # bytes
+_FLUSH_THREADS = 8  # fsyncs issued at once by flush_tree
 
 
 def other_slot(slot: str) -> str:
@@ -209,10 +211,33 @@ class SlotStore:
             if pointer.slots.get(slot) is None and slot != keep:
                 shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
 
-    def install(self, slot: str, verified: VerifiedBundle) -> VerifiedBundle:
+    def prepare(self, verified: VerifiedBundle, executor: Executor) -> TreeFlush:
+        """Add the slot metadata to a bundle verified into ``incoming / "bundle"`` and start flushing it.
+
+        Touches only ``incoming`` (no slot), so it may run before the inactive slot is cleared: the data
+        goes to disk while the pointer is written. Pass the result to ``flush_slot`` after ``install``.
+
+        Raises:
+            StateError: the files cannot be written or opened.
+        """
+        try:
+            self._write_meta(verified)
+            return TreeFlush(executor).add_tree(self.incoming)
+        except OSError as e:
+            raise StateError(f"cannot stage {self.incoming}: {e.strerror or e}") from e
+
+    def _write_meta(self, verified: VerifiedBundle) -> None:
+        (self.incoming / _MANIFEST).write_bytes(verified.manifest.to_bytes())
+        (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
+
+    def install(self, slot: str, verified: VerifiedBundle, *, flush: bool = True) -> VerifiedBundle:
         """Move a bundle verified into ``incoming / "bundle"`` into ``slot``, flushed to disk.
 
         The caller must already have cleared ``slot`` in the pointer, and sets it after this returns.
+        ``flush=False`` leaves the flush to the caller, who must call ``flush_slot`` before the pointer
+        names the slot (the agent runs it beside the trial load). Until then a kill -9 loses nothing
+        (the page cache survives it) and a power cut at worst leaves a slot whose files fail their
+        hashes, which ``open_staged`` refuses.
 
         Returns:
             The same bundle, now rooted in the slot.
@@ -224,21 +249,45 @@ class SlotStore:
             raise StateError(f"install expects a bundle verified into {self.incoming / _BUNDLE}")
         target = self.slot_dir(slot)
         try:
-            (self.incoming / _MANIFEST).write_bytes(verified.manifest.to_bytes())
-            (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
-            # read_bundle renames but does not flush member data; a power cut must not leave the pointer
-            # on a slot with truncated files.
-            for path in [*sorted(self.incoming.rglob("*")), self.incoming]:
-                if path.is_file():
-                    fsync_file(path)
-                else:
-                    fsync_dir(path)
+            if not (self.incoming / _SLOT_META).exists():  # not prepare()d
+                self._write_meta(verified)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(self.incoming, target)
-            fsync_dir(self.slots_dir)
         except OSError as e:
             raise StateError(f"cannot install into slot {slot}: {e.strerror or e}") from e
+        if flush:
+            self.flush_slot(slot)
         return replace(verified, root=target / _BUNDLE)
+
+    def flush_slot(self, slot: str) -> None:
+        """Put a slot's files and folders, and its name in ``slots/``, on disk (before the pointer names it).
+
+        read_bundle renames but does not flush member data: a power cut must not leave the pointer on a
+        slot with truncated files.
+
+        Raises:
+            StateError: a file or folder cannot be flushed.
+        """
+        try:
+            flush_tree(self.slot_dir(slot))
+            fsync_dir(self.slots_dir)
+        except OSError as e:
+            raise StateError(f"cannot flush slot {slot}: {e.strerror or e}") from e
+
+    def start_flush(self, slot: str, executor: Executor, started: TreeFlush | None = None) -> TreeFlush:
+        """``flush_slot`` on ``executor``'s threads: ``wait()`` on the result before the pointer names the slot.
+
+        ``started``: the flush ``prepare`` began on the slot's files (else they are added here); the
+        slot's name in ``slots/`` is added now, after the rename into the slot.
+
+        Raises:
+            StateError: a file or folder cannot be opened.
+        """
+        try:
+            flush = started if started is not None else TreeFlush(executor).add_tree(self.slot_dir(slot))
+            return flush.add(self.slots_dir)
+        except OSError as e:
+            raise StateError(f"cannot flush slot {slot}: {e.strerror or e}") from e
 
     def open_staged(self, slot: str, sha256: str) -> VerifiedBundle:
         """A slot installed by a deployment but not yet in the pointer, re-hashed.
@@ -290,6 +339,73 @@ class SlotStore:
                 if size != entry.size or digest != entry.sha256:
                     raise IntegrityError(f"slot {slot}: {entry.path} does not match its manifest hash")
         return VerifiedBundle(manifest=manifest, root=root, sha256=expected.sha256, keyids=expected.keyids)
+
+
+class TreeFlush:
+    """fsyncs of files and folders, each submitted to ``executor`` as soon as it is added: all run at once.
+
+    Each file's data and each folder's entries must be on disk before the pointer may name the slot; the
+    order among them does not matter (nothing refers to the tree until they all returned), so the fsyncs
+    run together and the file system commits them together (one ext4 journal commit for the lot instead
+    of one per call in a row). Each path is opened when added, so the tree may be renamed while the
+    flush runs. ``wait()`` returns when all are on disk.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._futures: list[Future[None]] = []
+
+    def add_tree(self, root: Path) -> TreeFlush:
+        """Flush every file and folder under ``root``, and ``root``.
+
+        Raises:
+            OSError: one cannot be opened.
+        """
+        for path in [*sorted(root.rglob("*")), root]:
+            self.add(path)
+        return self
+
+    def add(self, path: Path) -> TreeFlush:
+        """Flush one file or folder (a folder that cannot be opened, as on Windows, is skipped like ``fsync_dir``).
+
+        Raises:
+            OSError: a file cannot be opened.
+        """
+        if path.is_dir():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return self
+        else:
+            fd = os.open(path, os.O_RDWR)  # write access: Windows flushes only those
+        self._futures.append(self._executor.submit(_fsync_and_close, fd))
+        return self
+
+    def wait(self) -> None:
+        """Block until every fsync returned.
+
+        Raises:
+            OSError: the first one that failed.
+        """
+        for future in self._futures:
+            future.result()
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_tree(root: Path) -> None:
+    """Every file and folder under ``root`` (and ``root``) on disk, fsynced concurrently.
+
+    Raises:
+        OSError: a file or folder cannot be flushed.
+    """
+    with ThreadPoolExecutor(max_workers=_FLUSH_THREADS, thread_name_prefix="edgeship-fsync") as pool:
+        TreeFlush(pool).add_tree(root).wait()
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -50,7 +50,7 @@ def subscribe() -> Iterator[Callable[..., Subscriber]]:
     ) -> Subscriber:
         client_id = client_id or f"test-sub-{len(made)}-{time.monotonic_ns()}"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-        client.reconnect_delay_set(0.05, 0.2)
+        client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # floats work; paho types int
         if username is not None:
             client.username_pw_set(username, password)
         sub = Subscriber(client)

@@ -192,7 +192,7 @@ def test_cmd_sent_while_the_device_is_offline_arrives_on_reconnect(
     first = make_link(broker, "dev-cmd", on_command=received.append)
     assert first.wait_connected(10)
     fleet.publish(topics.cmd, json.dumps({"schema": 1, "id": "ping-1", "type": "ping"}).encode())
-    wait_for(lambda: received, 5, "the first command")  # the subscription exists in the session
+    wait_for(lambda: bool(received), 5, "the first command")  # the subscription exists in the session
     first.stop()
     deploy = {
         "schema": 1,
@@ -207,7 +207,7 @@ def test_cmd_sent_while_the_device_is_offline_arrives_on_reconnect(
     broker.restart()  # the queued command survives the broker restart too (persistence)
     received_later: list[dict[str, Any]] = []
     second = make_link(broker, "dev-cmd", on_command=received_later.append)
-    wait_for(lambda: received_later, 10, "the command queued while offline")
+    wait_for(lambda: bool(received_later), 10, "the command queued while offline")
     assert received_later == [deploy]
     assert second.counters.commands == 1
 
@@ -309,3 +309,30 @@ def test_bad_telemetry_is_refused_without_using_a_seq(tmp_path: Path) -> None:
         assert link.publish_telemetry({"count": 0}) == 1
         assert len(outbox) == 1
         link.stop()
+
+
+def test_command_killed_before_its_handler_returned_is_redelivered(
+    broker: Broker, make_link: LinkMaker, subscribe: Any, tmp_path: Path
+) -> None:
+    """The PUBACK waits for ``on_command``: a device killed before recording a command gets it again."""
+    topics = Topics("default", "dev-ack")
+    fleet = subscribe(broker, f"{topics.root}/status", client_id="fleet-ack")
+    script = Path(__file__).with_name("agent_device_process.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(broker.port), "dev-ack", str(tmp_path / "ack.db"), "die-on-command"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"connected"
+        fleet.publish(topics.cmd, json.dumps({"schema": 1, "id": "d-1", "type": "ping"}).encode(), qos=1)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    received: list[dict[str, Any]] = []
+    make_link(broker, "dev-ack", on_command=received.append)  # the same client id: the broker's session
+    wait_for(lambda: [c["id"] for c in received] == ["d-1"], 10, "the unacknowledged command, redelivered")
+    time.sleep(0.5)
+    assert len(received) == 1

@@ -110,7 +110,7 @@ def connect_fleet(port: int, device_id: str) -> Fleet:
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=f"fleet-{device_id}-{uuid.uuid4().hex[:6]}", clean_session=False
     )
-    client.reconnect_delay_set(0.05, 0.3)
+    client.reconnect_delay_set(0.05, 0.3)  # type: ignore[arg-type]  # floats work; paho types int
     fleet = Fleet(client, device_id)
     subscribed = threading.Event()
 

@@ -136,14 +136,13 @@ def test_random_kills_during_a_deploy_loop(
         time.sleep(rng.uniform(0.0, 0.3))  # a deploy takes about 0.2 s here: kills land before, in and after it
         agent.kill()
         start_and_wait_online()
-        wait_until(
-            lambda cmd_id=cmd_id: (
-                any(p in ("active", "failed", "rolled_back") for p in fleet.phases(cmd_id))
-                or (settled(agent.state_dir) and not _in_journal(agent.state_dir, cmd_id))
-            ),
-            30,
-            f"the outcome of {cmd_id}",
-        )
+
+        def finished(cmd_id: str = cmd_id) -> bool:
+            return any(p in ("active", "failed", "rolled_back") for p in fleet.phases(cmd_id)) or (
+                settled(agent.state_dir) and not _in_journal(agent.state_dir, cmd_id)
+            )
+
+        wait_until(finished, 30, f"the outcome of {cmd_id}")
         wait_until(lambda: settled(agent.state_dir), 30, f"iteration {i} to settle")
         model = check_one_good_model(agent.state_dir)
         assert model["version"] in (1, *(10 + j for j in range(i + 1)))

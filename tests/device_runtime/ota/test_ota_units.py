@@ -48,6 +48,8 @@ def _dep(phase: str, **kw: object) -> Deployment:
         (_dep("downloading", resumes=3), None, "abandon", None, False),
         (_dep("health_check", attempts=1), None, "resume", "health_check", False),
         (_dep("health_check", attempts=2), None, "abandon", None, True),
+        (_dep("health_check", attempts=1), SHA, "committed", None, False),  # the pointer write is the commit
+        (_dep("health_check", attempts=2), SHA, "committed", None, False),
         (_dep("switching", attempts=1), SHA, "committed", None, False),
         (_dep("switching", attempts=1), "ef" * 32, "resume", "health_check", False),
         (_dep("active"), SHA, "report", None, False),
