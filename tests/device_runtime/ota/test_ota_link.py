@@ -61,6 +61,8 @@ def test_agent_offline_then_back_drains_a_bounded_outbox(
     fleet = fleet_factory(broker.port)
     agent = agent_factory(broker.port, v1, telemetry_interval_s=0.02, outbox_max_messages=20)
     fleet.wait_status(lambda s: s["state"] == "online", what="online")
+    # some telemetry before the outage, so the gap the drops leave is visible at the fleet
+    wait_for(lambda: unique_seqs(fleet.telemetry()), 10, "telemetry before the outage")
     broker.stop()
     wait_for(lambda: not agent.link.connected, 10, "the link to notice")
     time.sleep(1.5)  # ~75 telemetry messages into a 20-message outbox
