@@ -3,6 +3,11 @@
 An output passes when it has the golden shape, holds no NaN, and either every element is within
 ``atol + rtol * |expected|`` or the cosine similarity with the golden array is at least ``min_cosine``
 (when the bundle sets one). Missing tolerances take the defaults below.
+
+Padding: when the golden inputs hold an ``attention_mask`` [batch, sequence] and an output is token-level
+(rank >= 3 with those first two dims, e.g. ``last_hidden_state``), positions where the mask is 0 are not
+compared (nothing downstream reads them; the packager scores them the same way). Bundles without such a
+mask are compared whole, as before.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import numpy as np
 
 from sdk.errors import ManifestError
 
-__all__ = ["Tolerance", "compare_output"]
+__all__ = ["MASK_INPUT", "Tolerance", "compare_output", "padding_mask"]
+
+MASK_INPUT = "attention_mask"
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,22 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare_output(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict[str, Any]:
+def padding_mask(mask: np.ndarray | None, expected: np.ndarray) -> np.ndarray | None:
+    """Boolean [batch, sequence] of the positions to compare, or None to compare the whole output."""
+    if mask is None or expected.ndim < 3:
+        return None
+    m = np.asarray(mask)
+    if m.ndim != 2 or tuple(m.shape) != tuple(expected.shape[:2]):
+        return None
+    return m != 0
+
+
+def compare_output(
+    actual: np.ndarray, expected: np.ndarray, tol: Tolerance, mask: np.ndarray | None = None
+) -> dict[str, Any]:
     """Metrics of one output against its golden array; ``passed`` says whether it is acceptable.
+
+    ``mask``: the golden inputs' ``attention_mask``; padded positions of a token-level output are skipped.
 
     Returns:
         ``{"passed", "shape", "nan", "max_abs_error", "cosine", "within_tolerance", "reason"}``, JSON-ready
@@ -78,6 +99,10 @@ def compare_output(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> 
     if actual.shape != expected.shape:
         metrics["reason"] = f"shape {list(actual.shape)}, golden {list(expected.shape)}"
         return metrics
+    keep = padding_mask(mask, expected)
+    if keep is not None:  # only the scored positions: [tokens, ...] flattened
+        metrics["masked_positions"] = int(keep.size - keep.sum())
+        actual, expected = actual[keep], expected[keep]
     a = actual.astype(np.float64).ravel()
     e = expected.astype(np.float64).ravel()
     if np.isnan(a).any():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_runtime._health import Tolerance, compare_output
+from device_runtime._health import MASK_INPUT, Tolerance, compare_output
 from device_runtime._inputs import InputPolicy, check_inputs
 from device_runtime.backends import Backend, BackendOptions, create_backend
 from device_runtime.errors import HealthCheckError, ModelClosedError
@@ -260,7 +260,8 @@ class Model:
             self._leave()
         latency_ms = (time.perf_counter() - start) * 1000.0
 
-        per_output = {name: compare_output(outputs[name], expected[name], tolerance) for name in expected}
+        mask = inputs.get(MASK_INPUT)  # padded positions of token-level outputs are not compared
+        per_output = {name: compare_output(outputs[name], expected[name], tolerance, mask) for name in expected}
         failed = [f"{name}: {m['reason']}" for name, m in per_output.items() if not m["passed"]]
         metrics = {
             "passed": not failed,

@@ -28,7 +28,7 @@ from packagers.benchmark import benchmark
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, Packager, Runner, get_packager
 from packagers.sources import Source, detect_input_kind, load_source
-from packagers.validation import ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
+from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
 from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
 from sdk.manifest import Manifest, TensorSpec, format_time
@@ -147,8 +147,9 @@ def _validate_candidates(
                 f"the built model ({built.candidate}) failed to run on {len(next(iter(inputs.values())))} samples: "
                 f"{str(e)[:300]} (a shape fixed at export time? trace with example inputs of batch >= 2)"
             ) from e
+        mask = inputs.get(MASK_INPUT) if any(s.name == MASK_INPUT for s in source.inputs) else None
         result = compare_outputs(source.outputs, reference, outputs, tol, labels=labels,
-                                 labels_output=options.labels_output)  # fmt: skip
+                                 labels_output=options.labels_output, mask=mask)  # fmt: skip
         summary.append({"candidate": built.candidate, "passed": result["passed"], "min_cosine": _min_cosine(result)})
         key = (result["passed"], _min_cosine(result))
         if best is None or key > (best[2]["passed"], _min_cosine(best[2])):
@@ -346,6 +347,8 @@ def _write(
             validation[key] = plan.validation[key]
     if "accuracy" in plan.validation:
         validation["accuracy"] = plan.validation["accuracy"]
+    if "padding" in plan.validation:  # token-level outputs were scored only where attention_mask != 0
+        validation["padding"] = plan.validation["padding"]
     try:
         manifest = Manifest(
             name=name, version=version, target=plan.target.value, precision=plan.precision.value,

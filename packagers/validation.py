@@ -24,8 +24,11 @@ __all__ = [
     "cosine_per_sample",
     "golden_tolerance",
     "is_logits_like",
+    "padding_mask",
     "run_batched",
 ]
+
+MASK_INPUT = "attention_mask"
 
 Arrays = dict[str, np.ndarray]
 
@@ -71,6 +74,29 @@ def is_logits_like(spec: TensorSpec) -> bool:
     return len(spec.shape) == 2 and isinstance(spec.shape[1], int) and spec.shape[1] > 1
 
 
+def padding_mask(mask: np.ndarray | None, array: np.ndarray) -> np.ndarray | None:
+    """The boolean [batch, sequence] positions of ``array`` that are scored, or None to score everything.
+
+    Token-level outputs (rank >= 3: [batch, sequence, ...], e.g. ``last_hidden_state`` or token logits)
+    of a model with an ``attention_mask`` input hold, at padded positions (mask 0), values nothing
+    downstream uses (mean pooling and token heads mask them); those positions are left out. Outputs of
+    another rank or whose first two dims are not the mask's are scored whole.
+    """
+    if mask is None or array.ndim < 3:
+        return None
+    m = np.asarray(mask)
+    if m.ndim != 2 or tuple(m.shape) != tuple(array.shape[:2]):
+        return None
+    return m != 0
+
+
+def _masked(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """``array`` with the positions ``keep`` leaves out set to 0 (so they add nothing to any metric)."""
+    if keep is None:
+        return array
+    return np.where(keep.reshape(keep.shape + (1,) * (array.ndim - 2)), array, 0)
+
+
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each sample (first axis), the rest flattened; 1 when both are zero."""
     x = a.reshape(len(a), -1).astype(np.float64)
@@ -84,14 +110,17 @@ def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tolerances,
-                    failures: list[str]) -> dict[str, Any]:  # fmt: skip
+                    failures: list[str], mask: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     name = spec.name
     if ref.shape != out.shape:
         failures.append(f"{name}: shape {list(out.shape)} differs from the reference {list(ref.shape)}")
         return {"shape_mismatch": True}
-    r, o = ref.astype(np.float64), out.astype(np.float64)
+    keep = padding_mask(mask, ref)
+    r, o = _masked(ref.astype(np.float64), keep), _masked(out.astype(np.float64), keep)
     finite = bool(np.isfinite(o).all())
     diff = np.abs(o - r)
+    if keep is not None:
+        diff = diff[keep]  # the mean absolute difference over scored positions only
     scale = float(np.abs(r).max()) if r.size else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
@@ -105,6 +134,8 @@ def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tol
         "cosine_min": _num(cos.min()),
         "finite": finite,
     }
+    if keep is not None:
+        metrics["masked_positions"] = int(keep.size - keep.sum())
     if not finite:
         failures.append(f"{name}: the built model produced NaN or Inf")
     if not np.isfinite(cos).all() or cos.min() < tol.min_cosine:
@@ -115,7 +146,8 @@ def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tol
         failures.append(f"{name}: max abs diff {max_abs:.3g} is {rel:.3g} of the output scale {scale:.3g} "
                         f"(> {tol.max_rel_diff})")  # fmt: skip
     if is_logits_like(spec) and r.ndim >= 2:
-        agree = float((r.argmax(axis=-1) == o.argmax(axis=-1)).mean())
+        same = r.argmax(axis=-1) == o.argmax(axis=-1)
+        agree = float(same[keep].mean() if keep is not None and keep.any() else same.mean())
         metrics["top1_agreement"] = _num(agree)
         if tol.min_top1_agreement is not None and agree < tol.min_top1_agreement:
             failures.append(f"{name}: top-1 agreement {agree:.4f} < {tol.min_top1_agreement}")
@@ -130,6 +162,7 @@ def compare_outputs(
     *,
     labels: np.ndarray | None = None,
     labels_output: str | None = None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Compare a built model's outputs with the reference's on the same samples.
 
@@ -140,21 +173,30 @@ def compare_outputs(
         tolerances: the bounds that decide ``passed``.
         labels: optional int class label per sample; adds task accuracy for both models.
         labels_output: the output the labels score; default the first logits-like output.
+        mask: the samples' ``attention_mask`` [batch, sequence], when the model takes one: token-level
+            outputs (rank >= 3) are scored only where it is non-zero (see ``padding_mask``).
 
     Returns:
-        {"metrics": {output: {...}}, "accuracy": {...} (with labels), "passed": bool, "failures": [str]}.
+        {"metrics": {output: {...}}, "accuracy": {...} (with labels), "passed": bool, "failures": [str],
+        "padding": {...} (with a mask that applied: the input and the outputs it masked)}.
 
     Raises:
         PackagingError: an output is missing, or labels do not fit any output.
     """
     failures: list[str] = []
     metrics: dict[str, Any] = {}
+    masked: list[str] = []
     for spec in outputs:
         if spec.name not in built or spec.name not in reference:
             raise PackagingError(f"output {spec.name!r} is missing from the built model's or the reference's results")
-        metrics[spec.name] = _output_metrics(spec, np.asarray(reference[spec.name]), np.asarray(built[spec.name]),
-                                             tolerances, failures)  # fmt: skip
+        ref = np.asarray(reference[spec.name])
+        metrics[spec.name] = _output_metrics(spec, ref, np.asarray(built[spec.name]), tolerances, failures, mask)
+        if "masked_positions" in metrics[spec.name]:
+            masked.append(spec.name)
     result: dict[str, Any] = {"metrics": metrics}
+    if masked:
+        result["padding"] = {"masked_by": MASK_INPUT, "outputs": masked,
+                             "rule": "token-level outputs scored only where attention_mask != 0"}  # fmt: skip
     if labels is not None:
         scored = labels_output or next((s.name for s in outputs if is_logits_like(s)), None)
         if scored is None or scored not in metrics:
@@ -196,15 +238,19 @@ def golden_tolerance(tolerances: Tolerances, golden_outputs: Mapping[str, np.nda
 
 
 def check_golden(outputs: Mapping[str, np.ndarray], golden: Mapping[str, np.ndarray],
-                 tolerance: Mapping[str, float]) -> list[str]:  # fmt: skip
-    """What fails the golden health check (empty when it passes); mirrors what a device does."""
+                 tolerance: Mapping[str, float], mask: np.ndarray | None = None) -> list[str]:  # fmt: skip
+    """What fails the golden health check (empty when it passes); mirrors what a device does.
+
+    ``mask``: the golden inputs' ``attention_mask``; padded positions of token-level outputs are not compared.
+    """
     problems: list[str] = []
     for name, expected in golden.items():
         got = outputs.get(name)
         if got is None or got.shape != expected.shape:
             problems.append(f"{name}: missing or shape {None if got is None else list(got.shape)}")
             continue
-        g, e = got.astype(np.float64), expected.astype(np.float64)
+        keep = padding_mask(mask, expected)
+        g, e = _masked(got.astype(np.float64), keep), _masked(expected.astype(np.float64), keep)
         if not np.isfinite(g).all():
             problems.append(f"{name}: NaN or Inf")
             continue

@@ -66,6 +66,8 @@ def test_feature_extraction_fp32_and_int8(
         assert v["passed"] and v["data"].startswith("random token ids")
         assert v["metrics"]["last_hidden_state"]["cosine_mean"] >= 0.99
         assert "top1_agreement" not in v["metrics"]["last_hidden_state"]
+        assert v["padding"] == {"masked_by": "attention_mask", "outputs": ["last_hidden_state"],
+                                "rule": "token-level outputs scored only where attention_mask != 0"}  # fmt: skip
         assert_golden_healthy(bundle)
         out = run(bundle, feeds)["last_hidden_state"]
         assert out.shape == (3, 11, 32)

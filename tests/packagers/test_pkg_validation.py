@@ -101,3 +101,69 @@ def test_benchmark_counts_runs() -> None:
     assert 0 <= result["min"] <= result["p50"] <= result["p95"]
     bounded = benchmark(lambda feeds: None, {"x": np.zeros((1, 3))}, warmup=0, runs=10_000, max_seconds=0.0)
     assert bounded["runs"] == 3
+
+
+def _padded_hidden(n: int = 6, seq: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((n, seq, 8)).astype(np.float32)
+    lengths = rng.integers(3, seq - 2, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return hidden, mask
+
+
+def test_padding_is_not_scored_but_real_drift_is() -> None:
+    ref, mask = _padded_hidden()
+    tol = DEFAULT_TOLERANCES[Precision.INT8]
+    garbage = ref.copy()
+    garbage[mask == 0] = np.random.default_rng(9).standard_normal((int((mask == 0).sum()), 8)) * 50
+    garbage[0, -1] = np.nan  # a padded NaN is not read by anything either
+    assert not compare_outputs([HIDDEN], {"hidden": ref}, {"hidden": garbage}, tol)["passed"]  # unmasked: fails
+    result = compare_outputs([HIDDEN], {"hidden": ref}, {"hidden": garbage}, tol, mask=mask)
+    assert result["passed"], result["failures"]
+    m = result["metrics"]["hidden"]
+    assert m["cosine_min"] == 1.0 and m["max_abs_diff"] == 0.0 and m["masked_positions"] == int((mask == 0).sum())
+    assert result["padding"]["masked_by"] == "attention_mask" and result["padding"]["outputs"] == ["hidden"]
+    drift = garbage.copy()
+    drift[mask == 1] = -drift[mask == 1]  # every real token flipped
+    failed = compare_outputs([HIDDEN], {"hidden": ref}, {"hidden": drift}, tol, mask=mask)
+    assert not failed["passed"] and any("cosine" in f for f in failed["failures"])
+    one = garbage.copy()
+    one[2, 0] += 40.0  # one real token of one sample
+    assert not compare_outputs([HIDDEN], {"hidden": ref}, {"hidden": one}, tol, mask=mask)["passed"]
+
+
+def test_mask_leaves_other_outputs_whole() -> None:
+    ref, mask = _padded_hidden()
+    pooled = ref.mean(axis=1)  # rank 2: a sentence vector, scored whole
+    spec = TensorSpec("pooled", "float32", ("batch", 8))
+    result = compare_outputs([spec], {"pooled": pooled}, {"pooled": -pooled}, DEFAULT_TOLERANCES[Precision.INT8],
+                             mask=mask)  # fmt: skip
+    assert not result["passed"] and "padding" not in result
+
+
+def test_token_logits_top1_ignores_padding() -> None:
+    ref, mask = _padded_hidden()
+    spec = TensorSpec("logits", "float32", ("batch", "sequence", 8))
+    out = ref.copy()
+    out[mask == 0] = out[mask == 0][:, ::-1]  # argmax changes only at padded tokens
+    tol = Tolerances(min_cosine=-1.0, min_cosine_mean=-1.0, max_rel_diff=None, min_top1_agreement=0.99)
+    assert not compare_outputs([spec], {"logits": ref}, {"logits": out}, tol)["passed"]
+    result = compare_outputs([spec], {"logits": ref}, {"logits": out}, tol, mask=mask)
+    assert result["passed"] and result["metrics"]["logits"]["top1_agreement"] == 1.0
+
+
+def test_golden_check_masks_padding_on_both_sides() -> None:
+    from device_runtime._health import Tolerance, compare_output
+
+    golden, mask = _padded_hidden(n=4)
+    tol = golden_tolerance(DEFAULT_TOLERANCES[Precision.INT8], {"hidden": golden})
+    garbage = golden.copy()
+    garbage[mask == 0] = 1e3
+    assert check_golden({"hidden": garbage}, {"hidden": golden}, tol)  # no mask: the old behaviour
+    assert check_golden({"hidden": garbage}, {"hidden": golden}, tol, mask) == []
+    assert check_golden({"hidden": -garbage}, {"hidden": golden}, tol, mask)
+    device = Tolerance(atol=tol["atol"], rtol=tol["rtol"], min_cosine=tol["min_cosine"])
+    assert not compare_output(garbage, golden, device)["passed"]  # bundles without a mask: compared whole
+    ok = compare_output(garbage, golden, device, mask)
+    assert ok["passed"] and ok["masked_positions"] == int((mask == 0).sum())
+    assert not compare_output(-garbage, golden, device, mask)["passed"]
