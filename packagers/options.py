@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from sdk.errors import PackagingError
 from sdk.manifest import Manifest
@@ -30,7 +30,30 @@ __all__ = [
 INPUT_KINDS = ("torch", "transformers", "onnx", "keras")  # every kind packagers.sources can load
 
 
-class Target(str, Enum):
+_E = TypeVar("_E", bound="_Named")
+
+
+class _Named(str, Enum):
+    """A string enum whose ``parse`` takes a member or its value, in any case."""
+
+    @classmethod
+    def parse(cls: type[_E], value: str | _E) -> _E:
+        """The member named by ``value``.
+
+        Raises:
+            PackagingError: ``value`` names no member; the message lists them.
+        """
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            what = cls.__name__.lower()
+            choices = ", ".join(m.value for m in cls)
+            raise PackagingError(f"unknown {what} {value!r}; known {what}s: {choices}") from None
+
+
+class Target(_Named):
     """An edge runtime a bundle is built for (the manifest's ``target``)."""
 
     ONNXRUNTIME = "onnxruntime"
@@ -38,23 +61,8 @@ class Target(str, Enum):
     TFLITE = "tflite"
     COREML = "coreml"
 
-    @classmethod
-    def parse(cls, value: str | Target) -> Target:
-        """The Target named by ``value``.
 
-        Raises:
-            PackagingError: ``value`` names no known target.
-        """
-        if isinstance(value, Target):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            choices = ", ".join(t.value for t in cls)
-            raise PackagingError(f"unknown target {value!r}; known targets: {choices}") from None
-
-
-class Precision(str, Enum):
+class Precision(_Named):
     """Numeric precision of the built model (the manifest's ``precision``)."""
 
     FP32 = "fp32"
@@ -64,21 +72,6 @@ class Precision(str, Enum):
     INT8_WEIGHTS = "int8-weights"  # weight-only int8 compression, float activations
     INT4 = "int4"  # weight-only 4-bit (blockwise / grouped)
     INT4_PALETTE = "int4-palette"  # 4-bit weight palettization (a 16-entry lookup table per tensor)
-
-    @classmethod
-    def parse(cls, value: str | Precision) -> Precision:
-        """The Precision named by ``value``.
-
-        Raises:
-            PackagingError: ``value`` names no known precision.
-        """
-        if isinstance(value, Precision):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            choices = ", ".join(p.value for p in cls)
-            raise PackagingError(f"unknown precision {value!r}; known precisions: {choices}") from None
 
 
 @dataclass(frozen=True)
