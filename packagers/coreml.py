@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner
+from packagers.registry import BuiltModel, Runner, version_floor
 from packagers.validation import ValidationUnavailable
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
@@ -159,8 +159,7 @@ def import_coremltools() -> Any:
 
 
 def _version(ct: Any) -> str:
-    major, minor = str(ct.__version__).split(".")[:2]
-    return f"{major}.{minor}.0"
+    return version_floor(str(ct.__version__))
 
 
 class _Settings:

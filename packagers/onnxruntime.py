@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner
+from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ def runtime_min_version() -> str:
     """The installed onnxruntime as ``major.minor.0`` (what the built graphs were validated with)."""
     import onnxruntime as ort
 
-    major, minor = ort.__version__.split(".")[:2]
-    return f"{major}.{minor}.0"
+    return version_floor(ort.__version__)
 
 
 def make_session(path: Path) -> Any:

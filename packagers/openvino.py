@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner
+from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ def runtime_min_version() -> str:
     """The installed OpenVINO as ``major.minor.0`` (what the IR was validated with)."""
     import openvino as ov
 
-    major, minor = ov.__version__.split(".")[:2]
-    return f"{major}.{minor}.0"
+    return version_floor(ov.__version__)
 
 
 def compile_for_validation(xml: Path) -> Any:

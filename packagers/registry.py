@@ -31,6 +31,7 @@ __all__ = [
     "capabilities",
     "capability_table",
     "get_packager",
+    "version_floor",
 ]
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
@@ -76,6 +77,12 @@ class Packager(Protocol):
     def runner(self, built: BuiltModel) -> Runner:
         """Load ``built`` in the target's real runtime and return its run function."""
         ...
+
+
+def version_floor(version: str) -> str:
+    """``major.minor.0`` of an installed runtime's version: the manifest's ``runtime.min_version``."""
+    major, minor = [*str(version).split("."), "0"][:2]
+    return f"{major}.{minor}.0"
 
 
 def available_targets() -> list[Target]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner
+from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
@@ -62,8 +62,7 @@ def _version(dist: str) -> str:
 
 
 def _min_version() -> str:
-    major, minor = [*_version("ai-edge-litert").split("."), "0"][:2]
-    return f"{major}.{minor}.0"
+    return version_floor(_version("ai-edge-litert"))
 
 
 @contextlib.contextmanager
