@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packagers.benchmark import benchmark
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, Packager, Runner, get_packager
+from packagers.report import write_reports
 from packagers.sources import Source, detect_input_kind, load_source
 from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
@@ -277,9 +278,26 @@ def package(
                        labels=label_array, say=say, started=start)
                 for plan in plans
             ]  # fmt: skip
+            say("benchmarking the original model on the host CPU (batch 1) for the report")
+            original = _original_summary(source, inputs, results)
+            json_path, _ = write_reports(out, name=name, version=version, samples=n, results=results,
+                                         original=original)  # fmt: skip
+            say(f"wrote {json_path} and report.html")
         finally:
             source.close()
     return results
+
+
+def _original_summary(source: Source, inputs: Mapping[str, np.ndarray], results: list[PackageResult]) -> dict[str, Any]:
+    """Latency (batch 1) and accuracy of the original model, the report's reference point."""
+    accuracy = next((r.validation["accuracy"].get("reference") for r in results if "accuracy" in r.validation), None)
+    summary: dict[str, Any] = {"reference": source.reference_name, "accuracy": accuracy, "p50_ms": None, "p95_ms": None}
+    try:
+        bench = benchmark(source.reference, {k: v[:1] for k, v in inputs.items()}, warmup=2, runs=20, max_seconds=3.0)
+    except Exception:  # the report is informative: a reference that cannot run at batch 1 is shown without latency
+        return summary
+    summary.update(p50_ms=bench["p50"], p95_ms=bench["p95"])
+    return summary
 
 
 def _policy_for(policy: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> dict[str, Any]:
