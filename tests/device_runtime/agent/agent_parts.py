@@ -125,6 +125,27 @@ class Broker:
         return self._proc is not None
 
 
+class BrokerPool:
+    """The brokers one test makes, each in its own folder under ``root``; ``stop_all()`` after the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.brokers: list[Broker] = []
+
+    def make(self, start: bool = True, port: int | None = None, config: str | None = None) -> Broker:
+        folder = self.root / f"broker{len(self.brokers)}"
+        folder.mkdir()
+        broker = Broker(folder, port or free_port(), config)
+        self.brokers.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    def stop_all(self) -> None:
+        for broker in self.brokers:
+            broker.stop()
+
+
 # -- an MQTT subscriber standing in for the fleet ---------------------------------------------------
 
 

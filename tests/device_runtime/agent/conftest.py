@@ -11,27 +11,16 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from agent_parts import Broker, HttpServer, HttpState, Received, Subscriber, free_port, make_handler
+from agent_parts import Broker, BrokerPool, HttpServer, HttpState, Received, Subscriber, make_handler
 from paho.mqtt.enums import CallbackAPIVersion
 
 
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """``broker_factory(start=True, port=None, config=None) -> Broker``; all are stopped after the test."""
-    brokers: list[Broker] = []
-
-    def make(start: bool = True, port: int | None = None, config: str | None = None) -> Broker:
-        folder = tmp_path / f"broker{len(brokers)}"
-        folder.mkdir()
-        broker = Broker(folder, port or free_port(), config)
-        brokers.append(broker)
-        if start:
-            broker.start()
-        return broker
-
-    yield make
-    for broker in brokers:
-        broker.stop()
+    pool = BrokerPool(tmp_path)
+    yield pool.make
+    pool.stop_all()
 
 
 @pytest.fixture

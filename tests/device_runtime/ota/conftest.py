@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
-from agent_parts import Broker, HttpServer, HttpState, free_port, make_handler
+from agent_parts import Broker, BrokerPool, HttpServer, HttpState, make_handler
 from ota_parts import FLEET, Fleet, connect_fleet
 from runtime_bundles import BundleMaker, Keys
 
@@ -28,21 +28,10 @@ from sdk.signing import TrustedKeys
 
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """``broker_factory(start=True, port=None) -> Broker``; all are stopped after the test."""
-    brokers: list[Broker] = []
-
-    def make(start: bool = True, port: int | None = None) -> Broker:
-        folder = tmp_path / f"broker{len(brokers)}"
-        folder.mkdir()
-        broker = Broker(folder, port or free_port())
-        brokers.append(broker)
-        if start:
-            broker.start()
-        return broker
-
-    yield make
-    for broker in brokers:
-        broker.stop()
+    """``broker_factory(start=True, port=None, config=None) -> Broker``; all are stopped after the test."""
+    pool = BrokerPool(tmp_path)
+    yield pool.make
+    pool.stop_all()
 
 
 @pytest.fixture
