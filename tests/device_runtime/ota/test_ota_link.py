@@ -34,19 +34,21 @@ def test_broker_restarted_during_telemetry_loses_no_seq(
 
 
 def test_broker_down_at_agent_start(
-    broker_factory: Callable[..., Broker],
+    broker: Broker,
     agent_factory: Callable[..., Agent],
     fleet_factory: Callable[..., Fleet],
     v1: Path,
 ) -> None:
-    broker = broker_factory(start=False)
+    # The fleet's persistent session exists before the outage, so the broker queues for it whatever the
+    # agent sends after the restart, whichever of the two reconnects first.
+    fleet = fleet_factory(broker.port)
+    broker.stop()
     agent = agent_factory(broker.port, v1, telemetry_interval_s=0.1)
     time.sleep(1.0)
     assert not agent.link.connected
     np_ok = agent.predict({"x": [[1.0, 2.0, 3.0, 4.0]]})  # serving does not wait for the broker
     assert np_ok["y"].shape == (1, 3)
     broker.start()
-    fleet = fleet_factory(broker.port)
     assert agent.link.wait_connected(10)
     fleet.wait_status(lambda s: s["state"] == "online" and s["model"]["version"] == 1, what="online")
     wait_for(lambda: len(unique_seqs(fleet.telemetry())) >= 8, 10, "queued and new telemetry")
@@ -59,21 +61,24 @@ def test_agent_offline_then_back_drains_a_bounded_outbox(
     broker: Broker, agent_factory: Callable[..., Agent], fleet_factory: Callable[..., Fleet], v1: Path
 ) -> None:
     fleet = fleet_factory(broker.port)
-    agent = agent_factory(broker.port, v1, telemetry_interval_s=0.02, outbox_max_messages=20)
+    # telemetry is produced by hand below, so nothing new pushes the backlog out before the reconnect
+    agent = agent_factory(broker.port, v1, telemetry_interval_s=3600, outbox_max_messages=20)
     fleet.wait_status(lambda s: s["state"] == "online", what="online")
-    # some telemetry before the outage, so the gap the drops leave is visible at the fleet
-    wait_for(lambda: unique_seqs(fleet.telemetry()), 10, "telemetry before the outage")
+    before = agent.publish_telemetry()
+    wait_for(lambda: before in unique_seqs(fleet.telemetry()), 10, "telemetry before the outage")
+    assert agent.link.wait_drained(10)  # its PUBACK is in: the outbox starts the outage empty
     broker.stop()
     wait_for(lambda: not agent.link.connected, 10, "the link to notice")
-    time.sleep(1.5)  # ~75 telemetry messages into a 20-message outbox
+    produced = [agent.publish_telemetry() for _ in range(75)]  # 75 messages into a 20-message outbox
     assert len(agent._outbox) == 20
     dropped = agent._outbox.dropped
-    assert dropped > 20
-    backlog_last = agent.publish_telemetry()
+    assert dropped == 55
     broker.start()
     assert agent.link.wait_connected(10)
-    # the backlog (the newest 20, oldest dropped first) reaches the fleet, while telemetry keeps coming
-    wait_for(lambda: backlog_last in unique_seqs(fleet.telemetry()), 10, f"the backlog up to seq {backlog_last}")
-    wait_for(lambda: any(t["dropped"] >= dropped for t in fleet.telemetry()), 10, "a telemetry reporting the drops")
-    seqs = unique_seqs(fleet.telemetry())
-    assert seqs[-1] - seqs[0] + 1 > len(seqs)  # the gap is the counted drops: oldest first
+    # the newest 20 reach the fleet; the oldest 55 were dropped, counted, and reported
+    wait_for(lambda: produced[-1] in unique_seqs(fleet.telemetry()), 10, f"the backlog up to seq {produced[-1]}")
+    after_outage = [s for s in unique_seqs(fleet.telemetry()) if s > before]
+    assert after_outage == produced[-20:]
+    last = next(t for t in fleet.telemetry() if t["seq"] == produced[-1])
+    assert last["dropped"] == dropped - 1  # drops so far when it was queued; queuing it dropped one more
+    assert agent.link.wait_drained(10)
