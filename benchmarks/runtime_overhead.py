@@ -35,6 +35,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,18 +46,19 @@ if str(REPO) not in sys.path:  # run from a checkout without installing it
 IN, HIDDEN, OUT = 64, 128, 10
 
 
-def build_bundle(folder: Path) -> tuple[Path, Path]:
-    """A signed bundle of a small MLP, and its public key."""
-    import onnx  # host-side only: building the model
-    from onnx import TensorProto, helper, numpy_helper
-
-    from sdk.bundle import write_bundle
-    from sdk.manifest import Manifest, TensorSpec
-    from sdk.signing import generate_keypair, load_private_key
-
+def _weights() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((IN, HIDDEN)).astype(np.float32) / 8
     w2 = rng.standard_normal((HIDDEN, OUT)).astype(np.float32) / 8
+    return w1, w2
+
+
+def mlp_onnx() -> bytes:
+    """The MLP as an ONNX model (needs ``onnx``: host-side only)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, w2 = _weights()
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w1"], ["h"]),
@@ -69,23 +71,120 @@ def build_bundle(folder: Path) -> tuple[Path, Path]:
         initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model.ir_version = 8  # onnxruntime builds of the last few years read it
     onnx.checker.check_model(model)
-    private, public = generate_keypair(folder, "bench")
+    return model.SerializeToString()
+
+
+def mlp_openvino(folder: Path) -> dict[str, bytes]:
+    """The MLP as an OpenVINO IR (``model.xml`` and ``model.bin``), converted from the ONNX model."""
+    import openvino as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mlp.onnx").write_bytes(mlp_onnx())
+    ov.save_model(ov.convert_model(str(folder / "mlp.onnx")), str(folder / "model.xml"), compress_to_fp16=False)
+    return {name: (folder / name).read_bytes() for name in ("model.xml", "model.bin")}
+
+
+def mlp_tflite() -> bytes:
+    """The MLP as a TFLite flatbuffer with a ``serving_default`` signature (needs ``tensorflow``)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    w1, w2 = _weights()
+
+    class Mlp(tf.Module):  # type: ignore[misc]  # tensorflow is untyped
+        @tf.function(input_signature=[tf.TensorSpec([None, IN], tf.float32, name="x")])  # type: ignore[untyped-decorator]
+        def serve(self, x: Any) -> Any:
+            return {"logits": tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2)}
+
+    module = Mlp()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    return bytes(converter.convert())
+
+
+def build_bundle(folder: Path, target: str = "onnxruntime") -> tuple[Path, Path]:
+    """A signed bundle of the MLP for ``target``, and its public key."""
+    from sdk.bundle import write_bundle
+    from sdk.manifest import Manifest, TensorSpec
+    from sdk.signing import generate_keypair, load_private_key
+
+    members: dict[str, bytes]
+    if target == "onnxruntime":
+        model, members = "model.onnx", {"model.onnx": mlp_onnx()}
+        runtime: dict[str, Any] = {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}
+    elif target == "openvino":
+        model, members = "model.xml", mlp_openvino(folder / "ir")
+        runtime = {"package": "openvino", "devices": ["CPU"], "performance_hint": "LATENCY",
+                   "inference_precision_hint": "f32", "weights": "model.bin"}  # fmt: skip
+    elif target == "tflite":
+        model, members = "model.tflite", {"model.tflite": mlp_tflite()}
+        runtime = {"package": "ai-edge-litert", "signature": "serving_default"}
+    else:
+        raise ValueError(f"no benchmark bundle for target {target!r}")
+    private, public = generate_keypair(folder, f"bench-{target}")
     manifest = Manifest(
         name="mlp",
         version=1,
-        target="onnxruntime",
+        target=target,
         precision="fp32",
-        model="model.onnx",
+        model=model,
         inputs=(TensorSpec("x", "float32", ("batch", IN)),),
         outputs=(TensorSpec("logits", "float32", ("batch", OUT)),),
         created="2026-01-01T00:00:00Z",
-        runtime={"package": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        runtime=runtime,
     )
-    out = folder / "mlp-1-onnxruntime-fp32.edgebundle"
-    write_bundle(out, manifest, {"model.onnx": model.SerializeToString()}, [load_private_key(private)])
+    out = folder / f"mlp-1-{target}-fp32.edgebundle"
+    write_bundle(out, manifest, members, [load_private_key(private)])
     return out, public
+
+
+def bare_call(target: str, root: Path, threads: int, x: np.ndarray) -> tuple[str, Callable[[], object]]:
+    """The runtime's own call for the bundle extracted at ``root``, set up as the backend sets it up."""
+    if target == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(root / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        return "InferenceSession.run", lambda: session.run(["logits"], {"x": x})[0]
+    if target == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        compiled = core.compile_model(core.read_model(str(root / "model.xml"), str(root / "model.bin")), "CPU", config)
+        request, output = compiled.create_infer_request(), compiled.output(0)
+        return "InferRequest.infer", lambda: request.infer({"x": x}, share_inputs=True)[output]
+    if target == "tflite":
+        from device_runtime.backends.tflite import import_interpreter
+
+        module, _, _ = import_interpreter()
+        interpreter = module.Interpreter(model_path=str(root / "model.tflite"), num_threads=threads)
+        runner = interpreter.get_signature_runner("serving_default")
+        return "SignatureRunner", lambda: runner(x=x)["logits"]
+    raise ValueError(f"no bare call for target {target!r}")
+
+
+def available_targets() -> list[str]:
+    """The CPU targets whose runtime (and, to build the bundle, converter) is installed here."""
+    import importlib.util
+
+    from device_runtime.backends.tflite import import_interpreter
+
+    found = ["onnxruntime"]
+    if importlib.util.find_spec("openvino") is not None:
+        found.append("openvino")
+    try:
+        import_interpreter()
+        has_tflite = importlib.util.find_spec("tensorflow") is not None  # to convert the model
+    except Exception:
+        has_tflite = False
+    if has_tflite:
+        found.append("tflite")
+    return found
 
 
 def per_call_us(fn: Callable[[], object], iterations: int, clock: Callable[[], float]) -> float:
@@ -178,29 +277,30 @@ def main(argv: list[str] | None = None) -> int:
     from device_runtime.serve import ModelServer
 
     rows: list[tuple[str, str, str, str, bool]] = []  # what, measured, reference, target, passed
+    x = np.random.default_rng(1).standard_normal((1, IN)).astype(np.float32)
+    feeds = {"x": x}
+    built: dict[str, tuple[Path, Path]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle, public = build_bundle(Path(tmp))
-        x = np.random.default_rng(1).standard_normal((1, IN)).astype(np.float32)
-        with device_runtime.load(bundle, [public], intra_op_threads=args.threads) as model:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = args.threads
-            so.log_severity_level = 3
-            session = ort.InferenceSession(str(model.root / "model.onnx"), so, providers=["CPUExecutionProvider"])
-            np.testing.assert_allclose(model.predict({"x": x})["logits"], session.run(None, {"x": x})[0], rtol=1e-6)
-
-            feeds = {"x": x}
-            times = compare_us(lambda: session.run(["logits"], feeds), lambda: model.predict(feeds), args.iterations)
+        for target in available_targets():
+            (Path(tmp) / target).mkdir()
+            bundle, public = built[target] = build_bundle(Path(tmp) / target, target)
+            with device_runtime.load(bundle, [public], intra_op_threads=args.threads) as model:
+                label, bare = bare_call(target, model.root, args.threads, x)
+                np.testing.assert_allclose(model.predict(feeds)["logits"], np.asarray(bare()), rtol=1e-5, atol=1e-6)
+                times = compare_us(bare, lambda: model.predict(feeds), args.iterations)
             for clock in ("cpu", "wall"):
                 bare_us, predict_us = times[f"a_{clock}"], times[f"b_{clock}"]
                 added = predict_us - bare_us
                 rows.append((
-                    f"Model.predict, batch 1 ({'CPU' if clock == 'cpu' else 'wall'} time per call)",
+                    f"Model.predict, batch 1, {target} ({'CPU' if clock == 'cpu' else 'wall'} time per call)",
                     f"{predict_us:.1f} us",
-                    f"InferenceSession.run {bare_us:.1f} us ({predict_us / bare_us:.2f}x, {added:+.1f} us)",
+                    f"{label} {bare_us:.1f} us ({predict_us / bare_us:.2f}x, {added:+.1f} us)",
                     "<= 1.05x or <= +30 us",
                     predict_us <= max(1.05 * bare_us, bare_us + 30),
                 ))  # fmt: skip
+
+        bundle, public = built["onnxruntime"]
+        with device_runtime.load(bundle, [public], intra_op_threads=args.threads) as model:
             metrics = Metrics()
             observe_us = min(per_call_us(lambda: metrics.observe(0.001), 20000, time.perf_counter) for _ in range(5))
             rows.append(("Metrics.observe", f"{observe_us:.2f} us", "", "< 5 us", observe_us < 5))

@@ -58,6 +58,7 @@ class InputPolicy:
 
 
 _DEFAULT_POLICY = InputPolicy()
+SHAPE_CACHE_SIZE = 64  # shape combinations a model remembers as valid (check_inputs' valid_shapes)
 
 
 def describe(spec: TensorSpec) -> str:
@@ -66,7 +67,10 @@ def describe(spec: TensorSpec) -> str:
 
 
 def check_inputs(
-    specs: Sequence[TensorSpec], inputs: Mapping[str, Any], policy: InputPolicy = _DEFAULT_POLICY
+    specs: Sequence[TensorSpec],
+    inputs: Mapping[str, Any],
+    policy: InputPolicy = _DEFAULT_POLICY,
+    valid_shapes: set[tuple[tuple[int, ...], ...]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate ``inputs`` against ``specs`` and ``policy``; return contiguous arrays of the declared dtypes.
 
@@ -74,6 +78,9 @@ def check_inputs(
         specs: the manifest's inputs.
         inputs: input name -> array-like.
         policy: the manifest's input policy (default: non-finite values refused, no ranges, no byte cap).
+        valid_shapes: combinations of input shapes (in ``specs`` order) already found valid for these
+            ``specs`` and ``policy``; a combination in it skips the shape checks, a new valid one is added
+            (up to ``SHAPE_CACHE_SIZE``). The caller keeps one set per model.
 
     Returns:
         Input name -> C-contiguous array, in ``specs`` order. The caller's arrays are never modified.
@@ -100,9 +107,12 @@ def check_inputs(
     feeds: dict[str, np.ndarray] = {}
     dims: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, input that set it)
     total_bytes = 0
-    for spec in specs:
-        array = _cast(spec, _as_array(spec, inputs[spec.name]))
-        _check_shape(spec, array.shape, dims, policy)
+    arrays = [_cast(spec, _as_array(spec, inputs[spec.name])) for spec in specs]
+    shapes = tuple(array.shape for array in arrays)
+    check_shapes = valid_shapes is None or shapes not in valid_shapes
+    for spec, array in zip(specs, arrays, strict=True):
+        if check_shapes:
+            _check_shape(spec, array.shape, dims, policy)
         if policy.reject_nonfinite and array.dtype.kind == "f":
             _check_finite(spec, array)
         total_bytes += array.nbytes
@@ -112,6 +122,8 @@ def check_inputs(
                 f"over the model's limit of {policy.max_bytes} bytes (input_policy.max_bytes)"
             )
         feeds[spec.name] = np.ascontiguousarray(array)
+    if check_shapes and valid_shapes is not None and len(valid_shapes) < SHAPE_CACHE_SIZE:
+        valid_shapes.add(shapes)
     return feeds
 
 

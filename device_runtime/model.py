@@ -63,6 +63,7 @@ class Model:
         self._backend: Backend | None = backend
         self._specs = self.manifest.inputs
         self._policy = InputPolicy.from_manifest(self.manifest.input_policy)
+        self._valid_shapes: set[tuple[tuple[int, ...], ...]] = set()  # see check_inputs
         self._batch_dim = _stackable_dim(self.manifest)
         self._lock = threading.Lock()  # guards _backend, _closing, _in_flight
         self._idle = threading.Condition(self._lock)  # notified when the last call in flight leaves
@@ -140,7 +141,7 @@ class Model:
         try:
             backend = self._enter()
             try:
-                outputs = backend.run(check_inputs(self._specs, inputs, self._policy))
+                outputs = backend.run(check_inputs(self._specs, inputs, self._policy, self._valid_shapes))
             finally:
                 self._leave()
         except Exception as e:
@@ -191,7 +192,7 @@ class Model:
         feeds: list[dict[str, np.ndarray]] = []
         for index, item in enumerate(batch):
             try:
-                feeds.append(check_inputs(self._specs, item, self._policy))
+                feeds.append(check_inputs(self._specs, item, self._policy, self._valid_shapes))
             except InputError as e:
                 raise InputError(f"batch item {index}: {e}") from e
         stacked = self._stack(feeds)
@@ -253,7 +254,7 @@ class Model:
         start = time.perf_counter()
         backend = self._enter()  # not counted in metrics: a health check is not traffic
         try:
-            outputs = backend.run(check_inputs(self._specs, inputs, self._policy))
+            outputs = backend.run(check_inputs(self._specs, inputs, self._policy, self._valid_shapes))
         except InputError as e:
             raise HealthCheckError(f"health check: the golden inputs do not fit the model: {e}") from e
         finally:
