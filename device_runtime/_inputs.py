@@ -20,9 +20,10 @@ The rules (every refusal is an ``InputError`` naming the declared name, dtype an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -173,7 +174,19 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     raise InputError(f"{refused}")  # not reachable for bool/int/uint/float sources, kept as a guard
 
 
+_SMALL_INPUT = 256  # elements: up to this many, _check_finite sums in Python instead of calling numpy
+_BUFFER_FORMATS: dict[np.dtype[Any], Literal["f", "d"]] = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
+
+
 def _check_finite(spec: TensorSpec, array: np.ndarray) -> None:
+    fmt = _BUFFER_FORMATS.get(array.dtype)
+    if fmt is not None and array.size <= _SMALL_INPUT and array.flags.c_contiguous:
+        # NaN and infinity propagate into a sum, so a finite sum proves every value finite (a huge but
+        # finite input can overflow it: the numpy check below then decides). For a small input this
+        # beats numpy's ufunc machinery, which also leaves the runtime call right after it measurably
+        # slower (benchmarks/runtime_overhead.py: ~5 us on a 64-float input).
+        if math.isfinite(sum(array.data.cast("B").cast(fmt))):  # native byte order only (the dict's keys)
+            return
     finite = np.isfinite(array)  # faster than a sum or min/max pass here, and never overflows
     if not finite.all():
         bad = int(array.size - np.count_nonzero(finite))

@@ -174,3 +174,57 @@ def test_shared_dynamic_dims_must_agree(
     with pytest.raises(InputError, match=f"dimension '{dim}' is") as info:
         masked.predict(feeds)
     assert MASK_SPEC in str(info.value) and "on input 'input_ids'" in str(info.value)
+
+
+# ---- non-finite values and the remembered shapes -----------------------------------------------
+FLOAT_SPECS = (TensorSpec("x", "float32", ("batch", "n")),)
+DOUBLE_SPECS = (TensorSpec("x", "float64", ("batch", "n")),)
+
+
+@pytest.mark.parametrize("n", [4, 256, 257, 5000])  # the small-input path (<= 256 elements) and numpy's
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_value_anywhere_is_refused(n: int, bad: float) -> None:
+    for specs, dtype in ((FLOAT_SPECS, np.float32), (DOUBLE_SPECS, np.float64)):
+        x = np.ones((1, n), dtype)
+        check_inputs(specs, {"x": x})
+        x[0, n - 1] = bad
+        with pytest.raises(InputError, match=r"1 NaN or infinite value\(s\)"):
+            check_inputs(specs, {"x": x})
+
+
+def test_huge_finite_values_whose_sum_overflows_pass() -> None:
+    x = np.full((1, 4), np.finfo(np.float64).max)
+    with np.errstate(over="ignore"):
+        assert np.isinf(x.sum())  # the quick sum overflows; the exact check decides
+    assert check_inputs(DOUBLE_SPECS, {"x": x})["x"] is x
+
+
+def test_non_native_byte_order_and_strided_inputs_are_checked() -> None:
+    swapped = np.array([[1.0, np.nan]], dtype=">f4")
+    with pytest.raises(InputError, match="NaN"):
+        check_inputs(FLOAT_SPECS, {"x": swapped})
+    strided = np.array([[1.0, 5.0, np.inf, 6.0]], np.float32)[:, ::2]
+    with pytest.raises(InputError, match="NaN"):
+        check_inputs(FLOAT_SPECS, {"x": strided})
+
+
+def test_remembered_shapes_still_check_each_new_combination() -> None:
+    specs = (TensorSpec("a", "float32", ("batch", 2)), TensorSpec("b", "float32", ("batch", 3)))
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+    check_inputs(specs, {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 3), np.float32)}, valid_shapes=seen)
+    assert seen == {((2, 2), (2, 3))}
+    check_inputs(specs, {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 3), np.float32)}, valid_shapes=seen)
+    with pytest.raises(InputError, match="'batch' is 3 but 2"):
+        check_inputs(specs, {"a": np.ones((2, 2), np.float32), "b": np.ones((3, 3), np.float32)}, valid_shapes=seen)
+    with pytest.raises(InputError, match="dimension 1 must be 2"):
+        check_inputs(specs, {"a": np.ones((2, 5), np.float32), "b": np.ones((2, 3), np.float32)}, valid_shapes=seen)
+    assert seen == {((2, 2), (2, 3))}  # refused combinations are never remembered
+
+
+def test_the_shape_memory_is_bounded() -> None:
+    from device_runtime._inputs import SHAPE_CACHE_SIZE
+
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+    for batch in range(1, SHAPE_CACHE_SIZE + 20):
+        check_inputs(FLOAT_SPECS, {"x": np.ones((batch, 2), np.float32)}, valid_shapes=seen)
+    assert len(seen) == SHAPE_CACHE_SIZE
