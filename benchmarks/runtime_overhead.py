@@ -1,13 +1,15 @@
-"""How much the device runtime adds on top of ONNX Runtime: predict, import, memory, HTTP serving.
+"""How much the device runtime adds on top of each runtime it wraps: predict, import, memory, HTTP serving.
 
     python benchmarks/runtime_overhead.py [--iterations N] [--threads T]
 
-Builds a small signed ONNX Runtime bundle (an MLP, 64 -> 128 -> 10; needs ``onnx`` to build it, the
-measurements themselves use only the device install), then prints one table, every row measured in
-this run:
+Builds a small signed bundle (an MLP, 64 -> 128 -> 10) for every CPU target whose runtime is installed
+here (ONNX Runtime always; OpenVINO; TFLite when tensorflow is there to convert the model; building
+needs the host tools, the measurements use only the device runtime), then prints one table, every row
+measured in this run:
 
-- ``Model.predict`` vs a bare ``onnxruntime.InferenceSession.run`` with the same session options, batch 1
-  (target: <= 1.05x, or <= +30 us, whichever is larger);
+- ``Model.predict`` vs the runtime's own call with the same settings, batch 1, per backend
+  (``InferenceSession.run``, ``InferRequest.infer``, a TFLite ``SignatureRunner``; target: <= 1.05x, or
+  <= +30 us, whichever is larger);
 - ``import device_runtime`` in fresh interpreters, median of several: after ``import onnxruntime`` (what
   the device runtime adds to the runtime it needs; target <= 150 ms), and cold, for reference;
 - resident memory added by ``import device_runtime`` (with ``metrics`` and ``serve``) beyond ``import
@@ -266,7 +268,7 @@ RSS_CODE = textwrap.dedent(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=2000, help="calls per timing block")
+    parser.add_argument("--iterations", type=int, default=20000, help="predict calls timed per backend (15 blocks)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both sessions")
     args = parser.parse_args(argv)
 

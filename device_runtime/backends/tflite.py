@@ -198,8 +198,7 @@ class TfLiteBackend(Backend):
         converted = {model: self._convert(user, feeds[user], dtype, q) for user, model, _, dtype, q in self._feeds}
         with self._lock:  # one interpreter, one call at a time
             if self._runner is not None:
-                raw = self._runner(**converted)
-                values = {model: np.array(raw[model]) for _, model, _, _ in self._fetches}
+                values = self._runner(**converted)  # copies of the output tensors (GetTensor copies)
             else:
                 values = self._invoke(converted)
         result = {}

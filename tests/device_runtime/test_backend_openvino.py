@@ -107,6 +107,18 @@ def test_int_inputs_of_two_dtypes_and_dynamic_sequence(ov_bundle: OvBundle, keys
         assert model.health_check()["passed"] is True
 
 
+def test_results_are_the_callers_and_read_only_inputs_work(ov_bundle: OvBundle, keys: Keys) -> None:
+    with device_runtime.load(ov_bundle(), keys.public) as model:
+        x = GOLDEN_X.copy()
+        x.flags.writeable = False  # cannot be shared with the request: copied instead
+        first = model.predict({"x": x})["y"]
+        kept = first.copy()
+        second = model.predict({"x": np.asfortranarray(GOLDEN_X * 3)})["y"]  # made contiguous first
+        np.testing.assert_array_equal(first, kept)
+        np.testing.assert_allclose(first, linear_reference(GOLDEN_X), atol=1e-5)
+        np.testing.assert_allclose(second, linear_reference(GOLDEN_X * 3), atol=1e-4)
+
+
 def test_device_hint_and_threads_options(ov_bundle: OvBundle, keys: Keys) -> None:
     path = ov_bundle()
     with device_runtime.load(path, keys.public, device="AUTO", performance_hint="throughput",

@@ -49,6 +49,16 @@ def test_float_model_maps_names_casts_ids_and_resizes_batch(float_bundle: Path, 
             model.predict({"x": x[:1], "token_ids": np.array([[1, 2, 2**40]], np.int64)})
 
 
+def test_results_are_the_callers_not_views_of_the_interpreter(float_bundle: Path, keys: Keys) -> None:
+    x = np.ones((2, 4), np.float32)
+    ids = np.zeros((2, 3), np.int64)
+    with device_runtime.load(float_bundle, keys.public) as model:
+        first = model.predict({"x": x, "token_ids": ids})["y"]
+        kept = first.copy()
+        model.predict({"x": x * 7, "token_ids": ids + 1})
+        np.testing.assert_array_equal(first, kept)
+
+
 def test_concurrent_predicts_share_one_interpreter_safely(float_bundle: Path, keys: Keys) -> None:
     rng = np.random.default_rng(1)
     cases = [(rng.standard_normal((b, 4)).astype(np.float32), rng.integers(0, 10, (b, 3))) for b in (1, 2, 3, 4) * 4]
