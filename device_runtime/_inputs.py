@@ -180,7 +180,7 @@ _BUFFER_FORMATS: dict[np.dtype[Any], Literal["f", "d"]] = {np.dtype(np.float32):
 
 def _check_finite(spec: TensorSpec, array: np.ndarray) -> None:
     fmt = _BUFFER_FORMATS.get(array.dtype)
-    if fmt is not None and array.size <= _SMALL_INPUT and array.flags.c_contiguous:
+    if fmt is not None and 0 < array.size <= _SMALL_INPUT and array.flags.c_contiguous:
         # NaN and infinity propagate into a sum, so a finite sum proves every value finite (a huge but
         # finite input can overflow it: the numpy check below then decides). For a small input this
         # beats numpy's ufunc machinery, which also leaves the runtime call right after it measurably

@@ -124,25 +124,18 @@ class OnnxRuntimeBackend(Backend):
                     f"{what} {spec.name!r}: the manifest says {spec.dtype}, the model takes {graph[spec.name]}"
                 )
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``Backend.run``, calling the C++ session directly when it can (see ``_load``).
-
-        The outputs asked for are the manifest's, in its order, and ``_load`` checked that they are
-        tensors of the declared types, which ONNX Runtime returns as numpy arrays.
-        """
-        direct = self._direct
-        if direct is None:
-            return super().run(feeds)
-        try:
-            return dict(zip(self._output_names, direct.run(self._output_names, feeds, None), strict=True))
-        except Exception:  # the public path reports it as a BackendError, or recovers (provider fallback)
-            outputs = super().run(feeds)
-        self._direct = getattr(self._session, "_sess", None)  # a provider fallback made a new C++ session
-        return outputs
-
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-        values = self._session.run(self._output_names, feeds)
-        return dict(zip(self._output_names, values, strict=True))
+        names = self._output_names
+        direct = self._direct  # the C++ session (see _load), None where the public run must be used
+        if direct is None:
+            values = self._session.run(names, feeds)
+        else:
+            try:
+                values = direct.run(names, feeds, None)
+            except Exception:  # the public run raises it again, or recovers (execution provider fallback)
+                values = self._session.run(names, feeds)
+                self._direct = getattr(self._session, "_sess", None)  # a fallback makes a new C++ session
+        return dict(zip(names, values, strict=True))
 
     @property
     def info(self) -> dict[str, Any]:

@@ -207,3 +207,33 @@ def test_graph_optimization_level_comes_from_the_bundle(make_bundle: BundleMaker
 def test_bad_thread_count_is_refused(linear_bundle: Path, keys: Keys, threads: object) -> None:
     with pytest.raises(BackendError, match="intra_op_threads"):
         device_runtime.load(linear_bundle, [keys.public], intra_op_threads=threads)  # type: ignore[arg-type]
+
+
+def test_a_runtime_failure_is_a_backend_error_and_the_next_call_works(make_bundle: BundleMaker, keys: Keys) -> None:
+    """ONNX Runtime's fast path (its C++ session called directly) hands failures to the public path."""
+    from onnx import TensorProto, helper, numpy_helper
+    from runtime_bundles import B, W
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Reshape", ["z", "two_rows"], ["y"]),  # fails at run time unless batch is 2
+        ],
+        "linear-two-rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            numpy_helper.from_array(W, "W"),
+            numpy_helper.from_array(B, "b"),
+            numpy_helper.from_array(np.array([2, 3], np.int64), "two_rows"),
+        ],
+    )
+    model_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with device_runtime.load(make_bundle(model_bytes=model_bytes.SerializeToString()), [keys.public]) as model:
+        x = np.ones((2, 4), np.float32)
+        np.testing.assert_allclose(model.predict({"x": x})["y"], linear_reference(x), rtol=1e-5)
+        with pytest.raises(BackendError, match="onnxruntime inference failed"):
+            model.predict({"x": np.ones((3, 4), np.float32)})
+        np.testing.assert_allclose(model.predict({"x": x * 2})["y"], linear_reference(x * 2), rtol=1e-5)
+        assert model.metrics.snapshot()["errors"] == {"backend": 1}
