@@ -14,9 +14,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +281,34 @@ def make_handler(state: HttpState) -> type[BaseHTTPRequestHandler]:
 class HttpServer:
     state: HttpState
     url: str
+
+
+# -- fixtures shared by the agent and OTA tests (imported by both conftest.py files) ------------------
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """``broker_factory(start=True, port=None, config=None) -> Broker``; all are stopped after the test."""
+    pool = BrokerPool(tmp_path)
+    yield pool.make
+    pool.stop_all()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    """A running anonymous Mosquitto with persistence."""
+    return broker_factory()
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpServer]:
+    """A ThreadingHTTPServer on 127.0.0.1 serving ``/bundle`` according to ``server.state``."""
+    state = HttpState()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield HttpServer(state, f"http://127.0.0.1:{server.server_address[1]}/bundle")
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)

@@ -1,32 +1,16 @@
-"""Fixtures handing out the real parts of ``agent_parts``: Mosquitto brokers, subscribers, an HTTP server."""
+"""Fixtures handing out the real parts of ``agent_parts``: subscribers here; the broker and HTTP server
+fixtures are defined in ``agent_parts`` (the OTA tests import them too)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from agent_parts import Broker, BrokerPool, HttpServer, HttpState, Received, Subscriber, make_handler
+from agent_parts import Broker, Received, Subscriber, broker, broker_factory, http_server  # noqa: F401  (shared fixtures)
 from paho.mqtt.enums import CallbackAPIVersion
-
-
-@pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """``broker_factory(start=True, port=None, config=None) -> Broker``; all are stopped after the test."""
-    pool = BrokerPool(tmp_path)
-    yield pool.make
-    pool.stop_all()
-
-
-@pytest.fixture
-def broker(broker_factory: Callable[..., Broker]) -> Broker:
-    """A running anonymous Mosquitto with persistence."""
-    return broker_factory()
 
 
 @pytest.fixture
@@ -35,7 +19,7 @@ def subscribe() -> Iterator[Callable[..., Subscriber]]:
     made: list[Subscriber] = []
 
     def make(
-        broker: Broker, topic: str, *, client_id: str = "", username: str | None = None, password: str | None = None
+        on: Broker, topic: str, *, client_id: str = "", username: str | None = None, password: str | None = None
     ) -> Subscriber:
         client_id = client_id or f"test-sub-{len(made)}-{time.monotonic_ns()}"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -58,7 +42,7 @@ def subscribe() -> Iterator[Callable[..., Subscriber]]:
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
         client.on_message = on_message
-        client.connect("127.0.0.1", broker.port, keepalive=10)
+        client.connect("127.0.0.1", on.port, keepalive=10)
         client.loop_start()
         made.append(sub)
         assert sub.subscribed.wait(5), "test subscriber did not get its SUBACK"
@@ -67,17 +51,3 @@ def subscribe() -> Iterator[Callable[..., Subscriber]]:
     yield make
     for sub in made:
         sub.close()
-
-
-@pytest.fixture
-def http_server() -> Iterator[HttpServer]:
-    """A ThreadingHTTPServer on 127.0.0.1 serving ``/bundle`` according to ``server.state``."""
-    state = HttpState()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield HttpServer(state, f"http://127.0.0.1:{server.server_address[1]}/bundle")
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)

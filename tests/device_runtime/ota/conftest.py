@@ -6,9 +6,7 @@ The broker and HTTP server are the transport tests' real parts (``../agent/agent
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
-from agent_parts import Broker, BrokerPool, HttpServer, HttpState, make_handler
+from agent_parts import broker, broker_factory, http_server  # noqa: F401  (shared fixtures)
 from ota_parts import FLEET, Fleet, connect_fleet
 from runtime_bundles import BundleMaker, Keys
 
@@ -24,32 +22,6 @@ from device_runtime.agent import Agent, AgentConfig
 from device_runtime.mqtt import MqttSettings
 from device_runtime.ota import Limits
 from sdk.signing import TrustedKeys
-
-
-@pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """``broker_factory(start=True, port=None, config=None) -> Broker``; all are stopped after the test."""
-    pool = BrokerPool(tmp_path)
-    yield pool.make
-    pool.stop_all()
-
-
-@pytest.fixture
-def broker(broker_factory: Callable[..., Broker]) -> Broker:
-    return broker_factory()
-
-
-@pytest.fixture
-def http_server() -> Iterator[HttpServer]:
-    state = HttpState()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield HttpServer(state, f"http://127.0.0.1:{server.server_address[1]}/bundle")
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 @pytest.fixture
