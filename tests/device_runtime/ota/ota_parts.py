@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -259,11 +258,3 @@ def slow_linear_onnx(iterations: int, n: int = 256) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    wait_for(condition, timeout_s, what, interval_s=0.05)
-
-
-def now() -> float:
-    return time.monotonic()

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agent_parts import Broker, HttpServer
-from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, settled, wait_until
+from agent_parts import Broker, HttpServer, wait_for
+from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, settled
 from runtime_bundles import BundleMaker, Keys
 
 from device_runtime.agent import CRASH_POINTS
 
 pytestmark = pytest.mark.timeout(180)
+POLL_S = 0.05  # seconds between looks at the fleet and the state folder
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_kill_at_each_step_then_restart(
         "the restart must be reported"
     )
     fleet.wait_status(_online(fleet, 2), 20, "v2 online")
-    wait_until(lambda: settled(agent.state_dir), 10, "the deployment to settle")
+    wait_for(lambda: settled(agent.state_dir), 10, "the deployment to settle", POLL_S)
     assert check_one_good_model(agent.state_dir)["version"] == 2
     phases = fleet.phases("d1")
     assert "failed" not in phases, phases
@@ -98,7 +99,7 @@ def test_load_that_kills_the_process_is_not_retried_forever(
     failed = next(e for e in fleet.events("boom") if e["phase"] == "failed")
     assert failed["detail"]["bad"] is True and "abandoned" in failed["detail"]["message"]
     fleet.wait_status(_online(fleet, 1), 20, "v1 still online")
-    wait_until(lambda: settled(agent.state_dir), 10, "settled")
+    wait_for(lambda: settled(agent.state_dir), 10, "settled", POLL_S)
     assert check_one_good_model(agent.state_dir)["version"] == 1
     assert agent.alive
     # the same bundle is not tried again by a new deployment
@@ -123,8 +124,11 @@ def test_random_kills_during_a_deploy_loop(
     def start_and_wait_online() -> None:
         seen = len(fleet.statuses())
         agent.start()
-        wait_until(
-            lambda: any(s["state"] == "online" for s in fleet.statuses()[seen:]), 20, "the restarted agent online"
+        wait_for(
+            lambda: any(s["state"] == "online" for s in fleet.statuses()[seen:]),
+            20,
+            "the restarted agent online",
+            POLL_S,
         )
 
     start_and_wait_online()
@@ -142,8 +146,8 @@ def test_random_kills_during_a_deploy_loop(
                 settled(agent.state_dir) and not _in_journal(agent.state_dir, cmd_id)
             )
 
-        wait_until(finished, 30, f"the outcome of {cmd_id}")
-        wait_until(lambda: settled(agent.state_dir), 30, f"iteration {i} to settle")
+        wait_for(finished, 30, f"the outcome of {cmd_id}", POLL_S)
+        wait_for(lambda: settled(agent.state_dir), 30, f"iteration {i} to settle", POLL_S)
         model = check_one_good_model(agent.state_dir)
         assert model["version"] in (1, *(10 + j for j in range(i + 1)))
         phases = fleet.phases(cmd_id)
