@@ -53,8 +53,6 @@ class OpenVinoBackend(Backend):
         super().__init__()
         self._compiled: Any = None
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._inputs: dict[str, Any] = {}
-        self._outputs: list[tuple[str, Any]] = []
         self._input_slots: list[tuple[str, int]] = []
         self._output_slots: list[tuple[str, int]] = []
         self._tensor: Any = None
@@ -87,13 +85,11 @@ class OpenVinoBackend(Backend):
         model = core.read_model(str(model_path), str(weights))
         self._compiled = core.compile_model(model, device, config)
         compile_ms = (time.perf_counter() - start) * 1000.0
-        self._inputs = self._ports("input", manifest.inputs, self._compiled.inputs, exact=True)
-        outputs = self._ports("output", manifest.outputs, self._compiled.outputs, exact=False)
-        self._outputs = [(spec.name, outputs[spec.name]) for spec in manifest.outputs]
         # run() sets tensors by port index: InferRequest.infer(dict) dispatches on key and value types
         # in Python, which costs more than the inference of a small model.
-        self._input_slots = [(name, _position(self._compiled.inputs, name)) for name in self._inputs]
-        self._output_slots = [(name, _position(self._compiled.outputs, name)) for name, _ in self._outputs]
+        self._input_slots = list(self._ports("input", manifest.inputs, self._compiled.inputs, exact=True).items())
+        outputs = self._ports("output", manifest.outputs, self._compiled.outputs, exact=False)
+        self._output_slots = [(spec.name, outputs[spec.name]) for spec in manifest.outputs]
         self._tensor = ov.Tensor
         self._idle.put(self._compiled.create_infer_request())
         self._info = {
@@ -151,25 +147,27 @@ class OpenVinoBackend(Backend):
         return root / member
 
     @staticmethod
-    def _ports(what: str, specs: tuple[TensorSpec, ...], ports: list[Any], *, exact: bool) -> dict[str, Any]:
-        """Map the manifest's tensors to the IR's ports by name, checking dtypes.
+    def _ports(what: str, specs: tuple[TensorSpec, ...], ports: list[Any], *, exact: bool) -> dict[str, int]:
+        """Map the manifest's tensors to the index of the compiled model's port of that name, checking dtypes.
+
+        (The index in ``ports``, which ``set_input_tensor`` takes: ``Output.get_index`` is the node's.)
 
         Raises:
             BackendError: a declared tensor has no port or another dtype; an input port is not declared.
         """
-        by_name = {name: port for port in ports for name in port.get_names()}
+        by_name = {name: (index, port) for index, port in enumerate(ports) for name in port.get_names()}
         declared = [s.name for s in specs]
         missing = [n for n in declared if n not in by_name]
         if missing or (exact and len(ports) != len(specs)):
             have = sorted(p.get_any_name() for p in ports)
             raise BackendError(f"the manifest's {what}s {sorted(declared)} do not match the model's {have}")
-        mapped: dict[str, Any] = {}
+        mapped: dict[str, int] = {}
         for spec in specs:
-            port = by_name[spec.name]
+            index, port = by_name[spec.name]
             dtype = np.dtype(port.get_element_type().to_dtype())
             if dtype != np.dtype(spec.dtype):
                 raise BackendError(f"{what} {spec.name!r}: the manifest says {spec.dtype}, the model takes {dtype}")
-            mapped[spec.name] = port
+            mapped[spec.name] = index
         return mapped
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -198,11 +196,6 @@ class OpenVinoBackend(Backend):
     def close(self) -> None:
         self._compiled = None
         self._idle = queue.SimpleQueue()
-
-
-def _position(ports: list[Any], name: str) -> int:
-    """Index of the compiled model's port called ``name`` (``Output.get_index`` is the node's, not the model's)."""
-    return next(i for i, port in enumerate(ports) if name in port.get_names())
 
 
 def _first(value: Any) -> str | None:
