@@ -171,22 +171,14 @@ def bare_call(target: str, root: Path, threads: int, x: np.ndarray) -> tuple[str
 
 
 def available_targets() -> list[str]:
-    """The CPU targets whose runtime (and, to build the bundle, converter) is installed here."""
+    """The CPU targets whose runtime is installed here (as the agent reports it) and whose model we can build."""
     import importlib.util
 
-    from device_runtime.backends.tflite import import_interpreter
+    from device_runtime._sysinfo import RUNTIME_PACKAGES, runtime_versions
 
-    found = ["onnxruntime"]
-    if importlib.util.find_spec("openvino") is not None:
-        found.append("openvino")
-    try:
-        import_interpreter()
-        has_tflite = importlib.util.find_spec("tensorflow") is not None  # to convert the model
-    except Exception:
-        has_tflite = False
-    if has_tflite:
-        found.append("tflite")
-    return found
+    installed = {RUNTIME_PACKAGES[package] for package in runtime_versions()}
+    builders = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "tensorflow"}  # host tools that build it
+    return [t for t, tool in builders.items() if t in installed and importlib.util.find_spec(tool) is not None]
 
 
 def per_call_us(fn: Callable[[], object], iterations: int, clock: Callable[[], float]) -> float:
