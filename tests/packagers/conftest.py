@@ -6,15 +6,14 @@ from configs with random weights, and the tokenizer is a hand-made WordPiece voc
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from packager_checks import Digits
+from task_folders import bert_config, wordpiece_vocab, write_tokenizer
 
 from sdk.signing import TrustedKeys, generate_keypair, load_private_key, load_public_key
 
@@ -66,42 +65,9 @@ WORDS = (
 ).split()
 
 
-def _vocab() -> dict[str, int]:
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?"]
-    tokens += list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
-    tokens += [w for w in dict.fromkeys(WORDS) if w not in tokens][: 100 - len(tokens)]
-    return {t: i for i, t in enumerate(tokens)}
-
-
-def write_tokenizer(folder: Path) -> None:
+def _tokenizer(folder: Path) -> None:
     """A tiny WordPiece tokenizer (vocab of 100) saved the way transformers saves BERT's."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
-    vocab = _vocab()
-    assert len(vocab) <= 100
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    fast = BertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64,
-    )  # fmt: skip
-    fast.save_pretrained(folder)
-
-
-def _bert_config(**extra: Any) -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, **extra,
-    )  # fmt: skip
+    write_tokenizer(folder, wordpiece_vocab(WORDS, punctuation=".,!?", size=100), max_length=64, decoder=False)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +77,7 @@ def bert_feature_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("bert-feature")
     torch.manual_seed(0)
-    BertModel(_bert_config()).save_pretrained(folder)
+    BertModel(bert_config(vocab_size=100)).save_pretrained(folder)
     return folder
 
 
@@ -122,10 +88,10 @@ def bert_cls_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("bert-cls")
     torch.manual_seed(1)
-    config = _bert_config(num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+    config = bert_config(vocab_size=100, num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
                           label2id={"negative": 0, "neutral": 1, "positive": 2})  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(folder)
-    write_tokenizer(folder)
+    _tokenizer(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,27 @@ SENTENCES = [
 LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)  # far over MAX_LENGTH tokens
 
 
-def _vocab() -> dict[str, int]:
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", ";"]
+def wordpiece_vocab(
+    words: Sequence[str] = TASK_WORDS, punctuation: str = ".,!?;", size: int | None = None
+) -> dict[str, int]:
+    """Special tokens, ``punctuation``, letters and ``##`` letters, then ``words``: the first ``size`` of them."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *punctuation]
     tokens += list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
-    tokens += [w for w in dict.fromkeys(TASK_WORDS) if w not in tokens]
-    return {t: i for i, t in enumerate(tokens)}
+    tokens += [w for w in dict.fromkeys(words) if w not in tokens]
+    return {t: i for i, t in enumerate(tokens[:size])}
 
 
-VOCAB_SIZE = len(_vocab())
+VOCAB_SIZE = len(wordpiece_vocab())
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A WordPiece tokenizer saved as transformers saves BERT's (BertTokenizerFast, model_max_length 16)."""
+def write_tokenizer(
+    folder: Path, vocab: dict[str, int] | None = None, *, max_length: int = MAX_LENGTH, decoder: bool = True
+) -> None:
+    """A WordPiece tokenizer (``vocab``, default ``wordpiece_vocab()``) saved as transformers saves BERT's."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    vocab = _vocab()
+    vocab = vocab if vocab is not None else wordpiece_vocab()
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -56,19 +62,21 @@ def write_tokenizer(folder: Path) -> None:
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    tok.decoder = decoders.WordPiece(prefix="##")
+    if decoder:
+        tok.decoder = decoders.WordPiece(prefix="##")
     fast = BertTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=MAX_LENGTH,
+        mask_token="[MASK]", model_max_length=max_length,
     )  # fmt: skip
     fast.save_pretrained(folder)
 
 
-def _bert_config(**extra: Any) -> Any:
+def bert_config(vocab_size: int = VOCAB_SIZE, **extra: Any) -> Any:
+    """A tiny BertConfig (2 layers, hidden 32)."""
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64, **extra,
     )  # fmt: skip
 
@@ -88,11 +96,11 @@ def text_folder(folder: Path, task: str, *, sentence_transformers: bool = False)
 
     torch.manual_seed({"feature-extraction": 0, "text-classification": 1, "token-classification": 2}[task])
     if task == "feature-extraction":
-        model = transformers.BertModel(_bert_config())
+        model = transformers.BertModel(bert_config())
     elif task == "text-classification":
-        model = transformers.BertForSequenceClassification(_bert_config(**_labels(("negative", "neutral", "positive"))))
+        model = transformers.BertForSequenceClassification(bert_config(**_labels(("negative", "neutral", "positive"))))
     else:
-        model = transformers.BertForTokenClassification(_bert_config(**_labels(NER_LABELS)))
+        model = transformers.BertForTokenClassification(bert_config(**_labels(NER_LABELS)))
     model.save_pretrained(folder)
     write_tokenizer(folder)
     if sentence_transformers:
