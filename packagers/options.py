@@ -133,6 +133,10 @@ class Tolerances:
 # 0.9995-0.99998, worst sample 0.9957 (CNN, 200 samples), top-1 agreement >= 0.985. The worst-sample
 # bound is looser than the mean because the minimum over many samples keeps falling as N grows; a
 # model whose export does not match its eager behaviour lands far below both.
+_FOUR_BIT = Tolerances(
+    min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
+    golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
+)  # fmt: skip
 DEFAULT_TOLERANCES: Mapping[Precision, Tolerances] = MappingProxyType(
     {
         Precision.FP32: Tolerances(),
@@ -153,15 +157,9 @@ DEFAULT_TOLERANCES: Mapping[Precision, Tolerances] = MappingProxyType(
             min_cosine=0.99, min_cosine_mean=0.995, max_rel_diff=None, min_top1_agreement=0.95, max_accuracy_drop=0.02,
             golden_atol_rel=0.02, golden_rtol=0.02, golden_min_cosine=0.99,
         ),
-        Precision.INT4: Tolerances(
-            min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
-            golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
-        ),
+        Precision.INT4: _FOUR_BIT,
         # 4-bit palettization (16 k-means centroids per weight tensor, float activations): INT4's bounds.
-        Precision.INT4_PALETTE: Tolerances(
-            min_cosine=0.9, min_cosine_mean=0.95, max_rel_diff=None, min_top1_agreement=0.8, max_accuracy_drop=0.05,
-            golden_atol_rel=0.1, golden_rtol=0.1, golden_min_cosine=0.95,
-        ),
+        Precision.INT4_PALETTE: _FOUR_BIT,
     }
 )  # fmt: skip
 
