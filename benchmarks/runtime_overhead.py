@@ -45,37 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, str(REPO))
 
+from _mlp import mlp_onnx, mlp_weights  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 IN, HIDDEN, OUT = 64, 128, 10
 
 
 def _weights() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((IN, HIDDEN)).astype(np.float32) / 8
-    w2 = rng.standard_normal((HIDDEN, OUT)).astype(np.float32) / 8
-    return w1, w2
+    return mlp_weights(HIDDEN, seed=0, inputs=IN, outputs=OUT)
 
 
-def mlp_onnx() -> bytes:
-    """The MLP as an ONNX model (needs ``onnx``: host-side only)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w1, w2 = _weights()
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"]),
-            helper.make_node("Relu", ["h"], ["a"]),
-            helper.make_node("MatMul", ["a", "w2"], ["logits"]),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", OUT])],
-        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # onnxruntime builds of the last few years read it
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+def _onnx() -> bytes:
+    return mlp_onnx(*_weights(), output="logits")
 
 
 def mlp_openvino(folder: Path) -> dict[str, bytes]:
@@ -83,7 +63,7 @@ def mlp_openvino(folder: Path) -> dict[str, bytes]:
     import openvino as ov
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mlp.onnx").write_bytes(mlp_onnx())
+    (folder / "mlp.onnx").write_bytes(_onnx())
     ov.save_model(ov.convert_model(str(folder / "mlp.onnx")), str(folder / "model.xml"), compress_to_fp16=False)
     return {name: (folder / name).read_bytes() for name in ("model.xml", "model.bin")}
 
@@ -113,7 +93,7 @@ def build_bundle(folder: Path, target: str = "onnxruntime") -> tuple[Path, Path]
 
     members: dict[str, bytes]
     if target == "onnxruntime":
-        model, members = "model.onnx", {"model.onnx": mlp_onnx()}
+        model, members = "model.onnx", {"model.onnx": _onnx()}
         runtime: dict[str, Any] = {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}
     elif target == "openvino":
         model, members = "model.xml", mlp_openvino(folder / "ir")
