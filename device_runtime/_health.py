@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from sdk.errors import ManifestError
+from sdk.scoring import MASK_INPUT, padding_mask
 
 __all__ = ["MASK_INPUT", "Tolerance", "compare_output", "padding_mask"]
-
-MASK_INPUT = "attention_mask"
 
 
 @dataclass(frozen=True)
@@ -64,16 +63,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 0.0
     return float(np.dot(a, b) / (na * nb))
-
-
-def padding_mask(mask: np.ndarray | None, expected: np.ndarray) -> np.ndarray | None:
-    """Boolean [batch, sequence] of the positions to compare, or None to compare the whole output."""
-    if mask is None or expected.ndim < 3:
-        return None
-    m = np.asarray(mask)
-    if m.ndim != 2 or tuple(m.shape) != tuple(expected.shape[:2]):
-        return None
-    return m != 0
 
 
 def compare_output(

@@ -16,6 +16,7 @@ import numpy as np
 from packagers.options import Tolerances
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
+from sdk.scoring import MASK_INPUT, padding_mask
 
 __all__ = [
     "ValidationUnavailable",
@@ -27,8 +28,6 @@ __all__ = [
     "padding_mask",
     "run_batched",
 ]
-
-MASK_INPUT = "attention_mask"
 
 Arrays = dict[str, np.ndarray]
 
@@ -72,22 +71,6 @@ def is_logits_like(spec: TensorSpec) -> bool:
     if spec.name.lower().endswith("logits"):
         return True
     return len(spec.shape) == 2 and isinstance(spec.shape[1], int) and spec.shape[1] > 1
-
-
-def padding_mask(mask: np.ndarray | None, array: np.ndarray) -> np.ndarray | None:
-    """The boolean [batch, sequence] positions of ``array`` that are scored, or None to score everything.
-
-    Token-level outputs (rank >= 3: [batch, sequence, ...], e.g. ``last_hidden_state`` or token logits)
-    of a model with an ``attention_mask`` input hold, at padded positions (mask 0), values nothing
-    downstream uses (mean pooling and token heads mask them); those positions are left out. Outputs of
-    another rank or whose first two dims are not the mask's are scored whole.
-    """
-    if mask is None or array.ndim < 3:
-        return None
-    m = np.asarray(mask)
-    if m.ndim != 2 or tuple(m.shape) != tuple(array.shape[:2]):
-        return None
-    return m != 0
 
 
 def _masked(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
