@@ -29,13 +29,12 @@ import logging
 import os
 import queue
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -44,8 +43,6 @@ from typing import Any
 import numpy as np
 
 from device_runtime import _sysinfo
-from device_runtime.backends import BACKENDS
-from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import HealthCheckError, StateError
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
@@ -61,19 +58,30 @@ from device_runtime.ota import (
 )
 from device_runtime.outbox import Outbox
 from device_runtime.serve import ModelServer
-from device_runtime.slots import Pointer, SlotInfo, SlotStore, TreeFlush, other_slot
-from sdk.bundle import VerifiedBundle, check_freshness, inspect_bundle, read_bundle
-from sdk.errors import BackendError, BundleError, EdgeshipError, RollbackError, TransportError
+from device_runtime.slots import Pointer, SlotInfo, SlotStore, other_slot
+from device_runtime.staging import (
+    CRASH_ENV,
+    CRASH_POINTS,
+    Flush,
+    Staged,
+    StageFailure,
+    StageJob,
+    StagingDied,
+    StagingProcess,
+    check_compatible,
+    crash_point,
+    stage,
+)
+from sdk.bundle import VerifiedBundle, read_bundle
+from sdk.errors import EdgeshipError, TransportError
 from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
-from sdk.manifest import Manifest, canonical_json
+from sdk.manifest import canonical_json
 from sdk.signing import TrustedKeys
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "EDGESHIP_AGENT_CRASH_AT"
-CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
 _DEPLOY_FILE = "deploy.json"
 _COMMANDS_FILE = "commands.json"
 _BAD_FILE = "bad.json"
@@ -111,6 +119,9 @@ class AgentConfig:
             model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
+        staging_process: download, verify and install new bundles in a helper process
+            (``device_runtime.staging``), away from the serving process's GIL; False: on the agent's
+            OTA thread (also the fallback when the helper cannot be started).
     """
 
     state_dir: Path
@@ -132,6 +143,7 @@ class AgentConfig:
     serve: bool = False
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
+    staging_process: bool = True
 
 
 # ---- small durable records ---------------------------------------------------------------------
@@ -206,8 +218,10 @@ class _Journal:
             entry = self._entries.get(cmd_id)
             return dict(entry) if entry else None
 
-    def record(self, cmd_id: str, **fields: Any) -> None:
-        """Add or update an entry durably (``state``: queued, running or done; ``outcome``; ``cmd``).
+    def record(self, cmd_id: str, *, durable: bool = True, **fields: Any) -> None:
+        """Add or update an entry (``state``: queued, running or done; ``outcome``; ``cmd``).
+
+        ``durable=False``: in place for a restart after kill -9, on disk only after ``flush()``.
 
         Raises:
             StateError: the file cannot be written.
@@ -219,7 +233,15 @@ class _Journal:
             finished = [k for k, e in self._entries.items() if e.get("state") == "done"]
             for old in finished[: max(0, len(finished) - _KEEP_COMMANDS)]:
                 del self._entries[old]
-            _write_json(self._path, {"schema": 1, "entries": list(self._entries.values())})
+            _write_json(self._path, {"schema": 1, "entries": list(self._entries.values())}, durable=durable)
+
+    def flush(self) -> None:
+        """Put the last ``record(durable=False)`` on disk.
+
+        Raises:
+            StateError: it cannot be flushed.
+        """
+        _fsync_file_and_folder(self._path)
 
     def unfinished(self) -> list[dict[str, Any]]:
         """OTA commands queued or started but not finished, oldest first."""
@@ -316,46 +338,35 @@ class _Serving:
             old.model.close()
 
 
-# ---- download with a crash hook ----------------------------------------------------------------
+class _Worker:
+    """One daemon thread that runs submitted calls in order, started once: a thread start costs a GIL
+    hand-over, milliseconds when predict threads keep the GIL busy. Abandoned (not joined) when a call
+    hangs: the process may still exit."""
 
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-def _crash_point(name: str) -> None:
-    """SIGKILL this process if the test hook names ``name`` (see ``CRASH_ENV``)."""
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("test hook %s=%s: killing the agent", CRASH_ENV, name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+    def close(self, timeout_s: float) -> None:
+        """End the thread once the calls submitted so far are done (waits up to ``timeout_s``)."""
+        self._calls.put(None)
+        self._thread.join(timeout_s)
 
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._calls.put((fn, future))
+        return future
 
-class _CrashingBody:
-    """A response body that SIGKILLs the process once half of ``total`` bytes were read (test hook)."""
-
-    def __init__(self, body: Any, total: int) -> None:
-        self._body = body
-        self._left = max(1, total // 2)
-
-    def read1(self, n: int) -> bytes:
-        chunk: bytes = getattr(self._body, "read1", self._body.read)(min(n, self._left))
-        self._left -= len(chunk)
-        if self._left <= 0:
-            _crash_point("downloading")
-        return chunk
-
-    read = read1
-
-    def close(self) -> None:
-        self._body.close()
-
-
-class _AgentDownloader(HttpDownloader):
-    """``HttpDownloader`` with the mid-download crash hook."""
-
-    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
-        response = super()._fetch(url, offset, timeout_s)
-        if os.environ.get(CRASH_ENV) == "downloading":
-            length = int(response.headers.get("content-length", "0") or 0)
-            response.body = _CrashingBody(response.body, length)  # type: ignore[assignment]
-        return response
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
 
 
 class _Failed(Exception):
@@ -404,7 +415,7 @@ class Agent:
         # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io")
         self._record_flush: Future[None] | None = None  # the fsyncs of the last deploy.json (see _save)
-        self._staged_flush: TreeFlush | None = None  # the fsyncs of the bundle being staged (_verify_and_stage)
+        self._health_worker = _Worker("edgeship-health")  # runs health checks under a timeout
         self._ota_queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._wake_telemetry = threading.Event()
@@ -415,9 +426,12 @@ class Agent:
         self._capabilities = _sysinfo.capabilities()
         self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
         self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
-        self._downloader = _AgentDownloader(
-            attempts=config.download_attempts, read_timeout_s=config.download_read_timeout_s
-        )
+        # Started by the OTA thread (on Linux the helper dies with the thread that started it).
+        self._stager: StagingProcess | None = None
+        if config.staging_process:
+            self._stager = StagingProcess(
+                download_attempts=config.download_attempts, download_read_timeout_s=config.download_read_timeout_s
+            )
         self._apply_log_level()
 
     # -- public API --------------------------------------------------------------------------------
@@ -451,6 +465,7 @@ class Agent:
                 raise
             self.server = server
         self.link.start()
+        self._ota_queue.put(self._start_stager)  # before any deployment, while the agent comes up
         for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
@@ -471,8 +486,12 @@ class Agent:
         self._stop.set()
         self._wake_telemetry.set()
         self._ota_queue.put(None)
+        if self._stager is not None:  # a staging job in progress ends like after a crash; resumed at start
+            self._stager.close()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
+        if self._stager is not None:  # (one the OTA thread was starting just then)
+            self._stager.close()
         if self._event_writer is not None:  # every event reported so far goes into the outbox
             self._events.put(None)
             self._event_writer.join(timeout=timeout_s)
@@ -481,6 +500,7 @@ class Agent:
         if self.server is not None:
             self.server.stop()
         self._io.shutdown(wait=True)
+        self._health_worker.close(timeout_s)
         self._serving.swap(None)
         self._outbox.close()
 
@@ -669,9 +689,12 @@ class Agent:
             self._journal.record(cmd_id, type=kind, state="done", outcome="failed")
             self._event(cmd_id, "failed", str(e), error="CommandError")
             return
-        self._journal.record(cmd_id, type=kind, state="queued", cmd=cmd)
+        # Recorded before it is queued (a restart runs it from the journal), flushed before this returns
+        # and the link acknowledges it; the OTA worker starts meanwhile (a kill -9 keeps the page cache).
+        self._journal.record(cmd_id, type=kind, state="queued", cmd=cmd, durable=False)
         self._event(cmd_id, "received", f"{kind} queued")
         self._ota_queue.put(lambda: self._run_ota_command(cmd))
+        self._journal.flush()
 
     def _configure(self, cmd_id: str, cmd: Mapping[str, Any]) -> None:
         try:
@@ -704,13 +727,21 @@ class Agent:
             except Exception:  # a bug must not end the worker: the next command still runs
                 log.exception("OTA task failed")
 
+    def _start_stager(self) -> None:
+        if self._stager is None:
+            return
+        try:
+            self._stager.start()
+        except StagingDied as e:
+            log.warning("%s; staging deployments on the agent's own thread instead", e)
+            self._stager = None
+
     def _run_ota_command(self, cmd: Mapping[str, Any]) -> None:
         dep = deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)
         # The journal entry stays "queued" while deploy.json exists: a restart recovers it from there.
         self._run_deployment(dep.at("received", previous=self.active_model), resume_at=None)
 
     def _run_deployment(self, dep: Deployment, resume_at: str | None) -> None:
-        self._staged_flush = None
         try:
             if dep.kind == "rollback":
                 self._rollback(dep)
@@ -813,6 +844,7 @@ class Agent:
             phase = "downloading"
         bundle_path = self.state_dir / _DOWNLOADS / f"{dep.sha256}.edgebundle"
         verified: VerifiedBundle | None = None
+        flush: Flush | None = None
         if phase in ("downloading", "verifying"):
             # The one record before the health check: it counts this run (``resumes``). A crash while
             # downloading, verifying or staging resumes from here; a complete download (renamed only
@@ -820,10 +852,14 @@ class Agent:
             dep = self._save(dep.at("downloading"))
             if not bundle_path.exists():
                 self._event(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
-                self._download(dep, bundle_path)
-            dep = self._note(dep.at("verifying"))
-            self._event(dep.cmd_id, "verifying", "verifying the bundle")
-            dep, verified = self._verify_and_stage(dep, bundle_path)
+            staged, flush = self._stage(dep, bundle_path)
+            verified = staged.verified
+            dep = self._note(dep.at("staged", slot=staged.slot))
+            m = verified.manifest
+            self._event(
+                dep.cmd_id, "staged", f"{m.name} v{m.version} verified into slot {staged.slot}",
+                slot=staged.slot, version=m.version,
+            )  # fmt: skip
         if verified is None:  # resumed at the health check: the staged slot must still be intact
             try:
                 if dep.slot is None:
@@ -837,13 +873,13 @@ class Agent:
         dep = self._save(dep.at("health_check", attempts=dep.attempts + 1))
         self._event(dep.cmd_id, "health_check", "loading and checking the new model", attempt=dep.attempts)
         assert dep.slot is not None
-        # The slot's fsyncs (I/O, started by prepare() right after verification) run on while the trial
+        # The slot's fsyncs (I/O, started by staging right after verification) run on while the trial
         # loads and checks the model (CPU); both must be done before the pointer names the slot.
-        started, self._staged_flush = self._staged_flush, None  # None when resumed: flushed from scratch
-        try:
-            flush = self._slots.start_flush(dep.slot, self._io, started)
-        except StateError as e:
-            raise _Failed(f"cannot stage: {e}", error="StateError") from e
+        if flush is None:  # resumed: flushed from scratch
+            try:
+                flush = self._slots.start_flush(dep.slot, self._io)
+            except StateError as e:
+                raise _Failed(f"cannot stage: {e}", error="StateError") from e
         try:
             trial, metrics = self._trial(verified, dep.slot)
         finally:
@@ -854,96 +890,51 @@ class Agent:
                 flushed = e
         if flushed is not None:
             trial.model.close()
+            if self._stop.is_set():  # the helper was stopped with the agent: resumed at the next start
+                raise _Interrupted
             raise _Failed(f"cannot stage: {flushed.strerror or flushed}", trial=True, error="StateError")
         self._commit(self._note(dep.at("switching")), trial, metrics)
 
-    def _download(self, dep: Deployment, dest: Path) -> None:
-        try:
-            self._downloader.download_file(
-                dep.url,
-                dest,
-                max_length=dep.size or self.config.max_bundle_bytes,
-                expected_size=dep.size,
-                expected_sha256=dep.sha256,
-                deadline_s=self.config.download_deadline_s,
-            )
-        except (TransportError, BundleError) as e:  # IntegrityError: wrong bytes from the server
-            raise _Failed(f"download failed: {e}", error=type(e).__name__) from e
-
-    def _verify_and_stage(self, dep: Deployment, path: Path) -> tuple[Deployment, VerifiedBundle]:
-        self._slots.clean_incoming()
-        pointer = self._slots.read_pointer()
-        try:
-            peeked, _ = inspect_bundle(path)  # unverified: only to find the version floor of its name
-            floor = pointer.floor(peeked.name)
-            verified = read_bundle(
-                path,
-                self.config.trust,
-                self._slots.incoming / "bundle",
-                installed_version=floor,
-                allow_downgrade=dep.allow_downgrade,
-            )
-            if verified.manifest.name != peeked.name:
-                check_freshness(
-                    verified.manifest,
-                    installed_version=pointer.floor(verified.manifest.name),
-                    allow_downgrade=dep.allow_downgrade,
-                    now=None,
-                )
-            if verified.sha256 != dep.sha256:
-                raise BundleError(f"the bundle's sha256 {verified.sha256} is not the announced {dep.sha256}")
-        except RollbackError as e:  # the command's fault, not the bundle's: a downgrade may be allowed later
-            self._slots.clean_incoming()
-            raise _Failed(f"refused: {e}", error=type(e).__name__) from e
-        except BundleError as e:
-            self._slots.clean_incoming()
-            raise _Failed(f"verification failed: {e}", bad=True, error=type(e).__name__) from e
-        try:
-            self._check_compatible(verified.manifest)
-        except BackendError as e:
-            self._slots.clean_incoming()
-            raise _Failed(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
-        _crash_point("verifying")
-        # Its data goes to disk while the pointer is written and the trial runs (joined before the commit).
-        self._staged_flush = self._slots.prepare(verified, self._io)
-        # The inactive slot is about to be overwritten: from here on it is no rollback target.
-        slot = pointer.inactive
-        dep = self._note(dep.at("staged", slot=slot))
-        self._record_flushed()
-        if pointer.slots.get(slot) is not None:  # (an empty slot needs no pointer write)
-            self._slots.write_pointer(pointer.with_slot(slot, None))
-        shutil.rmtree(self._slots.slot_dir(slot), ignore_errors=True)
-        _crash_point("slot_write")
-        staged = self._slots.install(slot, verified, flush=False)  # flushed beside the trial (_deploy)
-        m = staged.manifest
-        self._event(
-            dep.cmd_id, "staged", f"{m.name} v{m.version} verified into slot {slot}", slot=slot, version=m.version
-        )
-        return dep, staged
-
-    def _check_compatible(self, manifest: Manifest) -> None:
-        """The bundle's target, runtime version and CPU architecture must fit this device.
+    def _stage(self, dep: Deployment, bundle_path: Path) -> tuple[Staged, Flush]:
+        """Download (unless done), verify and install the bundle into the inactive slot.
 
         Raises:
-            BackendError: they do not.
+            _Failed: it was refused or could not be staged.
+            _Interrupted: ``stop()`` was called meanwhile.
         """
-        if manifest.target not in BACKENDS:
-            raise BackendError(f"this device has no backend for target {manifest.target!r}")
-        if not _sysinfo.target_runs_here(manifest.target):
-            raise BackendError(f"{manifest.target} bundles do not run on {sys.platform}")
-        runtime = manifest.runtime
-        package = str(runtime.get("package") or manifest.target)
-        installed = {
-            p: v for p, v in self._capabilities["runtimes"].items() if _sysinfo.RUNTIME_PACKAGES[p] == manifest.target
-        }
-        if not installed:
-            raise BackendError(f"no {manifest.target} runtime is installed (the bundle needs {package})")
-        minimum = runtime.get("min_version")
-        if isinstance(minimum, str) and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
-            raise BackendError(f"the bundle needs {package} >= {minimum}; this device has {installed}")
-        arch = self._capabilities["arch"]
-        if not _sysinfo.arch_compatible(runtime.get("arch"), arch):
-            raise BackendError(f"the bundle is built for {runtime.get('arch')}, this device is {arch}")
+        keys, threshold = StageJob.encode_trust(self.config.trust)
+        job = StageJob(
+            cmd_id=dep.cmd_id,
+            url=dep.url,
+            sha256=dep.sha256,
+            size=dep.size,
+            max_bytes=dep.size or self.config.max_bundle_bytes,
+            allow_downgrade=dep.allow_downgrade,
+            state_dir=str(self.state_dir),
+            bundle_path=str(bundle_path),
+            record_path=str(self.state_dir / _DEPLOY_FILE),
+            trusted_keys=keys,
+            threshold=threshold,
+            capabilities=self._capabilities,
+            deadline_s=self.config.download_deadline_s,
+            read_timeout_s=self.config.download_read_timeout_s,
+            attempts=self.config.download_attempts,
+        )
+
+        def report(phase: str) -> None:  # "verifying": the download is complete
+            self._note(dep.at(phase))
+            self._event(dep.cmd_id, phase, "verifying the bundle")
+
+        try:
+            if self._stager is not None:
+                return self._stager.run(job, report)
+            return stage(job, trust=self.config.trust, executor=self._io, report=report)
+        except StageFailure as e:
+            raise _Failed(str(e), bad=e.bad, error=e.error) from e
+        except StagingDied as e:
+            if self._stop.is_set():
+                raise _Interrupted from e
+            raise _Failed(f"{e}; the next deployment starts a new one", error="StagingDied") from e
 
     def _trial(self, verified: VerifiedBundle, slot: str, *, hooks: bool = True) -> tuple[_Active, dict[str, Any]]:
         """Load a bundle beside the serving model and health-check it.
@@ -954,7 +945,7 @@ class Agent:
             _Failed: it did not load or did not pass (``trial=True``, ``bad=True``).
         """
         if hooks:
-            _crash_point("load")
+            crash_point("load")
         try:
             model = load_verified(
                 verified,
@@ -982,32 +973,25 @@ class Agent:
         Raises:
             HealthCheckError: it failed, hung past ``health_timeout_s`` or ran over the latency budget.
         """
-        result: dict[str, Any] = {}
 
-        def run() -> None:
+        def run() -> dict[str, Any]:
             if hooks:
-                _crash_point("health_check")
-            try:
-                result["metrics"] = model.health_check()
-            except BaseException as e:
-                result["error"] = e
+                crash_point("health_check")
+            return model.health_check()
 
-        thread = threading.Thread(target=run, name="edgeship-health", daemon=True)
-        thread.start()
-        thread.join(self.config.health_timeout_s)
-        if thread.is_alive():
-            # The runtime cannot be interrupted: close the model once the stuck call returns.
-            def close_when_done() -> None:
-                thread.join()
-                model.close()
-
-            threading.Thread(target=close_when_done, name="edgeship-health-close", daemon=True).start()
-            raise HealthCheckError(f"health check did not finish within {self.config.health_timeout_s:g} s")
-        error = result.get("error")
-        if error is not None:
+        future = self._health_worker.submit(run)
+        try:
+            metrics: dict[str, Any] = future.result(self.config.health_timeout_s)
+        except FutureTimeout:
+            # The runtime cannot be interrupted: close the model once the stuck call returns, and give the
+            # next check a fresh worker.
+            future.add_done_callback(lambda _: model.close())
+            stuck, self._health_worker = self._health_worker, _Worker("edgeship-health")
+            stuck.close(0)  # its thread ends when the call returns
+            raise HealthCheckError(f"health check did not finish within {self.config.health_timeout_s:g} s") from None
+        except BaseException:
             model.close()
-            raise error
-        metrics: dict[str, Any] = result["metrics"]
+            raise
         budget = model.manifest.golden.get("latency_budget_ms", self.config.health_latency_budget_ms)
         if hooks and isinstance(budget, (int, float)) and metrics["latency_ms"] > budget:
             model.close()
@@ -1027,7 +1011,7 @@ class Agent:
         except StateError as e:
             trial.model.close()
             raise _Failed(f"cannot commit: {e}", trial=True, error="StateError") from e
-        _crash_point("pointer_written")
+        crash_point("pointer_written")
         previous = self._serving.swap(trial, close_old=False)  # closed once reported (below)
         final = "active" if dep.kind == "deploy" else "rolled_back"
         # No terminal record: deploy.json still says health_check, and after a crash from here on
@@ -1110,7 +1094,7 @@ class Agent:
         try:
             self._slots.clean_incoming()
             verified = read_bundle(path, self.config.trust, self._slots.incoming / "bundle")
-            self._check_compatible(verified.manifest)
+            check_compatible(verified.manifest, self._capabilities)
             self._slots.write_pointer(Pointer())
             staged = self._slots.install("A", verified)
             trial, _ = self._trial(staged, "A", hooks=False)

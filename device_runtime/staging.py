@@ -1,0 +1,577 @@
+"""Staging a deployment: download, verify and install a bundle into the inactive slot.
+
+``stage`` does the work; the agent runs it in a helper process (``StagingProcess``) by default, or on its
+own OTA thread (``AgentConfig.staging_process=False``). Why a process: downloading, parsing the tar,
+hashing and writing are Python work that, on the agent's threads, competes for the GIL with the local
+callers' ``predict`` calls. On a 2-core device under continuous predict load that made the staging steps
+~3x slower and pushed the callers' p99 latency during a swap to ~3x the steady p99
+(``benchmarks/ota_swap.py``). In its own process the staging runs on the other core at idle speed and
+leaves the serving process's GIL alone; only the trial load, the health check and the switch run there.
+
+The helper speaks JSON lines: one job per line on its stdin; on its stdout ``{"ready": true}`` once
+started, then per job ``{"event": "verifying"}`` when the download is complete, ``{"staged": {...}}`` or
+``{"failed": {...}}``, and after ``staged`` one ``{"flushed": true}`` or ``{"flush_failed": "..."}`` when
+the slot's files are on disk (the agent loads and checks the model meanwhile, and waits for it before the
+pointer may name the slot). Its log goes to stderr.
+
+Crash safety is unchanged by the process boundary: the helper changes nothing the pointer lists (it
+clears the inactive slot's pointer entry before touching the folder, as the agent did), it dies with the
+agent (``PR_SET_PDEATHSIG`` on Linux, a parent watch elsewhere), and a helper that dies alone fails the
+deployment without touching the serving model. The crash test hook (``CRASH_ENV``) kills the agent and
+the helper together at the same points as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from device_runtime import _sysinfo
+from device_runtime.backends import BACKENDS
+from device_runtime.download import FetchResponse, HttpDownloader
+from device_runtime.errors import StateError
+from device_runtime.slots import SlotStore
+from sdk.bundle import VerifiedBundle, check_freshness, inspect_bundle, read_bundle
+from sdk.errors import BackendError, BundleError, RollbackError, TransportError
+from sdk.fsutil import fsync_dir, fsync_file
+from sdk.manifest import Manifest
+from sdk.signing import TrustedKeys
+
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "Flush",
+    "StageFailure",
+    "StageJob",
+    "Staged",
+    "StagingDied",
+    "StagingProcess",
+    "check_compatible",
+    "crash_point",
+    "stage",
+]
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "EDGESHIP_AGENT_CRASH_AT"
+CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
+_IO_THREADS = 8  # fsyncs the helper issues at once (a slot's files and folders)
+_NICE = 10  # the helper's scheduling priority below the agent's (a nice value: 0-19)
+_START_TIMEOUT_S = 60.0  # the helper's imports on a slow device
+
+
+# ---- the crash test hook -----------------------------------------------------------------------
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL the agent if the test hook names ``name`` (see ``CRASH_ENV``); in the helper process, the
+    agent that started it first, then the helper: a kill -9 of the device agent at that step."""
+    if os.environ.get(CRASH_ENV) != name:
+        return
+    log.warning("test hook %s=%s: killing the agent", CRASH_ENV, name)
+    logging.shutdown()
+    if _AGENT_PID is not None:
+        os.kill(_AGENT_PID, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_AGENT_PID: int | None = None  # set in the helper process: the agent it serves
+
+
+class _CrashingBody:
+    """A response body that SIGKILLs the agent once half of ``total`` bytes were read (test hook)."""
+
+    def __init__(self, body: Any, total: int) -> None:
+        self._body = body
+        self._left = max(1, total // 2)
+
+    def read1(self, n: int) -> bytes:
+        chunk: bytes = getattr(self._body, "read1", self._body.read)(min(n, self._left))
+        self._left -= len(chunk)
+        if self._left <= 0:
+            crash_point("downloading")
+        return chunk
+
+    read = read1
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class _Downloader(HttpDownloader):
+    """``HttpDownloader`` with the mid-download crash hook."""
+
+    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
+        response = super()._fetch(url, offset, timeout_s)
+        if os.environ.get(CRASH_ENV) == "downloading":
+            length = int(response.headers.get("content-length", "0") or 0)
+            response.body = _CrashingBody(response.body, length)  # type: ignore[assignment]
+        return response
+
+
+@functools.lru_cache(maxsize=4)
+def _downloader(attempts: int, read_timeout_s: float) -> _Downloader:
+    """One per setting, kept: building one loads the CA store (milliseconds)."""
+    return _Downloader(attempts=attempts, read_timeout_s=read_timeout_s)
+
+
+# ---- the job and its result --------------------------------------------------------------------
+
+
+class StageFailure(Exception):
+    """The bundle was not staged: ``bad`` when the bundle itself is to blame (marked bad on the device)."""
+
+    def __init__(self, message: str, *, bad: bool = False, error: str = "") -> None:
+        super().__init__(message)
+        self.bad = bad
+        self.error = error
+
+
+class StagingDied(Exception):
+    """The helper process ended without answering (killed, out of memory, or stopped by the agent)."""
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One deployment to stage; plain data, sent to the helper as JSON."""
+
+    cmd_id: str
+    url: str
+    sha256: str  # of the whole archive, as announced
+    size: int | None  # exact size in bytes, when announced
+    max_bytes: int  # the download cap
+    allow_downgrade: bool
+    state_dir: str
+    bundle_path: str  # the download's final file (skipped when it exists: a resumed deployment)
+    record_path: str  # the deployment record, flushed before the pointer is written
+    trusted_keys: tuple[str, ...]  # raw Ed25519 public keys, hex
+    threshold: int
+    capabilities: Mapping[str, Any]  # _sysinfo.capabilities() of the agent
+    deadline_s: float  # the whole download
+    read_timeout_s: float
+    attempts: int
+
+    @staticmethod
+    def encode_trust(trust: TrustedKeys) -> tuple[tuple[str, ...], int]:
+        raw = (k.public_bytes(Encoding.Raw, PublicFormat.Raw).hex() for k in trust.keys)
+        return tuple(raw), trust.threshold
+
+    def trust(self) -> TrustedKeys:
+        keys = tuple(Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for k in self.trusted_keys)
+        return TrustedKeys(keys, self.threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> StageJob:
+        fields = {k: raw[k] for k in cls.__dataclass_fields__}
+        fields["trusted_keys"] = tuple(fields["trusted_keys"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A bundle verified and installed into ``slot`` (not yet named by the pointer)."""
+
+    slot: str
+    verified: VerifiedBundle
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.verified
+        manifest = v.manifest.to_bytes().decode("utf-8")
+        return {"slot": self.slot, "manifest": manifest, "root": str(v.root), "sha256": v.sha256, "keyids": v.keyids}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Staged:
+        manifest = Manifest.from_bytes(raw["manifest"].encode("utf-8"))
+        verified = VerifiedBundle(manifest, Path(raw["root"]), raw["sha256"], tuple(raw["keyids"]))
+        return cls(raw["slot"], verified)
+
+
+class Flush(Protocol):
+    """The slot's files going to disk; ``wait()`` raises ``OSError`` if they could not be flushed."""
+
+    def wait(self) -> None: ...
+
+
+# ---- the work ----------------------------------------------------------------------------------
+
+
+def check_compatible(manifest: Manifest, capabilities: Mapping[str, Any]) -> None:
+    """The bundle's target, runtime version and CPU architecture must fit this device.
+
+    Raises:
+        BackendError: they do not.
+    """
+    if manifest.target not in BACKENDS:
+        raise BackendError(f"this device has no backend for target {manifest.target!r}")
+    if not _sysinfo.target_runs_here(manifest.target):
+        raise BackendError(f"{manifest.target} bundles do not run on {sys.platform}")
+    runtime = manifest.runtime
+    package = str(runtime.get("package") or manifest.target)
+    installed = {
+        p: v for p, v in capabilities["runtimes"].items() if _sysinfo.RUNTIME_PACKAGES.get(p) == manifest.target
+    }
+    if not installed:
+        raise BackendError(f"no {manifest.target} runtime is installed (the bundle needs {package})")
+    minimum = runtime.get("min_version")
+    if isinstance(minimum, str) and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
+        raise BackendError(f"the bundle needs {package} >= {minimum}; this device has {installed}")
+    arch = capabilities["arch"]
+    if not _sysinfo.arch_compatible(runtime.get("arch"), arch):
+        raise BackendError(f"the bundle is built for {runtime.get('arch')}, this device is {arch}")
+
+
+def stage(
+    job: StageJob,
+    *,
+    trust: TrustedKeys,
+    executor: Executor,
+    report: Callable[[str], None],
+    downloader: HttpDownloader | None = None,
+) -> tuple[Staged, Flush]:
+    """Download (unless done), verify and install ``job``'s bundle into the inactive slot.
+
+    ``report("verifying")`` when the download is complete. The returned flush must be waited for before
+    the pointer names the slot.
+
+    Raises:
+        StageFailure: the download failed, the bundle was refused or the slot could not be written.
+    """
+    store = SlotStore(job.state_dir)
+    bundle_path = Path(job.bundle_path)
+    if not bundle_path.exists():
+        downloader = downloader or _downloader(job.attempts, job.read_timeout_s)
+        try:
+            downloader.download_file(
+                job.url,
+                bundle_path,
+                max_length=job.max_bytes,
+                expected_size=job.size,
+                expected_sha256=job.sha256,
+                deadline_s=job.deadline_s,
+            )
+        except (TransportError, BundleError) as e:  # IntegrityError: wrong bytes from the server
+            raise StageFailure(f"download failed: {e}", error=type(e).__name__) from e
+    report("verifying")
+    try:
+        return _verify_and_install(job, store, bundle_path, trust, executor)
+    except StateError as e:
+        store.clean_incoming()
+        raise StageFailure(f"cannot stage: {e}", error="StateError") from e
+
+
+def _verify_and_install(
+    job: StageJob, store: SlotStore, path: Path, trust: TrustedKeys, executor: Executor
+) -> tuple[Staged, Flush]:
+    store.clean_incoming()
+    pointer = store.read_pointer()
+    try:
+        peeked, _ = inspect_bundle(path)  # unverified: only to find the version floor of its name
+        verified = read_bundle(
+            path,
+            trust,
+            store.incoming / "bundle",
+            installed_version=pointer.floor(peeked.name),
+            allow_downgrade=job.allow_downgrade,
+        )
+        if verified.manifest.name != peeked.name:
+            check_freshness(
+                verified.manifest,
+                installed_version=pointer.floor(verified.manifest.name),
+                allow_downgrade=job.allow_downgrade,
+                now=None,
+            )
+        if verified.sha256 != job.sha256:
+            raise BundleError(f"the bundle's sha256 {verified.sha256} is not the announced {job.sha256}")
+    except RollbackError as e:  # the command's fault, not the bundle's: a downgrade may be allowed later
+        store.clean_incoming()
+        raise StageFailure(f"refused: {e}", error=type(e).__name__) from e
+    except BundleError as e:
+        store.clean_incoming()
+        raise StageFailure(f"verification failed: {e}", bad=True, error=type(e).__name__) from e
+    try:
+        check_compatible(verified.manifest, job.capabilities)
+    except BackendError as e:
+        store.clean_incoming()
+        raise StageFailure(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
+    crash_point("verifying")
+    # Its data goes to disk while the pointer is written and the trial runs (joined before the commit).
+    flush = store.prepare(verified, executor)
+    # The inactive slot is about to be overwritten: from here on it is no rollback target. The
+    # deployment record must be on disk before the pointer changes (a restart finds the deployment).
+    slot = pointer.inactive
+    _flush_record(Path(job.record_path))
+    if pointer.slots.get(slot) is not None:  # (an empty slot needs no pointer write)
+        store.write_pointer(pointer.with_slot(slot, None))
+    shutil.rmtree(store.slot_dir(slot), ignore_errors=True)
+    crash_point("slot_write")
+    staged = store.install(slot, verified, flush=False)
+    return Staged(slot, staged), store.start_flush(slot, executor, flush)
+
+
+def _flush_record(path: Path) -> None:
+    try:
+        fsync_file(path)
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateError(f"cannot flush {path}: {e.strerror or e}") from e
+
+
+# ---- the helper process ------------------------------------------------------------------------
+
+
+class StagingProcess:
+    """The agent's side of the helper process: ``start()`` it, ``run()`` jobs one at a time, ``close()``.
+
+    Start and use it from one long-lived thread (the agent's OTA thread): on Linux the helper is killed
+    when the thread that started it ends.
+    """
+
+    def __init__(self, *, download_attempts: int = 5, download_read_timeout_s: float = 30.0) -> None:
+        self._settings = (str(download_attempts), repr(float(download_read_timeout_s)))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # _proc, against close() from another thread
+
+    @property
+    def running(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def start(self) -> None:
+        """Start the helper unless it runs; returns once it is ready.
+
+        Raises:
+            StagingDied: it could not be started or did not come up.
+        """
+        if self.running:
+            return
+        root = str(Path(__file__).resolve().parents[1])  # the folder holding device_runtime/ and sdk/
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "device_runtime.staging", str(os.getpid()), *self._settings],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+        except OSError as e:
+            raise StagingDied(f"cannot start the staging process: {e}") from e
+        with self._lock:
+            self._proc = proc
+        try:
+            message = self._read(timeout_hint=_START_TIMEOUT_S)
+        except StagingDied:
+            self.close()
+            raise
+        if message.get("ready") is not True:
+            self.close()
+            raise StagingDied(f"the staging process said {message!r} instead of ready")
+
+    def run(self, job: StageJob, report: Callable[[str], None]) -> tuple[Staged, Flush]:
+        """Stage ``job`` in the helper (started if needed).
+
+        Raises:
+            StageFailure: as ``stage``.
+            StagingDied: the helper died or was closed; it is restarted by the next ``run``.
+        """
+        self.start()
+        try:
+            self._write(job.to_json())
+            while True:
+                message = self._read()
+                if "event" in message:
+                    report(str(message["event"]))
+                elif "staged" in message:
+                    return Staged.from_json(message["staged"]), _HelperFlush(self)
+                elif "failed" in message:
+                    failed = message["failed"]
+                    raise StageFailure(str(failed["message"]), bad=bool(failed["bad"]), error=str(failed["error"]))
+                else:
+                    raise StagingDied(f"unexpected message from the staging process: {message!r}")
+        except StageFailure:
+            raise
+        except BaseException:  # the helper is mid-job: do not leave it running for the next one
+            self.close()
+            raise
+
+    def wait_flushed(self) -> None:
+        """The message after ``staged``.
+
+        Raises:
+            OSError: the files could not be flushed, or the helper died first.
+        """
+        try:
+            message = self._read()
+        except StagingDied as e:
+            self.close()
+            raise OSError(str(e)) from e
+        if message.get("flushed") is not True:
+            raise OSError(str(message.get("flush_failed") or message))
+
+    def close(self) -> None:
+        """Stop the helper (at once: a job in progress is abandoned like after a crash)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+    def _write(self, message: Mapping[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise StagingDied("the staging process is not running")
+        try:
+            proc.stdin.write(json.dumps(message).encode("utf-8") + b"\n")
+            proc.stdin.flush()
+        except (OSError, ValueError) as e:  # BrokenPipe; ValueError: closed by close()
+            raise StagingDied(f"the staging process is gone: {e}") from e
+
+    def _read(self, timeout_hint: float | None = None) -> dict[str, Any]:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise StagingDied("the staging process is not running")
+        try:
+            line = proc.stdout.readline()
+        except (OSError, ValueError) as e:
+            raise StagingDied(f"the staging process is gone: {e}") from e
+        if not line:
+            code = proc.wait(timeout=timeout_hint)
+            raise StagingDied(f"the staging process ended (exit code {code})")
+        try:
+            message = json.loads(line)
+        except ValueError as e:
+            raise StagingDied(f"the staging process wrote {line[:200]!r}") from e
+        if not isinstance(message, dict):
+            raise StagingDied(f"the staging process wrote {line[:200]!r}")
+        return message
+
+
+class _HelperFlush:
+    def __init__(self, process: StagingProcess) -> None:
+        self._process = process
+
+    def wait(self) -> None:
+        self._process.wait_flushed()
+
+
+# ---- the helper's side -------------------------------------------------------------------------
+
+
+def _die_with_agent(agent_pid: int) -> None:
+    """End this process when the agent ends: at once on Linux, within half a second elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == agent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != agent_pid:  # it died before prctl
+        os._exit(1)
+    threading.Thread(target=watch, name="edgeship-staging-watch", daemon=True).start()
+
+
+def _warm_up(attempts: int, read_timeout_s: float) -> None:
+    """Pay the first-use costs before the first deployment does: the downloader (its CA store) and one
+    verification of a throwaway bundle (lazy imports, first signature check). ~100 ms, once."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sdk.bundle import write_bundle
+    from sdk.manifest import TensorSpec
+
+    _downloader(attempts, read_timeout_s)
+    key = Ed25519PrivateKey.generate()
+    manifest = Manifest(
+        name="warm-up", version=1, target="onnxruntime", precision="fp32", model="model.onnx",
+        inputs=(TensorSpec("x", "float32", (1,)),), outputs=(TensorSpec("y", "float32", (1,)),),
+        created="2026-01-01T00:00:00Z",
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="edgeship-warm-up-") as folder:
+        path = Path(folder) / "warm-up.edgebundle"
+        write_bundle(path, manifest, {"model.onnx": b"warm-up"}, [key])
+        inspect_bundle(path)
+        read_bundle(path, TrustedKeys((key.public_key(),)), Path(folder) / "bundle")
+
+
+def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int, read_timeout_s: float) -> None:
+    global _AGENT_PID
+    _AGENT_PID = agent_pid
+    _die_with_agent(agent_pid)
+    if hasattr(os, "nice"):  # serving first: on a busy device the scheduler prefers the callers' threads
+        os.nice(_NICE)
+    try:
+        _warm_up(attempts, read_timeout_s)
+    except Exception:  # only slower: the first job pays it
+        log.exception("warm-up failed")
+
+    def send(message: Mapping[str, Any]) -> None:
+        outbox.write(json.dumps(message).encode("utf-8") + b"\n")
+        outbox.flush()
+
+    with ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io") as executor:
+        send({"ready": True})
+        for line in inbox:
+            job = StageJob.from_json(json.loads(line))
+            try:
+                staged, flush = stage(
+                    job, trust=job.trust(), executor=executor, report=lambda phase: send({"event": phase})
+                )
+            except StageFailure as e:
+                send({"failed": {"message": str(e), "bad": e.bad, "error": e.error}})
+                continue
+            except Exception as e:  # a bug: the deployment fails, the helper stays
+                log.exception("staging %s failed", job.cmd_id)
+                send({"failed": {"message": f"staging failed: {e!r}", "bad": False, "error": type(e).__name__}})
+                continue
+            send({"staged": staged.to_json()})
+            try:
+                flush.wait()
+            except OSError as e:
+                send({"flush_failed": f"cannot flush slot {staged.slot}: {e.strerror or e}"})
+                continue
+            send({"flushed": True})
+
+
+def main() -> None:
+    """``python -m device_runtime.staging AGENT_PID ATTEMPTS READ_TIMEOUT_S``: the helper process (started by
+    ``StagingProcess``; the download settings are the agent's, for the warm-up)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s staging %(levelname)s %(name)s: %(message)s")
+    outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # the protocol owns stdout; anything printed goes to the log
+    agent_pid, attempts, read_timeout_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    _serve(agent_pid, sys.stdin.buffer, outbox, attempts=attempts, read_timeout_s=read_timeout_s)
+
+
+if __name__ == "__main__":
+    main()
