@@ -48,7 +48,7 @@ from device_runtime.backends import BACKENDS
 from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import StateError
 from device_runtime.slots import SlotStore
-from sdk.bundle import VerifiedBundle, check_freshness, inspect_bundle, read_bundle
+from sdk.bundle import VerifiedBundle, inspect_bundle, read_bundle
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.fsutil import fsync_dir, fsync_file
 from sdk.manifest import Manifest
@@ -285,21 +285,13 @@ def _verify_and_install(
     store.clean_incoming()
     pointer = store.read_pointer()
     try:
-        peeked, _ = inspect_bundle(path)  # unverified: only to find the version floor of its name
         verified = read_bundle(
             path,
             trust,
             store.incoming / "bundle",
-            installed_version=pointer.floor(peeked.name),
+            installed_version=pointer.floor,  # the anti-rollback floor of the bundle's name
             allow_downgrade=job.allow_downgrade,
         )
-        if verified.manifest.name != peeked.name:
-            check_freshness(
-                verified.manifest,
-                installed_version=pointer.floor(verified.manifest.name),
-                allow_downgrade=job.allow_downgrade,
-                now=None,
-            )
         if verified.sha256 != job.sha256:
             raise BundleError(f"the bundle's sha256 {verified.sha256} is not the announced {job.sha256}")
     except RollbackError as e:  # the command's fault, not the bundle's: a downgrade may be allowed later
@@ -352,6 +344,12 @@ class StagingProcess:
         self._settings = (str(download_attempts), repr(float(download_read_timeout_s)))
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # _proc, against close() from another thread
+
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     @property
     def running(self) -> bool:

@@ -19,7 +19,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -400,7 +400,7 @@ def read_bundle(
     trust: TrustedKeys,
     dest: str | os.PathLike[str],
     *,
-    installed_version: int | None = None,
+    installed_version: int | Callable[[str], int | None] | None = None,
     allow_downgrade: bool = False,
     now: datetime | None = None,
     limits: ReadLimits = ReadLimits(),
@@ -410,7 +410,8 @@ def read_bundle(
     Order: size cap, manifest and signatures under caps, signature threshold, manifest
     validation, expiry, version, then every member streamed into a staging folder beside
     ``dest`` with hash, size, type, path and count checks. ``dest`` appears (atomic rename)
-    only when all passed.
+    only when all passed. ``installed_version`` may be a function of the bundle's name (a device
+    keeps one anti-rollback floor per model name), called once the manifest is verified.
 
     Raises:
         SignatureError, ManifestError, ExpiredError, RollbackError, IntegrityError,
@@ -426,7 +427,8 @@ def read_bundle(
         manifest = Manifest.from_bytes(manifest_bytes)
         if manifest.model not in {e.path for e in manifest.files}:  # a draft (no files) is not a bundle
             raise ManifestError(f"model file {manifest.model!r} is not listed in files")
-        check_freshness(manifest, installed_version=installed_version, allow_downgrade=allow_downgrade, now=now)
+        floor = installed_version(manifest.name) if callable(installed_version) else installed_version
+        check_freshness(manifest, installed_version=floor, allow_downgrade=allow_downgrade, now=now)
 
         expected = {e.path: e for e in manifest.files}
         dest_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from bundlekit import NOW, canonical, read_members, resigned, write_archive, write_valid_bundle
 
-from sdk.bundle import read_bundle
+from sdk.bundle import inspect_bundle, read_bundle
 from sdk.errors import ExpiredError, RollbackError, SignatureError, UnsafeArchiveError
 from sdk.manifest import format_time
 from sdk.signing import TrustedKeys, key_id, sign_manifest
@@ -165,6 +165,19 @@ def test_expiry_checked_only_after_signature(expiring: Path, tmp_path: Path, key
 def test_rollback_refused(bundle: Path, refused) -> None:  # the bundle is version 5
     info = refused(RollbackError, bundle, installed_version=6)
     assert "v5" in str(info.value) and "v6" in str(info.value)
+
+
+def test_rollback_floor_looked_up_by_the_verified_name(bundle: Path, keys, site, refused) -> None:
+    name = inspect_bundle(bundle)[0].name  # the bundle is version 5
+    asked: list[str] = []
+
+    def floor(of: str) -> int | None:
+        asked.append(of)
+        return {name: 6}.get(of)
+
+    refused(RollbackError, bundle, installed_version=floor)
+    assert asked == [name]
+    assert read_bundle(bundle, keys.trust, site.dest, now=NOW, installed_version=lambda _: 5).manifest.version == 5
 
 
 def test_rollback_allowed_explicitly(bundle: Path, keys, site) -> None:

@@ -1,0 +1,133 @@
+"""The staging helper process (``device_runtime.staging``): its failures, ``stop()`` during a job, the
+in-thread mode, and the helper ending with the agent. Real Mosquitto, real HTTP server, real bundles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_parts import Broker, HttpServer, wait_for
+from ota_parts import Fleet, deploy_cmd
+from runtime_bundles import BundleMaker, linear_reference
+
+from device_runtime.agent import Agent
+
+pytestmark = pytest.mark.timeout(120)
+
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+
+
+def serve(http_server: HttpServer, bundle: Path, mode: str = "normal", trickle_s: float = 0.05) -> None:
+    http_server.state.body = bundle.read_bytes()
+    http_server.state.mode = mode
+    http_server.state.trickle_s = trickle_s
+
+
+def assert_serves_v(agent: Agent, version: int) -> None:
+    assert agent.active_model is not None and agent.active_model["version"] == version
+    np.testing.assert_allclose(agent.predict({"x": X})["y"], linear_reference(X), rtol=1e-5)
+
+
+def helper_pid(agent: Agent) -> int:
+    stager = agent._stager
+    assert stager is not None
+    wait_for(lambda: stager.pid is not None, 20, "the staging helper to start")
+    pid = stager.pid
+    assert pid is not None
+    return pid
+
+
+@pytest.fixture
+def online(
+    broker: Broker, agent_factory: Callable[..., Agent], fleet_factory: Callable[..., Fleet], v1: Path
+) -> Callable[..., tuple[Agent, Fleet]]:
+    def make(**config: object) -> tuple[Agent, Fleet]:
+        fleet = fleet_factory(broker.port)
+        agent = agent_factory(broker.port, v1, **config)
+        fleet.wait_status(lambda s: s["state"] == "online" and s["model"] is not None, what="online with v1")
+        return agent, fleet
+
+    return make
+
+
+def test_helper_killed_mid_download_fails_only_that_deployment(
+    online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path
+) -> None:
+    agent, fleet = online()
+    first = helper_pid(agent)
+    serve(http_server, v2, "trickle")
+    fleet.send(deploy_cmd(http_server.url, v2, "d1"))
+    fleet.wait_phase("d1", "downloading", 20)
+    wait_for(lambda: len(http_server.state.requests) > 0, 10, "the download to start")
+    os.kill(first, signal.SIGKILL)
+    failed = fleet.wait_phase("d1", "failed", 20)
+    assert failed["detail"]["error"] == "StagingDied" and failed["detail"]["bad"] is False, failed
+    assert "rolled_back" not in fleet.phases("d1")
+    assert_serves_v(agent, 1)
+    # the next deployment gets a new helper and goes through
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "d2"))
+    fleet.wait_phase("d2", "active", 30)
+    assert_serves_v(agent, 2)
+    assert helper_pid(agent) != first
+
+
+def test_stop_during_a_download_is_prompt_and_the_next_start_resumes(
+    broker: Broker,
+    online: Callable[..., tuple[Agent, Fleet]],
+    agent_factory: Callable[..., Agent],
+    http_server: HttpServer,
+    v1: Path,
+    v2: Path,
+) -> None:
+    agent, fleet = online()
+    pid = helper_pid(agent)
+    serve(http_server, v2, "trickle")  # minutes at this pace
+    fleet.send(deploy_cmd(http_server.url, v2, "d1"))
+    fleet.wait_phase("d1", "downloading", 20)
+    started = time.monotonic()
+    agent.stop()
+    assert time.monotonic() - started < 5
+    wait_for(lambda: not _alive(pid), 5, "the helper to end")
+    assert (agent.state_dir / "deploy.json").exists(), "the deployment is kept for the next start"
+
+    serve(http_server, v2)
+    again = agent_factory(broker.port, v1, state_dir=agent.state_dir)
+    active = fleet.wait_phase("d1", "active", 30)
+    assert active["detail"]["model"]["version"] == 2
+    assert any(e["detail"].get("restarted") for e in fleet.events("d1"))
+    assert_serves_v(again, 2)
+
+
+def test_staging_on_the_agent_thread(
+    online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path, make_bundle: BundleMaker
+) -> None:
+    agent, fleet = online(staging_process=False)
+    assert agent._stager is None
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "d1"))
+    fleet.wait_phase("d1", "active", 30)
+    assert fleet.phases("d1") == ["received", "downloading", "verifying", "staged", "health_check", "active"]
+    assert_serves_v(agent, 2)
+    older = make_bundle(version=0)
+    serve(http_server, older)
+    fleet.send(deploy_cmd(http_server.url, older, "d2"))
+    assert fleet.wait_phase("d2", "failed", 30)["detail"]["error"] == "RollbackError"
+    assert_serves_v(agent, 2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill 0: its status in /proc says so
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except FileNotFoundError:
+        return False
