@@ -5,6 +5,7 @@ Layout under the agent's state directory::
     slots/A/                    one installed bundle: bundle/ (verified members), manifest.json, slot.json
     slots/B/                    the other one
     slots/.incoming/            a bundle being verified (read_bundle's staging folder lives inside it)
+    slots/.trash-*/             slot folders discarded by a deployment, deleted when it is over
     pointer.json                {"active": "A", "slots": {"A": {...}, "B": {...} | null}, "floors": {...}}
 
 The pointer is the single commit point: it is replaced with temp file + fsync + ``os.replace`` + fsync of
@@ -42,6 +43,7 @@ POINTER_FILE = "pointer.json"
 POINTER_SCHEMA = 1
 SLOTS_DIR = "slots"
 INCOMING = ".incoming"
+_TRASH = ".trash-"  # slot folders discarded, deleted later
 _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
 _SLOT_META = "slot.json"
@@ -202,8 +204,26 @@ class SlotStore:
             raise StateError(f"cannot write {self.pointer_path}: {e.strerror or e}") from e
 
     def clean_incoming(self) -> None:
-        """Remove a half-verified bundle (and read_bundle's staging folders) left by a crash."""
+        """Remove a half-verified bundle (and read_bundle's staging folders) left by a crash, and the trash."""
         shutil.rmtree(self.incoming, ignore_errors=True)
+        self.clean_trash()
+
+    def discard(self, slot: str) -> None:
+        """Empty a slot's folder at once (a rename into the trash; ``clean_trash`` deletes it later).
+
+        The pointer must not list the slot.
+        """
+        try:
+            os.replace(self.slot_dir(slot), self.slots_dir / f"{_TRASH}{slot}-{os.urandom(4).hex()}")
+        except FileNotFoundError:
+            return
+        except OSError:  # (a folder in the way of the rename) deleted now, the slow way
+            shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
+
+    def clean_trash(self) -> None:
+        """Delete the folders ``discard`` moved aside."""
+        for path in self.slots_dir.glob(f"{_TRASH}*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def clean_unlisted(self, pointer: Pointer, keep: str | None = None) -> None:
         """Remove slot folders the pointer does not list (crash leftovers), except ``keep`` (a staged slot)."""

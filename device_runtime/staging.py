@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -311,10 +310,10 @@ def _verify_and_install(
     # The inactive slot is about to be overwritten: from here on it is no rollback target. The
     # deployment record must be on disk before the pointer changes (a restart finds the deployment).
     slot = pointer.inactive
-    _flush_record(Path(job.record_path))
     if pointer.slots.get(slot) is not None:  # (an empty slot needs no pointer write)
+        _flush_record(Path(job.record_path))
         store.write_pointer(pointer.with_slot(slot, None))
-    shutil.rmtree(store.slot_dir(slot), ignore_errors=True)
+    store.discard(slot)  # removed after the deployment (clean_trash): a rename now
     crash_point("slot_write")
     staged = store.install(slot, verified, flush=False)
     return Staged(slot, staged), store.start_flush(slot, executor, flush)
@@ -522,6 +521,11 @@ def _warm_up(attempts: int, read_timeout_s: float) -> None:
         read_bundle(path, TrustedKeys((key.public_key(),)), Path(folder) / "bundle")
 
 
+def _empty_trash(job: StageJob) -> None:
+    """Remove the folders ``stage`` discarded (while the agent loads and checks the new model)."""
+    SlotStore(job.state_dir).clean_trash()
+
+
 def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int, read_timeout_s: float) -> None:
     global _AGENT_PID
     _AGENT_PID = agent_pid
@@ -559,6 +563,7 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
                 send({"flush_failed": f"cannot flush slot {staged.slot}: {e.strerror or e}"})
                 continue
             send({"flushed": True})
+            _empty_trash(job)
 
 
 def main() -> None:
