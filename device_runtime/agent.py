@@ -29,7 +29,6 @@ import logging
 import os
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -120,10 +119,6 @@ class AgentConfig:
             model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
-        switch_interval_s: set ``sys.setswitchinterval`` to this at ``start()`` (None: leave Python's
-            5 ms). Each time one of the agent's threads comes back from I/O it needs the GIL, and while
-            a caller's thread runs Python it waits up to the switch interval for it: a deployment does
-            hundreds of such returns. ``edgeship-device run`` uses 1 ms (benchmarks/ota_swap.py).
         staging_process: download, verify and install new bundles in a helper process
             (``device_runtime.staging``), away from the serving process's GIL; False: on the agent's
             OTA thread (also the fallback when the helper cannot be started).
@@ -148,7 +143,6 @@ class AgentConfig:
     serve: bool = False
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
-    switch_interval_s: float | None = None  # seconds
     staging_process: bool = True
 
 
@@ -454,8 +448,6 @@ class Agent:
         """
         if self._threads:
             raise RuntimeError("Agent.start() called twice")
-        if self.config.switch_interval_s is not None:
-            sys.setswitchinterval(self.config.switch_interval_s)
         self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
         self._event_writer.start()
         ready = threading.Barrier(_IO_THREADS + 1)  # every I/O thread started now, not during a deployment

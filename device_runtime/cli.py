@@ -98,14 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--serve", action="store_true", help="also serve the active model over the local HTTP API (as `serve`)"
     )
-    run.add_argument(
-        "--switch-interval-ms",
-        type=float,
-        default=1.0,
-        metavar="MS",
-        help="Python's GIL switch interval (default 1 ms; 0 keeps Python's 5 ms): how long the agent's threads "
-        "may wait for the GIL behind local callers' predict threads",
-    )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
     return parser
@@ -233,8 +225,6 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as e:
         raise InputError(str(e)) from e
-    if args.switch_interval_ms < 0:
-        raise InputError(f"--switch-interval-ms must be 0 or more, got {args.switch_interval_ms:g}")
     config = AgentConfig(
         state_dir=args.state_dir,
         mqtt=settings,
@@ -245,7 +235,6 @@ def _run(args: argparse.Namespace) -> int:
         serve=args.serve,
         serve_host=args.serve_host,
         serve_port=args.serve_port,
-        switch_interval_s=args.switch_interval_ms / 1000 if args.switch_interval_ms > 0 else None,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
