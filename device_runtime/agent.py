@@ -487,11 +487,11 @@ class Agent:
         self._wake_telemetry.set()
         self._ota_queue.put(None)
         if self._stager is not None:  # a staging job in progress ends like after a crash; resumed at start
-            self._stager.close()
+            self._stager.shutdown()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
         if self._stager is not None:  # (one the OTA thread was starting just then)
-            self._stager.close()
+            self._stager.shutdown()
         if self._event_writer is not None:  # every event reported so far goes into the outbox
             self._events.put(None)
             self._event_writer.join(timeout=timeout_s)
@@ -728,7 +728,7 @@ class Agent:
                 log.exception("OTA task failed")
 
     def _start_stager(self) -> None:
-        if self._stager is None:
+        if self._stager is None or self._stop.is_set():
             return
         try:
             self._stager.start()
@@ -925,6 +925,9 @@ class Agent:
             self._note(dep.at(phase))
             self._event(dep.cmd_id, phase, "verifying the bundle")
 
+        if self._stop.is_set():
+            raise _Interrupted
+        self._start_stager()  # (a helper that died earlier is replaced; one that cannot start: this thread)
         try:
             if self._stager is not None:
                 return self._stager.run(job, report)

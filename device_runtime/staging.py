@@ -342,7 +342,8 @@ class StagingProcess:
     def __init__(self, *, download_attempts: int = 5, download_read_timeout_s: float = 30.0) -> None:
         self._settings = (str(download_attempts), repr(float(download_read_timeout_s)))
         self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()  # _proc, against close() from another thread
+        self._lock = threading.Lock()  # _proc and _shut, against close() from another thread
+        self._shut = False
 
     @property
     def pid(self) -> int | None:
@@ -363,6 +364,8 @@ class StagingProcess:
         """
         if self.running:
             return
+        if self._shut:
+            raise StagingDied("the staging process was shut down")
         root = str(Path(__file__).resolve().parents[1])  # the folder holding device_runtime/ and sdk/
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -376,7 +379,10 @@ class StagingProcess:
         except OSError as e:
             raise StagingDied(f"cannot start the staging process: {e}") from e
         with self._lock:
-            self._proc = proc
+            self._proc, shut = proc, self._shut
+        if shut:  # shutdown() ran meanwhile
+            self.close()
+            raise StagingDied("the staging process was shut down")
         try:
             message = self._read(timeout_hint=_START_TIMEOUT_S)
         except StagingDied:
@@ -426,6 +432,12 @@ class StagingProcess:
             raise OSError(str(e)) from e
         if message.get("flushed") is not True:
             raise OSError(str(message.get("flush_failed") or message))
+
+    def shutdown(self) -> None:
+        """``close()`` for good: ``start()`` refuses from now on (the agent is stopping)."""
+        with self._lock:
+            self._shut = True
+        self.close()
 
     def close(self) -> None:
         """Stop the helper (at once: a job in progress is abandoned like after a crash)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,3 +132,15 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
     except FileNotFoundError:
         return False
+
+
+def test_a_helper_that_cannot_start_falls_back_to_the_agent_thread(
+    online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # what the helper would be started with
+    agent, fleet = online()
+    wait_for(lambda: agent._stager is None, 20, "the agent to give up on the helper")
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "d1"))
+    fleet.wait_phase("d1", "active", 30)
+    assert_serves_v(agent, 2)
