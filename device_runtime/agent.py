@@ -12,8 +12,10 @@ One ``Agent`` owns one state directory::
     STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.outbox)
 
 Threads: the ``DeviceLink``'s (network, outbox drain, command dispatch), ``edgeship-telemetry``,
-``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived) and
-``edgeship-events`` (appends events to the outbox in order, so no step waits for its fsync). Local
+``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived; a deployment's
+download, verification and installation run in the staging helper process, ``device_runtime.staging``),
+``edgeship-health`` (health checks, under a timeout) and ``edgeship-events`` (appends events to the
+outbox in order, so no step waits for its fsync). Local
 callers use ``Agent.predict`` from any thread, or HTTP when ``AgentConfig.serve`` is set (the
 ``ModelServer``'s threads); a swap never fails one of them (see ``_Serving``).
 
