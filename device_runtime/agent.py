@@ -812,6 +812,10 @@ class Agent:
         shutil.rmtree(self.state_dir / _DOWNLOADS, ignore_errors=True)
         (self.state_dir / _DOWNLOADS).mkdir(exist_ok=True)
         self._slots.clean_incoming()
+        try:  # the folder a commit replaced, or the one a failed deployment staged
+            self._slots.clean_unlisted(self._slots.read_pointer())
+        except StateError as e:
+            log.error("slot folders not cleaned: %s", e)
 
     def _finish_failed(self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "") -> None:
         if bad and dep.sha256:
@@ -856,7 +860,7 @@ class Agent:
                 self._event(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
             staged, flush = self._stage(dep, bundle_path)
             verified = staged.verified
-            dep = self._note(dep.at("staged", slot=staged.slot))
+            dep = self._note(dep.at("staged", slot=staged.slot, folder=staged.folder))
             m = verified.manifest
             self._event(
                 dep.cmd_id, "staged", f"{m.name} v{m.version} verified into slot {staged.slot}",
@@ -864,9 +868,9 @@ class Agent:
             )  # fmt: skip
         if verified is None:  # resumed at the health check: the staged slot must still be intact
             try:
-                if dep.slot is None:
+                if dep.slot is None or dep.folder is None:
                     raise StateError("no staged slot recorded")
-                verified = self._slots.open_staged(dep.slot, dep.sha256)
+                verified = self._slots.open_staged(dep.slot, dep.folder, dep.sha256)
             except EdgeshipError as e:
                 log.warning("staged slot of %s unusable (%s); verifying again", dep.cmd_id, e)
                 self._deploy(dep, "verifying")
@@ -874,12 +878,12 @@ class Agent:
         # Counted before the trial load, so a bundle that kills the process is not retried forever.
         dep = self._save(dep.at("health_check", attempts=dep.attempts + 1))
         self._event(dep.cmd_id, "health_check", "loading and checking the new model", attempt=dep.attempts)
-        assert dep.slot is not None
+        assert dep.slot is not None and dep.folder is not None
         # The slot's fsyncs (I/O, started by staging right after verification) run on while the trial
         # loads and checks the model (CPU); both must be done before the pointer names the slot.
         if flush is None:  # resumed: flushed from scratch
             try:
-                flush = self._slots.start_flush(dep.slot, self._io)
+                flush = self._slots.start_flush(dep.folder, self._io)
             except StateError as e:
                 raise _Failed(f"cannot stage: {e}", error="StateError") from e
         try:
@@ -914,7 +918,6 @@ class Agent:
             allow_downgrade=dep.allow_downgrade,
             state_dir=str(self.state_dir),
             bundle_path=str(bundle_path),
-            record_path=str(self.state_dir / _DEPLOY_FILE),
             trusted_keys=keys,
             threshold=threshold,
             capabilities=self._capabilities,
@@ -1042,7 +1045,9 @@ class Agent:
         info = pointer.slots.get(slot)
         if info is None:
             raise _Failed(f"slot {slot} holds no previous model to roll back to", error="NothingToRollBack")
-        dep = self._save(dep.at("health_check", slot=slot, sha256=info.sha256, attempts=dep.attempts + 1))
+        dep = self._save(
+            dep.at("health_check", slot=slot, folder=info.folder or slot, sha256=info.sha256, attempts=dep.attempts + 1)
+        )
         self._event(dep.cmd_id, "health_check", f"loading {info.name} v{info.version} from slot {slot}")
         try:
             verified = self._slots.open_slot(slot, info)
@@ -1064,7 +1069,7 @@ class Agent:
             log.error("%s; starting without a model", e)
             self._event(None, "failed", f"pointer unreadable: {e}")
             pointer = Pointer()
-        keep = record.slot if record is not None and record.phase in ("health_check", "switching") else None
+        keep = record.folder if record is not None and record.phase in ("health_check", "switching") else None
         self._slots.clean_incoming()
         self._slots.clean_unlisted(pointer, keep=keep)
         for slot in [pointer.active, *([other_slot(pointer.active)] if pointer.active else [])]:

@@ -2,17 +2,19 @@
 
 Layout under the agent's state directory::
 
-    slots/A/                    one installed bundle: bundle/ (verified members), manifest.json, slot.json
-    slots/B/                    the other one
-    slots/.incoming/            a bundle being verified (read_bundle's staging folder lives inside it)
-    slots/.trash-*/             slot folders discarded by a deployment, deleted when it is over
-    pointer.json                {"active": "A", "slots": {"A": {...}, "B": {...} | null}, "floors": {...}}
+    slots/A.<sha256:12>.<random>/   one installed bundle: bundle/ (verified members), manifest.json, slot.json
+    slots/B.<sha256:12>.<random>/   the other one
+    slots/.incoming/                a bundle being verified (read_bundle's staging folder lives inside it)
+    pointer.json                    {"active": "A", "slots": {"A": {..., "folder": ...}, "B": ... | null},
+                                     "floors": {...}}
 
 The pointer is the single commit point: it is replaced with temp file + fsync + ``os.replace`` + fsync of
 the folder (``sdk.fsutil.atomic_write_bytes``), so after a crash it is either the old or the new one, whole.
-A slot the pointer lists is complete: its entry is cleared (pointer written) *before* the folder is
-touched, and set only after the folder was filled and flushed. A slot folder the pointer does not list
-is garbage and may be removed at any time.
+Each slot entry names its folder, and a deployment installs into a new folder: the inactive slot's bundle
+(the rollback target) stays listed and intact until the commit replaces its entry, and no pointer write
+is needed before staging. A folder is set in the pointer only after it was filled and flushed. A folder the
+pointer does not list is garbage and may be removed at any time (a pointer written by an older agent,
+without ``folder``, names the folders ``A`` and ``B``).
 
 ``floors`` holds the highest version of each bundle name ever made active: the anti-rollback floor
 (a later deploy below it needs ``allow_downgrade``), which an explicit ``rollback`` does not lower.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -43,11 +46,11 @@ POINTER_FILE = "pointer.json"
 POINTER_SCHEMA = 1
 SLOTS_DIR = "slots"
 INCOMING = ".incoming"
-_TRASH = ".trash-"  # slot folders discarded, deleted later
 _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
 _SLOT_META = "slot.json"
 _CHUNK = 1 << 20  # bytes
+_FOLDER_RE = re.compile(r"^[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?$")
 _FLUSH_THREADS = 8  # fsyncs issued at once by flush_tree
 
 
@@ -65,22 +68,31 @@ class SlotInfo:
     target: str
     sha256: str  # of the bundle archive
     keyids: tuple[str, ...] = ()
+    folder: str = ""  # under slots/; "" (pointers of older agents): the slot's name
 
     def model(self) -> dict[str, Any]:
         """The ``model`` object of the MQTT contract."""
         return {"name": self.name, "version": self.version, "target": self.target, "sha256": self.sha256}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.model(), "keyids": list(self.keyids)}
+        return {**self.model(), "keyids": list(self.keyids), **({"folder": self.folder} if self.folder else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlotInfo:
-        return cls(str(d["name"]), int(d["version"]), str(d["target"]), str(d["sha256"]), tuple(d.get("keyids", ())))
+        folder = str(d.get("folder", ""))
+        if folder and not _FOLDER_RE.match(folder):
+            raise ValueError(f"slot folder {folder!r} is not a slot folder name")
+        return cls(
+            str(d["name"]), int(d["version"]), str(d["target"]), str(d["sha256"]), tuple(d.get("keyids", ())), folder
+        )
 
     @classmethod
     def of(cls, verified: VerifiedBundle) -> SlotInfo:
+        """The entry of a bundle installed by ``SlotStore.install`` (its folder from its root)."""
         m = verified.manifest
-        return cls(m.name, m.version, m.target, verified.sha256, verified.keyids)
+        folder = verified.root.parent.name
+        folder = folder if verified.root.name == _BUNDLE and _FOLDER_RE.match(folder) else ""
+        return cls(m.name, m.version, m.target, verified.sha256, verified.keyids, folder)
 
 
 @dataclass(frozen=True)
@@ -175,8 +187,15 @@ class SlotStore:
         """Where ``read_bundle`` extracts a new bundle: ``incoming / "bundle"``."""
         return self.slots_dir / INCOMING
 
-    def slot_dir(self, slot: str) -> Path:
-        return self.slots_dir / slot
+    def folder(self, name: str) -> Path:
+        """A slot folder by name (``SlotInfo.folder``, or ``A``/``B`` for pointers of older agents)."""
+        if not _FOLDER_RE.match(name):
+            raise StateError(f"{name!r} is not a slot folder name")
+        return self.slots_dir / name
+
+    def slot_dir(self, slot: str, info: SlotInfo) -> Path:
+        """The folder of ``slot``, whose pointer entry is ``info``."""
+        return self.folder(info.folder or slot)
 
     def read_pointer(self) -> Pointer:
         """The current pointer; an empty one when none was written yet.
@@ -204,38 +223,26 @@ class SlotStore:
             raise StateError(f"cannot write {self.pointer_path}: {e.strerror or e}") from e
 
     def clean_incoming(self) -> None:
-        """Remove a half-verified bundle (and read_bundle's staging folders) left by a crash, and the trash."""
+        """Remove a half-verified bundle (and read_bundle's staging folders) left by a crash."""
         shutil.rmtree(self.incoming, ignore_errors=True)
-        self.clean_trash()
-
-    def discard(self, slot: str) -> None:
-        """Empty a slot's folder at once (a rename into the trash; ``clean_trash`` deletes it later).
-
-        The pointer must not list the slot.
-        """
-        try:
-            os.replace(self.slot_dir(slot), self.slots_dir / f"{_TRASH}{slot}-{os.urandom(4).hex()}")
-        except FileNotFoundError:
-            return
-        except OSError:  # (a folder in the way of the rename) deleted now, the slow way
-            shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
-
-    def clean_trash(self) -> None:
-        """Delete the folders ``discard`` moved aside."""
-        for path in self.slots_dir.glob(f"{_TRASH}*"):
-            shutil.rmtree(path, ignore_errors=True)
 
     def clean_unlisted(self, pointer: Pointer, keep: str | None = None) -> None:
-        """Remove slot folders the pointer does not list (crash leftovers), except ``keep`` (a staged slot)."""
-        for slot in SLOTS:
-            if pointer.slots.get(slot) is None and slot != keep:
-                shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
+        """Remove slot folders the pointer does not list (replaced bundles, crash leftovers), except the
+        folder ``keep`` (a staged one)."""
+        listed = {info.folder or slot for slot, info in pointer.slots.items() if info is not None}
+        for path in self.slots_dir.iterdir():
+            if path.name.startswith(".") or path.name in listed or path.name == keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def prepare(self, verified: VerifiedBundle, executor: Executor) -> TreeFlush:
         """Add the slot metadata to a bundle verified into ``incoming / "bundle"`` and start flushing it.
 
-        Touches only ``incoming`` (no slot), so it may run before the inactive slot is cleared: the data
-        goes to disk while the pointer is written. Pass the result to ``flush_slot`` after ``install``.
+        Touches only ``incoming``: the data goes to disk while the bundle is installed and checked. Pass
+        the result to ``start_flush`` after ``install``.
 
         Raises:
             StateError: the files cannot be written or opened.
@@ -251,94 +258,95 @@ class SlotStore:
         (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
 
     def install(self, slot: str, verified: VerifiedBundle, *, flush: bool = True) -> VerifiedBundle:
-        """Move a bundle verified into ``incoming / "bundle"`` into ``slot``, flushed to disk.
+        """Move a bundle verified into ``incoming / "bundle"`` into a new folder for ``slot``, flushed.
 
-        The caller must already have cleared ``slot`` in the pointer, and sets it after this returns.
-        ``flush=False`` leaves the flush to the caller, who must call ``flush_slot`` before the pointer
-        names the slot (the agent runs it beside the trial load). Until then a kill -9 loses nothing
-        (the page cache survives it) and a power cut at worst leaves a slot whose files fail their
-        hashes, which ``open_staged`` refuses.
+        The folder is new (``A.<sha256:12>.<random>``), so the bundle the pointer lists for ``slot`` stays
+        intact until the pointer names this one (``SlotInfo.of`` the result). ``flush=False`` leaves the
+        flush to the caller, who must ``start_flush(...).wait()`` before the pointer names the folder
+        (the agent runs it beside the trial load). Until then a kill -9 loses nothing (the page cache
+        survives it) and a power cut at worst leaves files that fail their hashes, which ``open_staged``
+        refuses.
 
         Returns:
-            The same bundle, now rooted in the slot.
+            The same bundle, now rooted in the slot's new folder.
 
         Raises:
             StateError: the files cannot be written or moved.
         """
         if verified.root != self.incoming / _BUNDLE:
             raise StateError(f"install expects a bundle verified into {self.incoming / _BUNDLE}")
-        target = self.slot_dir(slot)
+        if slot not in SLOTS:
+            raise StateError(f"no slot {slot!r}; the slots are {SLOTS}")
+        target = self.folder(f"{slot}.{verified.sha256[:12]}.{os.urandom(4).hex()}")
         try:
             if not (self.incoming / _SLOT_META).exists():  # not prepare()d
                 self._write_meta(verified)
-            shutil.rmtree(target, ignore_errors=True)
             os.replace(self.incoming, target)
         except OSError as e:
             raise StateError(f"cannot install into slot {slot}: {e.strerror or e}") from e
         if flush:
-            self.flush_slot(slot)
+            self.flush_folder(target.name)
         return replace(verified, root=target / _BUNDLE)
 
-    def flush_slot(self, slot: str) -> None:
-        """Put a slot's files and folders, and its name in ``slots/``, on disk (before the pointer names it).
-
-        read_bundle renames but does not flush member data: a power cut must not leave the pointer on a
-        slot with truncated files.
+    def flush_folder(self, name: str) -> None:
+        """Put a slot folder's files and folders, and its name in ``slots/``, on disk (before the pointer
+        names it). read_bundle renames but does not flush member data: a power cut must not leave the
+        pointer on a folder with truncated files.
 
         Raises:
             StateError: a file or folder cannot be flushed.
         """
         try:
-            flush_tree(self.slot_dir(slot))
+            flush_tree(self.folder(name))
             fsync_dir(self.slots_dir)
         except OSError as e:
-            raise StateError(f"cannot flush slot {slot}: {e.strerror or e}") from e
+            raise StateError(f"cannot flush slot folder {name}: {e.strerror or e}") from e
 
-    def start_flush(self, slot: str, executor: Executor, started: TreeFlush | None = None) -> TreeFlush:
-        """``flush_slot`` on ``executor``'s threads: ``wait()`` on the result before the pointer names the slot.
+    def start_flush(self, name: str, executor: Executor, started: TreeFlush | None = None) -> TreeFlush:
+        """``flush_folder`` on ``executor``'s threads: ``wait()`` on the result before the pointer names it.
 
-        ``started``: the flush ``prepare`` began on the slot's files (else they are added here); the
-        slot's name in ``slots/`` is added now, after the rename into the slot.
+        ``started``: the flush ``prepare`` began on the folder's files (else they are added here); the
+        folder's name in ``slots/`` is added now, after the rename.
 
         Raises:
             StateError: a file or folder cannot be opened.
         """
         try:
-            flush = started if started is not None else TreeFlush(executor).add_tree(self.slot_dir(slot))
+            flush = started if started is not None else TreeFlush(executor).add_tree(self.folder(name))
             return flush.add(self.slots_dir)
         except OSError as e:
-            raise StateError(f"cannot flush slot {slot}: {e.strerror or e}") from e
+            raise StateError(f"cannot flush slot folder {name}: {e.strerror or e}") from e
 
-    def open_staged(self, slot: str, sha256: str) -> VerifiedBundle:
-        """A slot installed by a deployment but not yet in the pointer, re-hashed.
+    def open_staged(self, slot: str, name: str, sha256: str) -> VerifiedBundle:
+        """The folder ``name`` installed for ``slot`` by a deployment but not yet in the pointer, re-hashed.
 
         Raises:
-            IntegrityError: the slot is incomplete, holds another bundle or a changed file.
+            IntegrityError: the folder is incomplete, holds another bundle or a changed file.
             StateError: its metadata is unreadable.
         """
         try:
-            meta = SlotInfo.from_dict(json.loads((self.slot_dir(slot) / _SLOT_META).read_bytes()))
+            meta = SlotInfo.from_dict(json.loads((self.folder(name) / _SLOT_META).read_bytes()))
         except FileNotFoundError as e:
             raise IntegrityError(f"slot {slot} is incomplete: {e.filename} is missing") from e
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StateError(f"slot {slot}'s metadata is unreadable: {e}") from e
         if meta.sha256 != sha256:
             raise IntegrityError(f"slot {slot} holds bundle {meta.sha256[:12]}, not {sha256[:12]}")
-        return self.open_slot(slot, meta)
+        return self.open_slot(slot, replace(meta, folder=name))
 
     def open_slot(self, slot: str, expected: SlotInfo, *, check_hashes: bool = True) -> VerifiedBundle:
         """A slot's bundle as a ``VerifiedBundle``, after checking it still is what the pointer says.
 
         Args:
             slot: ``"A"`` or ``"B"``.
-            expected: the pointer's record of the slot.
+            expected: the pointer's record of the slot (its ``folder`` says where it is).
             check_hashes: re-hash every member against the manifest (catches on-disk corruption).
 
         Raises:
             IntegrityError: a member is missing, changed, or the slot holds another bundle.
             StateError: the slot's metadata is unreadable.
         """
-        folder = self.slot_dir(slot)
+        folder = self.slot_dir(slot, expected)
         try:
             meta = SlotInfo.from_dict(json.loads((folder / _SLOT_META).read_bytes()))
             manifest = Manifest.from_bytes((folder / _MANIFEST).read_bytes())

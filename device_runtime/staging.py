@@ -14,8 +14,8 @@ started, then per job ``{"event": "verifying"}`` when the download is complete, 
 the slot's files are on disk (the agent loads and checks the model meanwhile, and waits for it before the
 pointer may name the slot). Its log goes to stderr.
 
-Crash safety is unchanged by the process boundary: the helper changes nothing the pointer lists (it
-clears the inactive slot's pointer entry before touching the folder, as the agent did), it dies with the
+Crash safety is unchanged by the process boundary: the helper never writes the pointer nor touches a
+folder it lists (it installs into a new folder, which only the agent's commit names), it dies with the
 agent (``PR_SET_PDEATHSIG`` on Linux, a parent watch elsewhere), and a helper that dies alone fails the
 deployment without touching the serving model. The crash test hook (``CRASH_ENV``) kills the agent and
 the helper together at the same points as before.
@@ -49,7 +49,6 @@ from device_runtime.errors import StateError
 from device_runtime.slots import SlotStore
 from sdk.bundle import VerifiedBundle, inspect_bundle, read_bundle
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
-from sdk.fsutil import fsync_dir, fsync_file
 from sdk.manifest import Manifest
 from sdk.signing import TrustedKeys
 
@@ -159,7 +158,6 @@ class StageJob:
     allow_downgrade: bool
     state_dir: str
     bundle_path: str  # the download's final file (skipped when it exists: a resumed deployment)
-    record_path: str  # the deployment record, flushed before the pointer is written
     trusted_keys: tuple[str, ...]  # raw Ed25519 public keys, hex
     threshold: int
     capabilities: Mapping[str, Any]  # _sysinfo.capabilities() of the agent
@@ -188,21 +186,24 @@ class StageJob:
 
 @dataclass(frozen=True)
 class Staged:
-    """A bundle verified and installed into ``slot`` (not yet named by the pointer)."""
+    """A bundle verified and installed for ``slot`` into its new ``folder`` (not yet named by the pointer)."""
 
     slot: str
+    folder: str
     verified: VerifiedBundle
 
     def to_json(self) -> dict[str, Any]:
         v = self.verified
-        manifest = v.manifest.to_bytes().decode("utf-8")
-        return {"slot": self.slot, "manifest": manifest, "root": str(v.root), "sha256": v.sha256, "keyids": v.keyids}
+        return {
+            "slot": self.slot, "folder": self.folder, "manifest": v.manifest.to_bytes().decode("utf-8"),
+            "root": str(v.root), "sha256": v.sha256, "keyids": v.keyids,
+        }  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Staged:
         manifest = Manifest.from_bytes(raw["manifest"].encode("utf-8"))
         verified = VerifiedBundle(manifest, Path(raw["root"]), raw["sha256"], tuple(raw["keyids"]))
-        return cls(raw["slot"], verified)
+        return cls(raw["slot"], raw["folder"], verified)
 
 
 class Flush(Protocol):
@@ -305,28 +306,14 @@ def _verify_and_install(
         store.clean_incoming()
         raise StageFailure(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
     crash_point("verifying")
-    # Its data goes to disk while the pointer is written and the trial runs (joined before the commit).
+    # Its data goes to disk while the bundle is installed and the trial runs (joined before the commit).
     flush = store.prepare(verified, executor)
-    # The inactive slot is about to be overwritten: from here on it is no rollback target. The
-    # deployment record must be on disk before the pointer changes (a restart finds the deployment).
-    slot = pointer.inactive
-    if pointer.slots.get(slot) is not None:  # (an empty slot needs no pointer write)
-        _flush_record(Path(job.record_path))
-        store.write_pointer(pointer.with_slot(slot, None))
-    store.discard(slot)  # removed after the deployment (clean_trash): a rename now
     crash_point("slot_write")
+    # A new folder: the inactive slot's bundle (the rollback target) stays listed until the commit.
+    slot = pointer.inactive
     staged = store.install(slot, verified, flush=False)
-    return Staged(slot, staged), store.start_flush(slot, executor, flush)
-
-
-def _flush_record(path: Path) -> None:
-    try:
-        fsync_file(path)
-        fsync_dir(path.parent)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise StateError(f"cannot flush {path}: {e.strerror or e}") from e
+    folder = staged.root.parent.name
+    return Staged(slot, folder, staged), store.start_flush(folder, executor, flush)
 
 
 # ---- the helper process ------------------------------------------------------------------------
@@ -533,11 +520,6 @@ def _warm_up(attempts: int, read_timeout_s: float) -> None:
         read_bundle(path, TrustedKeys((key.public_key(),)), Path(folder) / "bundle")
 
 
-def _empty_trash(job: StageJob) -> None:
-    """Remove the folders ``stage`` discarded (while the agent loads and checks the new model)."""
-    SlotStore(job.state_dir).clean_trash()
-
-
 def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int, read_timeout_s: float) -> None:
     global _AGENT_PID
     _AGENT_PID = agent_pid
@@ -575,7 +557,6 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
                 send({"flush_failed": f"cannot flush slot {staged.slot}: {e.strerror or e}"})
                 continue
             send({"flushed": True})
-            _empty_trash(job)
 
 
 def main() -> None:

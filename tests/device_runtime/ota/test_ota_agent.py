@@ -117,6 +117,25 @@ def test_rollback_command(running: tuple[Agent, Fleet], http_server: HttpServer,
     assert_serves_v(agent, 2)
 
 
+def test_a_failed_deployment_keeps_the_rollback_target(
+    running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path, make_bundle: BundleMaker
+) -> None:
+    agent, fleet = running
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "d1"))
+    fleet.wait_phase("d1", "active", 30)  # v2 serving, v1 the rollback target
+    wrong = make_bundle(version=3, golden_outputs={"y": linear_reference(GOLDEN_X) + 1.0})
+    serve(http_server, wrong)
+    fleet.send(deploy_cmd(http_server.url, wrong, "d2"))
+    fleet.wait_phase("d2", "rolled_back", 30)  # staged into v1's slot, failed its health check
+    wait_for(lambda: agent.wait_idle(1), 10, "the deployment to end")
+    folders = sorted(p.name for p in (agent.state_dir / "slots").iterdir())
+    assert len(folders) == 2, folders  # the failed bundle's folder is gone, both listed ones stay
+    fleet.send({"schema": 1, "id": "r1", "type": "rollback"})
+    assert fleet.wait_phase("r1", "rolled_back", 30)["detail"]["model"]["version"] == 1
+    assert_serves_v(agent, 1)
+
+
 def _stranger_bundle(tmp_path: Path, good: Path, keys: Keys) -> Path:
     """The same members, signed by a key the device does not trust."""
     private_path, _ = generate_keypair(tmp_path / "stranger", "stranger")

@@ -103,14 +103,58 @@ def test_slot_install_open_and_tamper(tmp_path: Path, linear_bundle: Path, keys:
     store = SlotStore(tmp_path)
     verified = read_bundle(linear_bundle, TrustedKeys.from_files([keys.public]), store.incoming / "bundle")
     staged = store.install("B", verified)
-    assert not store.incoming.exists() and staged.root == tmp_path / "slots" / "B" / "bundle"
-    info = SlotInfo.of(verified)
+    folder = staged.root.parent
+    assert not store.incoming.exists() and staged.root.name == "bundle" and folder.parent == tmp_path / "slots"
+    assert folder.name.startswith(f"B.{verified.sha256[:12]}.")
+    info = SlotInfo.of(staged)
+    assert info.folder == folder.name
     store.write_pointer(Pointer().with_slot("B", info).activate("B"))
-    assert json.loads(store.pointer_path.read_text())["active"] == "B"
+    assert json.loads(store.pointer_path.read_text())["slots"]["B"]["folder"] == folder.name
     assert store.open_slot("B", store.read_pointer().slots["B"]).manifest.name == "linear"  # type: ignore[arg-type]
-    assert store.open_staged("B", info.sha256).sha256 == info.sha256
+    assert store.open_staged("B", folder.name, info.sha256).sha256 == info.sha256
     (staged.root / "model.onnx").write_bytes(b"corrupt")
     with pytest.raises(IntegrityError):
         store.open_slot("B", info)
     store.clean_unlisted(Pointer())
-    assert not store.slot_dir("B").exists()
+    assert not folder.exists()
+
+
+def test_a_new_install_leaves_the_listed_folder_of_its_slot_alone(
+    tmp_path: Path, linear_bundle: Path, keys: Keys
+) -> None:
+    store = SlotStore(tmp_path)
+    trust = TrustedKeys.from_files([keys.public])
+    first = store.install("B", read_bundle(linear_bundle, trust, store.incoming / "bundle"))
+    pointer = Pointer().with_slot("B", SlotInfo.of(first))
+    store.write_pointer(pointer)
+    second = store.install("B", read_bundle(linear_bundle, trust, store.incoming / "bundle"))
+    assert second.root != first.root and first.root.exists()
+    store.clean_unlisted(pointer, keep=second.root.parent.name)  # a staged folder is kept
+    assert first.root.exists() and second.root.exists()
+    store.clean_unlisted(pointer)  # e.g. the deployment failed: its folder goes, the listed one stays
+    assert first.root.exists() and not second.root.exists()
+    assert store.open_slot("B", SlotInfo.of(first)).sha256 == SlotInfo.of(first).sha256
+
+
+def test_pointer_of_an_older_agent_names_the_folders_by_slot(tmp_path: Path, linear_bundle: Path, keys: Keys) -> None:
+    store = SlotStore(tmp_path)
+    verified = read_bundle(linear_bundle, TrustedKeys.from_files([keys.public]), store.incoming / "bundle")
+    staged = store.install("A", verified)
+    staged.root.parent.rename(tmp_path / "slots" / "A")  # the layout older agents wrote
+    legacy = SlotInfo.of(verified)
+    assert legacy.folder == ""  # (rooted in .incoming: no folder)
+    raw = json.loads(Pointer().with_slot("A", legacy).activate("A").to_bytes())
+    assert "folder" not in raw["slots"]["A"]
+    store.pointer_path.write_text(json.dumps(raw))
+    pointer = store.read_pointer()
+    assert store.open_slot("A", pointer.slots["A"]).manifest.name == "linear"  # type: ignore[arg-type]
+    store.clean_unlisted(pointer)
+    assert (tmp_path / "slots" / "A").exists()
+
+
+@pytest.mark.parametrize("folder", ["../A", "A/../../x", "C", "A.zz", ".incoming"])
+def test_pointer_with_a_foreign_folder_is_refused(folder: str) -> None:
+    raw = json.loads(Pointer().with_slot("A", SlotInfo("m", 1, "onnxruntime", "0" * 64)).activate("A").to_bytes())
+    raw["slots"]["A"]["folder"] = folder
+    with pytest.raises(StateError):
+        Pointer.from_bytes(json.dumps(raw).encode())
