@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdk device_runtime packagers fleet tests examples benchmarks
+	$(VENV)/bin/ruff format --check sdk device_runtime packagers fleet tests examples benchmarks
 	$(VENV)/bin/mypy
 
 test: lint

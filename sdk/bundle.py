@@ -97,8 +97,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-
-
 # ---- writing -----------------------------------------------------------------------------------
 def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)

@@ -252,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--precision", default="fp32", help="comma-separated precisions, e.g. fp32,int8-dynamic")
     pk.add_argument("--calibration", help="validation/calibration data: .npz or a folder of NAME.npy")
     pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
-    pk.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
-                    help="static int8 calibration (default: minmax)")
+    pk.add_argument(
+        "--calibration-method",
+        default="minmax",
+        choices=["minmax", "entropy", "percentile"],
+        help="static int8 calibration (default: minmax)",
+    )
     pk.add_argument("--task", help="feature-extraction or text-classification (transformers folders)")
     pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
     pk.add_argument("--name", required=True, help="bundle name")

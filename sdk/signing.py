@@ -107,8 +107,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise KeyFileError(f"cannot read private key {p}: {e.strerror or e}") from e
     if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
-            f"private key {p} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {p}"
+            f"private key {p} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {p}"
         )
     data = _read_key_file(p)
     try:
@@ -160,9 +159,7 @@ class TrustedKeys:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
             raise KeyFileError(f"threshold must be an integer, got {self.threshold!r}")
         if not 1 <= self.threshold <= len(self.keys):
-            raise KeyFileError(
-                f"threshold {self.threshold} needs between 1 and {len(self.keys)} trusted keys"
-            )
+            raise KeyFileError(f"threshold {self.threshold} needs between 1 and {len(self.keys)} trusted keys")
 
     @classmethod
     def from_files(cls, paths: Iterable[str | os.PathLike[str]], threshold: int = 1) -> TrustedKeys:
@@ -205,7 +202,7 @@ def verify_signatures(manifest_bytes: bytes, signatures_bytes: bytes, trust: Tru
     for entry in entries:
         if not (isinstance(entry, dict) and set(entry) == {"keyid", "sig"}
                 and isinstance(entry["keyid"], str) and isinstance(entry["sig"], str)):  # fmt: skip
-            raise SignatureError("each signature must be {\"keyid\": str, \"sig\": str}")
+            raise SignatureError('each signature must be {"keyid": str, "sig": str}')
         key = trusted.get(entry["keyid"])
         if key is None:
             continue
