@@ -40,7 +40,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -92,6 +92,7 @@ _DOWNLOADS = "downloads"
 _OUTBOX = "outbox.sqlite"
 _KEEP_COMMANDS = 512  # finished command ids remembered for de-duplication
 _KEEP_BAD = 256  # bad bundle hashes remembered
+_T = TypeVar("_T")
 _IO_THREADS = 8  # fsyncs a deployment issues at once (the slot's files and folders, its record)
 
 
@@ -954,13 +955,19 @@ class Agent:
         """
         if hooks:
             crash_point("load")
-        try:
-            model = load_verified(
+
+        def load() -> Model:
+            return load_verified(
                 verified,
                 providers=self.config.providers,
                 intra_op_threads=self.config.intra_op_threads,
                 metrics=self._metrics,
             )
+
+        try:
+            model = self._bounded(load, lambda late: late.close(), "loading the model")
+        except HealthCheckError as e:
+            raise _Failed(str(e), bad=True, trial=True, error="HealthCheckError") from e
         except EdgeshipError as e:
             raise _Failed(f"load failed: {e}", bad=True, trial=True, error=type(e).__name__) from e
         try:
@@ -987,16 +994,10 @@ class Agent:
                 crash_point("health_check")
             return model.health_check()
 
-        future = self._health_worker.submit(run)
         try:
-            metrics: dict[str, Any] = future.result(self.config.health_timeout_s)
-        except FutureTimeout:
-            # The runtime cannot be interrupted: close the model once the stuck call returns, and give the
-            # next check a fresh worker.
-            future.add_done_callback(lambda _: model.close())
-            stuck, self._health_worker = self._health_worker, _Worker("edgeship-health")
-            stuck.close(0)  # its thread ends when the call returns
-            raise HealthCheckError(f"health check did not finish within {self.config.health_timeout_s:g} s") from None
+            metrics = self._bounded(run, lambda _: model.close(), "health check")
+        except _TimedOut:  # closed when the stuck call returns (closing now would wait for it)
+            raise
         except BaseException:
             model.close()
             raise
@@ -1007,6 +1008,25 @@ class Agent:
                 f"health check took {metrics['latency_ms']} ms, over the {budget} ms budget", metrics
             )
         return metrics
+
+    def _bounded(self, fn: Callable[[], _T], late: Callable[[_T], None], what: str) -> _T:
+        """``fn()`` on the health-check thread, for at most ``health_timeout_s``.
+
+        A runtime call cannot be interrupted: past the timeout ``late`` gets its result when it finally
+        returns (to close a model), and the next call gets a fresh thread.
+
+        Raises:
+            _TimedOut: it did not return in time (a ``HealthCheckError``).
+            Exception: what ``fn`` raised.
+        """
+        future = self._health_worker.submit(fn)
+        try:
+            return future.result(self.config.health_timeout_s)
+        except FutureTimeout:
+            future.add_done_callback(lambda done: None if done.exception() else late(done.result()))
+            stuck, self._health_worker = self._health_worker, _Worker("edgeship-health")
+            stuck.close(0)  # its thread ends when the call returns
+            raise _TimedOut(f"{what} did not finish within {self.config.health_timeout_s:g} s") from None
 
     def _commit(self, dep: Deployment, trial: _Active, metrics: Mapping[str, Any]) -> None:
         """Write the pointer (the commit point), swap the serving model, report."""
@@ -1145,6 +1165,10 @@ class Agent:
             resumed = record if decision.resume_at == "health_check" else replace(record, resumes=record.resumes + 1)
             self._event(record.cmd_id, "received", f"resuming at {decision.resume_at}: {decision.reason}", **detail)
             self._run_deployment(resumed, resume_at=decision.resume_at)
+
+
+class _TimedOut(HealthCheckError):
+    """A trial load or health check that did not return within ``health_timeout_s``."""
 
 
 class _Interrupted(Exception):

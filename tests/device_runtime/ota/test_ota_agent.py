@@ -17,8 +17,9 @@ from agent_parts import Broker, HttpServer, wait_for
 from ota_parts import Fleet, deploy_cmd, slow_linear_onnx
 from runtime_bundles import GOLDEN_X, BundleMaker, Keys, W, linear_reference
 
+import device_runtime.agent as agent_module
 from device_runtime.agent import Agent
-from sdk.bundle import inspect_bundle, write_bundle
+from sdk.bundle import VerifiedBundle, inspect_bundle, write_bundle
 from sdk.signing import generate_keypair, load_private_key
 
 pytestmark = pytest.mark.timeout(120)
@@ -243,6 +244,43 @@ def test_hanging_health_check_times_out_and_rolls_back(
     fleet.wait_phase("slow", "rolled_back", 5)
     assert time.monotonic() - start < 10
     assert_serves_v(agent, 1)
+
+
+def test_hanging_load_times_out_and_frees_the_ota_worker(
+    broker: Broker,
+    agent_factory: Callable[..., Agent],
+    fleet_factory: Callable[..., Fleet],
+    http_server: HttpServer,
+    make_bundle: BundleMaker,
+    v1: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_load = agent_module.load_verified
+    release = threading.Event()
+
+    def stuck_load(verified: VerifiedBundle, **options: Any) -> Any:
+        if verified.manifest.version == 4:  # a runtime that never returns from loading this bundle
+            release.wait(30)
+        return real_load(verified, **options)
+
+    monkeypatch.setattr(agent_module, "load_verified", stuck_load)
+    fleet = fleet_factory(broker.port)
+    agent = agent_factory(broker.port, v1, health_timeout_s=0.5)
+    fleet.wait_status(lambda s: s["state"] == "online", what="online")
+    stuck = make_bundle(version=4)
+    serve(http_server, stuck)
+    fleet.send(deploy_cmd(http_server.url, stuck, "stuck"))
+    failed = fleet.wait_phase("stuck", "failed", 30)
+    assert "loading the model did not finish within 0.5 s" in failed["detail"]["message"], failed
+    fleet.wait_phase("stuck", "rolled_back", 5)
+    assert_serves_v(agent, 1)
+    # the OTA worker is free again while that load is still stuck: the next deployment goes through
+    v5 = make_bundle(version=5)
+    serve(http_server, v5)
+    fleet.send(deploy_cmd(http_server.url, v5, "next"))
+    fleet.wait_phase("next", "active", 30)
+    assert_serves_v(agent, 5)
+    release.set()
 
 
 def test_health_check_over_latency_budget_rolls_back(
