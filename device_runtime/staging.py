@@ -3,10 +3,10 @@
 ``stage`` does the work; the agent runs it in a helper process (``StagingProcess``) by default, or on its
 own OTA thread (``AgentConfig.staging_process=False``). Why a process: downloading, parsing the tar,
 hashing and writing are Python work that, on the agent's threads, competes for the GIL with the local
-callers' ``predict`` calls. On a 2-core device under continuous predict load that made the staging steps
-~3x slower and pushed the callers' p99 latency during a swap to ~3x the steady p99
-(``benchmarks/ota_swap.py``). In its own process the staging runs on the other core at idle speed and
-leaves the serving process's GIL alone; only the trial load, the health check and the switch run there.
+callers' ``predict`` calls. On a 2-core device busy with three predict threads that made the staging steps
+~1.7x slower and a whole deployment 87 ms instead of 59 ms (``benchmarks/ota_swap.py``, docs/ota.md). In
+its own process the staging runs beside the callers and leaves the serving process's GIL alone; the trial
+load, the health check and the switch stay in the serving process, where the model serves.
 
 The helper speaks JSON lines: one job per line on its stdin; on its stdout ``{"ready": true}`` once
 started, then per job ``{"event": "verifying"}`` when the download is complete, ``{"staged": {...}}`` or
