@@ -22,16 +22,30 @@ import numpy as np
 import onnx
 import paho.mqtt.client as paho
 import pytest
-from agent_parts import wait_for
+from agent_parts import HttpServer, wait_for
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
-from runtime_bundles import B, W
+from runtime_bundles import B, W, linear_reference
 
+from device_runtime.agent import Agent
 from device_runtime.model import load_verified
 from device_runtime.slots import SlotStore
 
 FLEET = "test"
 ROOT = Path(__file__).resolve().parents[3]
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)  # an input of the linear test model
+
+
+def serve(http_server: HttpServer, bundle: Path, mode: str = "normal") -> None:
+    """Let the test HTTP server answer with ``bundle`` in ``mode`` (see ``agent_parts.HttpState``)."""
+    http_server.state.body = bundle.read_bytes()
+    http_server.state.mode = mode
+
+
+def assert_serves_v(agent: Agent, version: int) -> None:
+    """The agent serves the linear model at ``version`` and it answers right."""
+    assert agent.active_model is not None and agent.active_model["version"] == version
+    np.testing.assert_allclose(agent.predict({"x": X})["y"], linear_reference(X), rtol=1e-5)
 
 
 def deploy_cmd(url: str, bundle: Path, cmd_id: str | None = None, **extra: Any) -> dict[str, Any]:

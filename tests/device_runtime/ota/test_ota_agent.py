@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_parts import Broker, HttpServer, wait_for
-from ota_parts import Fleet, deploy_cmd, slow_linear_onnx
+from ota_parts import Fleet, X, assert_serves_v, deploy_cmd, serve, slow_linear_onnx
 from runtime_bundles import GOLDEN_X, BundleMaker, Keys, W, linear_reference
 
 import device_runtime.agent as agent_module
@@ -23,18 +23,6 @@ from sdk.bundle import VerifiedBundle, inspect_bundle, write_bundle
 from sdk.signing import generate_keypair, load_private_key
 
 pytestmark = pytest.mark.timeout(120)
-
-X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
-
-
-def serve(http_server: HttpServer, bundle: Path, mode: str = "normal") -> None:
-    http_server.state.body = bundle.read_bytes()
-    http_server.state.mode = mode
-
-
-def assert_serves_v(agent: Agent, version: int) -> None:
-    assert agent.active_model is not None and agent.active_model["version"] == version
-    np.testing.assert_allclose(agent.predict({"x": X})["y"], linear_reference(X), rtol=1e-5)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from agent_parts import Broker, HttpServer, free_port, wait_for
 from onnx import TensorProto, helper, numpy_helper
-from ota_parts import AgentProcess, Fleet, deploy_cmd
+from ota_parts import AgentProcess, Fleet, X, deploy_cmd
 from runtime_bundles import GOLDEN_X, B, BundleMaker, Keys, W, linear_reference
 
 from device_runtime.agent import Agent
@@ -27,7 +27,6 @@ from sdk.errors import TransportError
 
 pytestmark = pytest.mark.timeout(120)
 
-X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
 SHIFT = 10.0  # v2 answers linear_reference(x) + SHIFT
 
 

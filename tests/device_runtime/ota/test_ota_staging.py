@@ -10,28 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 from agent_parts import Broker, HttpServer, wait_for
-from ota_parts import Fleet, deploy_cmd
-from runtime_bundles import BundleMaker, linear_reference
+from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
+from runtime_bundles import BundleMaker
 
 from device_runtime.agent import Agent
 
 pytestmark = pytest.mark.timeout(120)
-
-X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
-
-
-def serve(http_server: HttpServer, bundle: Path, mode: str = "normal", trickle_s: float = 0.05) -> None:
-    http_server.state.body = bundle.read_bytes()
-    http_server.state.mode = mode
-    http_server.state.trickle_s = trickle_s
-
-
-def assert_serves_v(agent: Agent, version: int) -> None:
-    assert agent.active_model is not None and agent.active_model["version"] == version
-    np.testing.assert_allclose(agent.predict({"x": X})["y"], linear_reference(X), rtol=1e-5)
 
 
 def helper_pid(agent: Agent) -> int:
