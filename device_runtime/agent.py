@@ -966,7 +966,7 @@ class Agent:
 
         try:
             model = self._bounded(load, lambda late: late.close(), "loading the model")
-        except HealthCheckError as e:
+        except _TimedOut as e:
             raise _Failed(str(e), bad=True, trial=True, error="HealthCheckError") from e
         except EdgeshipError as e:
             raise _Failed(f"load failed: {e}", bad=True, trial=True, error=type(e).__name__) from e

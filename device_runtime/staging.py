@@ -47,7 +47,7 @@ from device_runtime.backends import BACKENDS
 from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import StateError
 from device_runtime.slots import SlotStore
-from sdk.bundle import VerifiedBundle, inspect_bundle, read_bundle
+from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.manifest import Manifest
 from sdk.signing import TrustedKeys
@@ -186,24 +186,25 @@ class StageJob:
 
 @dataclass(frozen=True)
 class Staged:
-    """A bundle verified and installed for ``slot`` into its new ``folder`` (not yet named by the pointer)."""
+    """A bundle verified and installed for ``slot`` into a new folder (not yet named by the pointer)."""
 
     slot: str
-    folder: str
-    verified: VerifiedBundle
+    verified: VerifiedBundle  # rooted in slots/<folder>/bundle
+
+    @property
+    def folder(self) -> str:
+        return self.verified.root.parent.name
 
     def to_json(self) -> dict[str, Any]:
         v = self.verified
-        return {
-            "slot": self.slot, "folder": self.folder, "manifest": v.manifest.to_bytes().decode("utf-8"),
-            "root": str(v.root), "sha256": v.sha256, "keyids": v.keyids,
-        }  # fmt: skip
+        manifest = v.manifest.to_bytes().decode("utf-8")
+        return {"slot": self.slot, "manifest": manifest, "root": str(v.root), "sha256": v.sha256, "keyids": v.keyids}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Staged:
         manifest = Manifest.from_bytes(raw["manifest"].encode("utf-8"))
         verified = VerifiedBundle(manifest, Path(raw["root"]), raw["sha256"], tuple(raw["keyids"]))
-        return cls(raw["slot"], raw["folder"], verified)
+        return cls(raw["slot"], verified)
 
 
 class Flush(Protocol):
@@ -246,7 +247,6 @@ def stage(
     trust: TrustedKeys,
     executor: Executor,
     report: Callable[[str], None],
-    downloader: HttpDownloader | None = None,
 ) -> tuple[Staged, Flush]:
     """Download (unless done), verify and install ``job``'s bundle into the inactive slot.
 
@@ -259,9 +259,8 @@ def stage(
     store = SlotStore(job.state_dir)
     bundle_path = Path(job.bundle_path)
     if not bundle_path.exists():
-        downloader = downloader or _downloader(job.attempts, job.read_timeout_s)
         try:
-            downloader.download_file(
+            _downloader(job.attempts, job.read_timeout_s).download_file(
                 job.url,
                 bundle_path,
                 max_length=job.max_bytes,
@@ -311,9 +310,8 @@ def _verify_and_install(
     crash_point("slot_write")
     # A new folder: the inactive slot's bundle (the rollback target) stays listed until the commit.
     slot = pointer.inactive
-    staged = store.install(slot, verified, flush=False)
-    folder = staged.root.parent.name
-    return Staged(slot, folder, staged), store.start_flush(folder, executor, flush)
+    staged = Staged(slot, store.install(slot, verified, flush=False))
+    return staged, store.start_flush(staged.folder, executor, flush)
 
 
 # ---- the helper process ------------------------------------------------------------------------
@@ -340,8 +338,7 @@ class StagingProcess:
 
     @property
     def running(self) -> bool:
-        proc = self._proc
-        return proc is not None and proc.poll() is None
+        return self.pid is not None
 
     def start(self) -> None:
         """Start the helper unless it runs; returns once it is ready.
@@ -516,7 +513,6 @@ def _warm_up(attempts: int, read_timeout_s: float) -> None:
     with tempfile.TemporaryDirectory(prefix="edgeship-warm-up-") as folder:
         path = Path(folder) / "warm-up.edgebundle"
         write_bundle(path, manifest, {"model.onnx": b"warm-up"}, [key])
-        inspect_bundle(path)
         read_bundle(path, TrustedKeys((key.public_key(),)), Path(folder) / "bundle")
 
 
