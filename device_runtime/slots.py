@@ -238,18 +238,15 @@ class SlotStore:
             else:
                 path.unlink(missing_ok=True)
 
-    def prepare(self, verified: VerifiedBundle, executor: Executor) -> TreeFlush:
-        """Add the slot metadata to a bundle verified into ``incoming / "bundle"`` and start flushing it.
-
-        Touches only ``incoming``: the data goes to disk while the bundle is installed and checked. Pass
-        the result to ``start_flush`` after ``install``.
+    def write_meta(self, verified: VerifiedBundle) -> None:
+        """Add the slot metadata to a bundle verified into ``incoming / "bundle"`` (``install`` does it
+        when this was not called).
 
         Raises:
-            StateError: the files cannot be written or opened.
+            StateError: the files cannot be written.
         """
         try:
             self._write_meta(verified)
-            return TreeFlush(executor).add_tree(self.incoming)
         except OSError as e:
             raise StateError(f"cannot stage {self.incoming}: {e.strerror or e}") from e
 
@@ -279,7 +276,7 @@ class SlotStore:
             raise StateError(f"no slot {slot!r}; the slots are {SLOTS}")
         target = self.folder(f"{slot}.{verified.sha256[:12]}.{os.urandom(4).hex()}")
         try:
-            if not (self.incoming / _SLOT_META).exists():  # not prepare()d
+            if not (self.incoming / _SLOT_META).exists():  # no write_meta() before
                 self._write_meta(verified)
             os.replace(self.incoming, target)
         except OSError as e:
@@ -302,18 +299,14 @@ class SlotStore:
         except OSError as e:
             raise StateError(f"cannot flush slot folder {name}: {e.strerror or e}") from e
 
-    def start_flush(self, name: str, executor: Executor, started: TreeFlush | None = None) -> TreeFlush:
+    def start_flush(self, name: str, executor: Executor) -> TreeFlush:
         """``flush_folder`` on ``executor``'s threads: ``wait()`` on the result before the pointer names it.
-
-        ``started``: the flush ``prepare`` began on the folder's files (else they are added here); the
-        folder's name in ``slots/`` is added now, after the rename.
 
         Raises:
             StateError: a file or folder cannot be opened.
         """
         try:
-            flush = started if started is not None else TreeFlush(executor).add_tree(self.folder(name))
-            return flush.add(self.slots_dir)
+            return TreeFlush(executor).add_tree(self.folder(name)).add(self.slots_dir)
         except OSError as e:
             raise StateError(f"cannot flush slot folder {name}: {e.strerror or e}") from e
 

@@ -247,11 +247,13 @@ def stage(
     trust: TrustedKeys,
     executor: Executor,
     report: Callable[[str], None],
+    on_staged: Callable[[Staged], None] | None = None,
 ) -> tuple[Staged, Flush]:
     """Download (unless done), verify and install ``job``'s bundle into the inactive slot.
 
-    ``report("verifying")`` when the download is complete. The returned flush must be waited for before
-    the pointer names the slot.
+    ``report("verifying")`` when the download is complete; ``on_staged`` once the bundle is in its slot
+    folder, before its fsyncs start (the trial load need not wait for them). The returned flush must be
+    waited for before the pointer names the slot.
 
     Raises:
         StageFailure: the download failed, the bundle was refused or the slot could not be written.
@@ -272,15 +274,16 @@ def stage(
             raise StageFailure(f"download failed: {e}", error=type(e).__name__) from e
     report("verifying")
     try:
-        return _verify_and_install(job, store, bundle_path, trust, executor)
+        staged = _verify_and_install(job, store, bundle_path, trust)
+        if on_staged is not None:
+            on_staged(staged)
+        return staged, store.start_flush(staged.folder, executor)
     except StateError as e:
         store.clean_incoming()
         raise StageFailure(f"cannot stage: {e}", error="StateError") from e
 
 
-def _verify_and_install(
-    job: StageJob, store: SlotStore, path: Path, trust: TrustedKeys, executor: Executor
-) -> tuple[Staged, Flush]:
+def _verify_and_install(job: StageJob, store: SlotStore, path: Path, trust: TrustedKeys) -> Staged:
     store.clean_incoming()
     pointer = store.read_pointer()
     try:
@@ -305,13 +308,11 @@ def _verify_and_install(
         store.clean_incoming()
         raise StageFailure(f"incompatible with this device: {e}", error="IncompatibleBundle") from e
     crash_point("verifying")
-    # Its data goes to disk while the bundle is installed and the trial runs (joined before the commit).
-    flush = store.prepare(verified, executor)
+    store.write_meta(verified)
     crash_point("slot_write")
-    # A new folder: the inactive slot's bundle (the rollback target) stays listed until the commit.
-    slot = pointer.inactive
-    staged = Staged(slot, store.install(slot, verified, flush=False))
-    return staged, store.start_flush(staged.folder, executor, flush)
+    # A new folder: the inactive slot's bundle (the rollback target) stays listed until the commit. Its
+    # data goes to disk while the trial loads and checks it (the caller's flush, joined before the commit).
+    return Staged(pointer.inactive, store.install(pointer.inactive, verified, flush=False))
 
 
 # ---- the helper process ------------------------------------------------------------------------
@@ -536,8 +537,12 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
         for line in inbox:
             job = StageJob.from_json(json.loads(line))
             try:
-                staged, flush = stage(
-                    job, trust=job.trust(), executor=executor, report=lambda phase: send({"event": phase})
+                _, flush = stage(
+                    job,
+                    trust=job.trust(),
+                    executor=executor,
+                    report=lambda phase: send({"event": phase}),
+                    on_staged=lambda staged: send({"staged": staged.to_json()}),
                 )
             except StageFailure as e:
                 send({"failed": {"message": str(e), "bad": e.bad, "error": e.error}})
@@ -546,11 +551,10 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
                 log.exception("staging %s failed", job.cmd_id)
                 send({"failed": {"message": f"staging failed: {e!r}", "bad": False, "error": type(e).__name__}})
                 continue
-            send({"staged": staged.to_json()})
             try:
                 flush.wait()
             except OSError as e:
-                send({"flush_failed": f"cannot flush slot {staged.slot}: {e.strerror or e}"})
+                send({"flush_failed": f"cannot flush the slot folder: {e.strerror or e}"})
                 continue
             send({"flushed": True})
 

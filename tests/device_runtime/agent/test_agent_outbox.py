@@ -81,6 +81,28 @@ def test_seq_never_repeats_after_the_process_is_killed(tmp_path: Path) -> None:
         assert box.next_seq() == last + 1
 
 
+def test_an_ack_survives_kill_9_and_appends_stay_fully_synchronous(tmp_path: Path) -> None:
+    """Acks commit without an fsync (a power cut may only bring a message back: a duplicate), but they
+    are in the file once ``ack`` returns, and the connection is back on ``synchronous=FULL`` for the
+    appends that follow."""
+    path = tmp_path / "outbox.db"
+    script = (
+        "import os, signal, sys\n"
+        "from device_runtime.outbox import Outbox\n"
+        "box = Outbox(sys.argv[1])\n"
+        "ids = [box.append('t', b'%d' % i) for i in range(4)]\n"
+        "box.ack(ids[:3])\n"
+        "print(box._db.execute('PRAGMA synchronous').fetchone()[0], flush=True)\n"
+        "box.append('t', b'after')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert int(done.stdout) == 2  # FULL
+    with Outbox(path) as box:
+        assert [m.payload for m in box.pending()] == [b"3", b"after"]
+
+
 def test_concurrent_appends_from_threads(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as box:
         seqs: list[int] = []
