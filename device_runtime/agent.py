@@ -46,6 +46,7 @@ import numpy as np
 
 from device_runtime import _sysinfo
 from device_runtime.errors import HealthCheckError, StateError
+from device_runtime.linkproc import LinkProcess
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from device_runtime.mqtt import DeviceLink, MqttSettings
@@ -125,6 +126,8 @@ class AgentConfig:
         staging_process: download, verify and install new bundles in a helper process
             (``device_runtime.staging``), away from the serving process's GIL; False: on the agent's
             OTA thread (also the fallback when the helper cannot be started).
+        link_process: run the MQTT link and the outbox in their own process (``device_runtime.linkproc``),
+            away from the serving process's GIL; False: on the agent's threads.
     """
 
     state_dir: Path
@@ -147,6 +150,7 @@ class AgentConfig:
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
     staging_process: bool = True
+    link_process: bool = True
 
 
 # ---- small durable records ---------------------------------------------------------------------
@@ -427,8 +431,19 @@ class Agent:
         self._event_writer: threading.Thread | None = None
         self.server: ModelServer | None = None  # the local HTTP endpoint, with ``config.serve``
         self._capabilities = _sysinfo.capabilities()
-        self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
-        self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
+        self._outbox: Outbox | None = None
+        self.link: DeviceLink | LinkProcess
+        if config.link_process:  # opened by start(), which raises StateError if its outbox is unusable
+            self.link = LinkProcess(
+                config.mqtt,
+                self.state_dir / _OUTBOX,
+                config.outbox_max_messages,
+                status=self._status,
+                on_command=self._on_command,
+            )
+        else:
+            self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
+            self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
         # Started by the OTA thread (on Linux the helper dies with the thread that started it).
         self._stager: StagingProcess | None = None
         if config.staging_process:
@@ -451,8 +466,15 @@ class Agent:
         """
         if self._threads:
             raise RuntimeError("Agent.start() called twice")
-        self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
-        self._event_writer.start()
+        if isinstance(self.link, LinkProcess):
+            try:
+                self.link.open()  # events go to it from now on (a pipe write each: no thread of their own)
+            except StateError as e:
+                log.warning("%s; running the MQTT link on the agent's threads instead", e)
+                self._link_in_process(self.link.unconfirmed_events())
+        if isinstance(self.link, DeviceLink):  # each event is an outbox transaction: on a thread, in order
+            self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
+            self._event_writer.start()
         ready = threading.Barrier(_IO_THREADS + 1)  # every I/O thread started now, not during a deployment
         for _ in range(_IO_THREADS):
             self._io.submit(ready.wait)
@@ -505,7 +527,19 @@ class Agent:
         self._io.shutdown(wait=True)
         self._health_worker.close(timeout_s)
         self._serving.swap(None)
-        self._outbox.close()
+        if self._outbox is not None:
+            self._outbox.close()
+
+    def _link_in_process(self, events: list[dict[str, Any]]) -> None:
+        """Replace the link process by a ``DeviceLink`` on this process's threads, with ``events`` queued.
+
+        Raises:
+            StateError: the outbox cannot be used.
+        """
+        self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=self.config.outbox_max_messages)
+        self.link = DeviceLink(self.config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
+        for payload in events:
+            self.link.publish_event(payload)
 
     def __enter__(self) -> Agent:
         self.start()
@@ -626,20 +660,30 @@ class Agent:
     # -- commands ----------------------------------------------------------------------------------
 
     def _event(self, cmd_id: str | None, phase: str, message: str, **detail: Any) -> None:
-        """Report a step; queued for the ``edgeship-events`` thread, which appends to the outbox in order.
+        """Report a step: sent to the link process, or queued for the ``edgeship-events`` thread, which
+        appends to the outbox in order.
 
         The caller does not wait for the outbox's fsync (a deployment's steps overlap with it); what must
         be durable before a state change calls ``_flush_events`` first.
         """
         log.info("event %s %s: %s", cmd_id, phase, message)
         payload = {"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": time.time()}
-        if self._event_writer is None:  # not started, or stopped
-            self.link.publish_event(payload)
-        else:
+        if self._event_writer is not None:
             self._events.put(payload)
+            return
+        try:  # the link process, or the outbox directly before start() / after stop()
+            self.link.publish_event(payload)
+        except Exception:  # a report must not fail the step it reports
+            log.exception("event %s %s could not be queued", cmd_id, phase)
 
     def _flush_events(self, timeout_s: float = 30.0) -> None:
         """Wait until every event reported so far is in the outbox (durable)."""
+        if isinstance(self.link, LinkProcess):
+            try:
+                self.link.flush(timeout_s)
+            except StateError as e:
+                log.error("events not written to the outbox: %s", e)
+            return
         if self._event_writer is None or threading.current_thread() is self._event_writer:
             return
         done = threading.Event()

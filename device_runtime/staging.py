@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from device_runtime import _sysinfo
+from device_runtime._child import die_with_parent, spawn
 from device_runtime.backends import BACKENDS
 from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import StateError
@@ -351,16 +351,8 @@ class StagingProcess:
             return
         if self._shut:
             raise StagingDied("the staging process was shut down")
-        root = str(Path(__file__).resolve().parents[1])  # the folder holding device_runtime/ and sdk/
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "device_runtime.staging", str(os.getpid()), *self._settings],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=env,
-            )
+            proc = spawn("device_runtime.staging", *self._settings)
         except OSError as e:
             raise StagingDied(f"cannot start the staging process: {e}") from e
         with self._lock:
@@ -478,24 +470,6 @@ class _HelperFlush:
 # ---- the helper's side -------------------------------------------------------------------------
 
 
-def _die_with_agent(agent_pid: int) -> None:
-    """End this process when the agent ends: at once on Linux, within half a second elsewhere."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    def watch() -> None:
-        while os.getppid() == agent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != agent_pid:  # it died before prctl
-        os._exit(1)
-    threading.Thread(target=watch, name="edgeship-staging-watch", daemon=True).start()
-
-
 def _warm_up(attempts: int, read_timeout_s: float) -> None:
     """Pay the first-use costs before the first deployment does: the downloader (its CA store) and one
     verification of a throwaway bundle (lazy imports, first signature check). ~100 ms, once."""
@@ -520,7 +494,7 @@ def _warm_up(attempts: int, read_timeout_s: float) -> None:
 def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int, read_timeout_s: float) -> None:
     global _AGENT_PID
     _AGENT_PID = agent_pid
-    _die_with_agent(agent_pid)
+    die_with_parent(agent_pid)
     if hasattr(os, "nice"):  # serving first: on a busy device the scheduler prefers the callers' threads
         os.nice(_NICE)
     try:

@@ -11,6 +11,7 @@ from agent_parts import Broker, wait_for
 from ota_parts import Fleet, unique_seqs
 
 from device_runtime.agent import Agent
+from device_runtime.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,8 +71,9 @@ def test_agent_offline_then_back_drains_a_bounded_outbox(
     broker.stop()
     wait_for(lambda: not agent.link.connected, 10, "the link to notice")
     produced = [agent.publish_telemetry() for _ in range(75)]  # 75 messages into a 20-message outbox
-    assert len(agent._outbox) == 20
-    dropped = agent._outbox.dropped
+    with Outbox(agent.state_dir / "outbox.sqlite") as outbox:  # the link process's, read from here
+        assert len(outbox) == 20
+        dropped = outbox.dropped
     assert dropped == 55
     broker.start()
     assert agent.link.wait_connected(10)

@@ -16,6 +16,7 @@ from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
 from runtime_bundles import BundleMaker
 
 from device_runtime.agent import Agent
+from device_runtime.mqtt import DeviceLink
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,12 +121,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_helper_that_cannot_start_falls_back_to_the_agent_thread(
+def test_helper_processes_that_cannot_start_fall_back_to_the_agent_threads(
     online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # what the helper would be started with
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # what the helpers would be started with
     agent, fleet = online()
-    wait_for(lambda: agent._stager is None, 20, "the agent to give up on the helper")
+    assert isinstance(agent.link, DeviceLink)  # the MQTT link on the agent's threads, and it works
+    wait_for(lambda: agent._stager is None, 20, "the agent to give up on the staging helper")
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     fleet.wait_phase("d1", "active", 30)
