@@ -171,6 +171,12 @@ class LinkProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The link process's id while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     # -- DeviceLink's API ----------------------------------------------------------------------------
 
     @property

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
-from agent_parts import broker, broker_factory, http_server  # noqa: F401  (shared fixtures)
+from agent_parts import Broker, broker, broker_factory, http_server  # noqa: F401  (shared fixtures)
 from ota_parts import FLEET, Fleet, connect_fleet
 from runtime_bundles import BundleMaker, Keys
 
@@ -82,3 +82,21 @@ def agent_factory(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Agent]]:
     yield make
     for agent in agents:
         agent.stop()
+
+
+@pytest.fixture
+def online(
+    broker: Broker,  # noqa: F811  (the fixture imported above)
+    agent_factory: Callable[..., Agent],
+    fleet_factory: Callable[..., Fleet],
+    v1: Path,
+) -> Callable[..., tuple[Agent, Fleet]]:
+    """``online(**config) -> (agent, fleet)``: an agent serving v1, its online status seen by the fleet."""
+
+    def make(**config: object) -> tuple[Agent, Fleet]:
+        fleet = fleet_factory(broker.port)
+        agent = agent_factory(broker.port, v1, **config)
+        fleet.wait_status(lambda s: s["state"] == "online" and s["model"] is not None, what="online with v1")
+        return agent, fleet
+
+    return make

@@ -272,3 +272,17 @@ def slow_linear_onnx(iterations: int, n: int = 256) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def helper_processes(agent_pid: int, module: str) -> list[int]:
+    """Live ``python -m <module> AGENT_PID`` processes of that agent (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if module.encode() in args and str(agent_pid).encode() in args and state != "Z":
+            found.append(int(proc.name))
+    return found

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 from agent_parts import Broker, HttpServer, wait_for
-from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, settled
+from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, helper_processes, settled
 from runtime_bundles import BundleMaker, Keys
 
 from device_runtime.agent import CRASH_POINTS
 
 pytestmark = pytest.mark.timeout(180)
 POLL_S = 0.05  # seconds between looks at the fleet and the state folder
+HELPERS = ("device_runtime.staging", "device_runtime.linkproc")  # the agent's child processes
 
 
 @pytest.fixture
@@ -57,11 +58,13 @@ def test_kill_at_each_step_then_restart(
     fleet.wait_status(_online(fleet, 1), 20, "v1 online")
     assert agent.proc is not None
     pid = agent.proc.pid
-    wait_for(lambda: _staging_helpers_of(pid), 20, "the staging helper", POLL_S)
+    for module in HELPERS:
+        wait_for(lambda m=module: helper_processes(pid, m), 20, f"the {module} process", POLL_S)
     http_server.state.body = v2.read_bytes()
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     assert agent.wait_exit(30) == -9, agent.tail()
-    wait_for(lambda: not _staging_helpers_of(pid), 5, "the staging helper to die with the agent", POLL_S)
+    for module in HELPERS:
+        wait_for(lambda m=module: not helper_processes(pid, m), 5, f"the {module} process to die with it", POLL_S)
     fleet.wait_status(lambda s: s["state"] == "offline", 20, "the Last Will")
 
     agent.start()  # no crash hook this time
@@ -161,20 +164,6 @@ def test_random_kills_during_a_deploy_loop(
     fleet.wait_status(lambda s: s["state"] == "online" and s["model"] == final, 20, f"status showing {final}")
     assert "failed" not in outcomes.values(), outcomes  # a kill is not the bundle's fault: all resumed
     assert list(outcomes.values()).count("active") >= iterations - 2, outcomes
-
-
-def _staging_helpers_of(agent_pid: int) -> list[int]:
-    """Live ``python -m device_runtime.staging AGENT_PID`` processes of that agent (Linux /proc)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"device_runtime.staging" in args and str(agent_pid).encode() in args and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 def _in_journal(state_dir: Path, cmd_id: str) -> bool:

@@ -30,19 +30,6 @@ def helper_pid(agent: Agent) -> int:
     return pid
 
 
-@pytest.fixture
-def online(
-    broker: Broker, agent_factory: Callable[..., Agent], fleet_factory: Callable[..., Fleet], v1: Path
-) -> Callable[..., tuple[Agent, Fleet]]:
-    def make(**config: object) -> tuple[Agent, Fleet]:
-        fleet = fleet_factory(broker.port)
-        agent = agent_factory(broker.port, v1, **config)
-        fleet.wait_status(lambda s: s["state"] == "online" and s["model"] is not None, what="online with v1")
-        return agent, fleet
-
-    return make
-
-
 def test_helper_killed_mid_download_fails_only_that_deployment(
     online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path
 ) -> None:
