@@ -1,7 +1,7 @@
 """OTA swap under load: deploy a small bundle to a running agent while threads call ``predict``.
 
     .venv/bin/python benchmarks/ota_swap.py [--threads 1] [--rate 0] [--deploys 10] [--hidden 512]
-                                            [--thread-staging] [--broker auto|mosquitto|embedded]
+                                            [--thread-staging] [--thread-link] [--broker auto|mosquitto|embedded]
 
 Everything runs on this machine: an MQTT broker (Mosquitto in its own process when installed, as in
 production; ``--broker embedded`` runs the amqtt broker inside this process, where it competes with the
@@ -296,6 +296,9 @@ def main() -> None:
         "--thread-staging", action="store_true", help="stage on the agent's thread, not in the helper process"
     )
     parser.add_argument(
+        "--thread-link", action="store_true", help="run the MQTT link on the agent's threads, not in its process"
+    )
+    parser.add_argument(
         "--broker",
         choices=("auto", "mosquitto", "embedded"),
         default="auto",
@@ -338,7 +341,7 @@ def main() -> None:
         AgentConfig(
             state_dir=work / "state", mqtt=settings, trust=trust, initial_bundle=bundles[0],
             telemetry_interval_s=3600, intra_op_threads=1,
-            staging_process=not args.thread_staging,
+            staging_process=not args.thread_staging, link_process=not args.thread_link,
         )
     )  # fmt: skip
     agent.start()
@@ -461,6 +464,7 @@ def main() -> None:
         ("predict threads", str(args.threads),
          f"continuous load, open loop at {args.rate:g} calls/s" if args.rate > 0 else "continuous load, closed loop"),
         ("staging", "agent thread" if args.thread_staging else "helper process", ""),
+        ("MQTT link", "agent threads" if args.thread_link else "link process", ""),
         ("cold load (first in a new process)", f"{first_s * 1000:.1f} ms", "idle; verify+load+health, runtime start"),
         ("reload in a running process", f"{warm_s * 1000:.1f} ms", "idle; verify+load+health, runtime warm"),
         ("download (loopback)", f"{download_s * 1000:.1f} ms", "idle"),
