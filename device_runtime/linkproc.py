@@ -248,7 +248,9 @@ class LinkProcess:
             number = next(self._numbers)
             line = _dumps({"op": op, "n": number, **fields})
             self._replies[number] = future
-            self._write_locked(line)
+            if not self._write_locked(line):
+                del self._replies[number]
+                raise StateError(f"no MQTT link process to take {op!r} (it is starting again)")
         try:
             return future.result(timeout_s)
         except FutureTimeout:
@@ -260,16 +262,17 @@ class LinkProcess:
     def _send_locked(self, message: Mapping[str, Any]) -> None:
         self._write_locked(_dumps(message))
 
-    def _write_locked(self, line: bytes) -> None:
-        """Write one line to the process (a dead or restarting one: dropped; events are resent)."""
+    def _write_locked(self, line: bytes) -> bool:
+        """Write one line to the process; False when none runs (events are resent to the next one)."""
         proc = self._proc
-        if proc is None or proc.stdin is None:
-            return
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            return False
         try:
             proc.stdin.write(line)
             proc.stdin.flush()
-        except (OSError, ValueError):  # it died: the supervisor restarts it
-            pass
+        except (OSError, ValueError):  # it died: the supervisor starts another
+            return False
+        return True
 
     # -- the supervisor: starts the process, reads it, restarts it ----------------------------------
 
@@ -277,6 +280,7 @@ class LinkProcess:
         """Runs on ``edgeship-link``: on Linux the process dies when the thread that started it ends,
         so this thread starts it and lives as long as the link."""
         first = True
+        generation = 0
         while True:
             with self._lock:
                 if self._stopping:
@@ -291,7 +295,8 @@ class LinkProcess:
                 time.sleep(_RESTART_DELAY_S)
                 continue
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(_dumps(self._init))
+            generation += 1  # its command numbers start at generation * 10**9: a late "done" never matches
+            proc.stdin.write(_dumps({**self._init, "generation": generation}))
             proc.stdin.flush()
             with self._lock:
                 self._proc = proc
@@ -388,7 +393,7 @@ class _Child:
         self._status_fresh = False  # the agent just sent it to be published: no need to ask
         self._done: dict[int, threading.Event] = {}
         self._errors: dict[int, str | None] = {}
-        self._numbers = itertools.count(1)
+        self._numbers = itertools.count(int(init.get("generation", 0)) * 10**9 + 1)
         self._outbox = Outbox(init["outbox"], max_messages=int(init["max_messages"]))
         settings = MqttSettings(**init["settings"])
         self.link = DeviceLink(settings, self._outbox, status=self._ask_status, on_command=self._forward)
@@ -452,9 +457,9 @@ class _Child:
                 self._status_fresh = False
         elif op == "done":
             number = int(message["n"])
-            self._errors[number] = message.get("error")
             event = self._done.get(number)
-            if event is not None:
+            if event is not None:  # else the command of a link process that has died since
+                self._errors[number] = message.get("error")
                 event.set()
         elif op == "start":
             self.link.start()

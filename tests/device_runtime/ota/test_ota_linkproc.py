@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def test_a_link_process_killed_alone_is_replaced_and_loses_no_event_or_command(
     old = link.pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(StateError, match="link process"):  # no durable seq without one: said at once
+        agent.publish_telemetry()
+    assert time.monotonic() - started < 5
     # reported while no link process runs: kept by the agent and handed to the next one
     agent._event("probe-1", "probe", "reported while the link process was down")
     fleet.send({"schema": 1, "id": "ping-1", "type": "ping"})  # queued by the broker for the session
