@@ -11,11 +11,13 @@ One ``Agent`` owns one state directory::
     STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
     STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.outbox)
 
-Threads: the ``DeviceLink``'s (network, outbox drain, command dispatch), ``edgeship-telemetry``,
-``edgeship-ota`` (deployments and rollbacks, one at a time, in the order they arrived; a deployment's
-download, verification and installation run in the staging helper process, ``device_runtime.staging``),
-``edgeship-health`` (health checks, under a timeout) and ``edgeship-events`` (appends events to the
-outbox in order, so no step waits for its fsync). Local
+Processes and threads: the MQTT link and its outbox run in the link process (``device_runtime.linkproc``;
+here its ``edgeship-link`` thread reads it and ``edgeship-cmd`` runs the commands it hands over), or with
+``link_process=False`` on ``DeviceLink``'s threads plus ``edgeship-events`` (appends events to the outbox
+in order, so no step waits for its fsync). ``edgeship-telemetry``, ``edgeship-ota`` (deployments and
+rollbacks, one at a time, in the order they arrived; a deployment's download, verification and
+installation run in the staging helper process, ``device_runtime.staging``), ``edgeship-health`` (trial
+loads and health checks, under a timeout). Local
 callers use ``Agent.predict`` from any thread, or HTTP when ``AgentConfig.serve`` is set (the
 ``ModelServer``'s threads); a swap never fails one of them (see ``_Serving``).
 
@@ -392,7 +394,7 @@ class _Failed(Exception):
 class Agent:
     """The long-running device agent. ``start()``, then ``predict`` from any thread; ``stop()`` at the end.
 
-    Raises (from the constructor):
+    Raises (from the constructor; with ``link_process`` the outbox and TLS errors come from ``start()``):
         StateError: the state directory or its outbox cannot be opened.
         TransportError: the TLS files cannot be read.
     """
@@ -462,7 +464,9 @@ class Agent:
 
         Raises:
             RuntimeError: already started.
-            TransportError: ``config.serve`` and the HTTP address cannot be bound (the agent is stopped).
+            StateError: the outbox cannot be used (``link_process``).
+            TransportError: the TLS files cannot be read (``link_process``), or ``config.serve`` and the
+                HTTP address cannot be bound (the agent is stopped).
         """
         if self._threads:
             raise RuntimeError("Agent.start() called twice")
