@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from device_runtime.backends import BACKENDS, Backend, BackendOptions
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
-from device_runtime.model import Model, load, load_verified
-from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
 
 if TYPE_CHECKING:
+    from device_runtime.backends import BACKENDS, Backend, BackendOptions
+    from device_runtime.model import Model, load, load_verified
+    from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
     from device_runtime._preprocess import encode_text
     from device_runtime.agent import Agent, AgentConfig
     from device_runtime.pipelines import Pipeline, pipeline
@@ -29,9 +29,19 @@ if TYPE_CHECKING:
         TaskMismatchError,
     )
 
-# Imported on first use, so a device that only calls ``load``/``predict`` pays nothing for them
-# (the agent also needs paho-mqtt, the ``device`` extra).
+# Imported on first use: a device that only calls ``load``/``predict`` pays nothing for the agent (which
+# also needs paho-mqtt, the ``device`` extra), and the agent's helper processes (the MQTT link, staging)
+# import only what they use (the link process no numpy).
 _LAZY = {
+    "BACKENDS": "device_runtime.backends",
+    "Backend": "device_runtime.backends",
+    "BackendOptions": "device_runtime.backends",
+    "Model": "device_runtime.model",
+    "load": "device_runtime.model",
+    "load_verified": "device_runtime.model",
+    "BundleStore": "device_runtime.store",
+    "InstalledBundle": "device_runtime.store",
+    "StagedBundle": "device_runtime.store",
     "Agent": "device_runtime.agent",
     "AgentConfig": "device_runtime.agent",
     "encode_text": "device_runtime._preprocess",

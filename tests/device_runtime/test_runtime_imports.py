@@ -44,3 +44,14 @@ def test_device_runtime_imports_no_host_libraries(linear_bundle: Path, keys: Key
     assert report["shape"] == [1, 3] and report["health"] is True
     assert report["after_predict"] == []
     assert report["onnxruntime_loaded"] is True
+
+
+def test_the_link_process_imports_no_model_code() -> None:
+    """The MQTT link process runs beside the agent on every device: paho and sqlite3, not numpy."""
+    script = (
+        "import sys, device_runtime.linkproc\n"
+        "print(sorted(m for m in ('numpy', 'device_runtime.model') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
