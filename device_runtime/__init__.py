@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
 
 if TYPE_CHECKING:
-    from device_runtime.backends import BACKENDS, Backend, BackendOptions
-    from device_runtime.model import Model, load, load_verified
-    from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
     from device_runtime._preprocess import encode_text
     from device_runtime.agent import Agent, AgentConfig
+    from device_runtime.backends import BACKENDS, Backend, BackendOptions
+    from device_runtime.model import Model, load, load_verified
     from device_runtime.pipelines import Pipeline, pipeline
+    from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
     from device_runtime.tasks import (
         EdgeModelForFeatureExtraction,
         EdgeModelForImageClassification,

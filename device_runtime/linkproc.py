@@ -90,7 +90,11 @@ class LinkProcess:
         }
         self._status = status
         self._on_command = on_command
-        self._lock = threading.Lock()  # the pipe, the numbering and the tables below
+        # Two locks, so that the thread reading the process never waits for one writing to it (both pipes
+        # full would deadlock): _lock for writing to the process and its state, _table_lock (taken inside
+        # _lock, never the other way) for the tables the reader updates.
+        self._lock = threading.Lock()
+        self._table_lock = threading.Lock()
         self._proc: Any = None
         self._numbers = itertools.count(1)
         self._unconfirmed: dict[int, bytes] = {}  # event number -> its line, until ``appended``
@@ -99,7 +103,8 @@ class LinkProcess:
         self._ready: Future[None] = Future()
         self._started = False
         self._stopping = False
-        self._commands: queue.SimpleQueue[tuple[int, dict[str, Any]] | None] = queue.SimpleQueue()
+        # for edgeship-cmd: (number, command) to handle, or (0, None) for a status the process asked for
+        self._commands: queue.SimpleQueue[tuple[int, dict[str, Any] | None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -209,7 +214,8 @@ class LinkProcess:
         with self._lock:
             number = next(self._numbers)
             line = _dumps({"op": "event", "n": number, "payload": payload})
-            self._unconfirmed[number] = line
+            with self._table_lock:
+                self._unconfirmed[number] = line
             self._write_locked(line)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> int:
@@ -231,7 +237,7 @@ class LinkProcess:
 
     def unconfirmed_events(self) -> list[dict[str, Any]]:
         """The events sent but not confirmed in the outbox, oldest first (to hand them elsewhere)."""
-        with self._lock:
+        with self._table_lock:
             return [json.loads(self._unconfirmed[n])["payload"] for n in sorted(self._unconfirmed)]
 
     def publish_status(self) -> None:
@@ -247,16 +253,18 @@ class LinkProcess:
         with self._lock:
             number = next(self._numbers)
             line = _dumps({"op": op, "n": number, **fields})
-            self._replies[number] = future
+            with self._table_lock:
+                self._replies[number] = future
             if not self._write_locked(line):
-                del self._replies[number]
+                with self._table_lock:
+                    del self._replies[number]
                 raise StateError(f"no MQTT link process to take {op!r} (it is starting again)")
         try:
             return future.result(timeout_s)
         except FutureTimeout:
             raise StateError(f"the MQTT link process did not answer {op!r} within {timeout_s:g} s") from None
         finally:
-            with self._lock:
+            with self._table_lock:
                 self._replies.pop(number, None)
 
     def _send_locked(self, message: Mapping[str, Any]) -> None:
@@ -301,15 +309,18 @@ class LinkProcess:
             with self._lock:
                 self._proc = proc
                 # Events sent before it started or to the one that died, not confirmed: in order.
-                for number in sorted(self._unconfirmed):
-                    self._write_locked(self._unconfirmed[number])
+                with self._table_lock:
+                    lines = [self._unconfirmed[n] for n in sorted(self._unconfirmed)]
+                for line in lines:
+                    self._write_locked(line)
                 if not first and self._started and not self._stopping:  # connect again
                     self._send_locked({"op": "start"})
             error = self._read(proc.stdout, first)
             proc.wait()
             self._connected.clear()
-            with self._lock:
+            with self._table_lock:
                 failed = list(self._replies.values())
+            with self._lock:
                 stopping = self._stopping
             for future in failed:
                 if not future.done():
@@ -332,10 +343,10 @@ class LinkProcess:
                 log.error("the MQTT link process wrote %r", line[:200])
                 continue
             if "appended" in message:
-                with self._lock:
+                with self._table_lock:
                     self._unconfirmed.pop(message["appended"], None)
             elif "reply" in message:
-                with self._lock:
+                with self._table_lock:
                     future = self._replies.get(message["reply"])
                 if future is not None and not future.done():
                     if "error" in message:
@@ -346,14 +357,8 @@ class LinkProcess:
                 (self._connected.set if message["connected"] else self._connected.clear)()
             elif "cmd" in message:
                 self._commands.put((message["n"], message["cmd"]))
-            elif "status?" in message:
-                try:
-                    status = dict(self._status())
-                except Exception:  # the agent's builder must not take the link down
-                    log.exception("the status builder failed")
-                    continue
-                with self._lock:
-                    self._send_locked({"op": "status", "status": status})
+            elif "status?" in message:  # answered by edgeship-cmd: this thread never writes to the process
+                self._commands.put((0, None))
             elif "ready" in message:
                 if first:
                     self._ready.set_result(None)
@@ -361,13 +366,26 @@ class LinkProcess:
                 return StateError(str(message["error"]))
         return None
 
+    def _send_status(self) -> None:
+        try:
+            status = dict(self._status())
+        except Exception:  # the agent's builder must not take the link down
+            log.exception("the status builder failed")
+            return
+        with self._lock:
+            self._send_locked({"op": "status", "status": status})
+
     def _run_commands(self) -> None:
-        """Runs on ``edgeship-cmd``: the agent's handler, one command at a time, then ``done``."""
+        """Runs on ``edgeship-cmd``: the agent's handler, one command at a time, then ``done``; and the
+        status when the process asks for it."""
         while True:
             item = self._commands.get()
             if item is None:
                 return
             number, command = item
+            if command is None:
+                self._send_status()
+                continue
             error = None
             try:
                 if self._on_command is not None:
