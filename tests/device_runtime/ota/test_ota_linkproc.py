@@ -74,3 +74,21 @@ def test_the_link_on_the_agent_threads_still_works(
     fleet.wait_phase("d1", "active", 30)
     assert fleet.phases("d1") == ["received", "downloading", "verifying", "staged", "health_check", "active"]
     assert_serves_v(agent, 2)
+
+
+def test_a_burst_of_events_flows_through_both_pipes(online: Callable[..., tuple[Agent, Fleet]]) -> None:
+    """Thousands of events at once, faster than the outbox takes them: the pipe to the link process and
+    the confirmations coming back fill up; every event is confirmed (``flush`` returns), drained and
+    delivered once."""
+    agent, fleet = online()
+    link = agent.link
+    assert isinstance(link, LinkProcess)
+    started = time.monotonic()
+    for i in range(5000):
+        agent._event("burst", "probe", "x" * 100, i=i)
+    link.flush(60)  # raises StateError if the link process never confirms them
+    assert link.unconfirmed_events() == []
+    assert link.wait_drained(60)
+    assert time.monotonic() - started < 60
+    wait_for(lambda: len(fleet.events("burst")) >= 5000, 30, "the burst at the fleet")
+    assert {e["detail"]["i"] for e in fleet.events("burst")} == set(range(5000))
