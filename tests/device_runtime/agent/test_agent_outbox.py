@@ -63,6 +63,13 @@ def test_seq_is_monotonic_per_stream_and_across_reopen(tmp_path: Path) -> None:
         assert box.next_seq("events") == 2
 
 
+def _run_until_killed(script: str, path: Path) -> str:
+    """Run ``script`` (which ends with a SIGKILL of itself) on the outbox at ``path``; its stdout."""
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    return done.stdout.decode()
+
+
 def test_seq_never_repeats_after_the_process_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     script = (
@@ -73,9 +80,7 @@ def test_seq_never_repeats_after_the_process_is_killed(tmp_path: Path) -> None:
         "print(seqs[-1], flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)  # no close(), no clean shutdown\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
-    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    last = int(done.stdout)
+    last = int(_run_until_killed(script, path))
     assert last == 25
     with Outbox(path) as box:
         assert box.next_seq() == last + 1
@@ -96,9 +101,7 @@ def test_an_ack_survives_kill_9_and_appends_stay_fully_synchronous(tmp_path: Pat
         "box.append('t', b'after')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
-    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    assert int(done.stdout) == 2  # FULL
+    assert int(_run_until_killed(script, path)) == 2  # FULL
     with Outbox(path) as box:
         assert [m.payload for m in box.pending()] == [b"3", b"after"]
 
