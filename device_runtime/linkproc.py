@@ -304,9 +304,16 @@ class LinkProcess:
                 continue
             assert proc.stdin is not None and proc.stdout is not None
             generation += 1  # its command numbers start at generation * 10**9: a late "done" never matches
-            proc.stdin.write(_dumps({**self._init, "generation": generation}))
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(_dumps({**self._init, "generation": generation}))
+                proc.stdin.flush()
+            except OSError:  # it died at once: reading it below ends at once too
+                pass
             with self._lock:
+                if self._stopping:  # stop() ran while it was starting: it must not outlive the agent's link
+                    proc.kill()
+                    proc.wait()
+                    return
                 self._proc = proc
                 # Events sent before it started or to the one that died, not confirmed: in order.
                 with self._table_lock:
