@@ -7,9 +7,12 @@ a bundle of that target is loaded, so ``import device_runtime`` never imports a 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from device_runtime.backends.base import Backend, BackendOptions, install_hint
 from sdk.errors import BackendError
+
+if TYPE_CHECKING:
+    from device_runtime.backends.base import Backend, BackendOptions
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "create_backend"]
 
@@ -28,6 +31,8 @@ def create_backend(target: str) -> Backend:
     Raises:
         BackendError: this edgeship has no adapter for ``target`` (the message names its extra).
     """
+    from device_runtime.backends.base import install_hint
+
     spec = BACKENDS.get(target)
     if spec is None:
         raise BackendError(
@@ -38,3 +43,13 @@ def create_backend(target: str) -> Backend:
     module_name, class_name = spec.split(":")
     backend_class: type[Backend] = getattr(importlib.import_module(module_name), class_name)
     return backend_class()
+
+
+def __getattr__(name: str) -> Any:
+    """``Backend`` and ``BackendOptions`` on first use: the registry alone (the staging helper's
+    compatibility check) needs no numpy."""
+    if name in ("Backend", "BackendOptions"):
+        from device_runtime.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'device_runtime.backends' has no attribute {name!r}")

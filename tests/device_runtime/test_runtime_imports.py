@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from runtime_bundles import Keys
 
 FORBIDDEN = ["torch", "tensorflow", "transformers", "onnx", "coremltools", "packagers", "fleet"]
@@ -46,12 +47,11 @@ def test_device_runtime_imports_no_host_libraries(linear_bundle: Path, keys: Key
     assert report["onnxruntime_loaded"] is True
 
 
-def test_the_link_process_imports_no_model_code() -> None:
-    """The MQTT link process runs beside the agent on every device: paho and sqlite3, not numpy."""
-    script = (
-        "import sys, device_runtime.linkproc\n"
-        "print(sorted(m for m in ('numpy', 'device_runtime.model') if m in sys.modules))"
-    )
+@pytest.mark.parametrize("module", ["device_runtime.linkproc", "device_runtime.staging"])
+def test_the_agents_helper_processes_import_no_model_code(module: str) -> None:
+    """The MQTT link process and the staging helper run beside the agent on every device: they need
+    paho, sqlite3, tar and signatures, not numpy (~20 MB each)."""
+    script = f"import sys, {module}\nprint(sorted(m for m in ('numpy', 'device_runtime.model') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
