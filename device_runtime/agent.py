@@ -444,8 +444,7 @@ class Agent:
                 on_command=self._on_command,
             )
         else:
-            self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=config.outbox_max_messages)
-            self.link = DeviceLink(config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
+            self._use_device_link([])
         # Started by the OTA thread (on Linux the helper dies with the thread that started it).
         self._stager: StagingProcess | None = None
         if config.staging_process:
@@ -475,7 +474,7 @@ class Agent:
                 self.link.open()  # events go to it from now on (a pipe write each: no thread of their own)
             except StateError as e:
                 log.warning("%s; running the MQTT link on the agent's threads instead", e)
-                self._link_in_process(self.link.unconfirmed_events())
+                self._use_device_link(self.link.unconfirmed_events())
         if isinstance(self.link, DeviceLink):  # each event is an outbox transaction: on a thread, in order
             self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
             self._event_writer.start()
@@ -534,8 +533,9 @@ class Agent:
         if self._outbox is not None:
             self._outbox.close()
 
-    def _link_in_process(self, events: list[dict[str, Any]]) -> None:
-        """Replace the link process by a ``DeviceLink`` on this process's threads, with ``events`` queued.
+    def _use_device_link(self, events: list[dict[str, Any]]) -> None:
+        """Run the link on this process's threads: a ``DeviceLink`` over the outbox, ``events`` queued in it
+        first (what a link process that could not start had been given).
 
         Raises:
             StateError: the outbox cannot be used.

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_parts import Broker, HttpServer, wait_for
+from agent_parts import HttpServer, wait_for
 from ota_parts import Fleet, X, assert_serves_v, deploy_cmd, serve, slow_linear_onnx
 from runtime_bundles import GOLDEN_X, BundleMaker, Keys, W, linear_reference
 
@@ -26,13 +26,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def running(
-    broker: Broker, agent_factory: Callable[..., Agent], fleet_factory: Callable[..., Fleet], v1: Path
-) -> tuple[Agent, Fleet]:
-    fleet = fleet_factory(broker.port)
-    agent = agent_factory(broker.port, v1)
-    fleet.wait_status(lambda s: s["state"] == "online" and s["model"] is not None, what="online with v1")
-    return agent, fleet
+def running(online: Callable[..., tuple[Agent, Fleet]]) -> tuple[Agent, Fleet]:
+    return online()
 
 
 def test_status_online_with_model_and_capabilities(running: tuple[Agent, Fleet], v1: Path) -> None:
@@ -213,16 +208,11 @@ def test_health_check_failing_rolls_back_and_marks_the_bundle_bad(
 
 
 def test_hanging_health_check_times_out_and_rolls_back(
-    broker: Broker,
-    agent_factory: Callable[..., Agent],
-    fleet_factory: Callable[..., Fleet],
+    online: Callable[..., tuple[Agent, Fleet]],
     http_server: HttpServer,
     make_bundle: BundleMaker,
-    v1: Path,
 ) -> None:
-    fleet = fleet_factory(broker.port)
-    agent = agent_factory(broker.port, v1, health_timeout_s=0.5)
-    fleet.wait_status(lambda s: s["state"] == "online", what="online")
+    agent, fleet = online(health_timeout_s=0.5)
     slow = make_bundle(version=4, model_bytes=slow_linear_onnx(6000))  # a few seconds per run
     serve(http_server, slow)
     start = time.monotonic()
@@ -235,12 +225,9 @@ def test_hanging_health_check_times_out_and_rolls_back(
 
 
 def test_hanging_load_times_out_and_frees_the_ota_worker(
-    broker: Broker,
-    agent_factory: Callable[..., Agent],
-    fleet_factory: Callable[..., Fleet],
+    online: Callable[..., tuple[Agent, Fleet]],
     http_server: HttpServer,
     make_bundle: BundleMaker,
-    v1: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real_load = agent_module.load_verified
@@ -252,9 +239,7 @@ def test_hanging_load_times_out_and_frees_the_ota_worker(
         return real_load(verified, **options)
 
     monkeypatch.setattr(agent_module, "load_verified", stuck_load)
-    fleet = fleet_factory(broker.port)
-    agent = agent_factory(broker.port, v1, health_timeout_s=0.5)
-    fleet.wait_status(lambda s: s["state"] == "online", what="online")
+    agent, fleet = online(health_timeout_s=0.5)
     stuck = make_bundle(version=4)
     serve(http_server, stuck)
     fleet.send(deploy_cmd(http_server.url, stuck, "stuck"))
@@ -272,16 +257,11 @@ def test_hanging_load_times_out_and_frees_the_ota_worker(
 
 
 def test_health_check_over_latency_budget_rolls_back(
-    broker: Broker,
-    agent_factory: Callable[..., Agent],
-    fleet_factory: Callable[..., Fleet],
+    online: Callable[..., tuple[Agent, Fleet]],
     http_server: HttpServer,
-    v1: Path,
     v2: Path,
 ) -> None:
-    fleet = fleet_factory(broker.port)
-    agent = agent_factory(broker.port, v1, health_latency_budget_ms=0.0001)  # no real model is this fast
-    fleet.wait_status(lambda s: s["state"] == "online", what="online")
+    agent, fleet = online(health_latency_budget_ms=0.0001)  # no real model is this fast
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "lat"))
     assert "budget" in fleet.wait_phase("lat", "failed", 30)["detail"]["message"]
