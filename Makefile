@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sdk device_runtime packagers fleet tests examples benchmarks
 	$(VENV)/bin/ruff format --check sdk device_runtime packagers fleet tests examples benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest

@@ -42,7 +42,7 @@ import device_runtime
 from device_runtime.agent import Agent, AgentConfig
 from device_runtime.download import HttpDownloader
 from device_runtime.mqtt import MqttSettings
-from sdk._broker import start_broker_thread
+from fleet.broker import start_broker_thread
 from sdk.bundle import write_bundle
 from sdk.manifest import Manifest, TensorSpec
 from sdk.signing import TrustedKeys, generate_keypair, load_private_key

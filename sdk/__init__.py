@@ -1,14 +1,15 @@
 """edgeship's shared kernel and public face.
 
-The kernel (``sdk.manifest``, ``sdk.signing``, ``sdk.bundle``, ``sdk.errors``) needs only numpy
-and cryptography and is what the device imports. ``package`` and ``load`` are thin facades over
-``packagers`` (host) and ``device_runtime`` (device), imported only when called.
+The kernel (every ``sdk`` module but ``sdk.api`` and ``sdk.cli``: manifest, signing, bundle, errors,
+fsutil, ...) needs only numpy and cryptography, is what the device imports, and imports nothing of
+``packagers``, ``device_runtime`` or ``fleet`` (docs/architecture.md; ``make lint`` checks it).
+``package`` and ``load`` (``sdk.api``) are thin facades over ``packagers`` (host) and
+``device_runtime`` (device), imported only when called.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from sdk.api import load, package
 from sdk.errors import (
     BackendError,
     BundleError,
@@ -25,10 +26,6 @@ from sdk.errors import (
     TransportError,
     UnsafeArchiveError,
 )
-
-if TYPE_CHECKING:
-    from device_runtime import Model
-    from packagers import PackageResult
 
 __version__ = "0.1.0"
 
@@ -51,17 +48,3 @@ __all__ = [
     "load",
     "package",
 ]
-
-
-def package(model: Any, **kwargs: Any) -> list[PackageResult]:
-    """Build signed bundles from a model; see ``packagers.package`` for the arguments."""
-    from packagers import package as _package
-
-    return _package(model, **kwargs)
-
-
-def load(path: Any, trust: Any, **kwargs: Any) -> Model:
-    """Verify and load a bundle; see ``device_runtime.load`` for the arguments."""
-    from device_runtime import load as _load
-
-    return _load(path, trust, **kwargs)

@@ -12,7 +12,7 @@ from agent_parts import HttpServer, free_port, wait_for
 from ota_parts import Fleet, deploy_cmd, unique_seqs
 
 from device_runtime.agent import Agent
-from sdk._broker import EmbeddedBroker, start_broker_thread
+from fleet.broker import EmbeddedBroker, start_broker_thread
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,7 +4,8 @@ It keeps sessions, retained messages and QoS 1 queues in memory only, allows ano
 no ACL: it is for one machine. Production fleets run Mosquitto (docs/mosquitto/) or another clustered
 broker; the device agent speaks the same MQTT to both.
 
-``amqtt`` is imported inside the functions, so ``import sdk`` never needs it.
+``amqtt`` is imported inside the functions, so ``import fleet`` never needs it. It lives with the fleet side: the
+device and the kernel never start a broker.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 from sdk.errors import EdgeshipError, InputError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 class _Progress:
@@ -218,14 +218,14 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sdk._demo import run_demo
+    from sdk.cli.demo import run_demo
 
     run_demo(Path(args.out), progress=_Progress(args.quiet))
     return 0
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from sdk._broker import run_broker
+    from fleet.broker import run_broker
 
     def ready() -> None:
         print(f"embedded MQTT broker on {args.host}:{args.port} (Ctrl-C stops it; production: Mosquitto)", flush=True)
@@ -316,7 +316,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
