@@ -40,8 +40,8 @@ from _mlp import mlp_onnx, mlp_weights  # benchmarks/, on sys.path as the script
 
 import device_runtime
 from device_runtime.agent import Agent, AgentConfig
-from device_runtime.download import HttpDownloader
-from device_runtime.mqtt import MqttSettings
+from device_runtime.agent.download import HttpDownloader
+from device_runtime.agent.mqtt import MqttSettings
 from sdk._broker import start_broker_thread
 from sdk.bundle import write_bundle
 from sdk.manifest import Manifest, TensorSpec

@@ -47,7 +47,7 @@ def test_device_runtime_imports_no_host_libraries(linear_bundle: Path, keys: Key
     assert report["onnxruntime_loaded"] is True
 
 
-@pytest.mark.parametrize("module", ["device_runtime.linkproc", "device_runtime.staging"])
+@pytest.mark.parametrize("module", ["device_runtime.agent.linkproc", "device_runtime.agent.staging"])
 def test_the_agents_helper_processes_import_no_model_code(module: str) -> None:
     """The MQTT link process and the staging helper run beside the agent on every device: they need
     paho, sqlite3, tar and signatures, not numpy (~20 MB each)."""

@@ -1,4 +1,4 @@
-"""The staging helper process (``device_runtime.staging``): its failures, ``stop()`` during a job, the
+"""The staging helper process (``device_runtime.agent.staging``): its failures, ``stop()`` during a job, the
 in-thread mode, and the helper ending with the agent. Real Mosquitto, real HTTP server, real bundles."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
 from runtime_bundles import BundleMaker
 
 from device_runtime.agent import Agent
-from device_runtime.mqtt import DeviceLink
+from device_runtime.agent.mqtt import DeviceLink
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,21 +2,21 @@
 
 One ``Agent`` owns one state directory::
 
-    STATE_DIR/pointer.json          which A/B slot is active (device_runtime.slots)
+    STATE_DIR/pointer.json          which A/B slot is active (device_runtime.agent.slots)
     STATE_DIR/slots/{A,B}/          the installed bundles
-    STATE_DIR/deploy.json           the OTA operation in progress (device_runtime.ota.Deployment)
+    STATE_DIR/deploy.json           the OTA operation in progress (device_runtime.agent.ota.Deployment)
     STATE_DIR/commands.json         command ids seen, for de-duplication, and OTA commands not yet run
     STATE_DIR/bad.json              sha256 of bundles that failed verification, load or health check
     STATE_DIR/config.json           settings changed by ``config`` commands
     STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
-    STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.outbox)
+    STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.agent.outbox)
 
-Processes and threads: the MQTT link and its outbox run in the link process (``device_runtime.linkproc``;
+Processes and threads: the MQTT link and its outbox run in the link process (``device_runtime.agent.linkproc``;
 here its ``edgeship-link`` thread reads it and ``edgeship-cmd`` runs the commands it hands over), or with
 ``link_process=False`` on ``DeviceLink``'s threads plus ``edgeship-events`` (appends events to the outbox
 in order, so no step waits for its fsync). ``edgeship-telemetry``, ``edgeship-ota`` (deployments and
 rollbacks, one at a time, in the order they arrived; a deployment's download, verification and
-installation run in the staging helper process, ``device_runtime.staging``), ``edgeship-health`` (trial
+installation run in the staging helper process, ``device_runtime.agent.staging``), ``edgeship-health`` (trial
 loads and health checks, under a timeout). Local
 callers use ``Agent.predict`` from any thread, or HTTP when ``AgentConfig.serve`` is set (the
 ``ModelServer``'s threads); a swap never fails one of them (see ``_Serving``).
@@ -47,12 +47,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from device_runtime import _sysinfo
-from device_runtime.errors import HealthCheckError, StateError
-from device_runtime.linkproc import LinkProcess
-from device_runtime.metrics import Metrics
-from device_runtime.model import Model, load_verified
-from device_runtime.mqtt import DeviceLink, MqttSettings
-from device_runtime.ota import (
+from device_runtime.agent.linkproc import LinkProcess
+from device_runtime.agent.mqtt import DeviceLink, MqttSettings
+from device_runtime.agent.ota import (
     CommandError,
     Deployment,
     Limits,
@@ -61,10 +58,9 @@ from device_runtime.ota import (
     parse_config,
     recover,
 )
-from device_runtime.outbox import Outbox
-from device_runtime.serve import ModelServer
-from device_runtime.slots import Pointer, SlotInfo, SlotStore, other_slot
-from device_runtime.staging import (
+from device_runtime.agent.outbox import Outbox
+from device_runtime.agent.slots import Pointer, SlotInfo, SlotStore, other_slot
+from device_runtime.agent.staging import (
     CRASH_ENV,
     CRASH_POINTS,
     Flush,
@@ -77,6 +73,10 @@ from device_runtime.staging import (
     crash_point,
     stage,
 )
+from device_runtime.errors import HealthCheckError, StateError
+from device_runtime.metrics import Metrics
+from device_runtime.model import Model, load_verified
+from device_runtime.serve import ModelServer
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import EdgeshipError, TransportError
 from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
@@ -126,9 +126,9 @@ class AgentConfig:
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
         staging_process: download, verify and install new bundles in a helper process
-            (``device_runtime.staging``), away from the serving process's GIL; False: on the agent's
+            (``device_runtime.agent.staging``), away from the serving process's GIL; False: on the agent's
             OTA thread (also the fallback when the helper cannot be started).
-        link_process: run the MQTT link and the outbox in their own process (``device_runtime.linkproc``),
+        link_process: run the MQTT link and the outbox in their own process (``device_runtime.agent.linkproc``),
             away from the serving process's GIL; False: on the agent's threads.
     """
 

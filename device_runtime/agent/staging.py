@@ -42,11 +42,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from device_runtime import _sysinfo
-from device_runtime._child import die_with_parent, spawn
+from device_runtime.agent._child import die_with_parent, spawn
+from device_runtime.agent.download import FetchResponse, HttpDownloader
+from device_runtime.agent.slots import SlotStore
 from device_runtime.backends import BACKENDS
-from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import StateError
-from device_runtime.slots import SlotStore
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.manifest import Manifest
@@ -352,7 +352,7 @@ class StagingProcess:
         if self._shut:
             raise StagingDied("the staging process was shut down")
         try:
-            proc = spawn("device_runtime.staging", *self._settings)
+            proc = spawn("device_runtime.agent.staging", *self._settings)
         except OSError as e:
             raise StagingDied(f"cannot start the staging process: {e}") from e
         with self._lock:
@@ -534,7 +534,7 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
 
 
 def main() -> None:
-    """``python -m device_runtime.staging AGENT_PID ATTEMPTS READ_TIMEOUT_S``: the helper process (started by
+    """``python -m device_runtime.agent.staging AGENT_PID ATTEMPTS READ_TIMEOUT_S``: the helper process (started by
     ``StagingProcess``; the download settings are the agent's, for the warm-up)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s staging %(levelname)s %(name)s: %(message)s")
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from device_runtime._backoff import Backoff
+from device_runtime.agent._backoff import Backoff
 from sdk.errors import IntegrityError, TransportError
 from sdk.fsutil import fsync_dir, fsync_file
 
