@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def helper_pid(agent: Agent) -> int:
-    stager = agent._stager
+    stager = agent._deployer._stager
     assert stager is not None
     wait_for(lambda: stager.pid is not None, 20, "the staging helper to start")
     pid = stager.pid
@@ -83,7 +83,7 @@ def test_staging_on_the_agent_thread(
     online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path, make_bundle: BundleMaker
 ) -> None:
     agent, fleet = online(staging_process=False)
-    assert agent._stager is None
+    assert agent._deployer._stager is None
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     fleet.wait_phase("d1", "active", 30)
@@ -114,7 +114,7 @@ def test_helper_processes_that_cannot_start_fall_back_to_the_agent_threads(
     monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # what the helpers would be started with
     agent, fleet = online()
     assert isinstance(agent.link, DeviceLink)  # the MQTT link on the agent's threads, and it works
-    wait_for(lambda: agent._stager is None, 20, "the agent to give up on the staging helper")
+    wait_for(lambda: agent._deployer._stager is None, 20, "the agent to give up on the staging helper")
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     fleet.wait_phase("d1", "active", 30)
