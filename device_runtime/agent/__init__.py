@@ -14,6 +14,8 @@ A subsystem beside the inference runtime (``device_runtime``'s top level), which
     linkproc.py   ``LinkProcess``: the same link in a helper process
     outbox.py     telemetry and events kept while the broker is unreachable
     crash.py      the crash test hook (``EDGESHIP_AGENT_CRASH_AT``)
+    config.py     ``AgentConfig``
+    _records.py, _serving.py, _worker.py, _backoff.py, _child.py: their internal helpers
 
 ``Agent`` and ``AgentConfig`` are imported on first use: the helper processes
 (``python -m device_runtime.agent.linkproc`` / ``.staging``) import this package too, and must not pay

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import shutil
 import threading
 from collections.abc import Callable, Mapping
@@ -43,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 from device_runtime.agent._records import BadBundles, Journal, flush_json, write_json
 from device_runtime.agent._serving import Active, Serving
+from device_runtime.agent._worker import Worker
 from device_runtime.agent.config import AgentConfig
 from device_runtime.agent.crash import crash_point
 from device_runtime.agent.ota import Deployment, deployment_from_command, recover
@@ -127,7 +127,7 @@ class Deployer:
         # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io")
         self._record_flush: Future[None] | None = None  # the fsyncs of the last deploy.json (see _save)
-        self._health_worker = _Worker("edgeship-health")  # runs health checks under a timeout
+        self._health_worker = Worker("edgeship-health")  # runs health checks under a timeout
         # Started by the OTA thread (on Linux the helper dies with the thread that started it).
         self._stager: StagingProcess | None = None
         if config.staging_process:
@@ -457,7 +457,7 @@ class Deployer:
             return future.result(self.config.health_timeout_s)
         except FutureTimeout:
             future.add_done_callback(lambda done: None if done.exception() else late(done.result()))
-            stuck, self._health_worker = self._health_worker, _Worker("edgeship-health")
+            stuck, self._health_worker = self._health_worker, Worker("edgeship-health")
             stuck.close(0)  # its thread ends when the call returns
             raise _TimedOut(f"{what} did not finish within {self.config.health_timeout_s:g} s") from None
 
@@ -619,37 +619,6 @@ class _Interrupted(Exception):
 
 def _health_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {"latency_ms": metrics.get("latency_ms"), "tolerance": metrics.get("tolerance")}
-
-
-class _Worker:
-    """One daemon thread that runs submitted calls in order, started once: a thread start costs a GIL
-    hand-over, milliseconds when predict threads keep the GIL busy. Abandoned (not joined) when a call
-    hangs: the process may still exit."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def close(self, timeout_s: float) -> None:
-        """End the thread once the calls submitted so far are done (waits up to ``timeout_s``)."""
-        self._calls.put(None)
-        self._thread.join(timeout_s)
-
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._calls.put((fn, future))
-        return future
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            fn, future = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
 
 
 class _Failed(Exception):
