@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from device_runtime.errors import HealthCheckError, ModelClosedError, StateError
 
 if TYPE_CHECKING:
-    from device_runtime._preprocess import encode_text
-    from device_runtime.agent import Agent, AgentConfig
+    from device_runtime.agent.agent import Agent, AgentConfig
     from device_runtime.backends import BACKENDS, Backend, BackendOptions
     from device_runtime.model import Model, load, load_verified
     from device_runtime.pipelines import Pipeline, pipeline
+    from device_runtime.preprocess import encode_text
     from device_runtime.store import BundleStore, InstalledBundle, StagedBundle
     from device_runtime.tasks import (
         EdgeModelForFeatureExtraction,
@@ -42,9 +42,9 @@ _LAZY = {
     "BundleStore": "device_runtime.store",
     "InstalledBundle": "device_runtime.store",
     "StagedBundle": "device_runtime.store",
-    "Agent": "device_runtime.agent",
-    "AgentConfig": "device_runtime.agent",
-    "encode_text": "device_runtime._preprocess",
+    "Agent": "device_runtime.agent.agent",
+    "AgentConfig": "device_runtime.agent.agent",
+    "encode_text": "device_runtime.preprocess",
     "Pipeline": "device_runtime.pipelines",
     "pipeline": "device_runtime.pipelines",
     "EdgeModelForFeatureExtraction": "device_runtime.tasks",

@@ -202,8 +202,10 @@ def _broker_address(url: str) -> tuple[str, int, bool]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The one place the runtime reaches the agent subsystem, lazily: ``predict``/``serve`` and the runtime's
+    # imports never load it (nor paho-mqtt, the ``device`` extra).
     from device_runtime.agent import Agent, AgentConfig
-    from device_runtime.mqtt import MqttSettings
+    from device_runtime.agent.mqtt import MqttSettings
     from sdk.signing import TrustedKeys
 
     logging.basicConfig(

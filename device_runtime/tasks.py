@@ -1,7 +1,7 @@
 """Task classes in the style of optimum's ``ORTModelFor...``: raw text or images in, labelled outputs out.
 
 Each class wraps a loaded ``Model`` whose bundle was packaged for its task, runs the preprocessing the
-bundle declares (``device_runtime._preprocess``) and returns a small output object::
+bundle declares (``device_runtime.preprocess``) and returns a small output object::
 
     clf = EdgeModelForSequenceClassification.from_bundle("clf-3-onnxruntime-fp32.edgebundle", trust=["release.pub"])
     out = clf(["I loved it", "Never again"])
@@ -18,8 +18,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from device_runtime._preprocess import TextBatch, TextEncoder, image_processor, text_encoder
 from device_runtime.model import Model, Trust, load
+from device_runtime.preprocess import TextBatch, TextEncoder, image_processor, text_encoder
 from sdk.errors import EdgeshipError, InputError, ManifestError
 
 __all__ = [

@@ -35,7 +35,7 @@ from toy_models import digits, train_cnn  # stand-ins for your data and model (e
 
 import sdk
 from device_runtime import Agent, AgentConfig
-from device_runtime.mqtt import MqttSettings
+from device_runtime.agent.mqtt import MqttSettings
 from fleet.broker import start_broker_thread
 from sdk.signing import TrustedKeys, generate_keypair
 

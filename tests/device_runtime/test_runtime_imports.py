@@ -19,7 +19,10 @@ SCRIPT = textwrap.dedent(
     forbidden = json.loads(sys.argv[3])
     report = {}
     import device_runtime, device_runtime.cli, device_runtime.metrics, device_runtime.serve
-    report["after_import"] = [m for m in forbidden + ["onnxruntime"] if m in sys.modules]
+    # nor the agent subsystem (nor paho-mqtt): the runtime never imports it
+    report["after_import"] = [
+        m for m in forbidden + ["onnxruntime", "device_runtime.agent", "paho"] if m in sys.modules
+    ]
     with device_runtime.load(sys.argv[1], [sys.argv[2]]) as model:
         y = model.predict({"x": [[1.0, 2.0, 3.0, 4.0]]})["y"]
         report["health"] = model.health_check()["passed"]
@@ -41,13 +44,13 @@ def test_device_runtime_imports_no_host_libraries(linear_bundle: Path, keys: Key
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["after_import"] == []  # not even onnxruntime before a bundle needs it
+    assert report["after_import"] == []  # not even onnxruntime before a bundle needs it, nor the agent
     assert report["shape"] == [1, 3] and report["health"] is True
     assert report["after_predict"] == []
     assert report["onnxruntime_loaded"] is True
 
 
-@pytest.mark.parametrize("module", ["device_runtime.linkproc", "device_runtime.staging"])
+@pytest.mark.parametrize("module", ["device_runtime.agent.linkproc", "device_runtime.agent.staging"])
 def test_the_agents_helper_processes_import_no_model_code(module: str) -> None:
     """The MQTT link process and the staging helper run beside the agent on every device: they need
     paho, sqlite3, tar and signatures, not numpy (~20 MB each)."""

@@ -14,7 +14,7 @@ from PIL import Image
 from task_bundles import TaskBundles, folders
 
 from device_runtime import EdgeModelForImageClassification, EdgeModelForSequenceClassification, pipeline
-from device_runtime._preprocess import ImageProcessor
+from device_runtime.preprocess import ImageProcessor
 from sdk.errors import InputError
 
 

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from device_runtime.mqtt import DeviceLink, MqttSettings
-from device_runtime.outbox import Outbox
+from device_runtime.agent.mqtt import DeviceLink, MqttSettings
+from device_runtime.agent.outbox import Outbox
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import pytest
 from agent_parts import DOCS, MOSQUITTO_PASSWD, Broker, Received, free_port, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_runtime.mqtt import DeviceLink, MqttSettings, Topics
-from device_runtime.outbox import Outbox
+from device_runtime.agent.mqtt import DeviceLink, MqttSettings, Topics
+from device_runtime.agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from device_runtime._backoff import Backoff, full_jitter
+from device_runtime.agent._backoff import Backoff, full_jitter
 
 
 def test_delays_stay_within_the_growing_ceiling_and_the_cap() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from agent_parts import HttpServer
 
-from device_runtime.download import Downloader, FetchResponse, HttpDownloader
+from device_runtime.agent.download import Downloader, FetchResponse, HttpDownloader
 from sdk.errors import IntegrityError, TransportError
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from agent_parts import Broker, Subscriber, wait_for
 
-from device_runtime.mqtt import DeviceLink, MqttSettings, Topics
-from device_runtime.outbox import Outbox
+from device_runtime.agent.mqtt import DeviceLink, MqttSettings, Topics
+from device_runtime.agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(60)
 

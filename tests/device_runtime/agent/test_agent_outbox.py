@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from device_runtime.agent.outbox import Outbox, OutboxCorruptError
 from device_runtime.errors import StateError
-from device_runtime.outbox import Outbox, OutboxCorruptError
 
 
 def test_messages_survive_reopen_in_order(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_seq_never_repeats_after_the_process_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     script = (
         "import os, signal, sys\n"
-        "from device_runtime.outbox import Outbox\n"
+        "from device_runtime.agent.outbox import Outbox\n"
         "box = Outbox(sys.argv[1])\n"
         "seqs = [box.next_seq() for _ in range(25)]\n"
         "print(seqs[-1], flush=True)\n"
@@ -93,7 +93,7 @@ def test_an_ack_survives_kill_9_and_appends_stay_fully_synchronous(tmp_path: Pat
     path = tmp_path / "outbox.db"
     script = (
         "import os, signal, sys\n"
-        "from device_runtime.outbox import Outbox\n"
+        "from device_runtime.agent.outbox import Outbox\n"
         "box = Outbox(sys.argv[1])\n"
         "ids = [box.append('t', b'%d' % i) for i in range(4)]\n"
         "box.ack(ids[:3])\n"

@@ -19,8 +19,8 @@ from ota_parts import FLEET, Fleet, connect_fleet
 from runtime_bundles import BundleMaker, Keys
 
 from device_runtime.agent import Agent, AgentConfig
-from device_runtime.mqtt import MqttSettings
-from device_runtime.ota import Limits
+from device_runtime.agent.mqtt import MqttSettings
+from device_runtime.agent.ota import Limits
 from sdk.signing import TrustedKeys
 
 

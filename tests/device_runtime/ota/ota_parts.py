@@ -28,8 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from runtime_bundles import B, W, linear_reference
 
 from device_runtime.agent import Agent
+from device_runtime.agent.slots import SlotStore
 from device_runtime.model import load_verified
-from device_runtime.slots import SlotStore
 
 FLEET = "test"
 ROOT = Path(__file__).resolve().parents[3]

@@ -17,7 +17,7 @@ from agent_parts import HttpServer, wait_for
 from ota_parts import Fleet, X, assert_serves_v, deploy_cmd, serve, slow_linear_onnx
 from runtime_bundles import GOLDEN_X, BundleMaker, Keys, W, linear_reference
 
-import device_runtime.agent as agent_module
+import device_runtime.agent.deployer as deployer_module
 from device_runtime.agent import Agent
 from sdk.bundle import VerifiedBundle, inspect_bundle, write_bundle
 from sdk.signing import generate_keypair, load_private_key
@@ -230,7 +230,7 @@ def test_hanging_load_times_out_and_frees_the_ota_worker(
     make_bundle: BundleMaker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_load = agent_module.load_verified
+    real_load = deployer_module.load_verified
     release = threading.Event()
 
     def stuck_load(verified: VerifiedBundle, **options: Any) -> Any:
@@ -238,7 +238,7 @@ def test_hanging_load_times_out_and_frees_the_ota_worker(
             release.wait(30)
         return real_load(verified, **options)
 
-    monkeypatch.setattr(agent_module, "load_verified", stuck_load)
+    monkeypatch.setattr(deployer_module, "load_verified", stuck_load)
     agent, fleet = online(health_timeout_s=0.5)
     stuck = make_bundle(version=4)
     serve(http_server, stuck)

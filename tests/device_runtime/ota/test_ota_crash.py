@@ -22,7 +22,7 @@ from device_runtime.agent import CRASH_POINTS
 
 pytestmark = pytest.mark.timeout(180)
 POLL_S = 0.05  # seconds between looks at the fleet and the state folder
-HELPERS = ("device_runtime.staging", "device_runtime.linkproc")  # the agent's child processes
+HELPERS = ("device_runtime.agent.staging", "device_runtime.agent.linkproc")  # the agent's child processes
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from agent_parts import Broker, wait_for
 from ota_parts import Fleet, unique_seqs
 
 from device_runtime.agent import Agent
-from device_runtime.outbox import Outbox
+from device_runtime.agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(120)
 

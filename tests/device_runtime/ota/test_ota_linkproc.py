@@ -1,4 +1,4 @@
-"""The MQTT link process (``device_runtime.linkproc``): killed alone it is replaced without losing an
+"""The MQTT link process (``device_runtime.agent.linkproc``): killed alone it is replaced without losing an
 event or a command; an unusable outbox fails ``start()``; the in-process link still works. Real
 Mosquitto, real HTTP server, real bundles. (That it dies with the agent: ``test_ota_crash.py``.)"""
 
@@ -15,9 +15,9 @@ from agent_parts import Broker, HttpServer, wait_for
 from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
 
 from device_runtime.agent import Agent
+from device_runtime.agent.linkproc import LinkProcess
+from device_runtime.agent.mqtt import DeviceLink
 from device_runtime.errors import StateError
-from device_runtime.linkproc import LinkProcess
-from device_runtime.mqtt import DeviceLink
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""The staging helper process (``device_runtime.staging``): its failures, ``stop()`` during a job, the
+"""The staging helper process (``device_runtime.agent.staging``): its failures, ``stop()`` during a job, the
 in-thread mode, and the helper ending with the agent. Real Mosquitto, real HTTP server, real bundles."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
 from runtime_bundles import BundleMaker
 
 from device_runtime.agent import Agent
-from device_runtime.mqtt import DeviceLink
+from device_runtime.agent.mqtt import DeviceLink
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def helper_pid(agent: Agent) -> int:
-    stager = agent._stager
+    stager = agent._deployer._stager
     assert stager is not None
     wait_for(lambda: stager.pid is not None, 20, "the staging helper to start")
     pid = stager.pid
@@ -83,7 +83,7 @@ def test_staging_on_the_agent_thread(
     online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path, make_bundle: BundleMaker
 ) -> None:
     agent, fleet = online(staging_process=False)
-    assert agent._stager is None
+    assert agent._deployer._stager is None
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     fleet.wait_phase("d1", "active", 30)
@@ -114,7 +114,7 @@ def test_helper_processes_that_cannot_start_fall_back_to_the_agent_threads(
     monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # what the helpers would be started with
     agent, fleet = online()
     assert isinstance(agent.link, DeviceLink)  # the MQTT link on the agent's threads, and it works
-    wait_for(lambda: agent._stager is None, 20, "the agent to give up on the staging helper")
+    wait_for(lambda: agent._deployer._stager is None, 20, "the agent to give up on the staging helper")
     serve(http_server, v2)
     fleet.send(deploy_cmd(http_server.url, v2, "d1"))
     fleet.wait_phase("d1", "active", 30)

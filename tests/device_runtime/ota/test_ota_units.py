@@ -9,9 +9,9 @@ import pytest
 from runtime_bundles import Keys
 
 from device_runtime._sysinfo import arch_compatible, capabilities, machine_arch, target_runs_here, version_at_least
+from device_runtime.agent.ota import CommandError, Deployment, Limits, deployment_from_command, parse_config, recover
+from device_runtime.agent.slots import Pointer, SlotInfo, SlotStore
 from device_runtime.errors import StateError
-from device_runtime.ota import CommandError, Deployment, Limits, deployment_from_command, parse_config, recover
-from device_runtime.slots import Pointer, SlotInfo, SlotStore
 from sdk.bundle import read_bundle
 from sdk.errors import IntegrityError
 from sdk.signing import TrustedKeys

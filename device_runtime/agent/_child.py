@@ -22,7 +22,7 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
     Raises:
         OSError: it cannot be started.
     """
-    root = str(Path(__file__).resolve().parents[1])  # the folder holding device_runtime/ and sdk/
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding device_runtime/ and sdk/
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(

@@ -17,7 +17,7 @@ pointer may name the slot). Its log goes to stderr.
 Crash safety is unchanged by the process boundary: the helper never writes the pointer nor touches a
 folder it lists (it installs into a new folder, which only the agent's commit names), it dies with the
 agent (``PR_SET_PDEATHSIG`` on Linux, a parent watch elsewhere), and a helper that dies alone fails the
-deployment without touching the serving model. The crash test hook (``CRASH_ENV``) kills the agent and
+deployment without touching the serving model. The crash test hook (``device_runtime.agent.crash``) kills the agent and
 the helper together at the same points as before.
 """
 
@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,19 +41,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from device_runtime import _sysinfo
-from device_runtime._child import die_with_parent, spawn
+from device_runtime.agent._child import die_with_parent, spawn
+from device_runtime.agent.crash import crash_point, download_hook, kill_agent_too
+from device_runtime.agent.download import FetchResponse, HttpDownloader
+from device_runtime.agent.slots import SlotStore
 from device_runtime.backends import BACKENDS
-from device_runtime.download import FetchResponse, HttpDownloader
 from device_runtime.errors import StateError
-from device_runtime.slots import SlotStore
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.manifest import Manifest
 from sdk.signing import TrustedKeys
 
 __all__ = [
-    "CRASH_ENV",
-    "CRASH_POINTS",
     "Flush",
     "StageFailure",
     "StageJob",
@@ -62,72 +60,27 @@ __all__ = [
     "StagingDied",
     "StagingProcess",
     "check_compatible",
-    "crash_point",
     "stage",
 ]
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "EDGESHIP_AGENT_CRASH_AT"
-CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
 _IO_THREADS = 8  # fsyncs the helper issues at once (a slot's files and folders)
 _NICE = 10  # the helper's scheduling priority below the agent's (a nice value: 0-19)
 _START_TIMEOUT_S = 60.0  # the helper's imports on a slow device
 
 
-# ---- the crash test hook -----------------------------------------------------------------------
-
-
-def crash_point(name: str) -> None:
-    """SIGKILL the agent if the test hook names ``name`` (see ``CRASH_ENV``); in the helper process, the
-    agent that started it first, then the helper: a kill -9 of the device agent at that step."""
-    if os.environ.get(CRASH_ENV) != name:
-        return
-    log.warning("test hook %s=%s: killing the agent", CRASH_ENV, name)
-    logging.shutdown()
-    if _AGENT_PID is not None:
-        os.kill(_AGENT_PID, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-_AGENT_PID: int | None = None  # set in the helper process: the agent it serves
-
-
-class _CrashingBody:
-    """A response body that SIGKILLs the agent once half of ``total`` bytes were read (test hook)."""
-
-    def __init__(self, body: Any, total: int) -> None:
-        self._body = body
-        self._left = max(1, total // 2)
-
-    def read1(self, n: int) -> bytes:
-        chunk: bytes = getattr(self._body, "read1", self._body.read)(min(n, self._left))
-        self._left -= len(chunk)
-        if self._left <= 0:
-            crash_point("downloading")
-        return chunk
-
-    read = read1
-
-    def close(self) -> None:
-        self._body.close()
-
-
-class _Downloader(HttpDownloader):
-    """``HttpDownloader`` with the mid-download crash hook."""
-
-    def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
-        response = super()._fetch(url, offset, timeout_s)
-        if os.environ.get(CRASH_ENV) == "downloading":
-            length = int(response.headers.get("content-length", "0") or 0)
-            response.body = _CrashingBody(response.body, length)  # type: ignore[assignment]
-        return response
+def _downloader(attempts: int, read_timeout_s: float) -> HttpDownloader:
+    """The downloader for these settings (with the crash test hook only when the environment asks)."""
+    return _cached_downloader(attempts, read_timeout_s, download_hook())
 
 
 @functools.lru_cache(maxsize=4)
-def _downloader(attempts: int, read_timeout_s: float) -> _Downloader:
+def _cached_downloader(
+    attempts: int, read_timeout_s: float, hook: Callable[[FetchResponse], FetchResponse] | None
+) -> HttpDownloader:
     """One per setting, kept: building one loads the CA store (milliseconds)."""
-    return _Downloader(attempts=attempts, read_timeout_s=read_timeout_s)
+    return HttpDownloader(attempts=attempts, read_timeout_s=read_timeout_s, response_hook=hook)
 
 
 # ---- the job and its result --------------------------------------------------------------------
@@ -352,7 +305,7 @@ class StagingProcess:
         if self._shut:
             raise StagingDied("the staging process was shut down")
         try:
-            proc = spawn("device_runtime.staging", *self._settings)
+            proc = spawn("device_runtime.agent.staging", *self._settings)
         except OSError as e:
             raise StagingDied(f"cannot start the staging process: {e}") from e
         with self._lock:
@@ -492,8 +445,7 @@ def _warm_up(attempts: int, read_timeout_s: float) -> None:
 
 
 def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int, read_timeout_s: float) -> None:
-    global _AGENT_PID
-    _AGENT_PID = agent_pid
+    kill_agent_too(agent_pid)
     die_with_parent(agent_pid)
     if hasattr(os, "nice"):  # serving first: on a busy device the scheduler prefers the callers' threads
         os.nice(_NICE)
@@ -534,7 +486,7 @@ def _serve(agent_pid: int, inbox: IO[bytes], outbox: IO[bytes], *, attempts: int
 
 
 def main() -> None:
-    """``python -m device_runtime.staging AGENT_PID ATTEMPTS READ_TIMEOUT_S``: the helper process (started by
+    """``python -m device_runtime.agent.staging AGENT_PID ATTEMPTS READ_TIMEOUT_S``: the helper process (started by
     ``StagingProcess``; the download settings are the agent's, for the warm-up)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s staging %(levelname)s %(name)s: %(message)s")
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from device_runtime._backoff import Backoff
+from device_runtime.agent._backoff import Backoff
 from sdk.errors import IntegrityError, TransportError
 from sdk.fsutil import fsync_dir, fsync_file
 
@@ -81,6 +81,8 @@ class Downloader(abc.ABC):
         clock: monotonic seconds (the deadline).
         sleep: sleeps a number of seconds (retry delays).
         rng: randomness for the retry jitter.
+        response_hook: called with each response before its body is read, returns the response to
+            read (the crash test hook wraps the body; None: the response as fetched).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class Downloader(abc.ABC):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        response_hook: Callable[[FetchResponse], FetchResponse] | None = None,
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -104,6 +107,7 @@ class Downloader(abc.ABC):
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._response_hook = response_hook
 
     @abc.abstractmethod
     def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
@@ -218,6 +222,8 @@ class Downloader(abc.ABC):
             response = self._fetch(url, offset, timeout)
         except TransportError as e:
             raise _Retry(str(e)) from e
+        if self._response_hook is not None:
+            response = self._response_hook(response)
         try:
             start = self._check_response(url, response, offset, limit)
             if start == 0 and offset > 0:

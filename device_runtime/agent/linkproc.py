@@ -4,7 +4,7 @@
 is Python work on several threads. In the serving process every wake-up of those threads takes the GIL
 from the local callers' ``predict`` calls; during a deployment (a command, six events, their PUBACKs and
 deletes, the status) that showed in the callers' p99 (``benchmarks/ota_swap.py``, docs/ota.md). Here the
-link runs in ``python -m device_runtime.linkproc AGENT_PID``, started by ``LinkProcess``, which offers the
+link runs in ``python -m device_runtime.agent.linkproc AGENT_PID``, started by ``LinkProcess``, which offers the
 agent the same methods as ``DeviceLink``; what is left in the serving process is one JSON line per event.
 
 The two speak JSON lines. Agent to link: ``start``, ``stop``, ``event`` (numbered), ``telemetry``,
@@ -38,10 +38,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any
 
-from device_runtime._child import die_with_parent, spawn
+from device_runtime.agent._child import die_with_parent, spawn
+from device_runtime.agent.mqtt import CommandHandler, DeviceLink, LinkCounters, MqttSettings, StatusBuilder
+from device_runtime.agent.outbox import Outbox
 from device_runtime.errors import StateError
-from device_runtime.mqtt import CommandHandler, DeviceLink, LinkCounters, MqttSettings, StatusBuilder
-from device_runtime.outbox import Outbox
 from sdk.errors import EdgeshipError
 
 __all__ = ["LinkProcess"]
@@ -294,7 +294,7 @@ class LinkProcess:
                 if self._stopping:
                     return
             try:
-                proc = spawn("device_runtime.linkproc")
+                proc = spawn("device_runtime.agent.linkproc")
             except OSError as e:
                 if first:
                     self._ready.set_exception(StateError(f"cannot start the MQTT link process: {e}"))
@@ -516,7 +516,7 @@ class _Child:
 
 
 def main() -> None:
-    """``python -m device_runtime.linkproc AGENT_PID``: the link process (started by ``LinkProcess``)."""
+    """``python -m device_runtime.agent.linkproc AGENT_PID``: the link process (started by ``LinkProcess``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s link %(levelname)s %(name)s: %(message)s")
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr  # the protocol owns stdout; anything printed goes to the log

@@ -44,8 +44,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from device_runtime._backoff import Backoff
-from device_runtime.outbox import Outbox
+from device_runtime.agent._backoff import Backoff
+from device_runtime.agent.outbox import Outbox
 from sdk.errors import TransportError
 
 __all__ = ["SCHEMA", "DeviceLink", "LinkCounters", "MqttSettings", "Topics"]

@@ -82,7 +82,7 @@ class Deployment:
     allow_downgrade: bool = False
     retry_bad: bool = False
     slot: str | None = None  # the slot being written / switched to
-    folder: str | None = None  # its new folder under slots/ (device_runtime.slots)
+    folder: str | None = None  # its new folder under slots/ (device_runtime.agent.slots)
     attempts: int = 0  # trial loads started
     resumes: int = 0  # restarts that resumed this deployment
     previous: Mapping[str, Any] | None = None  # the active model when it started

@@ -1,0 +1,457 @@
+"""The device agent: serves the active model, talks MQTT to the fleet, and applies OTA updates safely.
+
+The ``Agent`` is the wiring: commands in (de-duplicated, journaled, queued for the OTA thread), events and
+telemetry out through its ``Link``, the serving model for local callers. The deployments themselves are
+the ``Deployer``'s (``device_runtime.agent.deployer``: the state machine, read top to bottom there).
+
+One ``Agent`` owns one state directory::
+
+    STATE_DIR/pointer.json          which A/B slot is active (device_runtime.agent.slots)
+    STATE_DIR/slots/{A,B}/          the installed bundles
+    STATE_DIR/deploy.json           the OTA operation in progress (device_runtime.agent.ota.Deployment)
+    STATE_DIR/commands.json         command ids seen, for de-duplication, and OTA commands not yet run
+    STATE_DIR/bad.json              sha256 of bundles that failed verification, load or health check
+    STATE_DIR/config.json           settings changed by ``config`` commands
+    STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
+    STATE_DIR/outbox.sqlite         telemetry and events waiting for the broker (device_runtime.agent.outbox)
+
+Processes and threads: the MQTT link and its outbox run in the link process (``device_runtime.agent.linkproc``;
+here its ``edgeship-link`` thread reads it and ``edgeship-cmd`` runs the commands it hands over), or with
+``link_process=False`` on ``DeviceLink``'s threads plus ``edgeship-events`` (appends events to the outbox
+in order, so no step waits for its fsync). ``edgeship-telemetry``, ``edgeship-ota`` (deployments and
+rollbacks, one at a time, in the order they arrived; a deployment's download, verification and
+installation run in the staging helper process, ``device_runtime.agent.staging``), ``edgeship-health`` (trial
+loads and health checks, under a timeout). Local
+callers use ``Agent.predict`` from any thread, or HTTP when ``AgentConfig.serve`` is set (the
+``ModelServer``'s threads); a swap never fails one of them (see ``_serving.Serving``).
+
+Test hook: with ``EDGESHIP_AGENT_CRASH_AT=<point>`` in the environment the process SIGKILLs itself at
+that point of a deployment; the points are ``CRASH_POINTS`` (``device_runtime.agent.crash``; docs/ota.md
+describes each).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_runtime import _sysinfo
+from device_runtime.agent._records import Journal, read_json, write_json
+from device_runtime.agent._serving import Serving
+from device_runtime.agent.config import AgentConfig
+from device_runtime.agent.crash import CRASH_ENV, CRASH_POINTS
+from device_runtime.agent.deployer import DOWNLOADS, Deployer
+from device_runtime.agent.link import Link
+from device_runtime.agent.linkproc import LinkProcess
+from device_runtime.agent.mqtt import DeviceLink
+from device_runtime.agent.ota import CommandError, deployment_from_command, parse_command, parse_config
+from device_runtime.agent.outbox import Outbox
+from device_runtime.errors import StateError
+from device_runtime.metrics import Metrics
+from device_runtime.model import Model
+from device_runtime.serve import ModelServer
+from sdk.errors import EdgeshipError, TransportError
+
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
+
+log = logging.getLogger(__name__)
+
+_COMMANDS_FILE = "commands.json"
+_CONFIG_FILE = "config.json"
+_OUTBOX = "outbox.sqlite"
+
+
+class Agent:
+    """The long-running device agent. ``start()``, then ``predict`` from any thread; ``stop()`` at the end.
+
+    Raises (from the constructor; with ``link_process`` the outbox and TLS errors come from ``start()``):
+        StateError: the state directory or its outbox cannot be opened.
+        TransportError: the TLS files cannot be read.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._started_at = clock()
+        self.state_dir = Path(config.state_dir).absolute()
+        try:
+            (self.state_dir / DOWNLOADS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
+        self._journal = Journal(self.state_dir / _COMMANDS_FILE)
+        self._settings: dict[str, Any] = {"telemetry_interval_s": config.telemetry_interval_s, "log_level": None}
+        saved = read_json(self.state_dir / _CONFIG_FILE, {})
+        if isinstance(saved, dict):
+            self._settings.update({k: v for k, v in saved.items() if k in self._settings})
+        # One Metrics for every model the agent serves: telemetry counts Agent.predict and HTTP calls
+        # alike, across swaps (a health check is not counted).
+        self._metrics = Metrics()
+        self._serving = Serving()
+        self._ota_queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._wake_telemetry = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._events: queue.SimpleQueue[dict[str, Any] | threading.Event | None] = queue.SimpleQueue()
+        self._event_writer: threading.Thread | None = None
+        self.server: ModelServer | None = None  # the local HTTP endpoint, with ``config.serve``
+        self._capabilities = _sysinfo.capabilities()
+        self._outbox: Outbox | None = None
+        self.link: Link
+        if config.link_process:  # opened by start(), which raises StateError if its outbox is unusable
+            self.link = LinkProcess(
+                config.mqtt,
+                self.state_dir / _OUTBOX,
+                config.outbox_max_messages,
+                status=self._status,
+                on_command=self._on_command,
+            )
+        else:
+            self._use_device_link([])
+        self._deployer = Deployer(
+            config,
+            self.state_dir,
+            journal=self._journal,
+            serving=self._serving,
+            metrics=self._metrics,
+            capabilities=self._capabilities,
+            stop=self._stop,
+            report=self._event,
+            flush_reports=self._flush_events,
+            publish_status=lambda: self.link.publish_status(),  # the link may change in start()
+        )
+        self._apply_log_level()
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the active model (or the initial bundle), connect, and resume an interrupted deployment.
+
+        Returns at once when the broker is down: the link keeps retrying. With ``config.serve`` the HTTP
+        endpoint is up (serving the model, or 503 while there is none) before the broker is contacted.
+
+        Raises:
+            RuntimeError: already started.
+            StateError: the outbox cannot be used (``link_process``).
+            TransportError: the TLS files cannot be read (``link_process``), or ``config.serve`` and the
+                HTTP address cannot be bound (the agent is stopped).
+        """
+        if self._threads:
+            raise RuntimeError("Agent.start() called twice")
+        if isinstance(self.link, LinkProcess):
+            try:
+                self.link.open()  # events go to it from now on (a pipe write each: no thread of their own)
+            except StateError as e:
+                log.warning("%s; running the MQTT link on the agent's threads instead", e)
+                self._use_device_link(self.link.unconfirmed_events())
+        if isinstance(self.link, DeviceLink):  # each event is an outbox transaction: on a thread, in order
+            self._event_writer = threading.Thread(target=self._write_events, name="edgeship-events", daemon=True)
+            self._event_writer.start()
+        self._deployer.start()
+        record = self._deployer.read_record()
+        self._deployer.boot(record)
+        if self.config.serve:
+            server = ModelServer(self._current_model, self.config.serve_host, self.config.serve_port)
+            try:
+                server.start()
+            except TransportError:
+                self.stop()
+                raise
+            self.server = server
+        self.link.start()
+        self._ota_queue.put(self._deployer.start_stager)  # before any deployment, while the agent comes up
+        for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        if record is not None:
+            found = record
+            self._ota_queue.put(lambda: self._deployer.resume(found))
+        for entry in self._journal.unfinished():  # OTA commands received but not started before a restart
+            if record is None or entry["id"] != record.cmd_id:
+                self._ota_queue.put(functools.partial(self._deployer.run_command, entry.get("cmd") or {}))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads, publish ``offline``, and close the model and the outbox.
+
+        A deployment in progress is interrupted at its next step; its record stays in ``deploy.json`` and
+        the next start resumes it.
+        """
+        self._stop.set()
+        self._wake_telemetry.set()
+        self._ota_queue.put(None)
+        self._deployer.stop_staging()  # a staging job in progress ends like after a crash; resumed at start
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        self._deployer.stop_staging()  # (one the OTA thread was starting just then)
+        if self._event_writer is not None:  # every event reported so far goes into the outbox
+            self._events.put(None)
+            self._event_writer.join(timeout=timeout_s)
+            self._event_writer = None
+        self.link.stop()
+        if self.server is not None:
+            self.server.stop()
+        self._deployer.close(timeout_s)
+        self._serving.swap(None)
+        if self._outbox is not None:
+            self._outbox.close()
+
+    def _use_device_link(self, events: list[dict[str, Any]]) -> None:
+        """Run the link on this process's threads: a ``DeviceLink`` over the outbox, ``events`` queued in it
+        first (what a link process that could not start had been given).
+
+        Raises:
+            StateError: the outbox cannot be used.
+        """
+        self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=self.config.outbox_max_messages)
+        self.link = DeviceLink(self.config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
+        for payload in events:
+            self.link.publish_event(payload)
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the active model once; safe from any thread, also during a swap.
+
+        Raises:
+            StateError: no model is active yet.
+            InputError: inputs do not match the model's declared inputs.
+            BackendError: the runtime failed.
+        """
+        active = self._serving.acquire()
+        try:
+            return active.model.predict(inputs)  # counted in the shared metrics by the model
+        finally:
+            self._serving.release(active)
+
+    def _current_model(self) -> Model:
+        """The ``ModelServer``'s provider: the model serving now. A request that took the model just
+        before a swap finishes on it (``Model.close`` waits for it) or, if it was already closed, the
+        server retries it once on the new one."""
+        active = self._serving.active
+        if active is None:
+            raise StateError("no model is active on this device yet")
+        return active.model
+
+    @property
+    def serve_url(self) -> str | None:
+        """``http://host:port`` of the local HTTP endpoint, or None when not serving."""
+        return None if self.server is None else self.server.url
+
+    @property
+    def active_model(self) -> dict[str, Any] | None:
+        """``{"name", "version", "target", "sha256"}`` of the model serving now, or None."""
+        active = self._serving.active
+        return None if active is None else active.info.model()
+
+    @property
+    def active_slot(self) -> str | None:
+        active = self._serving.active
+        return None if active is None else active.slot
+
+    @property
+    def telemetry_interval_s(self) -> float:
+        return float(self._settings["telemetry_interval_s"])
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no OTA operation is queued or running; False after ``timeout_s``."""
+        done = threading.Event()
+        self._ota_queue.put(done.set)
+        return done.wait(timeout_s)
+
+    # -- status and telemetry ----------------------------------------------------------------------
+
+    def _status(self) -> dict[str, Any]:
+        active = self._serving.active
+        runtime: dict[str, Any] = {"agent": _edgeship_version()}
+        if active is not None and not active.closed:
+            try:
+                info = active.model.backend_info
+                runtime.update(backend=info.get("backend"), version=info.get("runtime_version"))
+            except EdgeshipError:
+                pass
+        deployment = self._deployer.deployment
+        return {
+            "model": None if active is None else active.info.model(),
+            "slot": None if active is None else active.slot,
+            "runtime": runtime,
+            "capabilities": self._capabilities,
+            "uptime_s": round(self._clock() - self._started_at, 1),
+            "system_uptime_s": _sysinfo.system_uptime_s(),
+            "deployment": None if deployment is None else {"cmd_id": deployment.cmd_id, "phase": deployment.phase},
+        }
+
+    def _run_telemetry(self) -> None:
+        next_due = self._clock() + self.telemetry_interval_s
+        while not self._stop.is_set():
+            self._wake_telemetry.wait(timeout=max(0.0, next_due - self._clock()))
+            if self._stop.is_set():
+                return
+            if self._wake_telemetry.is_set():  # the interval changed: restart the countdown
+                self._wake_telemetry.clear()
+                next_due = self._clock() + self.telemetry_interval_s
+                continue
+            next_due += self.telemetry_interval_s
+            if next_due < self._clock():  # a long stall: do not fire a burst to catch up
+                next_due = self._clock() + self.telemetry_interval_s
+            try:
+                self.publish_telemetry()
+            except EdgeshipError:
+                log.exception("telemetry could not be queued")
+
+    def publish_telemetry(self) -> int:
+        """Queue one telemetry message now (the window restarts); return its ``seq``.
+
+        Raises:
+            StateError: the outbox cannot store it.
+        """
+        snap = self._metrics.snapshot(reset_window=True)
+        payload = {
+            "window_s": snap.get("window_s"),
+            "count": snap.get("count", 0),
+            "errors": int(snap.get("error_count", 0)),
+            "error_kinds": dict(snap.get("errors") or {}),
+            "latency_ms": snap.get("latency_ms", {"p50": None, "p95": None, "p99": None}),
+            "rss_mb": snap.get("rss_mb"),
+            "cpu_pct": snap.get("cpu_pct"),
+            "temperature_c": snap.get("temperature_c"),
+            "model": self.active_model,
+        }
+        return self.link.publish_telemetry(payload)
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def _event(self, cmd_id: str | None, phase: str, message: str, **detail: Any) -> None:
+        """Report a step: sent to the link process, or queued for the ``edgeship-events`` thread, which
+        appends to the outbox in order.
+
+        The caller does not wait for the outbox's fsync (a deployment's steps overlap with it); what must
+        be durable before a state change calls ``_flush_events`` first.
+        """
+        log.info("event %s %s: %s", cmd_id, phase, message)
+        payload = {"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": time.time()}
+        if self._event_writer is not None:
+            self._events.put(payload)
+            return
+        try:  # the link process, or the outbox directly before start() / after stop()
+            self.link.publish_event(payload)
+        except Exception:  # a report must not fail the step it reports
+            log.exception("event %s %s could not be queued", cmd_id, phase)
+
+    def _flush_events(self, timeout_s: float = 30.0) -> None:
+        """Wait until every event reported so far is in the outbox (durable)."""
+        if isinstance(self.link, LinkProcess):
+            try:
+                self.link.flush(timeout_s)
+            except StateError as e:
+                log.error("events not written to the outbox: %s", e)
+            return
+        if self._event_writer is None or threading.current_thread() is self._event_writer:
+            return
+        done = threading.Event()
+        self._events.put(done)
+        if not done.wait(timeout_s):
+            log.error("events not written to the outbox within %s s", timeout_s)
+
+    def _write_events(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self.link.publish_event(item)
+            except Exception:  # a full disk must not end the thread; the next event tries again
+                log.exception("event %s %s could not be queued", item.get("cmd_id"), item.get("phase"))
+
+    def _on_command(self, cmd: dict[str, Any]) -> None:
+        """Runs on the link's dispatcher thread, one command at a time, in arrival order."""
+        try:
+            cmd_id, kind = parse_command(cmd)
+        except CommandError as e:
+            raw_id = cmd.get("id")
+            self._event(raw_id if isinstance(raw_id, str) else None, "failed", str(e), error="CommandError")
+            return
+        seen = self._journal.get(cmd_id)
+        if seen is not None:  # redelivered (or resent by the fleet): acknowledge, do not run again
+            state = "done" if seen.get("state") == "done" else "running"
+            self._event(
+                cmd_id, "received", f"duplicate command: already {state}",
+                duplicate=True, type=seen.get("type"), state=seen.get("state"), outcome=seen.get("outcome"),
+            )  # fmt: skip
+            return
+        if kind == "ping":
+            self._journal.record(cmd_id, type=kind, state="done", outcome="pong")
+            self._event(
+                cmd_id, "pong", "pong", model=self.active_model, uptime_s=round(self._clock() - self._started_at, 1)
+            )
+            self.link.publish_status()
+            return
+        if kind == "config":
+            self._configure(cmd_id, cmd)
+            return
+        try:
+            deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)  # refuse early
+        except CommandError as e:
+            self._journal.record(cmd_id, type=kind, state="done", outcome="failed")
+            self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        # Recorded before it is queued (a restart runs it from the journal), flushed before this returns
+        # and the link acknowledges it; the OTA worker starts meanwhile (a kill -9 keeps the page cache).
+        self._journal.record(cmd_id, type=kind, state="queued", cmd=cmd, durable=False)
+        self._event(cmd_id, "received", f"{kind} queued")
+        self._ota_queue.put(lambda: self._deployer.run_command(cmd))
+        self._journal.flush()
+
+    def _configure(self, cmd_id: str, cmd: Mapping[str, Any]) -> None:
+        try:
+            changes = parse_config(cmd)
+        except CommandError as e:
+            self._journal.record(cmd_id, type="config", state="done", outcome="failed")
+            self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        self._settings.update(changes)
+        write_json(self.state_dir / _CONFIG_FILE, self._settings)
+        self._apply_log_level()
+        self._wake_telemetry.set()
+        self._journal.record(cmd_id, type="config", state="done", outcome="applied")
+        self._event(cmd_id, "applied", "configuration changed", settings=dict(self._settings))
+
+    def _apply_log_level(self) -> None:
+        level = self._settings.get("log_level")
+        if level:
+            logging.getLogger("device_runtime").setLevel(level)
+
+    # -- the OTA worker ----------------------------------------------------------------------------
+
+    def _run_ota(self) -> None:
+        while True:
+            task = self._ota_queue.get()
+            if task is None or self._stop.is_set():
+                return
+            try:
+                task()
+            except Exception:  # a bug must not end the worker: the next command still runs
+                log.exception("OTA task failed")
+
+
+def _edgeship_version() -> str:
+    try:
+        return metadata.version("edgeship")
+    except metadata.PackageNotFoundError:
+        return "unknown"

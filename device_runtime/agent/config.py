@@ -1,0 +1,68 @@
+"""``AgentConfig``: everything an ``Agent`` needs, tuning values with their units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device_runtime.agent.mqtt import MqttSettings
+from device_runtime.agent.ota import Limits
+from sdk.signing import TrustedKeys
+
+__all__ = ["AgentConfig"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an ``Agent`` needs; tuning values carry their units.
+
+    Attributes:
+        state_dir: the agent's folder (created if missing).
+        mqtt: broker address, identity and TLS.
+        trust: public keys (and threshold) bundles must be signed with.
+        initial_bundle: installed into slot A when no slot is active yet (a factory image).
+        telemetry_interval_s: seconds between telemetry messages (a ``config`` command may change it).
+        max_bundle_bytes: the download cap when a deploy command gives no ``size``.
+        download_deadline_s: a whole download, retries included, must finish within this.
+        download_read_timeout_s: the longest silence tolerated on the connection (also the connect timeout).
+        download_attempts: tries in a row without progress before a download fails.
+        health_timeout_s: a trial health check that has not returned by then fails (the check "hangs").
+        health_latency_budget_ms: the golden run must take at most this, unless the bundle's
+            ``golden.latency_budget_ms`` says otherwise.
+        check_slots_on_start: re-hash the active slot's files at start (catches on-disk corruption).
+        limits: how often an interrupted deployment is resumed before it is abandoned.
+        outbox_max_messages: telemetry and events kept while the broker is unreachable.
+        intra_op_threads: threads inside one operator (None: the runtime's choice).
+        providers: execution providers to use instead of the bundle's.
+        serve: also serve the active model over HTTP (``device_runtime.serve.ModelServer``: predict,
+            model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
+        serve_host: address the HTTP server binds (loopback: this machine only).
+        serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
+        staging_process: download, verify and install new bundles in a helper process
+            (``device_runtime.agent.staging``), away from the serving process's GIL; False: on the agent's
+            OTA thread (also the fallback when the helper cannot be started).
+        link_process: run the MQTT link and the outbox in their own process (``device_runtime.agent.linkproc``),
+            away from the serving process's GIL; False: on the agent's threads.
+    """
+
+    state_dir: Path
+    mqtt: MqttSettings
+    trust: TrustedKeys
+    initial_bundle: Path | None = None
+    telemetry_interval_s: float = 10.0  # seconds
+    max_bundle_bytes: int = 2 * 2**30  # bytes
+    download_deadline_s: float = 600.0  # seconds
+    download_read_timeout_s: float = 30.0  # seconds
+    download_attempts: int = 5
+    health_timeout_s: float = 30.0  # seconds
+    health_latency_budget_ms: float = 2000.0  # milliseconds
+    check_slots_on_start: bool = True
+    limits: Limits = field(default_factory=Limits)
+    outbox_max_messages: int = 10_000  # messages
+    intra_op_threads: int | None = None
+    providers: tuple[str, ...] | None = None
+    serve: bool = False
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8080
+    staging_process: bool = True
+    link_process: bool = True
