@@ -40,15 +40,9 @@ from _mlp import mlp_onnx, mlp_weights  # benchmarks/, on sys.path as the script
 
 import device_runtime
 from device_runtime.agent import Agent, AgentConfig
-<<<<<<< HEAD
-from device_runtime.download import HttpDownloader
-from device_runtime.mqtt import MqttSettings
-from fleet.broker import start_broker_thread
-=======
 from device_runtime.agent.download import HttpDownloader
 from device_runtime.agent.mqtt import MqttSettings
-from sdk._broker import start_broker_thread
->>>>>>> h-agent
+from fleet.broker import start_broker_thread
 from sdk.bundle import write_bundle
 from sdk.manifest import Manifest, TensorSpec
 from sdk.signing import TrustedKeys, generate_keypair, load_private_key
