@@ -52,15 +52,7 @@ from device_runtime.linkproc import LinkProcess
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from device_runtime.mqtt import DeviceLink, MqttSettings
-from device_runtime.ota import (
-    CommandError,
-    Deployment,
-    Limits,
-    deployment_from_command,
-    parse_command,
-    parse_config,
-    recover,
-)
+from device_runtime.ota import Deployment, Limits, deployment_from_command, recover
 from device_runtime.outbox import Outbox
 from device_runtime.serve import ModelServer
 from device_runtime.slots import Pointer, SlotInfo, SlotStore, other_slot
@@ -81,6 +73,7 @@ from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import EdgeshipError, TransportError
 from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from sdk.manifest import canonical_json
+from sdk.mqtt_contract import CommandError, event_payload, parse_command, parse_config
 from sdk.signing import TrustedKeys
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
@@ -671,7 +664,7 @@ class Agent:
         be durable before a state change calls ``_flush_events`` first.
         """
         log.info("event %s %s: %s", cmd_id, phase, message)
-        payload = {"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": time.time()}
+        payload = event_payload(cmd_id, phase, message, time.time(), **detail)
         if self._event_writer is not None:
             self._events.put(payload)
             return

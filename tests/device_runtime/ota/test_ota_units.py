@@ -10,10 +10,11 @@ from runtime_bundles import Keys
 
 from device_runtime._sysinfo import arch_compatible, capabilities, machine_arch, target_runs_here, version_at_least
 from device_runtime.errors import StateError
-from device_runtime.ota import CommandError, Deployment, Limits, deployment_from_command, parse_config, recover
+from device_runtime.ota import Deployment, Limits, deployment_from_command, recover
 from device_runtime.slots import Pointer, SlotInfo, SlotStore
 from sdk.bundle import read_bundle
 from sdk.errors import IntegrityError
+from sdk.mqtt_contract import CommandError
 from sdk.signing import TrustedKeys
 
 SHA = "ab" * 32
@@ -78,13 +79,9 @@ def test_command_parsing() -> None:
             deployment_from_command({**ok, **bad}, max_bundle_bytes=100)
     with pytest.raises(CommandError):
         deployment_from_command({"type": "deploy"}, max_bundle_bytes=100)
-    assert parse_config({"id": "c", "type": "config", "telemetry_interval_s": 5, "log_level": "debug"}) == {
-        "telemetry_interval_s": 5.0,
-        "log_level": "DEBUG",
-    }
-    for bad_cfg in ({"telemetry_interval_s": 0}, {"colour": "red"}, {}):
-        with pytest.raises(CommandError):
-            parse_config({"id": "c", "type": "config", **bad_cfg})
+    with pytest.raises(CommandError):
+        deployment_from_command({"id": "p", "type": "ping"}, max_bundle_bytes=100)
+    assert deployment_from_command({"id": "r", "type": "rollback"}, max_bundle_bytes=100).kind == "rollback"
 
 
 def test_sysinfo() -> None:
