@@ -33,6 +33,11 @@ def test_pointer_round_trip_and_floors() -> None:
         Pointer(active="B")  # active slot without a bundle
     with pytest.raises(StateError):
         Pointer.from_bytes(b"{not json")
+    older = json.loads(p.to_bytes())
+    del older["floors"]  # a pointer written before floors were kept
+    assert Pointer.from_bytes(json.dumps(older).encode()).floor("m") is None
+    with pytest.raises(StateError, match="floor"):
+        Pointer.from_bytes(json.dumps({**older, "floors": {"m": "3"}}).encode())
 
 
 def _dep(phase: str, **kw: object) -> Deployment:
