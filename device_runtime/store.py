@@ -2,7 +2,8 @@
 
 Layout::
 
-    STATE_DIR/installed.json                            which versions of which bundle are installed
+    STATE_DIR/installed.json                            which versions of which bundle are installed,
+                                                        and the anti-rollback floor of each name
     STATE_DIR/bundles/NAME/VERSION-SHA256[:12]/         one verified, extracted bundle
     STATE_DIR/.staging-XXXXXXXX/                        a bundle being verified (removed on failure)
 
@@ -10,7 +11,13 @@ Installing is two-phase so that a caller can try the bundle (load it in its back
 ``stage`` verifies into a staging folder, ``StagedBundle.commit`` moves it into place and records it,
 ``StagedBundle.discard`` removes it. Until ``commit`` returns, the state directory's listing and
 ``installed.json`` are exactly what they were. ``installed.json`` is written with temp file + fsync +
-``os.replace`` + fsync of the folder. One writer at a time is assumed (the CLI or the OTA agent).
+``os.replace`` + fsync of the folder. One writer at a time is assumed (the CLI or a program calling
+``load(state_dir=...)``; the OTA agent keeps its own record, ``slots.SlotStore``).
+
+The version floor is ``device_runtime.floors.VersionFloors``, the same record and rule as the agent's
+pointer, kept in ``installed.json`` under ``"floors"`` and raised in the write that records the install.
+An ``installed.json`` written before floors were kept has none: its floors are the highest version
+recorded per name, which is what they would have been.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.errors import StateError
-from sdk.bundle import ReadLimits, VerifiedBundle, check_freshness, inspect_bundle, read_bundle
+from device_runtime.floors import VersionFloors
+from sdk.bundle import ReadLimits, VerifiedBundle, read_bundle
 from sdk.fsutil import atomic_write_bytes, fsync_dir
 from sdk.manifest import canonical_json, format_time
 from sdk.signing import TrustedKeys
@@ -81,7 +89,7 @@ class BundleStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return {"schema": STATE_SCHEMA, "bundles": {}}
+            return {"schema": STATE_SCHEMA, "bundles": {}, "floors": {}}
         except OSError as e:
             raise StateError(f"cannot read {path}: {e.strerror or e}") from e
         try:
@@ -92,6 +100,13 @@ class BundleStore:
             isinstance(state, dict) and state.get("schema") == STATE_SCHEMA and isinstance(state.get("bundles"), dict)
         ):
             raise StateError(f"{path} is not an edgeship state file of schema {STATE_SCHEMA}")
+        try:
+            if "floors" in state:
+                VersionFloors.from_json(state["floors"])
+            else:  # written before floors were kept
+                state["floors"] = VersionFloors.of(_accepted(state["bundles"])).to_json()
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateError(f"{path} is corrupt: {e}") from e
         return state
 
     def installed(self, name: str) -> list[InstalledBundle]:
@@ -115,14 +130,21 @@ class BundleStore:
         except (KeyError, TypeError) as e:
             raise StateError(f"{self.root / STATE_FILE} has a malformed entry for {name!r}: {e}") from e
 
-    def highest_version(self, name: str) -> int | None:
-        """The highest version of ``name`` ever recorded, or None when there is none.
+    def floors(self) -> VersionFloors:
+        """The anti-rollback floors: the highest version of each name ever recorded.
 
         Raises:
             StateError: the state file is unreadable or corrupt.
         """
-        versions = [b.version for b in self.installed(name)]
-        return max(versions) if versions else None
+        return VersionFloors.from_json(self._read_state()["floors"])
+
+    def highest_version(self, name: str) -> int | None:
+        """The floor of ``name``: its highest version ever recorded, or None when there is none.
+
+        Raises:
+            StateError: the state file is unreadable or corrupt.
+        """
+        return self.floors().floor(name)
 
     # ---- installing ----------------------------------------------------------------------------
     def stage(
@@ -164,18 +186,11 @@ class BundleStore:
         now: datetime | None,
         limits: ReadLimits,
     ) -> VerifiedBundle:
-        # The version floor depends on the bundle's name, which is only trusted after verification:
-        # peek at the unverified name so read_bundle refuses a downgrade before extracting anything,
-        # then apply the same rule to the verified name (they differ only if the file changed meanwhile).
-        peeked, _ = inspect_bundle(path, limits)
-        floor = self.highest_version(peeked.name)
-        verified = read_bundle(
-            path, trust, dest, installed_version=floor, allow_downgrade=allow_downgrade, now=now, limits=limits
+        # read_bundle looks the floor up by the verified name, before extracting anything.
+        floors = self.floors()
+        return read_bundle(
+            path, trust, dest, installed_version=floors.floor, allow_downgrade=allow_downgrade, now=now, limits=limits
         )
-        if verified.manifest.name != peeked.name:
-            floor = self.highest_version(verified.manifest.name)
-            check_freshness(verified.manifest, installed_version=floor, allow_downgrade=allow_downgrade, now=now)
-        return verified
 
     def _commit(self, verified: VerifiedBundle, staging: Path) -> InstalledBundle:
         manifest = verified.manifest
@@ -204,6 +219,8 @@ class BundleStore:
                 installed=format_time(datetime.now(timezone.utc)),
             )
             state["bundles"].setdefault(manifest.name, []).append(entry.to_dict(self.root))
+            floors = VersionFloors.from_json(state["floors"]).raised(manifest.name, manifest.version)
+            state["floors"] = floors.to_json()
             self._write_state(state)
             return entry
         except OSError as e:
@@ -242,3 +259,8 @@ class StagedBundle:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+
+
+def _accepted(bundles: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(name, version)`` of every install recorded in ``installed.json``'s ``bundles``."""
+    return [(name, int(entry["version"])) for name, entries in bundles.items() for entry in entries]

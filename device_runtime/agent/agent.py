@@ -53,13 +53,14 @@ from device_runtime.agent.deployer import DOWNLOADS, Deployer
 from device_runtime.agent.link import Link
 from device_runtime.agent.linkproc import LinkProcess
 from device_runtime.agent.mqtt import DeviceLink
-from device_runtime.agent.ota import CommandError, deployment_from_command, parse_command, parse_config
+from device_runtime.agent.ota import deployment_from_command
 from device_runtime.agent.outbox import Outbox
 from device_runtime.errors import StateError
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model
 from device_runtime.serve import ModelServer
 from sdk.errors import EdgeshipError, TransportError
+from sdk.mqtt_contract import CommandError, event_payload, parse_command, parse_config
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
 
@@ -342,7 +343,7 @@ class Agent:
         be durable before a state change calls ``_flush_events`` first.
         """
         log.info("event %s %s: %s", cmd_id, phase, message)
-        payload = {"cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": time.time()}
+        payload = event_payload(cmd_id, phase, message, time.time(), **detail)
         if self._event_writer is not None:
             self._events.put(payload)
             return

@@ -1,10 +1,11 @@
 """The device's MQTT link to the fleet, on paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``).
 
-Topics follow the contract in DESIGN.md: ``edgeship/v1/<fleet>/<device_id>/{status,telemetry,cmd,events}``.
+Topics, payloads and their bounds are the MQTT contract, ``sdk.mqtt_contract`` (docs/mqtt.md): this module
+is its device end over a real broker, and validates nothing the contract does not say.
 
 What ``DeviceLink`` guarantees:
 
-- **Status.** Each connection sets a retained Last Will ``{"schema": 1, "state": "offline", "ts": ...}``
+- **Status.** Each connection sets a retained Last Will (``mqtt_contract.offline_status``)
   on ``status`` (QoS 1; ``ts`` is the time of that connection, the broker sends the will when the
   connection dies) and, once connected, publishes the retained ``online`` status the agent builds.
   ``stop()`` publishes the same ``offline`` status itself, since a clean disconnect suppresses the will.
@@ -13,13 +14,13 @@ What ``DeviceLink`` guarantees:
   message from the outbox only when its PUBACK arrives, so a broker restart, a dropped link or an agent
   restart loses nothing; the fleet removes duplicates by ``(device, seq)``.
 - **Commands.** ``cmd`` is subscribed at QoS 1 on a persistent session (MQTT 3.1.1, ``clean_session=False``,
-  fixed client id), so commands sent while the device was offline arrive on reconnect. Each valid JSON
-  object is handed to ``on_command`` on a dispatcher thread, in order; anything else is logged and counted
-  in ``malformed_cmds``. A command's PUBACK is sent only after ``on_command`` returned (paho's
-  ``manual_ack``), so a handler that records the command durably closes the window in which a crash
-  after the PUBACK loses it: a command killed before its PUBACK is redelivered by the broker, and the
-  agent de-duplicates by ``id``. An ack for a connection that has since dropped is not sent (the broker
-  redelivers on the new session).
+  fixed client id), so commands sent while the device was offline arrive on reconnect. Each payload that
+  ``mqtt_contract.decode_payload`` accepts (a bounded, strict JSON object) is handed to ``on_command`` on a
+  dispatcher thread, in order; anything else is logged and counted in ``malformed_cmds``. A command's
+  PUBACK is sent only after ``on_command`` returned (paho's ``manual_ack``), so a handler that records
+  the command durably closes the window in which a crash after the PUBACK loses it: a command killed
+  before its PUBACK is redelivered by the broker, and the agent de-duplicates by ``id``. An ack
+  for a connection that has since dropped is not sent (the broker redelivers on the new session).
 - **Reconnects** run forever with full-jitter exponential backoff (``_backoff.Backoff``), from this
   module's own network thread; paho's un-jittered automatic reconnect is never used. A broker that is
   down at start is fine.
@@ -30,7 +31,6 @@ Threads: ``edgeship-mqtt`` (network I/O and reconnects; every paho callback runs
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import random
@@ -47,13 +47,21 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from device_runtime.agent._backoff import Backoff
 from device_runtime.agent.outbox import Outbox
 from sdk.errors import TransportError
+from sdk.mqtt_contract import (
+    SCHEMA,
+    ContractError,
+    Topics,
+    check_segment,
+    client_id,
+    decode_payload,
+    encode_payload,
+    offline_status,
+)
 
+# SCHEMA and Topics are the contract's (sdk.mqtt_contract), named here too for the link's users.
 __all__ = ["SCHEMA", "DeviceLink", "LinkCounters", "MqttSettings", "Topics"]
 
 log = logging.getLogger(__name__)
-
-SCHEMA = 1  # the "schema" integer this module writes into every payload
-_FORBIDDEN_IN_SEGMENT = set("/+#\x00")
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,8 @@ class MqttSettings:
     persistent_session: bool = True
 
     def __post_init__(self) -> None:
-        _check_segment("device_id", self.device_id)
-        _check_segment("fleet", self.fleet)
+        check_segment("device_id", self.device_id)
+        check_segment("fleet", self.fleet)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_inflight < 1:
@@ -113,39 +121,7 @@ class MqttSettings:
     @property
     def effective_client_id(self) -> str:
         """The client id actually sent to the broker."""
-        return self.client_id or f"edgeship-{self.device_id}"
-
-
-@dataclass(frozen=True)
-class Topics:
-    """The four topics of one device: ``edgeship/v1/<fleet>/<device_id>/...``."""
-
-    fleet: str
-    device_id: str
-
-    def __post_init__(self) -> None:
-        _check_segment("fleet", self.fleet)
-        _check_segment("device_id", self.device_id)
-
-    @property
-    def root(self) -> str:
-        return f"edgeship/v1/{self.fleet}/{self.device_id}"
-
-    @property
-    def status(self) -> str:
-        return f"{self.root}/status"
-
-    @property
-    def telemetry(self) -> str:
-        return f"{self.root}/telemetry"
-
-    @property
-    def cmd(self) -> str:
-        return f"{self.root}/cmd"
-
-    @property
-    def events(self) -> str:
-        return f"{self.root}/events"
+        return self.client_id or client_id(self.device_id)
 
 
 @dataclass(frozen=True)
@@ -159,7 +135,8 @@ class LinkCounters:
         reconnects: successful connections after the first.
         connect_failures: connection attempts that failed (refused, timed out, rejected CONNACK).
         commands: valid commands received.
-        malformed_cmds: ``cmd`` payloads that were not a UTF-8 JSON object.
+        malformed_cmds: ``cmd`` payloads that ``mqtt_contract.decode_payload`` refused (not a bounded UTF-8
+            JSON object).
         command_errors: commands whose ``on_command`` raised.
     """
 
@@ -303,15 +280,16 @@ class DeviceLink:
         and ``dropped`` (messages the full outbox has dropped so far, in total).
 
         Raises:
-            ValueError: the payload is not JSON-serialisable (NaN and infinity included).
+            ValueError: the payload is not JSON-serialisable (NaN and infinity included) or over the
+                contract's ``MAX_PAYLOAD_BYTES``.
             StateError: the outbox could not store it (``OutboxCorruptError`` if its file is corrupt).
         """
         base = self._stamp(payload)
 
         def build(seq: int, dropped: int) -> bytes:
-            return _to_json({**base, "seq": seq, "dropped": dropped})
+            return encode_payload({**base, "seq": seq, "dropped": dropped})
 
-        _to_json(base)  # fail on bad payloads before a seq is taken
+        encode_payload(base)  # fail on bad payloads before a seq is taken
         _, seq = self._outbox.append_sequenced(self.topics.telemetry, build, qos=1, stream="telemetry")
         self._wake_drain.set()
         return seq
@@ -322,10 +300,10 @@ class DeviceLink:
         Sets ``schema`` and ``ts`` unless given.
 
         Raises:
-            ValueError: the payload is not JSON-serialisable.
+            ValueError: the payload is not JSON-serialisable or over the contract's ``MAX_PAYLOAD_BYTES``.
             StateError: the outbox could not store it.
         """
-        msg_id = self._outbox.append(self.topics.events, _to_json(self._stamp(payload)), qos=1)
+        msg_id = self._outbox.append(self.topics.events, encode_payload(self._stamp(payload)), qos=1)
         self._wake_drain.set()
         return msg_id
 
@@ -400,10 +378,8 @@ class DeviceLink:
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         try:
-            command = json.loads(message.payload.decode("utf-8"))
-            if not isinstance(command, dict):
-                raise ValueError(f"a command is a JSON object, got {type(command).__name__}")
-        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            command = decode_payload(message.payload)
+        except ContractError as e:
             log.warning("malformed command on %s (%d bytes): %s", message.topic, len(message.payload), e)
             self._count(malformed_cmds=1)
             client.ack(message.mid, message.qos)  # never useful: a redelivery would be just as malformed
@@ -415,14 +391,14 @@ class DeviceLink:
         try:
             status = dict(self._status())
             status.update(schema=status.get("schema", SCHEMA), state="online", ts=self._wall_clock())
-            payload = _to_json(status)
+            payload = encode_payload(status)
         except Exception:  # the agent's builder must not take the link down
             log.exception("the status builder failed; publishing a minimal online status")
-            payload = _to_json({"schema": SCHEMA, "state": "online", "ts": self._wall_clock()})
+            payload = encode_payload({"schema": SCHEMA, "state": "online", "ts": self._wall_clock()})
         self._client.publish(self.topics.status, payload, qos=1, retain=True)
 
     def _offline_payload(self) -> bytes:
-        return _to_json({"schema": SCHEMA, "state": "offline", "ts": self._wall_clock()})
+        return encode_payload(offline_status(self._wall_clock()))
 
     # -- threads -------------------------------------------------------------------------------------
 
@@ -580,12 +556,3 @@ class DeviceLink:
         stamped.setdefault("schema", SCHEMA)
         stamped.setdefault("ts", self._wall_clock())
         return stamped
-
-
-def _to_json(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def _check_segment(name: str, value: str) -> None:
-    if not value or _FORBIDDEN_IN_SEGMENT & set(value):
-        raise ValueError(f"{name} must be a non-empty MQTT topic segment without '/', '+', '#' or NUL: {value!r}")

@@ -1,6 +1,7 @@
 """The OTA deployment state machine: commands, the durable deployment record, and restart decisions.
 
-Pure data and pure functions; the agent (``device_runtime.agent``) does all the I/O. See docs/ota.md.
+Pure data and pure functions; the agent (``device_runtime.agent``) does all the I/O. See docs/ota.md. The
+commands themselves (their keys and bounds) are the MQTT contract's, ``sdk.mqtt_contract``.
 
 A deployment moves through these phases (reported in events and the status)::
 
@@ -18,46 +19,23 @@ pointer alone. After a crash, ``recover`` decides what the restarted agent does 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from sdk.errors import InputError
+from sdk.mqtt_contract import DEPLOYMENT_PHASES, parse_command, parse_deploy
 
 __all__ = [
-    "COMMAND_TYPES",
     "PHASES",
-    "CommandError",
     "Deployment",
     "Limits",
     "Recovery",
     "deployment_from_command",
-    "parse_command",
-    "parse_config",
     "recover",
 ]
 
-COMMAND_TYPES = ("deploy", "rollback", "config", "ping")
-PHASES = (
-    "received",
-    "downloading",
-    "verifying",
-    "staged",
-    "health_check",
-    "switching",
-    "active",
-    "failed",
-    "rolled_back",
-)
+PHASES = DEPLOYMENT_PHASES  # the status shows the record's phase: the contract names them
 TERMINAL = ("active", "failed", "rolled_back")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_MAX_ID = 128  # characters in a command id
-
-
-class CommandError(InputError):
-    """A command that cannot be carried out as given (missing or ill-typed keys)."""
 
 
 @dataclass(frozen=True)
@@ -119,84 +97,27 @@ class Deployment:
         return record
 
 
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise CommandError(message)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_command(cmd: Mapping[str, Any]) -> tuple[str, str]:
-    """Check a command's envelope; return ``(id, type)``.
-
-    Raises:
-        CommandError: no usable ``id`` or an unknown ``type``.
-    """
-    cmd_id = cmd.get("id")
-    _require(isinstance(cmd_id, str) and 0 < len(cmd_id) <= _MAX_ID, f"command id must be 1-{_MAX_ID} characters")
-    kind = cmd.get("type")
-    _require(kind in COMMAND_TYPES, f"command type must be one of {', '.join(COMMAND_TYPES)}, got {kind!r}")
-    return str(cmd_id), str(kind)
-
-
 def deployment_from_command(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> Deployment:
-    """The initial record of a ``deploy`` or ``rollback`` command.
+    """The initial record of a ``deploy`` or ``rollback`` command, checked by the contract's parsers.
 
     Raises:
-        CommandError: a missing or ill-typed key (``url``, ``sha256``, ``size``, ``version``, ...).
+        CommandError (``sdk.mqtt_contract``): not a deploy or rollback, or a missing or ill-typed key
+            (``url``, ``sha256``, ``size``, ``version``, ...).
     """
     cmd_id, kind = parse_command(cmd)
     if kind == "rollback":
         return Deployment(cmd_id=cmd_id, kind="rollback")
-    _require(kind == "deploy", f"command {cmd_id} is a {kind}, not a deployment")
-    url = cmd.get("url")
-    _require(isinstance(url, str) and url.startswith(("http://", "https://")), "deploy.url must be an http(s) URL")
-    sha = cmd.get("sha256")
-    _require(isinstance(sha, str) and _SHA256_RE.match(sha.lower()) is not None, "deploy.sha256 must be 64 hex digits")
-    size = cmd.get("size")
-    _require(size is None or (_int(size) and 0 < size <= max_bundle_bytes),
-             f"deploy.size must be an integer from 1 to {max_bundle_bytes} (the device's cap)")  # fmt: skip
-    version = cmd.get("version")
-    _require(version is None or (_int(version) and version >= 0), "deploy.version must be an integer >= 0")
-    for flag in ("allow_downgrade", "retry_bad"):
-        _require(isinstance(cmd.get(flag, False), bool), f"deploy.{flag} must be true or false")
+    deploy = parse_deploy(cmd, max_bundle_bytes=max_bundle_bytes)
     return Deployment(
-        cmd_id=cmd_id,
+        cmd_id=deploy.id,
         kind="deploy",
-        url=str(url),
-        sha256=str(sha).lower(),
-        size=size,
-        version=version,
-        allow_downgrade=bool(cmd.get("allow_downgrade", False)),
-        retry_bad=bool(cmd.get("retry_bad", False)),
+        url=deploy.url,
+        sha256=deploy.sha256,
+        size=deploy.size,
+        version=deploy.version,
+        allow_downgrade=deploy.allow_downgrade,
+        retry_bad=deploy.retry_bad,
     )
-
-
-def parse_config(cmd: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings a ``config`` command changes: ``telemetry_interval_s`` (0.1-86400) and ``log_level``.
-
-    Raises:
-        CommandError: an unknown key, a value out of range, or nothing to change.
-    """
-    known = {"telemetry_interval_s", "log_level"}
-    settings = {k: v for k, v in cmd.items() if k not in ("schema", "id", "type", "ts")}
-    unknown = sorted(set(settings) - known)
-    _require(not unknown, f"config: unknown settings {unknown}; known: {sorted(known)}")
-    _require(bool(settings), f"config: nothing to change; known settings: {sorted(known)}")
-    if "telemetry_interval_s" in settings:
-        value = settings["telemetry_interval_s"]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.1 <= value <= 86400
-        _require(ok, "config.telemetry_interval_s must be a number of seconds from 0.1 to 86400")
-        settings["telemetry_interval_s"] = float(value)
-    if "log_level" in settings:
-        level = settings["log_level"]
-        _require(
-            isinstance(level, str) and level.upper() in LOG_LEVELS, f"config.log_level must be one of {LOG_LEVELS}"
-        )
-        settings["log_level"] = str(level).upper()
-    return settings
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ pointer does not list is garbage and may be removed at any time (a pointer writt
 without ``folder``, names the folders ``A`` and ``B``).
 
 ``floors`` holds the highest version of each bundle name ever made active: the anti-rollback floor
-(a later deploy below it needs ``allow_downgrade``), which an explicit ``rollback`` does not lower.
+(``device_runtime.floors.VersionFloors``, the record ``BundleStore`` keeps too; a later deploy below it
+needs ``allow_downgrade``), which an explicit ``rollback`` does not lower. It is raised in the pointer
+write that activates the bundle, so the commit and the floor cannot part. A pointer of an older agent
+without ``floors`` loads with none.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.errors import StateError
+from device_runtime.floors import VersionFloors
 from sdk.bundle import VerifiedBundle
 from sdk.errors import IntegrityError, ManifestError
 from sdk.fsutil import atomic_write_bytes, fsync_dir
@@ -101,7 +105,7 @@ class Pointer:
 
     active: str | None = None
     slots: Mapping[str, SlotInfo | None] = field(default_factory=lambda: {s: None for s in SLOTS})
-    floors: Mapping[str, int] = field(default_factory=dict)
+    floors: VersionFloors = field(default_factory=VersionFloors)
 
     def __post_init__(self) -> None:
         if self.active is not None and self.active not in SLOTS:
@@ -119,7 +123,8 @@ class Pointer:
         return "A" if self.active is None else other_slot(self.active)
 
     def floor(self, name: str) -> int | None:
-        return self.floors.get(name)
+        """The anti-rollback floor of ``name`` (``read_bundle``'s ``installed_version``)."""
+        return self.floors.floor(name)
 
     def with_slot(self, slot: str, info: SlotInfo | None) -> Pointer:
         return replace(self, slots={**self.slots, slot: info})
@@ -129,9 +134,7 @@ class Pointer:
         info = self.slots.get(slot)
         if info is None:
             raise StateError(f"cannot activate empty slot {slot}")
-        floors = dict(self.floors)
-        if raise_floor:
-            floors[info.name] = max(floors.get(info.name, info.version), info.version)
+        floors = self.floors.raised(info.name, info.version) if raise_floor else self.floors
         return replace(self, active=slot, floors=floors)
 
     def to_bytes(self) -> bytes:
@@ -140,7 +143,7 @@ class Pointer:
                 "schema": POINTER_SCHEMA,
                 "active": self.active,
                 "slots": {s: (None if i is None else i.to_dict()) for s, i in sorted(self.slots.items())},
-                "floors": dict(self.floors),
+                "floors": self.floors.to_json(),
             }
         )
 
@@ -156,7 +159,7 @@ class Pointer:
             if raw.get("schema") != POINTER_SCHEMA:
                 raise ValueError(f"schema {raw.get('schema')!r}, expected {POINTER_SCHEMA}")
             slots = {s: (None if raw["slots"].get(s) is None else SlotInfo.from_dict(raw["slots"][s])) for s in SLOTS}
-            floors = {str(k): int(v) for k, v in raw.get("floors", {}).items()}
+            floors = VersionFloors.from_json(raw.get("floors", {}))
             return cls(active=raw.get("active"), slots=slots, floors=floors)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise StateError(f"{POINTER_FILE} is corrupt: {e}") from e

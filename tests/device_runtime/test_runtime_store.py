@@ -14,6 +14,7 @@ from runtime_bundles import GOLDEN_X, BundleMaker, Keys, linear_reference
 
 import device_runtime
 from device_runtime import BundleStore, StateError
+from device_runtime.floors import VersionFloors
 from sdk.bundle import file_sha256
 from sdk.errors import BackendError, EdgeshipError, IntegrityError, RollbackError, SignatureError, UnsafeArchiveError
 
@@ -90,6 +91,50 @@ def test_other_names_have_their_own_history(make_bundle: BundleMaker, keys: Keys
     device_runtime.load(make_bundle(name="beta", version=1), [keys.public], state_dir=state).close()
     store = BundleStore(state)
     assert store.highest_version("alpha") == 5 and store.highest_version("beta") == 1
+
+
+def test_the_floor_is_recorded_with_the_install(make_bundle: BundleMaker, keys: Keys, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    device_runtime.load(make_bundle(version=2), [keys.public], state_dir=state).close()
+    device_runtime.load(make_bundle(version=1), [keys.public], state_dir=state, allow_downgrade=True).close()
+    assert json.loads((state / "installed.json").read_bytes())["floors"] == {"linear": 2}
+    assert BundleStore(state).floors() == VersionFloors({"linear": 2})
+
+
+def test_an_older_installed_json_without_floors_still_loads(
+    make_bundle: BundleMaker, keys: Keys, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    device_runtime.load(make_bundle(version=3), [keys.public], state_dir=state).close()
+    device_runtime.load(make_bundle(version=1), [keys.public], state_dir=state, allow_downgrade=True).close()
+    recorded = json.loads((state / "installed.json").read_bytes())
+    del recorded["floors"]  # as written before the floor was kept
+    (state / "installed.json").write_bytes(json.dumps(recorded).encode())
+    assert BundleStore(state).highest_version("linear") == 3  # the highest version recorded
+    with pytest.raises(RollbackError, match="older than installed v3"):
+        device_runtime.load(make_bundle(version=2), [keys.public], state_dir=state)
+    device_runtime.load(make_bundle(version=4), [keys.public], state_dir=state).close()
+    assert json.loads((state / "installed.json").read_bytes())["floors"] == {"linear": 4}
+
+
+def test_a_corrupt_floor_is_refused(linear_bundle: Path, keys: Keys, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    device_runtime.load(linear_bundle, [keys.public], state_dir=state).close()
+    recorded = json.loads((state / "installed.json").read_bytes())
+    (state / "installed.json").write_bytes(json.dumps({**recorded, "floors": {"linear": "1"}}).encode())
+    with pytest.raises(StateError, match="corrupt"):
+        BundleStore(state).highest_version("linear")
+
+
+def test_version_floors_rule() -> None:
+    floors = VersionFloors().raised("m", 3)
+    assert floors.floor("m") == 3 and floors.floor("other") is None
+    assert floors.raised("m", 1) is floors and floors.raised("m", 5).floor("m") == 5  # only ever raised
+    assert VersionFloors.of([("m", 2), ("n", 1), ("m", 7), ("m", 4)]).to_json() == {"m": 7, "n": 1}
+    assert VersionFloors.from_json(floors.to_json()) == floors
+    for bad in ([], {"m": -1}, {"m": True}, {"m": 1.5}, {"": 1}):
+        with pytest.raises(ValueError, match="floor"):
+            VersionFloors.from_json(bad)
 
 
 BadCase = Callable[[BundleMaker, Keys, Path], tuple[Path, list[Path]]]

@@ -36,6 +36,8 @@ def fleet_factory() -> Iterator[Callable[[int, str], Fleet]]:
     yield make
     for fleet in made:
         fleet.close()
+    violations = [v for fleet in made for v in fleet.violations]
+    assert not violations, f"messages that break the MQTT contract: {violations}"
 
 
 @pytest.fixture

@@ -30,6 +30,15 @@ from runtime_bundles import B, W, linear_reference
 from device_runtime.agent import Agent
 from device_runtime.agent.slots import SlotStore
 from device_runtime.model import load_verified
+from sdk.mqtt_contract import (
+    ContractError,
+    Topics,
+    decode_payload,
+    parse_event,
+    parse_status,
+    parse_telemetry,
+    parse_topic,
+)
 
 FLEET = "test"
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,16 +75,21 @@ def deploy_cmd(url: str, bundle: Path, cmd_id: str | None = None, **extra: Any) 
 
 @dataclass
 class Fleet:
-    """The fleet's side of one device's topics: records what arrives and sends commands (QoS 1)."""
+    """The fleet's side of one device's topics: records what arrives and sends commands (QoS 1).
+
+    Every message is checked against the MQTT contract as the fleet server will check it; what fails is
+    kept in ``violations`` (the ``fleet_factory`` fixture fails the test on any).
+    """
 
     client: paho.Client
     device_id: str
     messages: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def root(self) -> str:
-        return f"edgeship/v1/{FLEET}/{self.device_id}"
+        return Topics(FLEET, self.device_id).root
 
     def _on(self, leaf: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -118,6 +132,9 @@ class Fleet:
         self.client.loop_stop()
 
 
+_VALIDATORS = {"status": parse_status, "telemetry": parse_telemetry, "events": parse_event}
+
+
 def connect_fleet(port: int, device_id: str) -> Fleet:
     """A persistent-session subscriber to ``edgeship/v1/test/<device_id>/#``."""
     client = paho.Client(
@@ -134,6 +151,12 @@ def connect_fleet(port: int, device_id: str) -> Fleet:
     def on_message(c: paho.Client, u: object, msg: paho.MQTTMessage) -> None:
         if msg.topic.endswith("/cmd"):
             return
+        try:
+            _, leaf = parse_topic(msg.topic)
+            _VALIDATORS[leaf](decode_payload(msg.payload))
+        except (ContractError, KeyError) as e:
+            with fleet.lock:
+                fleet.violations.append(f"{msg.topic}: {e!r}: {msg.payload[:300]!r}")
         with fleet.lock:
             fleet.messages.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
 

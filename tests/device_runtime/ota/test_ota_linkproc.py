@@ -36,7 +36,7 @@ def test_a_link_process_killed_alone_is_replaced_and_loses_no_event_or_command(
         agent.publish_telemetry()
     assert time.monotonic() - started < 5
     # reported while no link process runs: kept by the agent and handed to the next one
-    agent._event("probe-1", "probe", "reported while the link process was down")
+    agent._event("probe-1", "received", "reported while the link process was down")  # a contract phase
     fleet.send({"schema": 1, "id": "ping-1", "type": "ping"})  # queued by the broker for the session
     wait_for(lambda: link.pid not in (None, old), 20, "a new link process")
     assert link.wait_connected(20)
@@ -85,7 +85,7 @@ def test_a_burst_of_events_flows_through_both_pipes(online: Callable[..., tuple[
     assert isinstance(link, LinkProcess)
     started = time.monotonic()
     for i in range(5000):
-        agent._event("burst", "probe", "x" * 100, i=i)
+        agent._event("burst", "received", "x" * 100, i=i)
     link.flush(60)  # raises StateError if the link process never confirms them
     assert link.unconfirmed_events() == []
     assert link.wait_drained(60)

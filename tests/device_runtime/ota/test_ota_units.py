@@ -9,11 +9,12 @@ import pytest
 from runtime_bundles import Keys
 
 from device_runtime._sysinfo import arch_compatible, capabilities, machine_arch, target_runs_here, version_at_least
-from device_runtime.agent.ota import CommandError, Deployment, Limits, deployment_from_command, parse_config, recover
+from device_runtime.agent.ota import Deployment, Limits, deployment_from_command, recover
 from device_runtime.agent.slots import Pointer, SlotInfo, SlotStore
 from device_runtime.errors import StateError
 from sdk.bundle import read_bundle
 from sdk.errors import IntegrityError
+from sdk.mqtt_contract import CommandError
 from sdk.signing import TrustedKeys
 
 SHA = "ab" * 32
@@ -32,6 +33,11 @@ def test_pointer_round_trip_and_floors() -> None:
         Pointer(active="B")  # active slot without a bundle
     with pytest.raises(StateError):
         Pointer.from_bytes(b"{not json")
+    older = json.loads(p.to_bytes())
+    del older["floors"]  # a pointer written before floors were kept
+    assert Pointer.from_bytes(json.dumps(older).encode()).floor("m") is None
+    with pytest.raises(StateError, match="floor"):
+        Pointer.from_bytes(json.dumps({**older, "floors": {"m": "3"}}).encode())
 
 
 def _dep(phase: str, **kw: object) -> Deployment:
@@ -78,13 +84,9 @@ def test_command_parsing() -> None:
             deployment_from_command({**ok, **bad}, max_bundle_bytes=100)
     with pytest.raises(CommandError):
         deployment_from_command({"type": "deploy"}, max_bundle_bytes=100)
-    assert parse_config({"id": "c", "type": "config", "telemetry_interval_s": 5, "log_level": "debug"}) == {
-        "telemetry_interval_s": 5.0,
-        "log_level": "DEBUG",
-    }
-    for bad_cfg in ({"telemetry_interval_s": 0}, {"colour": "red"}, {}):
-        with pytest.raises(CommandError):
-            parse_config({"id": "c", "type": "config", **bad_cfg})
+    with pytest.raises(CommandError):
+        deployment_from_command({"id": "p", "type": "ping"}, max_bundle_bytes=100)
+    assert deployment_from_command({"id": "r", "type": "rollback"}, max_bundle_bytes=100).kind == "rollback"
 
 
 def test_sysinfo() -> None:
