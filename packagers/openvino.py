@@ -80,11 +80,17 @@ def validation_precision(requested: str) -> PrecisionChoice:
 
     What the host resolves ``requested`` to, read from its ``OPTIMIZATION_CAPABILITIES``, or f32 where that
     is below ``requested`` (f16 on a bf16 CPU): a bundle is never validated below the precision it asks for.
+
+    Raises:
+        PackagingError: this host's CPU computes below ``requested`` even with f32.
     """
     import openvino as ov
 
     capabilities = frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    return choose_hint(requested, requested, [capabilities])
+    choice = choose_hint(requested, requested, [capabilities])
+    if choice.refused is not None:
+        raise PackagingError(f"this host cannot validate an OpenVINO bundle at {requested}: {choice.refused}")
+    return choice
 
 
 def compile_for_validation(xml: Path, precision: str = "f32") -> Any:

@@ -101,8 +101,8 @@ class OpenVinoBackend(Backend):
                 f"{manifest.name} v{manifest.version} cannot run on OpenVINO {device}: it computes in {resolved} "
                 f"even with f32, below the {choice.floor} the bundle was validated at"
             )
-        if forced:
-            log.warning("%s v%s on %s: %s", manifest.name, manifest.version, device, forced)
+        if forced:  # also in info["precision_forced"]
+            log.info("%s v%s on %s: %s", manifest.name, manifest.version, device, forced)
         compile_ms = (time.perf_counter() - start) * 1000.0
         # run() sets tensors by port index: InferRequest.infer(dict) dispatches on key and value types
         # in Python, which costs more than the inference of a small model.
