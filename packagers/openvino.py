@@ -18,8 +18,11 @@ cleanup, which halves the IR of a BERT.
   embeddings, the last layer and layers it cannot group in int8; the report records how many weights
   ended in which precision, and a model with nothing in 4 bits is refused.
 
-Validation runs the IR in OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``, so the numbers
-describe the bundle and not a host that would compute in bf16.
+Validation runs the IR in OpenVINO's CPU plugin at the precision this host resolves the bundle's hint to
+(``f32`` for fp32 and int8 bundles; for fp16 bundles ``f16`` on a host with half-precision units, ``f32``
+elsewhere), and never below the hint: a bf16 host, which would resolve f16 to bf16, validates at f32
+(``sdk.precision``). The manifest records it as ``runtime.validated_inference_precision``, the least
+precision a device may run the bundle at.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ import numpy as np
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
+from sdk.precision import PrecisionChoice, choose_hint
 
 if TYPE_CHECKING:
     from packagers.sources import Source
 
-__all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtime_min_version"]
+__all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtime_min_version", "validation_precision"]
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_WEIGHTS, Precision.INT4),
@@ -55,7 +59,7 @@ ARCH = ["x86_64", "aarch64"]  # the CPU plugin's architectures (ARM through ACL 
 MAX_CALIBRATION = 300  # samples for nncf.quantize; NNCF's own default subset size
 INT4_GROUP_SIZE = 128  # NNCF's default; smaller channels get a smaller power of two (ADJUST)
 INT4_RATIO = 1.0  # share of the eligible weights in 4 bits; the rest stay int8
-# Validation settings: exact host numbers (f32) at batch 1 latency.
+# Validation settings: batch 1 latency; the precision hint is the bundle's validated precision.
 VALIDATION_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 # ov.Type names of compressed weight constants -> the precision they hold
 _WEIGHT_TYPES = {"i4": "int4", "u4": "int4", "i8": "int8", "u8": "int8", "f16": "fp16", "f32": "fp32"}
@@ -71,18 +75,43 @@ def runtime_min_version() -> str:
     return version_floor(ov.__version__)
 
 
-def compile_for_validation(xml: Path) -> Any:
-    """An OpenVINO CPU compiled model of ``xml`` with f32 inference precision.
+def validation_precision(requested: str) -> PrecisionChoice:
+    """The precision this host's CPU plugin validates a bundle asking ``requested`` at (``choice.expected``).
+
+    What the host resolves ``requested`` to, read from its ``OPTIMIZATION_CAPABILITIES``, or f32 where that
+    is below ``requested`` (f16 on a bf16 CPU): a bundle is never validated below the precision it asks for.
 
     Raises:
-        PackagingError: OpenVINO cannot read or compile the IR.
+        PackagingError: this host's CPU computes below ``requested`` even with f32.
+    """
+    import openvino as ov
+
+    capabilities = frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    choice = choose_hint(requested, requested, [capabilities])
+    if choice.refused is not None:
+        raise PackagingError(f"this host cannot validate an OpenVINO bundle at {requested}: {choice.refused}")
+    return choice
+
+
+def compile_for_validation(xml: Path, precision: str = "f32") -> Any:
+    """An OpenVINO CPU compiled model of ``xml`` computing in ``precision`` (read back from the plugin).
+
+    Raises:
+        PackagingError: OpenVINO cannot read or compile the IR, or this CPU resolves ``precision`` to
+            another one (the manifest would claim a precision the bundle was not validated at).
     """
     import openvino as ov
 
     try:
-        return ov.Core().compile_model(str(xml), "CPU", dict(VALIDATION_CONFIG))
+        config = {**VALIDATION_CONFIG, "INFERENCE_PRECISION_HINT": precision}
+        compiled = ov.Core().compile_model(str(xml), "CPU", config)
+        resolved = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     except Exception as e:  # OpenVINO raises RuntimeError with the plugin's message
         raise PackagingError(f"OpenVINO cannot compile the built model {xml.name}: {str(e)[:300]}") from e
+    if resolved != precision:
+        raise PackagingError(f"OpenVINO's CPU plugin resolved INFERENCE_PRECISION_HINT={precision} to {resolved} "
+                             "on this host; the bundle would claim a precision it was not validated at")  # fmt: skip
+    return compiled
 
 
 @contextlib.contextmanager
@@ -178,6 +207,9 @@ class OpenVinoPackager:
             "convert": {"tool": f"openvino.convert_model {ov.__version__} (ONNX frontend)",
                         "seconds": round(time.perf_counter() - start, 3)},
         }  # fmt: skip
+        hint = "f16" if precision is Precision.FP16 else "f32"
+        validated = validation_precision(hint)  # the host's resolved precision, never below the hint
+        recipe["validation_precision"] = {"hint": hint, "validated": validated.expected, "forced": validated.forced}
         runtime: dict[str, Any] = {
             "package": "openvino",
             "min_version": runtime_min_version(),
@@ -185,9 +217,10 @@ class OpenVinoPackager:
             "devices": ["CPU"],
             "performance_hint": "LATENCY",
             # fp32 and int8 bundles must compute in f32 everywhere to match their validation;
-            # fp16 bundles ask for half precision where the device has it (GPU, NPU, ARM CPUs).
-            "inference_precision_hint": "f16" if precision is Precision.FP16 else "f32",
-            "validated_inference_precision": "f32",
+            # fp16 bundles ask for half precision where the device has it (GPU, NPU, ARM CPUs), and get
+            # it only where this host validated at f16 (sdk.precision).
+            "inference_precision_hint": hint,
+            "validated_inference_precision": validated.expected,
             "weights": WEIGHTS_MEMBER,
             "opset": int(exported.opset),
             "exporter": exported.exporter,
@@ -315,12 +348,12 @@ class OpenVinoPackager:
         }
 
     def runner(self, built: BuiltModel) -> Runner:
-        """A run function over an OpenVINO CPU compiled model of ``built`` (f32 inference precision).
+        """A run function over an OpenVINO CPU compiled model of ``built`` at its validated precision.
 
         Raises:
-            PackagingError: OpenVINO cannot compile the model.
+            PackagingError: OpenVINO cannot compile the model, or not at that precision.
         """
-        compiled = compile_for_validation(built.path)
+        compiled = compile_for_validation(built.path, str(built.runtime.get("validated_inference_precision", "f32")))
         request = compiled.create_infer_request()
         outputs = [(port, port.get_any_name()) for port in compiled.outputs]
         inputs = {port.get_any_name() for port in compiled.inputs}

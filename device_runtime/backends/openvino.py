@@ -6,9 +6,12 @@ Settings, each from the caller's ``BackendOptions`` first, then the bundle's ``r
   ``NPU`` (with an index like ``GPU.1``), or ``AUTO`` / ``AUTO:GPU,CPU``. A device this OpenVINO does
   not have is a ``BackendError`` naming the ones it has.
 - ``PERFORMANCE_HINT``: ``performance_hint=`` or ``runtime["performance_hint"]`` (default ``LATENCY``).
-- ``INFERENCE_PRECISION_HINT``: ``runtime["inference_precision_hint"]`` only: the precision the bundle
-  was validated for (``f32`` for fp32 and int8 bundles: a CPU would otherwise compute in bf16 where it
-  can; ``f16`` for fp16 bundles, which CPUs without half-precision units run in f32).
+- ``INFERENCE_PRECISION_HINT``: from the bundle only, under the rule of ``sdk.precision``: the bundle's
+  ``runtime["inference_precision_hint"]`` where the device (its ``OPTIMIZATION_CAPABILITIES``) would
+  compute it at or above ``runtime["validated_inference_precision"]``, else ``f32`` (an fp16 bundle on a
+  bf16 CPU, which would resolve f16 to bf16), else a ``BackendError``. The precision the plugin resolved
+  is read back from the compiled model (``info["inference_precision_hint"]``); one below the validated
+  precision is compiled again at f32 or refused. The golden health check then decides.
 - ``INFERENCE_NUM_THREADS``: ``intra_op_threads=`` when > 0.
 - ``CACHE_DIR``: ``cache_dir=``; OpenVINO stores the compiled blob there and a restart imports it
   instead of compiling (``info["loaded_from_cache"]``).
@@ -30,6 +33,7 @@ import numpy as np
 from device_runtime.backends.base import Backend, BackendOptions
 from sdk.errors import BackendError
 from sdk.manifest import Manifest, TensorSpec
+from sdk.precision import PrecisionChoice, at_least, choose_hint
 
 __all__ = ["OpenVinoBackend"]
 
@@ -67,11 +71,10 @@ class OpenVinoBackend(Backend):
         if hint not in PERFORMANCE_HINTS:
             raise BackendError(f"performance hint {hint!r} is not one of {', '.join(PERFORMANCE_HINTS)}")
         config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
-        precision = runtime.get("inference_precision_hint")
-        if precision is not None:
-            if precision not in PRECISION_HINTS:
-                raise BackendError(f"runtime.inference_precision_hint {precision!r} is not one of {PRECISION_HINTS}")
-            config["INFERENCE_PRECISION_HINT"] = precision
+        capabilities = _capabilities(core, device)
+        choice = self._precision(manifest, device, capabilities)
+        if choice.hint is not None:
+            config["INFERENCE_PRECISION_HINT"] = choice.hint
         if options.intra_op_threads:
             config["INFERENCE_NUM_THREADS"] = options.intra_op_threads
         if options.cache_dir is not None:
@@ -84,6 +87,22 @@ class OpenVinoBackend(Backend):
         # (temporary folder, A/B slot) puts the same bundle elsewhere; a model is keyed by its content.
         model = core.read_model(str(model_path), str(weights))
         self._compiled = core.compile_model(model, device, config)
+        forced = choice.forced
+        # What the plugin resolved the hint to; virtual devices (AUTO) do not say: then the prediction.
+        resolved = _type_name(_property(self._compiled, "INFERENCE_PRECISION_HINT", None))
+        if resolved is not None and not at_least(resolved, choice.floor) and choice.hint != "f32":
+            forced = (f"OpenVINO resolved {choice.hint or 'no hint'} to {resolved} on {device}, below the "
+                      f"{choice.floor} the bundle was validated at: forced f32")  # fmt: skip
+            self._compiled = core.compile_model(model, device, {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            resolved = _type_name(_property(self._compiled, "INFERENCE_PRECISION_HINT", None))
+        if resolved is not None and not at_least(resolved, choice.floor):
+            self._compiled = None
+            raise BackendError(
+                f"{manifest.name} v{manifest.version} cannot run on OpenVINO {device}: it computes in {resolved} "
+                f"even with f32, below the {choice.floor} the bundle was validated at"
+            )
+        if forced:  # also in info["precision_forced"]
+            log.info("%s v%s on %s: %s", manifest.name, manifest.version, device, forced)
         compile_ms = (time.perf_counter() - start) * 1000.0
         # run() sets tensors by port index: InferRequest.infer(dict) dispatches on key and value types
         # in Python, which costs more than the inference of a small model.
@@ -98,7 +117,12 @@ class OpenVinoBackend(Backend):
             "device": device,
             "execution_devices": [str(d) for d in _property(self._compiled, "EXECUTION_DEVICES", [])],
             "performance_hint": hint,
-            "inference_precision_hint": _type_name(_property(self._compiled, "INFERENCE_PRECISION_HINT", precision)),
+            # the precision the device computes in (read back; predicted where the device does not report it)
+            "inference_precision_hint": resolved or choice.expected,
+            "requested_inference_precision": manifest.runtime.get("inference_precision_hint"),
+            "validated_inference_precision": choice.floor,
+            "precision_forced": forced,
+            "optimization_capabilities": {name: caps for name, caps in capabilities.items()},
             "inference_num_threads": int(_property(self._compiled, "INFERENCE_NUM_THREADS", 0) or 0),
             "optimal_requests": int(_property(self._compiled, "OPTIMAL_NUMBER_OF_INFER_REQUESTS", 1) or 1),
             "cache_dir": options.cache_dir,
@@ -106,6 +130,28 @@ class OpenVinoBackend(Backend):
             "compile_ms": round(compile_ms, 3),
         }
         log.debug("openvino model %s v%s: %s", manifest.name, manifest.version, self._info)
+
+    @staticmethod
+    def _precision(manifest: Manifest, device: str, capabilities: dict[str, list[str] | None]) -> PrecisionChoice:
+        """The precision hint for ``device`` under the rule of ``sdk.precision``.
+
+        Raises:
+            BackendError: the runtime names an unknown precision, or the device cannot compute at the
+                precision the bundle was validated at, not even with f32.
+        """
+        runtime = manifest.runtime
+        for key in ("inference_precision_hint", "validated_inference_precision"):
+            value = runtime.get(key)
+            if value is not None and value not in PRECISION_HINTS:
+                raise BackendError(f"runtime.{key} {value!r} is not one of {PRECISION_HINTS}")
+        choice = choose_hint(
+            runtime.get("inference_precision_hint"),
+            runtime.get("validated_inference_precision"),
+            [None if caps is None else frozenset(caps) for caps in capabilities.values()],
+        )
+        if choice.refused is not None:
+            raise BackendError(f"{manifest.name} v{manifest.version} cannot run on OpenVINO {device}: {choice.refused}")
+        return choice
 
     @staticmethod
     def _device(core: Any, device: str) -> str:
@@ -202,6 +248,26 @@ def _first(value: Any) -> str | None:
     if isinstance(value, list) and value and isinstance(value[0], str):
         return value[0]
     return None
+
+
+def _capabilities(core: Any, device: str) -> dict[str, list[str] | None]:
+    """Each device ``device`` may run on -> its ``OPTIMIZATION_CAPABILITIES`` (``None``: not reported).
+
+    A virtual device (``AUTO``, ``AUTO:GPU,CPU``, ``MULTI:...``) may pick any device it names, or any this
+    OpenVINO has when it names none, so the precision rule must hold on each of them.
+    """
+    base, _, rest = device.partition(":")
+    if base in _VIRTUAL_DEVICES:
+        names = [d for d in rest.split(",") if d] or [d for d in core.available_devices]
+    else:
+        names = [device]
+    found: dict[str, list[str] | None] = {}
+    for name in names:
+        try:
+            found[name] = [str(c) for c in core.get_property(name, "OPTIMIZATION_CAPABILITIES")]
+        except Exception:  # RuntimeError: the plugin does not report it
+            found[name] = None
+    return found
 
 
 def _property(compiled: Any, name: str, default: Any) -> Any:

@@ -96,6 +96,52 @@ def test_predict_matches_and_reports_settings(ov_bundle: OvBundle, keys: Keys) -
         assert info["runtime_version"] == ov.__version__.split("-")[0]
 
 
+ORDER = ("bf16", "f16", "f32")  # least to most precise
+
+
+def _cpu_computes(hint: str | None) -> str:
+    """What this machine's CPU plugin computes in for ``hint``, from its features (not a constant).
+
+    Half precision needs f16 units (``FP16`` capability); else f16 goes to bf16 where the CPU has it
+    (AVX512_BF16, AMX), else f32. Without a hint the plugin picks bf16, else f16, else f32.
+    """
+    capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if hint is None:
+        return "bf16" if "BF16" in capabilities else "f16" if "FP16" in capabilities else "f32"
+    if hint == "f16" and "FP16" not in capabilities:
+        return "bf16" if "BF16" in capabilities else "f32"
+    return hint
+
+
+@pytest.mark.parametrize(
+    ("requested", "validated"), [("f32", "f32"), ("f16", "f16"), ("f16", "f32"), (None, None), ("f32", None)]
+)
+def test_the_device_computes_at_or_above_the_validated_precision(
+    ov_bundle: OvBundle, keys: Keys, requested: str | None, validated: str | None
+) -> None:
+    runtime = {"inference_precision_hint": requested, "validated_inference_precision": validated}
+    floor = validated or requested or "f32"
+    # The bundle's hint where neither it nor what this CPU computes for it is below the floor, else f32.
+    ranks = [ORDER.index(_cpu_computes(requested))] + ([] if requested is None else [ORDER.index(requested)])
+    kept = min(ranks) >= ORDER.index(floor)
+    with device_runtime.load(ov_bundle(runtime=runtime, name="ov-precision"), keys.public) as model:
+        info = model.backend_info
+        assert info["inference_precision_hint"] == (_cpu_computes(requested) if kept else "f32")
+        assert info["validated_inference_precision"] == floor and info["requested_inference_precision"] == requested
+        assert (info["precision_forced"] is None) == kept
+        assert model.health_check()["passed"] is True
+
+
+def test_virtual_devices_report_the_predicted_precision(ov_bundle: OvBundle, keys: Keys) -> None:
+    # AUTO neither reports capabilities for its own name nor the resolved precision: each device it may
+    # pick is asked, and the precision reported is the prediction for the least precise of them.
+    path = ov_bundle(runtime={"inference_precision_hint": "f16", "validated_inference_precision": "f32"})
+    with device_runtime.load(path, keys.public, device="AUTO:CPU") as model:
+        info = model.backend_info
+        assert info["inference_precision_hint"] == "f32" and info["precision_forced"] is not None
+        assert set(info["optimization_capabilities"]) == {"CPU"} and "FP32" in info["optimization_capabilities"]["CPU"]
+
+
 def test_int_inputs_of_two_dtypes_and_dynamic_sequence(ov_bundle: OvBundle, keys: Keys) -> None:
     with device_runtime.load(ov_bundle(model="masked", name="ov-masked"), keys.public) as model:
         for length in (2, 7):
@@ -141,6 +187,8 @@ def test_bad_performance_hint_is_a_backend_error(ov_bundle: OvBundle, keys: Keys
         device_runtime.load(ov_bundle(), keys.public, performance_hint="fastest")
     with pytest.raises(BackendError, match="inference_precision_hint 'f8'"):
         device_runtime.load(ov_bundle(runtime={"inference_precision_hint": "f8"}), keys.public)
+    with pytest.raises(BackendError, match="validated_inference_precision 'fp16' is not one of"):
+        device_runtime.load(ov_bundle(runtime={"validated_inference_precision": "fp16"}), keys.public)
 
 
 def test_compiled_model_cache_is_populated_and_reused(ov_bundle: OvBundle, keys: Keys, tmp_path: Path) -> None:

@@ -18,6 +18,17 @@ from packagers.validation import cosine_per_sample
 from sdk.signing import TrustedKeys
 
 
+def host_validated_precision(bundle_precision: str) -> str:
+    """The precision this host validates an OpenVINO bundle at, from its CPU's features (not a constant).
+
+    The rule written out for the tests: an fp16 bundle asks for f16 and is validated at f16 where the
+    CPU plugin has half-precision units (``FP16`` in ``OPTIMIZATION_CAPABILITIES``), else at f32 (never at
+    the bf16 a bf16 CPU would resolve f16 to); every other precision at f32.
+    """
+    capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return "f16" if bundle_precision == "fp16" and "FP16" in capabilities else "f32"
+
+
 def check_bundle(result: PackageResult, trust: TrustedKeys, dest: Path) -> dict[str, int]:
     """The bundle's structure and manifest runtime as the OpenVINO target writes them; its IR's weight types."""
     bundle = open_bundle(result, trust, dest)
@@ -27,7 +38,7 @@ def check_bundle(result: PackageResult, trust: TrustedKeys, dest: Path) -> dict[
     rt = m.runtime
     assert rt["package"] == "openvino" and rt["min_version"].count(".") == 2
     assert rt["arch"] == ["x86_64", "aarch64"] and rt["devices"] == ["CPU"] and rt["performance_hint"] == "LATENCY"
-    assert rt["weights"] == "model.bin" and rt["validated_inference_precision"] == "f32"
+    assert rt["weights"] == "model.bin" and rt["validated_inference_precision"] == host_validated_precision(m.precision)
     assert rt["inference_precision_hint"] == ("f16" if m.precision == "fp16" else "f32")
     v = m.validation
     assert v["passed"] is True and v["failures"] == [] and v["benchmark"]["batch"] == 1
@@ -53,7 +64,10 @@ def run_on_device(
     numbers: dict[str, Any] = {}
     with device_runtime.load(result.bundle_path, trust) as model:
         assert model.backend_info["backend"] == "openvino"
-        assert model.backend_info["inference_precision_hint"] == "f32"  # this CPU has no f16 units
+        # This host is the device: it computes at the precision it validated at, whatever its CPU.
+        info, validated = model.backend_info, host_validated_precision(result.precision)
+        assert info["validated_inference_precision"] == validated and info["inference_precision_hint"] == validated
+        assert (info["precision_forced"] is not None) == (info["requested_inference_precision"] != validated)
         assert model.health_check()["passed"] is True
         outputs = model.predict(dict(inputs))
     for name, ref in reference.items():
