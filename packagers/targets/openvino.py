@@ -24,23 +24,21 @@ describe the bundle and not a host that would compute in bf16.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
 __all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtime_min_version"]
 
@@ -83,19 +81,6 @@ def compile_for_validation(xml: Path) -> Any:
         return ov.Core().compile_model(str(xml), "CPU", dict(VALIDATION_CONFIG))
     except Exception as e:  # OpenVINO raises RuntimeError with the plugin's message
         raise PackagingError(f"OpenVINO cannot compile the built model {xml.name}: {str(e)[:300]}") from e
-
-
-@contextlib.contextmanager
-def _quiet_nncf() -> Iterator[None]:
-    """NNCF prints progress bars on stdout and bit-width tables at INFO; keep the CLI's output clean."""
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _has_attention(model: Any) -> bool:
@@ -228,7 +213,7 @@ class OpenVinoPackager:
                  + (" (transformer recipe)" if transformer else ""))  # fmt: skip
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 quantized = nncf.quantize(model, nncf.Dataset(items), **kwargs)
         except Exception as e:  # NNCF raises nncf.InternalError / ValidationError / RuntimeError
             raise PackagingError(f"NNCF int8 quantization failed: {type(e).__name__}: {str(e)[:300]}") from e
@@ -253,7 +238,7 @@ class OpenVinoPackager:
         progress("openvino int8-weights: NNCF weight compression (INT8_ASYM, per-channel)")
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         except Exception as e:  # NNCF's own error types
             raise PackagingError(f"NNCF int8 weight compression failed: {type(e).__name__}: {str(e)[:300]}") from e
@@ -286,7 +271,7 @@ class OpenVinoPackager:
         progress(f"openvino int4: NNCF weight compression ({mode.value}, group size {group_size}, ratio {ratio})")
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 compressed = nncf.compress_weights(
                     model, mode=mode, group_size=group_size, ratio=ratio,
                     advanced_parameters=AdvancedCompressionParameters(
