@@ -27,9 +27,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "choose_validation",
     "fit_data",
-    "generated_like",
     "load_calibration",
-    "random_like",
     "raw_calibration",
 ]
 
@@ -125,7 +123,7 @@ def fit_data(data: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> Arr
     return out
 
 
-def random_like(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, *, high: int = 2) -> np.ndarray:
+def _random_like(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, *, high: int = 2) -> np.ndarray:
     dtype = np.dtype(spec.dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(bool)
@@ -138,7 +136,7 @@ def random_like(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generat
     return rng.standard_normal(size=shape).astype(dtype)
 
 
-def generated_like(examples: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], n: int, seed: int) -> Arrays:
+def _generated_like(examples: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], n: int, seed: int) -> Arrays:
     """Random validation samples shaped like the examples, with their value range."""
     rng = np.random.default_rng(seed)
     out: Arrays = {}
@@ -181,7 +179,7 @@ def choose_validation(
     if data is not None:
         return fit_data(data, inputs), "calibration"
     if examples is not None:
-        generated = generated_like(examples, inputs, options.validation_samples, options.seed)
+        generated = _generated_like(examples, inputs, options.validation_samples, options.seed)
         return fit_data(generated, inputs), f"random, shaped like example_inputs (seed {options.seed})"
     rng = np.random.default_rng(options.seed)
     dim_values = dict(options.dim_values or {})
@@ -193,5 +191,5 @@ def choose_validation(
             if isinstance(d, str) else d
             for i, d in enumerate(spec.shape)
         )  # fmt: skip
-        arrays[spec.name] = random_like(spec, shape, rng, high=highs.get(spec.name, 2))
+        arrays[spec.name] = _random_like(spec, shape, rng, high=highs.get(spec.name, 2))
     return fit_data(arrays, inputs), f"random (seed {options.seed})"

@@ -21,7 +21,7 @@ from packagers.sources.data import choose_validation
 from sdk.errors import ManifestError, PackagingError
 from sdk.manifest import TensorSpec
 
-__all__ = ["flatten_outputs", "torch_reference", "torch_source", "torch_version"]
+__all__ = ["torch_reference", "torch_source", "torch_version"]
 
 
 def torch_version() -> str:
@@ -30,7 +30,7 @@ def torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
-def flatten_outputs(out: Any) -> tuple[list[str] | None, list[Any]]:
+def _flatten_outputs(out: Any) -> tuple[list[str] | None, list[Any]]:
     """Tensors a module returned, and their names when it returned a mapping."""
     import torch
 
@@ -55,7 +55,7 @@ def _make_wrapper(module: Any, names: Sequence[str], as_kwargs: bool) -> Any:
 
         def forward(self, *args: Any) -> tuple[Any, ...]:
             out = self.inner(**dict(zip(names, args, strict=True))) if as_kwargs else self.inner(*args)
-            return tuple(flatten_outputs(out)[1])
+            return tuple(_flatten_outputs(out)[1])
 
     return _Wrapper().eval()
 
@@ -150,7 +150,7 @@ def torch_source(
                 raw = module(**dict(zip(names, tensors, strict=True))) if as_kwargs else module(*tensors)
         except Exception as e:  # the user's forward: any error means the examples do not fit
             raise PackagingError(f"the module failed on example_inputs: {type(e).__name__}: {e}") from e
-        keys, outs = flatten_outputs(raw)
+        keys, outs = _flatten_outputs(raw)
         if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
             raise PackagingError("the module must return tensors (a tensor, a tuple or a dict of tensors)")
         default_out = keys or (["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
