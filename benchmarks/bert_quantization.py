@@ -179,7 +179,7 @@ def dynamic_baselines(fp32: Path, out_dir: Path) -> dict[str, Path]:
     """Baseline A (per-channel) and B (per-tensor): ``quantize_dynamic`` int8 weights on ``fp32``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from packagers._ort_quant import quiet
+    from packagers._quiet import quiet
 
     paths = {}
     for name, per_channel in (
@@ -187,7 +187,7 @@ def dynamic_baselines(fp32: Path, out_dir: Path) -> dict[str, Path]:
         ("baseline B: ORT dynamic int8 per-tensor", False),
     ):
         path = out_dir / f"dynamic-{'pc' if per_channel else 'pt'}.onnx"
-        with quiet():
+        with quiet("onnxruntime.quantization"):
             quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
         paths[name] = path
     return paths

@@ -8,7 +8,6 @@ and onnxruntime are imported only inside the functions that use them.
 
 from __future__ import annotations
 
-from packagers._package import package
 from packagers.options import (
     DEFAULT_TOLERANCES,
     Capabilities,
@@ -18,6 +17,7 @@ from packagers.options import (
     Target,
     Tolerances,
 )
+from packagers.orchestrator import package
 from packagers.registry import BuiltModel, Packager, available_targets, capabilities, capability_table, get_packager
 
 __all__ = [

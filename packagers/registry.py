@@ -21,7 +21,7 @@ from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
 __all__ = [
     "BuiltModel",
@@ -38,10 +38,10 @@ Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 _BUILTIN: Mapping[Target, str | None] = MappingProxyType(
     {
-        Target.ONNXRUNTIME: "packagers.onnxruntime:OnnxRuntimePackager",
-        Target.OPENVINO: "packagers.openvino:OpenVinoPackager",
-        Target.TFLITE: "packagers.tflite:TfLitePackager",
-        Target.COREML: "packagers.coreml:CoreMlPackager",
+        Target.ONNXRUNTIME: "packagers.targets.onnxruntime:OnnxRuntimePackager",
+        Target.OPENVINO: "packagers.targets.openvino:OpenVinoPackager",
+        Target.TFLITE: "packagers.targets.tflite:TfLitePackager",
+        Target.COREML: "packagers.targets.coreml:CoreMlPackager",
     }
 )
 

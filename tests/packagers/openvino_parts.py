@@ -13,7 +13,7 @@ from packager_checks import open_bundle
 
 import device_runtime
 from packagers import PackageResult
-from packagers.openvino import weight_precisions
+from packagers.targets.openvino import weight_precisions
 from packagers.validation import cosine_per_sample
 from sdk.signing import TrustedKeys
 

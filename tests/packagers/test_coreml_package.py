@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packager_checks import Digits, open_bundle
 
 from packagers import PackageOptions, PackageResult, capabilities, package
-from packagers.coreml import MODEL_MEMBER, PACKAGE_ROOT, cast_input, import_coremltools
+from packagers.targets.coreml import MODEL_MEMBER, PACKAGE_ROOT, cast_input, import_coremltools
 from sdk import cli
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
@@ -204,7 +204,7 @@ def test_op_converters_register_once() -> None:
     import_coremltools()
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 
-    from packagers import _coreml_ops
+    from packagers.targets import _coreml_ops
 
     first = _coreml_ops.register()
     func = _TORCH_OPS_REGISTRY.name_to_func_mapping["new_ones"]

@@ -9,7 +9,6 @@ TensorFlow and Keras are imported inside the functions.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -20,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._quiet import quiet
+from packagers.sources.base import Source, dtype_name
+from packagers.sources.data import choose_validation
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
 if TYPE_CHECKING:
     from packagers.options import PackageOptions
-    from packagers.sources import Source
 
 __all__ = ["SIGNATURE", "is_keras_model", "is_keras_path", "keras_source"]
 
@@ -49,10 +50,6 @@ def is_keras_model(model: Any) -> bool:
         if isinstance(model_class, type) and isinstance(model, model_class):
             return True
     return False
-
-
-def _quiet_tf() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info lines are noise on the CLI
 
 
 def _sorted_outputs(names: Sequence[str]) -> list[str]:
@@ -138,10 +135,8 @@ def keras_source(
     Raises:
         PackagingError: the model cannot be loaded, exported or run, or the data do not fit it.
     """
-    _quiet_tf()
-    import tensorflow as tf
-
-    from packagers import sources as src
+    with quiet("tensorflow"):  # TF's C++ info lines are noise on the CLI
+        import tensorflow as tf
 
     scratch = Path(tempfile.mkdtemp(prefix="edgeship-keras-"))
     try:
@@ -163,11 +158,11 @@ def keras_source(
             raise PackagingError(f"output names {user_outputs} clash with input names {names}")
 
         inputs = tuple(
-            TensorSpec(n, src._dtype_name(sig_inputs[n].dtype.as_numpy_dtype), _dims(sig_inputs[n].shape.as_list(), n))
+            TensorSpec(n, dtype_name(sig_inputs[n].dtype.as_numpy_dtype), _dims(sig_inputs[n].shape.as_list(), n))
             for n in names
         )
         outputs = tuple(
-            TensorSpec(u, src._dtype_name(sig_outputs[k].dtype.as_numpy_dtype),
+            TensorSpec(u, dtype_name(sig_outputs[k].dtype.as_numpy_dtype),
                        _dims(sig_outputs[k].shape.as_list(), u))
             for u, k in zip(user_outputs, out_keys, strict=True)
         )  # fmt: skip
@@ -184,27 +179,8 @@ def keras_source(
             result = signature(**tensors)
             return {out_map[k]: np.asarray(v) for k, v in result.items()}
 
-        if data is not None:
-            validation = src._fit_data(data, inputs)
-            origin = "calibration"
-        elif example_inputs is not None:
-            examples = _examples(example_inputs, names)
-            validation = src._fit_data(src._generated_like(examples, inputs, options.validation_samples, options.seed),
-                                       inputs)  # fmt: skip
-            origin = f"random, shaped like example_inputs (seed {options.seed})"
-        else:
-            rng = np.random.default_rng(options.seed)
-            dim_values = dict(options.dim_values or {})
-            validation = {}
-            for spec in inputs:
-                shape = tuple(
-                    options.validation_samples if i == 0 else (int(dim_values.get(d, options.sequence_length))
-                                                              if isinstance(d, str) else d)
-                    for i, d in enumerate(spec.shape)
-                )  # fmt: skip
-                validation[spec.name] = src._random_like(spec, shape, rng)
-            validation = src._fit_data(validation, inputs)
-            origin = f"random (seed {options.seed})"
+        examples = _examples(example_inputs, names) if data is None and example_inputs is not None else None
+        validation, origin = choose_validation(inputs, options, data=data, examples=examples)
         try:
             reference({k: v[:1] for k, v in validation.items()})
         except Exception as e:  # the user's model failed on data of its own signature
@@ -219,7 +195,7 @@ def keras_source(
 
     import keras
 
-    return src.Source(
+    return Source(
         kind="keras",
         description=what,
         inputs=inputs,

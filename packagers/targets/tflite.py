@@ -22,10 +22,6 @@ Heavy libraries are imported inside functions.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
@@ -34,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
 __all__ = ["CAPABILITIES", "MODEL_MEMBER", "TfLitePackager", "inspect_model"]
 
@@ -63,21 +60,6 @@ def _version(dist: str) -> str:
 
 def _min_version() -> str:
     return version_floor(_version("ai-edge-litert"))
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The converters print progress trees and advice on stdout/stderr and the root logger; keep the CLI clean."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def _interpreter(model: Path | bytes) -> Any:
@@ -190,7 +172,7 @@ class TfLitePackager:
                        for s in source.inputs)  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            with _quiet():
+            with quiet("litert"):
                 model = litert_torch.convert(source.native, sample)
                 model.export(str(path))
         except Exception as e:  # unsupported op, export failure: report, do not fall back silently
@@ -228,7 +210,7 @@ class TfLitePackager:
             method = "static int8 (static_wi8_ai8: per-channel int8 weights, per-tensor int8 activations, min-max)"
             calibration = self._calibrate(q, source, fp32, batch)
         try:
-            with _quiet():
+            with quiet("litert"):
                 result = q.quantize(calibration, enable_progress_report=False)
         except Exception as e:  # unsupported op patterns
             raise PackagingError(f"ai-edge-quantizer failed ({precision.value}): {str(e)[:300]}") from e
@@ -250,7 +232,7 @@ class TfLitePackager:
             samples.append({c: source.validation_inputs[u][start : start + batch].astype(details[c]["dtype"])
                             for u, c in conv.items()})  # fmt: skip
         try:
-            with _quiet():
+            with quiet("litert"):
                 return q.calibrate({SIGNATURE: samples}, num_threads=1)
         except Exception as e:  # calibration runs the model: data that do not fit it
             raise PackagingError(f"ai-edge-quantizer calibration failed: {str(e)[:300]}") from e
@@ -258,8 +240,8 @@ class TfLitePackager:
     # ---- keras / SavedModel via the TensorFlow converter ------------------------------------------------
     def _from_saved_model(self, source: Source, precision: Precision, int8_io: bool, out: Path,
                           progress: Callable[[str], None]) -> tuple[str, dict[str, Any]]:  # fmt: skip
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
+        with quiet("tensorflow"):  # TF's C++ info lines at import
+            import tensorflow as tf
 
         converter_name = f"tensorflow {tf.__version__} TFLiteConverter"
         progress(f"tflite {precision.value}: {converter_name}")
@@ -291,7 +273,7 @@ class TfLitePackager:
                 "int8_io": int8_io,
             }
         try:
-            with _quiet():
+            with quiet("litert"):
                 out.write_bytes(converter.convert())
         except Exception as e:  # ConverterError: ops without an (int8) TFLite kernel
             raise PackagingError(f"the TFLite converter failed ({precision.value}): {str(e)[:400]}") from e

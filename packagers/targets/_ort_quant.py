@@ -1,6 +1,6 @@
 """Graph-level recipes behind the ONNX Runtime target's precisions (fp16, static int8, int4, ORT format).
 
-Kept apart from ``packagers/onnxruntime.py`` so the packager reads as "which recipe, which candidates";
+Kept apart from ``packagers/targets/onnxruntime.py`` so the packager reads as "which recipe, which candidates";
 each function here takes ONNX files in and writes one ONNX file out, and returns what it did for the
 report. onnx and onnxruntime are imported inside the functions.
 
@@ -19,17 +19,15 @@ quantize_dynamic per-channel 0.9925. Two things fix it:
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from packagers._ort_session import cpu_session
+from packagers._quiet import quiet
 from sdk.errors import PackagingError
 
 __all__ = [
@@ -38,7 +36,6 @@ __all__ = [
     "is_transformer_graph",
     "quantize_int4",
     "quantize_static_qdq",
-    "quiet",
     "smooth_matmul_inputs",
     "to_ort_format",
     "weight_matmuls",
@@ -48,19 +45,6 @@ ALPHAS = (0.0, 0.3, 0.5, 0.65, 0.8)  # smoothing strengths tried per activation;
 _SMOOTH_MAX_SAMPLES = 64  # calibration samples used for the smoothing statistics
 _SMOOTH_MAX_ROWS = 2048  # activation rows (tokens) kept per tensor for the simulated error
 _MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
-
-
-@contextmanager
-def quiet() -> Iterator[None]:
-    """The quantization tools log advice at WARNING through the root logger and print to stdout."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def _initializers(model: Any) -> dict[str, Any]:
@@ -89,15 +73,6 @@ def is_transformer_graph(model: Any) -> bool:
     return has_norm and bool(weight_matmuls(model))
 
 
-def _session(path: Path | str, level: str = "ORT_ENABLE_ALL") -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 # ---- fp16 ----------------------------------------------------------------------------------------
 def convert_fp16(src: Path, dst: Path, max_tries: int = 8) -> dict[str, Any]:
     """Half-precision weights and compute, float32 inputs and outputs (``keep_io_types``).
@@ -114,17 +89,18 @@ def convert_fp16(src: Path, dst: Path, max_tries: int = 8) -> dict[str, Any]:
     blocked: list[str] = []
     for _ in range(max_tries):
         model = onnx.load(str(src))
-        with quiet():
+        with quiet("onnxruntime.quantization"):
             converted = convert_float_to_float16(
                 model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + blocked
             )
         onnx.save_model(converted, str(dst))
         try:
-            _session(dst)
-        except Exception as e:  # onnxruntime's NotImplemented: an op type without a CPU fp16 kernel
-            missing = _MISSING_KERNEL.search(str(e))
+            cpu_session(dst)
+        except PackagingError as e:  # onnxruntime's NotImplemented: an op type without a CPU fp16 kernel
+            cause = str(e.__cause__ or e)
+            missing = _MISSING_KERNEL.search(cause)
             if missing is None or missing.group(1) in blocked:
-                raise PackagingError(f"the fp16 graph does not load in onnxruntime: {str(e)[:300]}") from e
+                raise PackagingError(f"the fp16 graph does not load in onnxruntime: {cause[:300]}") from e
             blocked.append(missing.group(1))
             continue
         return {
@@ -171,7 +147,7 @@ def _collect(
             augmented.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = workdir / "smooth-stats.onnx"
     onnx.save_model(augmented, str(path))
-    session = _session(path, "ORT_ENABLE_BASIC")  # requested outputs survive basic optimizations
+    session = cpu_session(path, optimization="ORT_ENABLE_BASIC")  # requested outputs survive basic optimizations
     wanted = {i.name for i in session.get_inputs()}
     n = min(len(next(iter(feeds.values()))), _SMOOTH_MAX_SAMPLES)
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
@@ -310,7 +286,7 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
     del model
     reader = _Reader(feeds, names, max_samples)
     try:
-        with quiet():
+        with quiet("onnxruntime.quantization"):
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                             per_channel=per_channel, reduce_range=False, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=calib,
@@ -349,7 +325,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int, accuracy_level: int 
             f"(its weighted ops: {', '.join(kinds) or 'none'}); use int8 or int8-dynamic for it"
         )
     try:
-        with quiet():
+        with quiet("onnxruntime.quantization"):
             quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                              accuracy_level=accuracy_level)  # fmt: skip
             quantizer.process()
@@ -385,7 +361,7 @@ def to_ort_format(src: Path, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     model = stage / "model.onnx"
     model.write_bytes(src.read_bytes())
     try:
-        with quiet():
+        with quiet("onnxruntime.quantization"):
             convert_onnx_models_to_ort(model, output_dir=stage, optimization_styles=[OptimizationStyle.Fixed])
     except Exception as e:  # ValueError, onnxruntime errors
         raise PackagingError(f"conversion to ORT format failed: {str(e)[:300]}") from e

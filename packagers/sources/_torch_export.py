@@ -8,34 +8,16 @@ removed from a future torch) the dynamo exporter is used and the run records whi
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from packagers.sources import OnnxExport
+from packagers._quiet import quiet
+from packagers.sources.base import OnnxExport
 from sdk.errors import PackagingError
 
 __all__ = ["name_dynamic_dims", "torch2onnx"]
-
-
-@contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence the exporters' deprecation chatter and progress prints; errors still propagate."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def name_dynamic_dims(model: Any, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
@@ -136,7 +118,7 @@ def torch2onnx(
         try:
             path.unlink(missing_ok=True)
             fn = _export_torchscript if name == "torchscript" else _export_dynamo
-            with _quiet_export():
+            with quiet("torch.onnx"):
                 fn(model, example_inputs, path, input_names, output_names, dynamic_axes, opset)
             proto = onnx.load(str(path))
             name_dynamic_dims(proto, dynamic_axes)

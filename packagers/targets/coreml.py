@@ -2,7 +2,7 @@
 
 The source's torch module (a torch module, or a transformers model behind its task wrapper) is traced
 with ``torch.jit.trace`` and converted with ``ct.convert(..., convert_to="mlprogram")``; the op
-converters coremltools 9 lacks for BERT-family graphs are added by ``packagers._coreml_ops``.
+converters coremltools 9 lacks for BERT-family graphs are added by ``packagers.targets._coreml_ops``.
 
 - ``fp32``: compute precision FLOAT32.
 - ``fp16``: compute precision FLOAT16 (weights and activations in half precision; inputs/outputs keep
@@ -33,20 +33,17 @@ finite bound) and
 
 from __future__ import annotations
 
-import functools
-import logging
 import platform
 import sys
 import time
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from packagers.validation import ValidationUnavailable
@@ -54,7 +51,7 @@ from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
 __all__ = ["CAPABILITIES", "MODEL_MEMBER", "PACKAGE_ROOT", "CoreMlPackager", "check_structure", "coreml_dtype"]
 
@@ -100,41 +97,6 @@ def numeric_unavailable_reason() -> str:
     return f"Core ML predicts only on macOS; this host is {platform.system() or sys.platform}: structure checked only"
 
 
-# (module, attribute) of the tqdm progress bars coremltools draws while converting and compressing.
-_BARS = (
-    ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
-    ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
-    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),
-)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """coremltools logs untested-version warnings and draws tqdm bars; the CLI has its own progress lines.
-
-    The bars take no argument to turn them off, so their ``tqdm`` is swapped for a disabled one while
-    this context lasts (packaging runs one conversion at a time).
-    """
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    swapped = []
-    for module_name, attr in _BARS:
-        module = sys.modules.get(module_name)
-        bar = getattr(module, attr, None)
-        if bar is not None:
-            setattr(module, attr, functools.partial(bar, disable=True))
-            swapped.append((module, attr, bar))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-        for module, attr, bar in swapped:
-            setattr(module, attr, bar)
-
-
 def import_coremltools() -> Any:
     """Import coremltools quietly and without its optional framework probes.
 
@@ -144,7 +106,7 @@ def import_coremltools() -> Any:
     if "coremltools" in sys.modules:
         return sys.modules["coremltools"]
     hidden = [name for name in _OPTIONAL_IMPORTS if name not in sys.modules]
-    with _quiet():
+    with quiet("coremltools"):
         for name in hidden:
             sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
         try:
@@ -247,8 +209,7 @@ def _trace(source: Source, examples: Mapping[str, np.ndarray]) -> Any:
         raise PackagingError(f"{source.description} has no torch module to convert to Core ML")
     tensors = tuple(torch.from_numpy(np.ascontiguousarray(examples[s.name])) for s in source.inputs)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about Python branches on shapes
+        with torch.no_grad(), quiet("torch.jit"):  # TracerWarnings about Python branches on shapes
             return torch.jit.trace(module.eval(), tensors, strict=False, check_trace=False)
     except Exception as e:  # the user's forward under the tracer: any error is a failed export
         raise PackagingError(f"torch.jit.trace failed for Core ML: {type(e).__name__}: {str(e)[:300]}") from e
@@ -306,7 +267,7 @@ def check_structure(
         PackagingError: the package cannot be read at all.
     """
     try:
-        with _quiet():
+        with quiet("coremltools"):
             model = ct.models.MLModel(str(package), skip_model_load=True)
         spec = model.get_spec()
     except Exception as e:  # protobuf or file errors: the package is unusable
@@ -398,7 +359,7 @@ class CoreMlPackager:
         if why:
             raise PackagingError(why)
         ct = import_coremltools()
-        from packagers import _coreml_ops
+        from packagers.targets import _coreml_ops
 
         settings = _Settings(ct, precision, options.extra)
         added_ops = _coreml_ops.register()
@@ -414,7 +375,7 @@ class CoreMlPackager:
         progress(f"coreml {precision.value}: converting to an ML program ({settings.target_name})")
         compute = ct.precision.FLOAT16 if settings.compute_precision == "float16" else ct.precision.FLOAT32
         try:
-            with _quiet():
+            with quiet("coremltools"):
                 mlmodel = ct.convert(traced, source="pytorch", inputs=inputs, outputs=outputs, convert_to="mlprogram",
                                      minimum_deployment_target=settings.target, compute_precision=compute,
                                      skip_model_load=True)  # fmt: skip
@@ -481,7 +442,7 @@ class CoreMlPackager:
         start = time.perf_counter()
         info: dict[str, Any]
         try:
-            with _quiet():
+            with quiet("coremltools"):
                 if precision is Precision.INT8_WEIGHTS:
                     op_config: Any = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                                              granularity="per_channel",
@@ -517,7 +478,7 @@ class CoreMlPackager:
             raise ValidationUnavailable(numeric_unavailable_reason(), built.recipe.get("structure", {}))
         ct = import_coremltools()
         try:
-            with _quiet():
+            with quiet("coremltools"):
                 model = ct.models.MLModel(str(built.path.parent), compute_units=ct.ComputeUnit.CPU_ONLY)
         except Exception as e:  # Core ML's compile or load error
             raise PackagingError(f"Core ML cannot load the built package: {str(e)[:300]}") from e

@@ -27,24 +27,22 @@ precision a device may run the bundle at.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.precision import PrecisionChoice, choose_hint
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
 __all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtime_min_version", "validation_precision"]
 
@@ -112,19 +110,6 @@ def compile_for_validation(xml: Path, precision: str = "f32") -> Any:
         raise PackagingError(f"OpenVINO's CPU plugin resolved INFERENCE_PRECISION_HINT={precision} to {resolved} "
                              "on this host; the bundle would claim a precision it was not validated at")  # fmt: skip
     return compiled
-
-
-@contextlib.contextmanager
-def _quiet_nncf() -> Iterator[None]:
-    """NNCF prints progress bars on stdout and bit-width tables at INFO; keep the CLI's output clean."""
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _has_attention(model: Any) -> bool:
@@ -261,7 +246,7 @@ class OpenVinoPackager:
                  + (" (transformer recipe)" if transformer else ""))  # fmt: skip
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 quantized = nncf.quantize(model, nncf.Dataset(items), **kwargs)
         except Exception as e:  # NNCF raises nncf.InternalError / ValidationError / RuntimeError
             raise PackagingError(f"NNCF int8 quantization failed: {type(e).__name__}: {str(e)[:300]}") from e
@@ -286,7 +271,7 @@ class OpenVinoPackager:
         progress("openvino int8-weights: NNCF weight compression (INT8_ASYM, per-channel)")
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         except Exception as e:  # NNCF's own error types
             raise PackagingError(f"NNCF int8 weight compression failed: {type(e).__name__}: {str(e)[:300]}") from e
@@ -319,7 +304,7 @@ class OpenVinoPackager:
         progress(f"openvino int4: NNCF weight compression ({mode.value}, group size {group_size}, ratio {ratio})")
         start = time.perf_counter()
         try:
-            with _quiet_nncf():
+            with quiet("nncf"):
                 compressed = nncf.compress_weights(
                     model, mode=mode, group_size=group_size, ratio=ratio,
                     advanced_parameters=AdvancedCompressionParameters(

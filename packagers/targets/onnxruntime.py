@@ -9,7 +9,7 @@
   get a third candidate with the activation smoothing of the int8 recipe (below) before quantization.
 - ``int8``: static QDQ calibrated on the calibration (else validation) samples, calibration method and
   per-channel from ``PackageOptions``. Transformer graphs (LayerNormalization + MatMul weights) get the
-  accuracy-aware recipe of ``packagers._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
+  accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
   the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set. Override with
   ``PackageOptions.extra["int8_recipe"] = "transformer" | "default"`` and
   ``extra["int8_keep_float"] = N`` (MatMuls kept in float, worst first).
@@ -25,23 +25,23 @@ below resolves to the real package: imports are absolute).
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packagers._ort_session import cpu_session
+from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 
 if TYPE_CHECKING:
-    from packagers.sources import Source
+    from packagers.sources.base import Source
 
-__all__ = ["CAPABILITIES", "OnnxRuntimePackager", "make_session", "runtime_min_version"]
+__all__ = ["CAPABILITIES", "OnnxRuntimePackager", "runtime_min_version"]
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4),
@@ -58,35 +58,6 @@ def runtime_min_version() -> str:
     import onnxruntime as ort
 
     return version_floor(ort.__version__)
-
-
-def make_session(path: Path) -> Any:
-    """An onnxruntime CPU session with ORT_ENABLE_ALL, as a device would create it.
-
-    Raises:
-        PackagingError: onnxruntime cannot load the file.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own Fail / InvalidGraph / NotImplemented types
-        raise PackagingError(f"onnxruntime cannot load the built model {path.name}: {str(e)[:300]}") from e
-
-
-@contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    """The quantization tools log advice at WARNING through the root logger; keep the CLI output clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _symbolic_shapes_complete(src: Path) -> tuple[bool, str]:
@@ -120,7 +91,7 @@ def _pre_process(src: Path, dst: Path) -> dict[str, Any]:
     if why:
         info["note"] = why
     try:
-        with _quiet_quantizer():
+        with quiet("onnxruntime.quantization"):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic)
     except Exception as e:  # the quantizer can still work on the raw graph
         dst.unlink(missing_ok=True)
@@ -207,7 +178,7 @@ class OnnxRuntimePackager:
 
     def _fp16(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
               progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
-        from packagers._ort_quant import convert_fp16
+        from packagers.targets._ort_quant import convert_fp16
 
         progress("onnxruntime fp16: converting weights and compute to float16 (float32 inputs/outputs)")
         out = workdir / "fp16" / MODEL_MEMBER
@@ -230,7 +201,7 @@ class OnnxRuntimePackager:
         import onnx
         import onnxruntime as ort
 
-        from packagers._ort_quant import (
+        from packagers.targets._ort_quant import (
             is_transformer_graph,
             quantize_static_qdq,
             sensitive_nodes,
@@ -294,7 +265,7 @@ class OnnxRuntimePackager:
 
     def _int4(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
               options: PackageOptions, progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
-        from packagers._ort_quant import quantize_int4
+        from packagers.targets._ort_quant import quantize_int4
 
         block, level = _int4_settings(options)
         progress(f"onnxruntime int4: 4-bit MatMul weights (MatMulNBits, block {block})")
@@ -308,7 +279,7 @@ class OnnxRuntimePackager:
         return [BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe}, "int4")]
 
     def _to_ort(self, built: BuiltModel, workdir: Path, progress: Callable[[str], None]) -> BuiltModel:
-        from packagers._ort_quant import to_ort_format
+        from packagers.targets._ort_quant import to_ort_format
 
         progress(f"onnxruntime: converting the {built.candidate} graph to ORT format")
         path, info = to_ort_format(built.path, workdir / f"ort-{built.candidate}")
@@ -324,7 +295,7 @@ class OnnxRuntimePackager:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        from packagers._ort_quant import is_transformer_graph, smooth_matmul_inputs
+        from packagers.targets._ort_quant import is_transformer_graph, smooth_matmul_inputs
 
         progress("onnxruntime int8-dynamic: pre-processing the graph")
         pre = workdir / "preprocessed.onnx"
@@ -350,7 +321,7 @@ class OnnxRuntimePackager:
             out.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             try:
-                with _quiet_quantizer():
+                with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                                      reduce_range=False, use_external_data_format=False)  # fmt: skip
             except Exception as e:  # the quantizer raises plain Exceptions for unsupported graphs
@@ -381,7 +352,7 @@ class OnnxRuntimePackager:
         Raises:
             PackagingError: onnxruntime cannot load the model.
         """
-        session = make_session(built.path)
+        session = cpu_session(built.path, what=f"the built model {built.path.name}")
         names = [o.name for o in session.get_outputs()]
         expected = {i.name for i in session.get_inputs()}
 
