@@ -1049,7 +1049,7 @@ class Agent:
         except BaseException:
             model.close()
             raise
-        budget = model.manifest.golden.get("latency_budget_ms", self.config.health_latency_budget_ms)
+        budget = model.manifest.golden.latency_budget_ms or self.config.health_latency_budget_ms
         if hooks and isinstance(budget, (int, float)) and metrics["latency_ms"] > budget:
             model.close()
             raise HealthCheckError(

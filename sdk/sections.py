@@ -75,13 +75,13 @@ def count(value: Any, where: str) -> int:
 def positive(value: Any, where: str) -> float:
     if not _is_number(value) or value <= 0:
         raise _fail(where, "a finite number > 0", value)
-    return float(value)
+    return value  # kept as written (an int stays an int): the JSON reads back the same
 
 
 def non_negative(value: Any, where: str) -> float:
     if not _is_number(value) or value < 0:
         raise _fail(where, "a finite number >= 0", value)
-    return float(value)
+    return value
 
 
 def strings(value: Any, where: str) -> tuple[str, ...]:
@@ -255,7 +255,7 @@ class Preprocessing(Section):
 def cosine_bound(value: Any, where: str) -> float:
     if not _is_number(value) or not 0 <= value <= 1:
         raise _fail(where, "a number from 0 to 1", value)
-    return float(value)
+    return value
 
 
 @dataclass(frozen=True, eq=False, repr=False)
