@@ -12,7 +12,7 @@ The rules (every refusal is an ``InputError`` naming the declared name, dtype an
   number to bool;
 - shapes: same rank, fixed dimensions equal, and a named dimension (``"batch"``) the same size
   everywhere it appears, across inputs;
-- the manifest's ``input_policy`` (``InputPolicy``): a named dimension inside its ``dims`` range
+- the manifest's ``input_policy`` (``sdk.sections.InputPolicy``): a named dimension inside its ``dims`` range
   ``[min, max]``; no zero-size dimension (an empty tensor) unless the shape declares ``0`` there or the
   ``dims`` range of that name starts at 0; no NaN or infinity in a float input unless ``nonfinite`` is
   ``"pass"``; the inputs' total size (after conversion) at most ``max_bytes``.
@@ -22,40 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from sdk.errors import InputError
 from sdk.manifest import DTYPES, TensorSpec
+from sdk.sections import InputPolicy
 
-__all__ = ["InputPolicy", "check_inputs", "describe"]
+__all__ = ["check_inputs", "describe"]
 
 # numpy kinds that are numbers or booleans; anything else (str, bytes, object, void, datetime) is junk.
 _NUMERIC_KINDS = frozenset("biuf")
 _NUMPY_DTYPES = {name: np.dtype(name) for name in DTYPES}  # manifest dtype name -> numpy dtype, built once
-
-
-@dataclass(frozen=True)
-class InputPolicy:
-    """What the device accepts beyond names, dtypes and shapes: the manifest's ``input_policy``.
-
-    ``Manifest`` has already validated the values; ``from_manifest`` only reads them.
-    """
-
-    reject_nonfinite: bool = True  # refuse NaN and +-inf in float inputs ("nonfinite": "reject")
-    dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # dynamic dim -> (min, max), inclusive
-    max_bytes: int | None = None  # total bytes of all inputs after conversion; None: no limit
-
-    @classmethod
-    def from_manifest(cls, policy: Mapping[str, Any]) -> InputPolicy:
-        """Read a manifest's ``input_policy`` object (``{}`` gives the defaults)."""
-        return cls(
-            reject_nonfinite=policy.get("nonfinite", "reject") != "pass",
-            dims={str(name): (int(lo), int(hi)) for name, (lo, hi) in policy.get("dims", {}).items()},
-            max_bytes=policy.get("max_bytes"),
-        )
 
 
 _DEFAULT_POLICY = InputPolicy()
@@ -208,7 +187,7 @@ def _check_shape(
             if want != got:
                 raise InputError(f"input {describe(spec)}: got shape {list(shape)}, dimension {axis} must be {want}")
             continue
-        bounds = policy.dims.get(want)
+        bounds = policy.ranges.get(want)
         if bounds is not None and not bounds[0] <= got <= bounds[1]:
             raise InputError(
                 f"input {describe(spec)}: got shape {list(shape)}, dimension {want!r} is {got}, outside the "

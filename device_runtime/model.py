@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_runtime._health import MASK_INPUT, Tolerance, compare_output
-from device_runtime._inputs import InputPolicy, check_inputs
+from device_runtime._inputs import check_inputs
 from device_runtime.backends import Backend, BackendOptions, create_backend
 from device_runtime.errors import HealthCheckError, ModelClosedError
 from device_runtime.metrics import Metrics
 from device_runtime.store import BundleStore
 from sdk.bundle import ReadLimits, VerifiedBundle, read_bundle
-from sdk.errors import BackendError, InputError, ManifestError
+from sdk.errors import BackendError, InputError
+from sdk.golden import MASK_INPUT, compare_output
 from sdk.manifest import Manifest, TensorSpec
 from sdk.signing import TrustedKeys
 
@@ -62,7 +62,7 @@ class Model:
         self.metrics.set_backend(backend.info)
         self._backend: Backend | None = backend
         self._specs = self.manifest.inputs
-        self._policy = InputPolicy.from_manifest(self.manifest.input_policy)
+        self._policy = self.manifest.input_policy
         self._valid_shapes: set[tuple[tuple[int, ...], ...]] = set()  # see check_inputs
         self._batch_dim = _stackable_dim(self.manifest)
         self._lock = threading.Lock()  # guards _backend, _closing, _in_flight
@@ -217,7 +217,7 @@ class Model:
         for spec in self._specs:
             if len({f[spec.name].shape[1:] for f in feeds}) != 1:
                 return None
-        bounds = self._policy.dims.get(self._batch_dim)
+        bounds = self._policy.ranges.get(self._batch_dim)
         if bounds is not None and sum(sizes) > bounds[1]:
             return None
         total_bytes = sum(a.nbytes for f in feeds for a in f.values())
@@ -239,11 +239,7 @@ class Model:
             BackendError: the runtime failed.
         """
         self._live_backend()
-        golden = self.manifest.golden
-        try:
-            tolerance = Tolerance.from_manifest(golden)
-        except ManifestError as e:
-            raise HealthCheckError(f"health check: {e}") from e
+        tolerance = self.manifest.golden.rule  # typed and checked when the manifest was read
         inputs = self._golden_arrays("inputs")
         expected = self._golden_arrays("outputs")
         declared = [spec.name for spec in self.manifest.outputs]
@@ -277,8 +273,8 @@ class Model:
         return metrics
 
     def _golden_arrays(self, side: str) -> dict[str, np.ndarray]:
-        paths = self.manifest.golden.get(side)
-        if not isinstance(paths, Mapping) or not paths:
+        paths = self.manifest.golden.inputs if side == "inputs" else self.manifest.golden.outputs
+        if not paths:
             raise HealthCheckError(f"health check: bundle {self.manifest.name} carries no golden {side}")
         arrays: dict[str, np.ndarray] = {}
         for name, member in paths.items():

@@ -297,8 +297,8 @@ def text_encoder(model: Model) -> TextEncoder:
     with _CACHE_LOCK:
         encoder = _TEXT_ENCODERS.get(model)
         if encoder is None:
-            contract = model.manifest.preprocessing.get("tokenizer")
-            if not isinstance(contract, Mapping):
+            contract = model.manifest.preprocessing.tokenizer
+            if contract is None:
                 names = ", ".join(s.name for s in model.manifest.inputs)
                 raise InputError(f"bundle {model.manifest.name} carries no tokenizer; give arrays for {names}")
             fixed = {s.shape[1] for s in model.manifest.inputs if len(s.shape) >= 2 and isinstance(s.shape[1], int)}
@@ -322,8 +322,8 @@ def image_processor(model: Model) -> ImageProcessor:
     with _CACHE_LOCK:
         processor = _IMAGE_PROCESSORS.get(model)
         if processor is None:
-            contract = model.manifest.preprocessing.get("image")
-            if not isinstance(contract, Mapping):
+            contract = model.manifest.preprocessing.image
+            if contract is None:
                 raise InputError(f"bundle {model.manifest.name} declares no image preprocessing; give pixel arrays")
             processor = ImageProcessor(contract)
             _IMAGE_PROCESSORS[model] = processor

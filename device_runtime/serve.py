@@ -533,5 +533,5 @@ def _model_summary(model: Model) -> dict[str, Any]:
         "created": m.created,
         "inputs": [spec.to_dict() for spec in m.inputs],
         "outputs": [spec.to_dict() for spec in m.outputs],
-        "input_policy": dict(m.input_policy),
+        "input_policy": m.input_policy.to_dict(),
     }

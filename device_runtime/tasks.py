@@ -179,10 +179,10 @@ class EdgeTaskModel:
     @property
     def id2label(self) -> tuple[str, ...]:
         """Class names by index, from the bundle's ``preprocessing.labels``."""
-        labels = self.model.manifest.preprocessing.get("labels")
-        if not isinstance(labels, list):
+        labels = self.model.manifest.preprocessing.labels
+        if labels is None:
             raise ManifestError(f"bundle {self.model.manifest.name} declares no labels (preprocessing.labels)")
-        return tuple(str(label) for label in labels)
+        return labels
 
     def _counted(self, fn: Any, *args: Any) -> Any:
         """Run preprocessing; its InputErrors are counted like predict's own."""
@@ -231,7 +231,7 @@ class EdgeModelForSequenceClassification(_TextTaskModel):
         """
         batch = self._encode(text, text_pair)
         logits = self.model.predict(batch.feeds)["logits"]
-        problem = self.model.manifest.preprocessing.get("problem_type")
+        problem = self.model.manifest.preprocessing.problem_type
         return SequenceClassifierOutput(logits, self.id2label, problem)
 
 
@@ -269,8 +269,8 @@ class EdgeModelForFeatureExtraction(_TextTaskModel):
     @property
     def pooling(self) -> Mapping[str, Any]:
         """``{"mode": "mean"|"cls"|"max", "normalize": bool}`` from the bundle (default: mean, unnormalised)."""
-        pooling = self.model.manifest.preprocessing.get("pooling")
-        return pooling if isinstance(pooling, Mapping) else {"mode": "mean", "normalize": False}
+        pooling = self.model.manifest.preprocessing.pooling
+        return pooling if pooling is not None else {"mode": "mean", "normalize": False}
 
     def __call__(
         self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None
@@ -332,7 +332,7 @@ class EdgeModelForImageClassification(EdgeTaskModel):
             ModelClosedError, BackendError: as ``Model.predict`` raises them.
         """
         logits = self.model.predict({"pixel_values": self.preprocess(images)})["logits"]
-        problem = self.model.manifest.preprocessing.get("problem_type")
+        problem = self.model.manifest.preprocessing.problem_type
         return ImageClassifierOutput(logits, self.id2label, problem)
 
 

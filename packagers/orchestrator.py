@@ -32,7 +32,9 @@ from packagers.sources import Source, detect_input_kind, load_source
 from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
 from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
+from sdk.golden import check_golden
 from sdk.manifest import Manifest, TensorSpec, format_time
+from sdk.sections import Golden, InputPolicy, Preprocessing, Runtime, Validation
 from sdk.signing import load_private_key
 
 __all__ = ["package"]
@@ -311,6 +313,24 @@ def _policy_for(policy: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> dict
     return out
 
 
+def _check_own_golden(
+    plan: _Plan, tag: str, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], golden: Golden
+) -> None:
+    """Refuse to sign a bundle that would fail its own golden check on this host.
+
+    The bundle's runtime runs the golden inputs again (where this host can run it) and the result
+    is checked with the rule a device applies (``sdk.golden``): a non-deterministic model, or golden
+    outputs that are not finite, would fail the health check on every device.
+
+    Raises:
+        PackagingError: the check failed.
+    """
+    again = plan.run(dict(inputs)) if plan.run is not None else outputs
+    problems = check_golden(again, outputs, golden.rule, inputs.get(MASK_INPUT))
+    if problems:
+        raise PackagingError(f"{tag}: the bundle fails its own golden check, not signed: {'; '.join(problems)}")
+
+
 def _write(
     plan: _Plan, *, source: Source, inputs: Mapping[str, np.ndarray], n: int, name: str, version: int,
     label: str | None, expires: str | None, keys: list[Ed25519PrivateKey], out: Path, options: PackageOptions,
@@ -330,16 +350,19 @@ def _write(
         golden_out = source.reference(golden_in)
     members: dict[str, str | os.PathLike[str] | bytes] = {plan.built.member: plan.built.path}
     members.update(plan.built.extra_members)
-    golden: dict[str, Any] = {"inputs": {}, "outputs": {}, "samples": g}
+    paths: dict[str, dict[str, str]] = {"inputs": {}, "outputs": {}}
     used: set[str] = set()
     for side, arrays, specs in (("inputs", golden_in, in_specs), ("outputs", golden_out, out_specs)):
         for spec in specs:
             path = f"golden/{side}/{_safe_name(spec.name, used)}.npy"
             members[path] = _npy_bytes(arrays[spec.name])
-            golden[side][spec.name] = path
-    golden["tolerance"] = golden_tolerance(plan.tolerances, {s.name: golden_out[s.name] for s in source.outputs})
-    if plan.run is None:
-        golden["outputs_from"] = source.reference_name
+            paths[side][spec.name] = path
+    golden = Golden(
+        inputs=paths["inputs"], outputs=paths["outputs"], samples=g,
+        tolerance=golden_tolerance(plan.tolerances, {s.name: golden_out[s.name] for s in source.outputs}),
+        outputs_from=source.reference_name if plan.run is None else None,
+    )  # fmt: skip
+    _check_own_golden(plan, tag, golden_in, golden_out, golden)
     members.update({k: v for k, v in source.members.items()})
 
     say(f"{tag}: benchmarking on the host CPU (batch 1)")
@@ -349,33 +372,24 @@ def _write(
     else:
         bench = {"skipped": plan.validation["numeric"]["reason"], "runs": 0}
     passed = bool(plan.validation["passed"])
-    validation: dict[str, Any] = {
-        "reference": source.reference_name,
-        "samples": n,
-        "data": source.data_origin,
-        "metrics": plan.validation["metrics"],
-        "tolerances": plan.tolerances.to_dict(),
-        "passed": passed,
-        "accepted_drift": bool(accept_drift and not passed),
-        "failures": plan.validation["failures"],
-        "benchmark": bench,
-    }
-    for key in ("numeric", "structure"):  # set when the runtime could not run on this host
-        if key in plan.validation:
-            validation[key] = plan.validation[key]
-    if "accuracy" in plan.validation:
-        validation["accuracy"] = plan.validation["accuracy"]
-    if "padding" in plan.validation:  # token-level outputs were scored only where attention_mask != 0
-        validation["padding"] = plan.validation["padding"]
     try:
+        validation = Validation(
+            reference=source.reference_name, samples=n, data=source.data_origin, metrics=plan.validation["metrics"],
+            tolerances=plan.tolerances.to_dict(), passed=passed, accepted_drift=bool(accept_drift and not passed),
+            failures=plan.validation["failures"], benchmark=bench,
+            # numeric, structure: set when the runtime could not run on this host; padding: token-level
+            # outputs were scored only where attention_mask != 0
+            **{k: plan.validation[k] for k in ("numeric", "structure", "accuracy", "padding") if k in plan.validation},
+        )  # fmt: skip
         manifest = Manifest(
             name=name, version=version, target=plan.target.value, precision=plan.precision.value,
             model=plan.built.member, inputs=in_specs, outputs=out_specs,
-            created=format_time(datetime.now(timezone.utc)), runtime=dict(plan.built.runtime), label=label,
-            task=source.task, preprocessing=source.preprocessing, validation=validation, golden=golden,
-            expires=expires, input_policy=_policy_for(source.input_policy, in_specs),
+            created=format_time(datetime.now(timezone.utc)), runtime=Runtime.from_dict(plan.built.runtime),
+            label=label, task=source.task, preprocessing=Preprocessing.from_dict(source.preprocessing),
+            validation=validation, golden=golden, expires=expires,
+            input_policy=InputPolicy.from_dict(_policy_for(source.input_policy, in_specs)),
         )  # fmt: skip
-    except ManifestError as e:  # e.g. a tensor name the bundle format cannot hold
+    except ManifestError as e:  # e.g. a tensor name the bundle format cannot hold, a runtime key it does not know
         raise PackagingError(f"cannot describe the model in a manifest: {e}") from e
     report = {
         "name": name,
@@ -386,7 +400,7 @@ def _write(
         "build": dict(plan.built.recipe),
         "candidates": plan.candidates,
         "chosen": plan.built.candidate,
-        "validation": validation,
+        "validation": validation.to_dict(),
         "benchmark": bench,
         "seconds": round(time.perf_counter() - started, 3),
     }

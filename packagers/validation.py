@@ -1,5 +1,7 @@
 """Numerical validation of a built model against its reference, and the golden tolerance.
 
+The golden check itself (what a device runs, and the packager before signing) is ``sdk.golden``.
+
 Pure numpy: the caller runs both models; this module compares their outputs per output tensor
 (max/mean absolute difference, per-sample cosine similarity, top-1 agreement for logits-like
 outputs, task accuracy with labels) and decides pass/fail against ``Tolerances``.
@@ -16,11 +18,11 @@ import numpy as np
 from packagers.options import Tolerances
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
-from sdk.scoring import MASK_INPUT, padding_mask
+from sdk.scoring import MASK_INPUT, cosine_per_sample, padding_mask, zero_unscored
+from sdk.sections import GoldenTolerance
 
 __all__ = [
     "ValidationUnavailable",
-    "check_golden",
     "compare_outputs",
     "cosine_per_sample",
     "golden_tolerance",
@@ -73,25 +75,6 @@ def is_logits_like(spec: TensorSpec) -> bool:
     return len(spec.shape) == 2 and isinstance(spec.shape[1], int) and spec.shape[1] > 1
 
 
-def _masked(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    """``array`` with the positions ``keep`` leaves out set to 0 (so they add nothing to any metric)."""
-    if keep is None:
-        return array
-    return np.where(keep.reshape(keep.shape + (1,) * (array.ndim - 2)), array, 0)
-
-
-def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each sample (first axis), the rest flattened; 1 when both are zero."""
-    x = a.reshape(len(a), -1).astype(np.float64)
-    y = b.reshape(len(b), -1).astype(np.float64)
-    num = (x * y).sum(axis=1)
-    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    both_zero = (np.abs(x).sum(axis=1) == 0) & (np.abs(y).sum(axis=1) == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-    return np.where(both_zero, 1.0, cos)
-
-
 def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tolerances,
                     failures: list[str], mask: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     name = spec.name
@@ -99,7 +82,7 @@ def _output_metrics(spec: TensorSpec, ref: np.ndarray, out: np.ndarray, tol: Tol
         failures.append(f"{name}: shape {list(out.shape)} differs from the reference {list(ref.shape)}")
         return {"shape_mismatch": True}
     keep = padding_mask(mask, ref)
-    r, o = _masked(ref.astype(np.float64), keep), _masked(out.astype(np.float64), keep)
+    r, o = zero_unscored(ref.astype(np.float64), keep), zero_unscored(out.astype(np.float64), keep)
     finite = bool(np.isfinite(o).all())
     diff = np.abs(o - r)
     if keep is not None:
@@ -205,41 +188,14 @@ def compare_outputs(
     return result
 
 
-def golden_tolerance(tolerances: Tolerances, golden_outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """The on-device health-check tolerance for these golden outputs.
+def golden_tolerance(tolerances: Tolerances, golden_outputs: Mapping[str, np.ndarray]) -> GoldenTolerance:
+    """The golden check's tolerance for these golden outputs (the rule itself: ``sdk.golden``).
 
     ``atol`` scales with the largest golden output magnitude, so it is loose enough for another
     CPU's kernels and still orders of magnitude below what a broken model produces.
     """
     scale = max((float(np.abs(v.astype(np.float64)).max()) for v in golden_outputs.values() if v.size), default=1.0)
     atol = tolerances.golden_atol_rel * max(scale, 1e-6)
-    return {
-        "atol": float(f"{atol:.6g}"),
-        "rtol": float(tolerances.golden_rtol),
-        "min_cosine": float(tolerances.golden_min_cosine),
-    }
-
-
-def check_golden(outputs: Mapping[str, np.ndarray], golden: Mapping[str, np.ndarray],
-                 tolerance: Mapping[str, float], mask: np.ndarray | None = None) -> list[str]:  # fmt: skip
-    """What fails the golden health check (empty when it passes); mirrors what a device does.
-
-    ``mask``: the golden inputs' ``attention_mask``; padded positions of token-level outputs are not compared.
-    """
-    problems: list[str] = []
-    for name, expected in golden.items():
-        got = outputs.get(name)
-        if got is None or got.shape != expected.shape:
-            problems.append(f"{name}: missing or shape {None if got is None else list(got.shape)}")
-            continue
-        keep = padding_mask(mask, expected)
-        g, e = _masked(got.astype(np.float64), keep), _masked(expected.astype(np.float64), keep)
-        if not np.isfinite(g).all():
-            problems.append(f"{name}: NaN or Inf")
-            continue
-        if not np.allclose(g, e, atol=tolerance["atol"], rtol=tolerance["rtol"]):
-            problems.append(f"{name}: max abs diff {np.abs(g - e).max():.3g} over atol {tolerance['atol']}")
-        cos = cosine_per_sample(e, g)
-        if cos.min() < tolerance["min_cosine"]:
-            problems.append(f"{name}: min cosine {cos.min():.6f} < {tolerance['min_cosine']}")
-    return problems
+    return GoldenTolerance(
+        atol=float(f"{atol:.6g}"), rtol=float(tolerances.golden_rtol), min_cosine=float(tolerances.golden_min_cosine)
+    )

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sdk.errors import ManifestError
+from sdk.sections import Golden, GoldenTolerance, InputPolicy, Preprocessing, Runtime, Section, Validation
 
 __all__ = [
     "DTYPES",
@@ -23,8 +24,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "TARGETS",
     "FileEntry",
+    "Golden",
+    "GoldenTolerance",
+    "InputPolicy",
     "Manifest",
+    "Preprocessing",
+    "Runtime",
     "TensorSpec",
+    "Validation",
     "canonical_json",
     "check_member_path",
     "format_time",
@@ -45,6 +52,10 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _MAX_INT = 2**63 - 1  # versions and sizes fit a signed 64-bit int in every reader
+_SECTIONS: dict[str, type[Section]] = {
+    "runtime": Runtime, "preprocessing": Preprocessing, "validation": Validation, "golden": Golden,
+    "input_policy": InputPolicy,
+}  # fmt: skip
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -129,12 +140,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _mapping_copy(value: Any, what: str) -> dict[str, Any]:
-    _require(isinstance(value, Mapping), f"{what} must be an object")
-    # A JSON round trip gives a deep copy and proves the value is plain JSON.
-    return dict(json.loads(canonical_json(dict(value))))
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output: a name, a numpy dtype name and a shape.
@@ -211,13 +216,14 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     created: str
     files: tuple[FileEntry, ...] = ()
-    runtime: Mapping[str, Any] = field(default_factory=dict)
+    # The sections (sdk/sections.py): given as the class or as its JSON object, stored as the class.
+    runtime: Runtime = field(default_factory=Runtime)
     label: str | None = None
     task: str | None = None
-    preprocessing: Mapping[str, Any] = field(default_factory=dict)
-    validation: Mapping[str, Any] = field(default_factory=dict)
-    golden: Mapping[str, Any] = field(default_factory=dict)
-    input_policy: Mapping[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    validation: Validation = field(default_factory=Validation)
+    golden: Golden = field(default_factory=Golden)
+    input_policy: InputPolicy = field(default_factory=InputPolicy)
     expires: str | None = None
     schema: int = SCHEMA_VERSION
 
@@ -261,47 +267,23 @@ class Manifest:
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "files", files)
-        for name in ("runtime", "preprocessing", "validation", "golden", "input_policy"):
-            object.__setattr__(self, name, _mapping_copy(getattr(self, name), name))
-        self._check_input_policy()
+        for name, section in _SECTIONS.items():
+            object.__setattr__(self, name, section.from_dict(getattr(self, name)))
+        named = {d for spec in inputs for d in spec.shape if isinstance(d, str)}
+        for dim in self.input_policy.ranges:
+            _require(dim in named, f"input_policy.dims: {dim!r} is not a dynamic dimension of any input")
 
-        golden_paths = self.golden_paths()  # checks the shape of golden even in a draft
+        golden_paths = self.golden_paths()
         if files:  # a draft built before its files are hashed has none yet
             _require(self.model in paths, f"model file {self.model!r} is not listed in files")
             for path in golden_paths:
                 _require(path in paths, f"golden file {path!r} is not listed in files")
         self.to_bytes()  # every valid manifest can be written (a "\ud800" escape parses but cannot)
 
-    def _check_input_policy(self) -> None:
-        """``input_policy``: {"nonfinite": "reject"|"pass", "dims": {dim: [min, max]}, "max_bytes": int}."""
-        policy = self.input_policy
-        unknown = sorted(set(policy) - {"nonfinite", "dims", "max_bytes"})
-        _require(not unknown, f"input_policy: unknown keys {unknown}")
-        _require(
-            policy.get("nonfinite", "reject") in ("reject", "pass"), "input_policy.nonfinite must be reject or pass"
-        )
-        max_bytes = policy.get("max_bytes", 1)
-        _require(_is_int(max_bytes) and max_bytes > 0, "input_policy.max_bytes must be an int > 0")
-        dims = policy.get("dims", {})
-        _require(isinstance(dims, Mapping), "input_policy.dims must be an object")
-        named = {d for spec in self.inputs for d in spec.shape if isinstance(d, str)}
-        for dim, bounds in dims.items():
-            _require(dim in named, f"input_policy.dims: {dim!r} is not a dynamic dimension of any input")
-            ok = (isinstance(bounds, list) and len(bounds) == 2 and all(_is_int(b) for b in bounds)
-                  and 0 <= bounds[0] <= bounds[1])  # fmt: skip
-            _require(ok, f"input_policy.dims.{dim} must be [min, max] with 0 <= min <= max")
-
     # ---- derived views -------------------------------------------------------------------------
     def golden_paths(self) -> list[str]:
         """Paths of the golden input and output arrays, in manifest order."""
-        paths: list[str] = []
-        for side in ("inputs", "outputs"):
-            entry = self.golden.get(side, {})
-            _require(isinstance(entry, Mapping), f"golden.{side} must be an object")
-            for value in entry.values():
-                _require(isinstance(value, str), f"golden.{side} values must be paths")
-                paths.append(value)
-        return paths
+        return self.golden.paths()
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
@@ -328,8 +310,8 @@ class Manifest:
                 continue
             if f.name in ("inputs", "outputs", "files"):
                 value = [v.to_dict() for v in value]
-            elif isinstance(value, Mapping):
-                value = dict(value)
+            elif isinstance(value, Section):
+                value = value.to_dict()
             out[f.name] = value
         return out
 

@@ -434,7 +434,9 @@ class Deployer:
         except BaseException:
             model.close()
             raise
-        budget = model.manifest.golden.get("latency_budget_ms", self.config.health_latency_budget_ms)
+        budget = model.manifest.golden.latency_budget_ms
+        if budget is None:
+            budget = self.config.health_latency_budget_ms
         if hooks and isinstance(budget, (int, float)) and metrics["latency_ms"] > budget:
             model.close()
             raise HealthCheckError(

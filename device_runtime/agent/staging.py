@@ -180,18 +180,19 @@ def check_compatible(manifest: Manifest, capabilities: Mapping[str, Any]) -> Non
     if not _sysinfo.target_runs_here(manifest.target):
         raise BackendError(f"{manifest.target} bundles do not run on {sys.platform}")
     runtime = manifest.runtime
-    package = str(runtime.get("package") or manifest.target)
+    package = runtime.package or manifest.target
     installed = {
         p: v for p, v in capabilities["runtimes"].items() if _sysinfo.RUNTIME_PACKAGES.get(p) == manifest.target
     }
     if not installed:
         raise BackendError(f"no {manifest.target} runtime is installed (the bundle needs {package})")
-    minimum = runtime.get("min_version")
-    if isinstance(minimum, str) and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
+    minimum = runtime.min_version
+    if minimum is not None and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
         raise BackendError(f"the bundle needs {package} >= {minimum}; this device has {installed}")
     arch = capabilities["arch"]
-    if not _sysinfo.arch_compatible(runtime.get("arch"), arch):
-        raise BackendError(f"the bundle is built for {runtime.get('arch')}, this device is {arch}")
+    archs = None if runtime.arch is None else list(runtime.arch)
+    if not _sysinfo.arch_compatible(archs, arch):
+        raise BackendError(f"the bundle is built for {archs}, this device is {arch}")
 
 
 def stage(

@@ -71,16 +71,12 @@ class OnnxRuntimeBackend(Backend):
     def _load(self, model_path: Path, manifest: Manifest, options: BackendOptions) -> None:
         ort = self.import_runtime()
         runtime = manifest.runtime
-        level_name = runtime.get("graph_optimization_level", DEFAULT_OPTIMIZATION)
+        level_name = runtime.graph_optimization_level or DEFAULT_OPTIMIZATION
         if level_name not in _OPTIMIZATION_LEVELS:
             raise BackendError(
                 f"runtime.graph_optimization_level {level_name!r} is not one of {', '.join(_OPTIMIZATION_LEVELS)}"
             )
-        bundle_providers = runtime.get("providers")
-        if bundle_providers is not None and not (
-            isinstance(bundle_providers, list) and all(isinstance(p, str) for p in bundle_providers)
-        ):
-            raise BackendError("runtime.providers must be a list of execution provider names")
+        bundle_providers = list(runtime.providers) if runtime.providers is not None else None  # typed by Runtime
         available = list(ort.get_available_providers())
         if options.providers is not None:
             providers = choose_providers(list(options.providers), available, explicit=True)

@@ -10,8 +10,9 @@ import onnxruntime as ort
 from sklearn.datasets import load_digits
 
 from packagers import PackageResult
-from packagers.validation import check_golden, cosine_per_sample
+from packagers.validation import cosine_per_sample
 from sdk.bundle import VerifiedBundle, read_bundle
+from sdk.golden import check_golden
 from sdk.signing import TrustedKeys
 
 

@@ -19,8 +19,8 @@ from packager_checks import Digits, assert_golden_healthy, min_cosine, open_bund
 
 import device_runtime
 from packagers import PackageOptions, PackageResult, capabilities, package
-from packagers.validation import check_golden
 from sdk.errors import PackagingError
+from sdk.golden import check_golden
 from sdk.signing import TrustedKeys
 
 

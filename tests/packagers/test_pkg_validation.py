@@ -7,8 +7,9 @@ import pytest
 
 from packagers import DEFAULT_TOLERANCES, Precision, Tolerances
 from packagers.benchmark import benchmark
-from packagers.validation import check_golden, compare_outputs, cosine_per_sample, golden_tolerance, is_logits_like
+from packagers.validation import compare_outputs, cosine_per_sample, golden_tolerance, is_logits_like
 from sdk.errors import PackagingError
+from sdk.golden import GoldenTolerance, check_golden, compare_output
 from sdk.manifest import TensorSpec
 
 LOGITS = TensorSpec("logits", "float32", ("batch", 5))
@@ -153,8 +154,6 @@ def test_token_logits_top1_ignores_padding() -> None:
 
 
 def test_golden_check_masks_padding_on_both_sides() -> None:
-    from device_runtime._health import Tolerance, compare_output
-
     golden, mask = _padded_hidden(n=4)
     tol = golden_tolerance(DEFAULT_TOLERANCES[Precision.INT8], {"hidden": golden})
     garbage = golden.copy()
@@ -162,7 +161,7 @@ def test_golden_check_masks_padding_on_both_sides() -> None:
     assert check_golden({"hidden": garbage}, {"hidden": golden}, tol)  # no mask: the old behaviour
     assert check_golden({"hidden": garbage}, {"hidden": golden}, tol, mask) == []
     assert check_golden({"hidden": -garbage}, {"hidden": golden}, tol, mask)
-    device = Tolerance(atol=tol["atol"], rtol=tol["rtol"], min_cosine=tol["min_cosine"])
+    device = GoldenTolerance(atol=tol["atol"], rtol=tol["rtol"], min_cosine=tol["min_cosine"])
     assert not compare_output(garbage, golden, device)["passed"]  # bundles without a mask: compared whole
     ok = compare_output(garbage, golden, device, mask)
     assert ok["passed"] and ok["masked_positions"] == int((mask == 0).sum())

@@ -112,13 +112,6 @@ def test_oversized_inputs_are_refused(model_factory: Callable[..., Model]) -> No
     assert model.metrics.snapshot()["errors"] == {"input": 2}
 
 
-def test_policy_defaults_from_an_empty_manifest_policy() -> None:
-    policy = InputPolicy.from_manifest({})
-    assert policy.reject_nonfinite and policy.dims == {} and policy.max_bytes is None
-    policy = InputPolicy.from_manifest({"nonfinite": "pass", "dims": {"b": [1, 2]}, "max_bytes": 10})
-    assert not policy.reject_nonfinite and policy.dims == {"b": (1, 2)} and policy.max_bytes == 10
-
-
 def test_callers_arrays_are_not_modified(linear: Model) -> None:
     x = np.asfortranarray(np.arange(8, dtype=np.float64).reshape(2, 4))
     copy = x.copy()
