@@ -35,13 +35,12 @@ def _platform_name() -> str:
     return {"linux": "Linux", "win32": "Windows"}.get(sys.platform, platform.system() or sys.platform)
 
 
-def _dtype_map(runtime: Any, key: str, names: list[str]) -> dict[str, str]:
-    """``runtime[key]``: tensor name -> Core ML dtype, for every name (missing: float32 is not assumed).
+def _dtype_map(raw: Any, key: str, names: list[str]) -> dict[str, str]:
+    """``runtime.<key>`` checked: tensor name -> Core ML dtype, for every name (missing: float32 is not assumed).
 
     Raises:
         BackendError: the map is malformed or misses a tensor.
     """
-    raw = runtime.get(key)
     if not isinstance(raw, dict) or set(raw) != set(names) or not all(v in _CORE_ML_DTYPES for v in raw.values()):
         raise BackendError(
             f"runtime.{key} must map each of {sorted(names)} to one of {', '.join(_CORE_ML_DTYPES)}, got {raw!r}"
@@ -73,10 +72,10 @@ class CoreMlBackend(Backend):
             raise BackendError(
                 f"a Core ML bundle's model must be its package's {PACKAGE_MANIFEST}, got {model_path.name}"
             )
-        units = options.compute_units or manifest.runtime.get("compute_units") or "ALL"
+        units = options.compute_units or manifest.runtime.compute_units or "ALL"
         if units not in COMPUTE_UNITS:
             raise BackendError(f"compute_units must be one of {', '.join(COMPUTE_UNITS)}, got {units!r}")
-        self._inputs = _dtype_map(manifest.runtime, "coreml_inputs", [s.name for s in manifest.inputs])
+        self._inputs = _dtype_map(manifest.runtime.coreml_inputs, "coreml_inputs", [s.name for s in manifest.inputs])
         self._outputs = {s.name: s.dtype for s in manifest.outputs}
         ct = self.import_runtime()
         # MLModel compiles the package into its own temporary folder, so the bundle folder may move later.

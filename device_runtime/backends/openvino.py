@@ -66,8 +66,8 @@ class OpenVinoBackend(Backend):
         ov = self.import_runtime()
         runtime = manifest.runtime
         core = ov.Core()
-        device = self._device(core, options.device or _first(runtime.get("devices")) or DEFAULT_DEVICE)
-        hint = str(options.performance_hint or runtime.get("performance_hint") or DEFAULT_HINT).upper()
+        device = self._device(core, options.device or _first(runtime.devices) or DEFAULT_DEVICE)
+        hint = str(options.performance_hint or runtime.performance_hint or DEFAULT_HINT).upper()
         if hint not in PERFORMANCE_HINTS:
             raise BackendError(f"performance hint {hint!r} is not one of {', '.join(PERFORMANCE_HINTS)}")
         config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
@@ -119,7 +119,7 @@ class OpenVinoBackend(Backend):
             "performance_hint": hint,
             # the precision the device computes in (read back; predicted where the device does not report it)
             "inference_precision_hint": resolved or choice.expected,
-            "requested_inference_precision": manifest.runtime.get("inference_precision_hint"),
+            "requested_inference_precision": manifest.runtime.inference_precision_hint,
             "validated_inference_precision": choice.floor,
             "precision_forced": forced,
             "optimization_capabilities": {name: caps for name, caps in capabilities.items()},
@@ -140,13 +140,13 @@ class OpenVinoBackend(Backend):
                 precision the bundle was validated at, not even with f32.
         """
         runtime = manifest.runtime
-        for key in ("inference_precision_hint", "validated_inference_precision"):
-            value = runtime.get(key)
+        requested, validated = runtime.inference_precision_hint, runtime.validated_inference_precision
+        for key, value in (("inference_precision_hint", requested), ("validated_inference_precision", validated)):
             if value is not None and value not in PRECISION_HINTS:
                 raise BackendError(f"runtime.{key} {value!r} is not one of {PRECISION_HINTS}")
         choice = choose_hint(
-            runtime.get("inference_precision_hint"),
-            runtime.get("validated_inference_precision"),
+            requested,
+            validated,
             [None if caps is None else frozenset(caps) for caps in capabilities.values()],
         )
         if choice.refused is not None:
@@ -180,7 +180,7 @@ class OpenVinoBackend(Backend):
         Raises:
             BackendError: the manifest names weights it does not list in ``files``.
         """
-        member = manifest.runtime.get("weights")
+        member = manifest.runtime.weights
         if member is None:
             return model_path.with_suffix(".bin")
         listed = {entry.path for entry in manifest.files}

@@ -104,7 +104,7 @@ class TfLiteBackend(Backend):
     def _load(self, model_path: Path, manifest: Manifest, options: BackendOptions) -> None:
         module, package, version = import_interpreter()
         runtime = manifest.runtime
-        delegates = self._delegates(module, runtime.get("delegates", ["xnnpack"]))
+        delegates = self._delegates(module, ["xnnpack"] if runtime.delegates is None else list(runtime.delegates))
         kwargs: dict[str, Any] = {"model_path": str(model_path)}
         if options.intra_op_threads:
             kwargs["num_threads"] = options.intra_op_threads
@@ -112,7 +112,7 @@ class TfLiteBackend(Backend):
             kwargs["experimental_delegates"] = delegates
         self._interpreter = module.Interpreter(**kwargs)
         signatures = self._interpreter.get_signature_list()
-        key = runtime.get("signature") or (next(iter(signatures)) if signatures else None)
+        key = runtime.signature or (next(iter(signatures)) if signatures else None)
         if signatures:
             if key not in signatures:
                 raise BackendError(f"the model has no signature {key!r} (it has {sorted(signatures)})")
@@ -157,8 +157,8 @@ class TfLiteBackend(Backend):
     def _bind(self, manifest: Manifest, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """Match the manifest's tensors to the model's and note how each is converted."""
         runtime = manifest.runtime
-        tmap = runtime.get("tensor_map") or {}
-        quant = runtime.get("quantization") or {}
+        tmap = runtime.tensor_map or {}
+        quant = runtime.quantization or {}
         if not isinstance(tmap, Mapping) or not isinstance(quant, Mapping):
             raise BackendError("runtime.tensor_map and runtime.quantization must be objects")
         self._feeds: list[tuple[str, str, Any, np.dtype, Mapping[str, Any] | None]] = []
