@@ -107,6 +107,7 @@ def migrate(db: Database, *, attempts: int = 1, wait_s: float = 1.0) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(MIGRATIONS / "versions"))
     for attempt in range(attempts):
         try:
