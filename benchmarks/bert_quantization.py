@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, str(REPO))
 
+from _machine import cpu_line  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 SEQUENCE = 128
 COSINE_BAR = 0.995
@@ -475,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = model_folder()
     sentences = load_sentences()
     load = os.getloadavg()
+    print(cpu_line())
     print(f"host: {platform.machine()} {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         rows, packaging_s, failures = run_benchmark(

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _mlp import mlp_onnx, mlp_weights  # benchmarks/, on sys.path as the script's folder
+from _machine import cpu_line  # benchmarks/, on sys.path as the script's folder
+from _mlp import mlp_onnx, mlp_weights
 
 import device_runtime
 from device_runtime.agent import Agent, AgentConfig
@@ -494,6 +495,7 @@ def main() -> None:
         values = [d["phases"][i][1] for d in deploys if len(d["phases"]) == len(deploys[0]["phases"])]
         rows.append((f"  {name}", f"{_median(values):.1f} ms", "median, device timestamps"))
     width = max(len(r[0]) for r in rows)
+    print(cpu_line())
     print(f"{'metric'.ljust(width)}  {'value':>16}  note")
     print(f"{'-' * width}  {'-' * 16}  ----")
     for name, value, note in rows:

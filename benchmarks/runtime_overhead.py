@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, str(REPO))
 
-from _mlp import mlp_onnx, mlp_weights  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _machine import cpu_line  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _mlp import mlp_onnx, mlp_weights  # noqa: E402
 
 IN, HIDDEN, OUT = 64, 128, 10
 
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = ("measure", "value", "against", "target", "ok")
     table = [headers, *((w, v, a, t, "yes" if ok else "NO") for w, v, a, t, ok in rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    print(cpu_line())
     print(f"onnxruntime {ort.__version__}, python {sys.version.split()[0]}, intra-op threads {args.threads}")
     for index, row in enumerate(table):
         print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
