@@ -29,6 +29,7 @@ from sdk.manifest import Manifest, TensorSpec
 from sdk.signing import TrustedKeys
 
 BundleMaker = Callable[..., Path]
+CPU_RUNTIME = {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_keys: FleetKeys)
             inputs=(TensorSpec("x", "float32", ("batch", 64)),),
             outputs=(TensorSpec("y", "float32", ("batch", 10)),),
             created="2026-01-01T00:00:00Z",
-            runtime=runtime if runtime is not None else {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+            runtime=runtime if runtime is not None else CPU_RUNTIME,
             golden={"inputs": {"x": "golden/x.npy"}, "outputs": {"y": "golden/y.npy"},
                     "tolerance": {"atol": 1e-3, "rtol": 1e-3}},
             **fields,
