@@ -25,6 +25,7 @@ class BundleOut(BaseModel):
     size: int
     keyids: list[str]
     uploaded_at: float
+    expires_at: float | None  # unix seconds; devices refuse the bundle from then on
     retired_at: float | None
     url: str  # where devices download it
 
@@ -33,7 +34,7 @@ class BundleOut(BaseModel):
         return cls(
             sha256=row.sha256, name=row.name, version=row.version, label=row.label, target=row.target,
             precision=row.precision, size=row.size, keyids=list(row.keyids), uploaded_at=row.uploaded_at,
-            retired_at=row.retired_at, url=artifact_url(base_url, row.sha256),
+            expires_at=row.expires_at, retired_at=row.retired_at, url=artifact_url(base_url, row.sha256),
         )  # fmt: skip
 
 

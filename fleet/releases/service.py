@@ -146,6 +146,7 @@ def ingest(db: Database, temp: Path, trusted_keys: TrustedKeys, store: ArtifactS
                 return UploadResult(existing, created=False)
         store.put(temp, verified.sha256)  # the file first: a row never names a missing file
         manifest = verified.manifest
+        expires = manifest.expires_at()
         row = Bundle(
             sha256=verified.sha256,
             name=manifest.name,
@@ -158,6 +159,7 @@ def ingest(db: Database, temp: Path, trusted_keys: TrustedKeys, store: ArtifactS
             manifest=manifest.to_bytes().decode("utf-8"),
             runtime_facts=RuntimeFacts.from_manifest(manifest).to_dict(),
             storage_path=ArtifactStore.filename(verified.sha256),
+            expires_at=None if expires is None else expires.timestamp(),
             uploaded_at=now,
         )
         try:
@@ -271,9 +273,11 @@ class Choice:
         return "; ".join(f"{c.target}/{c.precision} {c.sha256[:12]}: {c.reason or 'fits'}" for c in self.candidates)
 
 
-def _why_not(bundle: Bundle, capabilities: Mapping[str, Any]) -> str | None:
+def _why_not(bundle: Bundle, capabilities: Mapping[str, Any], now: float | None) -> str | None:
     if bundle.retired_at is not None:
         return "retired"
+    if now is not None and bundle.expires_at is not None and bundle.expires_at <= now:
+        return "expired (devices refuse it)"
     facts = RuntimeFacts.from_dict(bundle.runtime_facts)
     why = why_incompatible(facts, capabilities)
     if why is not None:
@@ -285,11 +289,16 @@ def _why_not(bundle: Bundle, capabilities: Mapping[str, Any]) -> str | None:
 
 
 def choose(
-    bundles: Sequence[Bundle], capabilities: Mapping[str, Any], precision_order: Sequence[str] = PRECISION_ORDER
+    bundles: Sequence[Bundle],
+    capabilities: Mapping[str, Any],
+    precision_order: Sequence[str] = PRECISION_ORDER,
+    *,
+    now: float | None = None,
 ) -> Choice:
     """The best bundle of ``bundles`` (one release's) for a device with ``capabilities``; pure.
 
-    The rollout engine loads a release once (``release_bundles``) and calls this per device.
+    The rollout engine loads a release once (``release_bundles``) and calls this per device. With ``now``,
+    a bundle whose manifest has expired by then is left out too (every device would refuse it).
     """
     have = capabilities.get("accelerators") if isinstance(capabilities, Mapping) else None
     accelerators = {a for a in have if isinstance(a, str)} if isinstance(have, list) else set()
@@ -299,7 +308,7 @@ def choose(
         used = len(accelerators.intersection(bundle.runtime_facts.get("accelerators") or ()))
         return (-used, rank.get(bundle.precision, len(rank)), bundle.sha256)
 
-    judged = [(b, _why_not(b, capabilities)) for b in bundles]
+    judged = [(b, _why_not(b, capabilities, now)) for b in bundles]
     fitting = sorted((b for b, why in judged if why is None), key=key)
     others = sorted(((b, why) for b, why in judged if why is not None), key=lambda item: item[0].sha256)
     candidates = [Candidate(b.sha256, b.target, b.precision, None) for b in fitting]
@@ -313,9 +322,11 @@ def choose_bundle(
     version: int,
     capabilities: Mapping[str, Any],
     precision_order: Sequence[str] = PRECISION_ORDER,
+    *,
+    now: float | None = None,
 ) -> Choice:
     """``choose`` over the bundles of release ``name`` ``version`` (no bundles: ``Choice(None, ())``)."""
-    return choose(release_bundles(session, name, version), capabilities, precision_order)
+    return choose(release_bundles(session, name, version), capabilities, precision_order, now=now)
 
 
 # ---- the deploy command --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class Bundle(Base):
     manifest: Mapped[str] = mapped_column(Text)  # the canonical manifest (the signed bytes, as text)
     runtime_facts: Mapped[dict[str, Any]] = mapped_column(JSON)  # sdk.compat.RuntimeFacts.to_dict()
     storage_path: Mapped[str] = mapped_column(String(255))  # relative to the artifact store's folder
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the manifest's expires (unix s)
     uploaded_at: Mapped[float] = mapped_column(Float)  # unix seconds
     retired_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # never chosen again from then on
 

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("manifest", sa.Text(), nullable=False),
         sa.Column("runtime_facts", sa.JSON(), nullable=False),
         sa.Column("storage_path", sa.String(255), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=True),
         sa.Column("uploaded_at", sa.Float(), nullable=False),
         sa.Column("retired_at", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("sha256", name="pk_bundles"),

@@ -6,76 +6,25 @@ Local to this folder until the shared tests/fleet/conftest.py (with PostgreSQL) 
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from releases_kit import CPU_RUNTIME, Api, BundleMaker, FleetKeys, mlp_onnx, npy_bytes, releases_app
 
-from fleet.app import API_PREFIX, create_app
 from fleet.auth import create_token
 from fleet.db import Database, migrate
 from fleet.releases import ArtifactStore, ReleaseSettings
-from fleet.releases.artifacts import artifacts_router
-from fleet.releases.routes import router
 from sdk.bundle import write_bundle
 from sdk.manifest import Manifest, TensorSpec
-from sdk.signing import TrustedKeys
-
-BundleMaker = Callable[..., Path]
-CPU_RUNTIME = {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}
-
-
-@dataclass(frozen=True)
-class FleetKeys:
-    signer: Ed25519PrivateKey  # the key the fleet (and its devices) trust
-    stranger: Ed25519PrivateKey  # a key nobody trusts
-
-    @property
-    def trust(self) -> TrustedKeys:
-        return TrustedKeys((self.signer.public_key(),))
 
 
 @pytest.fixture(scope="session")
 def fleet_keys() -> FleetKeys:
     return FleetKeys(Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate())
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def mlp_onnx(hidden: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """``relu(x @ w1) @ w2`` (64 -> hidden -> 10) as ONNX, with a golden input and output."""
-    from onnx import TensorProto, checker, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((64, hidden)) / 8).astype(np.float32)
-    w2 = (rng.standard_normal((hidden, 10)) / 8).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"]),
-            helper.make_node("Relu", ["h"], ["r"]),
-            helper.make_node("MatMul", ["r", "w2"], ["y"]),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    checker.check_model(model)
-    x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
-    return model.SerializeToString(), x, (np.maximum(x @ w1, 0) @ w2).astype(np.float32)
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +61,7 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_keys: FleetKeys)
             **fields,
         )  # fmt: skip
         out = folder / f"{name}-{version}-{target}-{precision}-{next(counter)}.edgebundle"
-        members = {"model.onnx": onnx_bytes, "golden/x.npy": _npy(x), "golden/y.npy": _npy(y)}
+        members = {"model.onnx": onnx_bytes, "golden/x.npy": npy_bytes(x), "golden/y.npy": npy_bytes(y)}
         write_bundle(out, manifest, members, [key or fleet_keys.signer])
         return out
 
@@ -135,22 +84,6 @@ def store(tmp_path: Path) -> ArtifactStore:
 @pytest.fixture
 def settings(store: ArtifactStore, fleet_keys: FleetKeys) -> ReleaseSettings:
     return ReleaseSettings(store_dir=store.root, trusted_keys=fleet_keys.trust, max_upload_bytes=1_000_000)
-
-
-def releases_app(db: Database, settings: ReleaseSettings) -> FastAPI:
-    """The app as the integrator wires it: the API under /api/v1, the artifacts at the root."""
-    app = create_app(db)
-    app.state.releases = settings
-    app.include_router(router, prefix=API_PREFIX)
-    app.include_router(artifacts_router)
-    return app
-
-
-@dataclass
-class Api:
-    client: TestClient
-    write: dict[str, str]  # headers with a write token
-    read: dict[str, str]  # headers with a read token
 
 
 @pytest.fixture

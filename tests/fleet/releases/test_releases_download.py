@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import BundleMaker, FleetKeys, releases_app
+from releases_kit import BundleMaker, FleetKeys, releases_app
 
 from device_runtime.agent.download import FetchResponse, HttpDownloader
 from fleet.db import Database

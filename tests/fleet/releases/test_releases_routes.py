@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from conftest import Api, BundleMaker, FleetKeys, releases_app
 from fastapi.testclient import TestClient
+from releases_kit import Api, BundleMaker, FleetKeys, releases_app
 
 from fleet.auth import create_token
 from fleet.db import Database

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import BundleMaker, FleetKeys
+from releases_kit import BundleMaker, FleetKeys
 from sqlalchemy import func, select
 
 from fleet.db import Base, Database
@@ -191,6 +192,36 @@ def test_choice_prefers_accelerators_then_precision_order(
     none = choose(bundles, coral)
     assert none.bundle is None and "edgetpu" in none.reasons[tpu.sha256]
     assert choose(bundles, {**coral, "accelerators": ["edgetpu"]}).bundle.sha256 == tpu.sha256  # type: ignore[union-attr]
+
+
+def test_an_expired_bundle_is_not_chosen(
+    db: Database, store: ArtifactStore, make_bundle: BundleMaker, fleet_keys: FleetKeys
+) -> None:
+    bundle = upload(db, make_bundle(version=12, expires="2026-06-01T00:00:00Z"), fleet_keys.trust, store, now=NOW)
+    expiry = bundle.bundle.expires_at
+    assert expiry == 1_780_272_000.0
+    with db.session() as session:
+        assert choose_bundle(session, "mlp", 12, X86, now=expiry - 1).bundle is not None
+        late = choose_bundle(session, "mlp", 12, X86, now=expiry)
+        assert late.bundle is None and "expired" in late.explain()
+
+
+def test_concurrent_uploads_of_one_bundle_store_it_once(
+    db: Database, store: ArtifactStore, make_bundle: BundleMaker, fleet_keys: FleetKeys
+) -> None:
+    path = make_bundle(version=13)
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(upload(db, path, fleet_keys.trust, store, now=NOW).created))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert _rows(db) == 1 and _stored(store) == [f"{file_sha256(path)}.edgebundle"]
+    assert list(store.incoming.iterdir()) == []
 
 
 @pytest.mark.parametrize(
