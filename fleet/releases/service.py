@@ -106,7 +106,8 @@ class UploadResult:
 def upload(
     db: Database, source: bytes | str | Path, trusted_keys: TrustedKeys, store: ArtifactStore, *, now: float
 ) -> UploadResult:
-    """Verify a bundle (bytes, or a file path) and store it; idempotent by sha256.
+    """Verify a bundle (bytes, or a file path) and store it; idempotent by sha256 (a re-upload returns the
+    stored row unchanged: a retired bundle stays retired, retiring being a decision, not an accident).
 
     The bytes are copied into the store's incoming folder first and those very bytes are verified and
     stored, so a file changing under us cannot slip through.
