@@ -11,14 +11,25 @@ from __future__ import annotations
 import glob
 import os
 import platform
-import re
 import sys
 from importlib import metadata
 from typing import Any
 
+# The rule's vocabulary and helpers live in the kernel (the fleet decides with them too); re-exported here.
+from sdk.compat import (
+    ARCH_ALIASES,
+    RUNTIME_PACKAGES,
+    TARGET_PLATFORMS,
+    arch_compatible,
+    normalise_arch,
+    target_runs_on,
+    version_at_least,
+)
+
 __all__ = [
     "ARCH_ALIASES",
     "RUNTIME_PACKAGES",
+    "TARGET_PLATFORMS",
     "accelerators",
     "arch_compatible",
     "capabilities",
@@ -29,42 +40,15 @@ __all__ = [
     "version_at_least",
 ]
 
-# distribution name -> the bundle target it serves
-RUNTIME_PACKAGES: dict[str, str] = {
-    "onnxruntime": "onnxruntime",
-    "onnxruntime-gpu": "onnxruntime",
-    "onnxruntime-openvino": "onnxruntime",
-    "onnxruntime-directml": "onnxruntime",
-    "openvino": "openvino",
-    "ai-edge-litert": "tflite",
-    "tflite-runtime": "tflite",
-    "coremltools": "coreml",
-}
-# targets whose runtime can only run models on some operating systems (coremltools installs on Linux too)
-TARGET_PLATFORMS: dict[str, tuple[str, ...]] = {"coreml": ("darwin",)}
-ARCH_ALIASES: dict[str, str] = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
-
 
 def machine_arch(machine: str | None = None) -> str:
     """The CPU architecture in the manifest's vocabulary (``x86_64``, ``aarch64``, ``armv7l``, ...)."""
-    raw = (machine if machine is not None else platform.machine()).lower()
-    return ARCH_ALIASES.get(raw, raw)
-
-
-def arch_compatible(bundle_archs: object, arch: str) -> bool:
-    """Whether a manifest's ``runtime.arch`` list admits ``arch``; a missing list or ``"any"`` admits all."""
-    if bundle_archs is None:
-        return True
-    if not isinstance(bundle_archs, list):
-        return False
-    normalised = {machine_arch(str(a)) for a in bundle_archs}
-    return "any" in normalised or arch in normalised
+    return normalise_arch(machine if machine is not None else platform.machine())
 
 
 def target_runs_here(target: str, platform_name: str | None = None) -> bool:
     """Whether this operating system can run ``target`` bundles at all (Core ML: macOS only)."""
-    allowed = TARGET_PLATFORMS.get(target)
-    return allowed is None or (platform_name or sys.platform) in allowed
+    return target_runs_on(target, platform_name or sys.platform)
 
 
 def runtime_versions() -> dict[str, str]:
@@ -78,23 +62,6 @@ def runtime_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in text.split("."):
-        match = re.match(r"\d+", piece)
-        if match is None:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts)
-
-
-def version_at_least(installed: str, minimum: str) -> bool:
-    """Compare dotted release numbers (``"1.20.1" >= "1.17"``); suffixes such as ``rc1`` are ignored."""
-    have, need = _version_tuple(installed), _version_tuple(minimum)
-    width = max(len(have), len(need))
-    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
 
 
 def accelerators(runtimes: dict[str, str] | None = None) -> list[str]:

@@ -40,7 +40,6 @@ from typing import IO, Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from device_runtime import _sysinfo
 from device_runtime.agent._child import die_with_parent, spawn
 from device_runtime.agent.crash import crash_point, download_hook, kill_agent_too
 from device_runtime.agent.download import FetchResponse, HttpDownloader
@@ -48,6 +47,7 @@ from device_runtime.agent.slots import SlotStore
 from device_runtime.backends import BACKENDS
 from device_runtime.errors import StateError
 from sdk.bundle import VerifiedBundle, read_bundle
+from sdk.compat import why_incompatible
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.manifest import Manifest
 from sdk.signing import TrustedKeys
@@ -177,22 +177,10 @@ def check_compatible(manifest: Manifest, capabilities: Mapping[str, Any]) -> Non
     """
     if manifest.target not in BACKENDS:
         raise BackendError(f"this device has no backend for target {manifest.target!r}")
-    if not _sysinfo.target_runs_here(manifest.target):
-        raise BackendError(f"{manifest.target} bundles do not run on {sys.platform}")
-    runtime = manifest.runtime
-    package = runtime.package or manifest.target
-    installed = {
-        p: v for p, v in capabilities["runtimes"].items() if _sysinfo.RUNTIME_PACKAGES.get(p) == manifest.target
-    }
-    if not installed:
-        raise BackendError(f"no {manifest.target} runtime is installed (the bundle needs {package})")
-    minimum = runtime.min_version
-    if minimum is not None and not any(_sysinfo.version_at_least(v, minimum) for v in installed.values()):
-        raise BackendError(f"the bundle needs {package} >= {minimum}; this device has {installed}")
-    arch = capabilities["arch"]
-    archs = None if runtime.arch is None else list(runtime.arch)
-    if not _sysinfo.arch_compatible(archs, arch):
-        raise BackendError(f"the bundle is built for {archs}, this device is {arch}")
+    # The rule the fleet chooses bundles by (sdk.compat), on this device's own facts (the OS: this one).
+    why = why_incompatible(manifest, {**capabilities, "os": sys.platform})
+    if why is not None:
+        raise BackendError(why)
 
 
 def stage(
