@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import Principal, verify_token
 from fleet.db import Database
@@ -80,8 +81,8 @@ def _body(status: int, detail: Any) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     """Map HTTP errors, validation errors and the domains' errors to JSON bodies of one shape."""
 
-    @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # also routing's own 404/405, not only the routes' errors
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(_body(exc.status_code, exc.detail), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

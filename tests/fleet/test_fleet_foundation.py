@@ -99,6 +99,13 @@ def test_access_rules_and_error_bodies(client: TestClient, local_db: Database) -
     assert r.status_code == 422 and r.json()["error"] == "invalid" and "count" in r.json()["detail"]
 
 
+def test_unrouted_paths_get_the_same_error_body(client: TestClient) -> None:
+    r = client.get("/no/such/path")
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "Not Found"}
+    r = client.delete(f"{API_PREFIX}/things/a")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
 def test_openapi_document_is_served(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["info"]["title"] == "edgeship fleet" and f"{API_PREFIX}/things/{{name}}" in doc["paths"]
