@@ -154,8 +154,8 @@ class Observations:
 
     phases: Mapping[str, frozenset[str]] = field(default_factory=dict)
     last_seen: Mapping[str, float] = field(default_factory=dict)
-    new: ModelStats = ModelStats()
-    previous: ModelStats = ModelStats()
+    new: ModelStats = field(default_factory=ModelStats)
+    previous: ModelStats = field(default_factory=ModelStats)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -259,6 +259,8 @@ def _gate_value(gate: Gate, state: RolloutState, devices: Sequence[DeviceState],
         silent = {d.device_id: now - max(obs.last_seen.get(d.device_id, 0.0), d.done_at or 0.0) for d in active}
         worst = max(silent.values(), default=None)
         return worst, {"silent": sorted(k for k, v in silent.items() if not gate.holds(v))[:20]}
+    if not active:  # telemetry of the new version means nothing before a device of the wave runs it
+        return None, {}
     if gate.metric == "error_rate":
         return obs.new.error_rate, {"requests": obs.new.requests, "errors": obs.new.errors}
     # p95_latency
