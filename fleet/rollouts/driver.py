@@ -1,0 +1,282 @@
+"""The thin I/O shell around the engine: one thread per fleet process that drives the rollouts it holds.
+
+Every tick (``tick_s``, or at once after ``wake()``), for each pending/running/paused rollout, in ONE
+transaction: take or renew its lease (``service.acquire_lease``: a conditional UPDATE, so a process that
+died stops renewing and another takes over once ``lease_s`` has passed), load the stored state, read the
+observations, ``decide``, ``apply``, and write the new state with one audit row per action. Only after the
+commit are the commands published. A crash between the two loses nothing: the device is recorded as
+``sent``, and a deploy with no event after ``resend_s`` is sent again with the same id, which the agent
+de-duplicates; ids are deterministic per rollout and device, so a restarted server never sends a second
+deploy id for one rollout.
+
+Why a lease row and not PostgreSQL advisory locks: a session-level advisory lock belongs to one
+connection, so it would pin a pooled connection per rollout and vanish silently with a reconnect; a
+lease row works on SQLite too, and its expiry is visible in the database for an operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from fleet.db import Database
+from fleet.rollouts import service
+from fleet.rollouts.engine import (
+    ModelStats,
+    Observations,
+    RolloutState,
+    SendDeploy,
+    SendRollback,
+    apply,
+    decide,
+    deploy_cmd_id,
+    evaluate_gates,
+    rollback_cmd_id,
+)
+from sdk.errors import TransportError
+from sdk.mqtt_contract import SCHEMA, DeployCommand, Topics, encode_payload, parse_command
+
+__all__ = ["Observer", "PahoPublisher", "Publisher", "RolloutDriver", "combine_stats", "deploy_payload"]
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """Sends one command to one device (on its ``cmd`` topic, QoS 1)."""
+
+    def publish(self, device_id: str, payload: Mapping[str, Any]) -> None:
+        """Raises: TransportError when the command could not be handed to the broker."""
+
+
+class Observer(Protocol):
+    """What the rollout engine reads from the devices domain (events, telemetry, status)."""
+
+    def phases(self, session: Session, cmd_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
+        """The event phases seen for each command id (ids with no event may be left out)."""
+
+    def last_seen(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, float]:
+        """When each device last sent anything (unix s); unknown devices left out."""
+
+    def model_stats(
+        self, session: Session, device_ids: Sequence[str], name: str, version: int, since: float, until: float
+    ) -> ModelStats:
+        """Requests, errors and p95 latency of model ``name`` ``version`` on those devices in ``[since, until)``."""
+
+    def active_models(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str, int]]:
+        """Each device's active model ``(name, version)``, from its last status; unknown left out."""
+
+
+def combine_stats(parts: Sequence[ModelStats]) -> ModelStats:
+    """Several stats as one: counts added, p95 as the request-weighted mean (an approximation)."""
+    requests = sum(p.requests for p in parts)
+    weighted = [(p.p95_ms, p.requests) for p in parts if p.p95_ms is not None and p.requests]
+    total = sum(w for _, w in weighted)
+    p95 = sum(v * w for v, w in weighted) / total if total else None
+    return ModelStats(requests, sum(p.errors for p in parts), p95)
+
+
+def deploy_payload(cmd_id: str, url: str, sha256: str, size: int | None, version: int) -> dict[str, Any]:
+    """The ``deploy`` command a device gets, through the contract's ``DeployCommand``."""
+    return DeployCommand(id=cmd_id, url=url, sha256=sha256, size=size, version=version).to_payload()
+
+
+def rollback_payload(cmd_id: str) -> dict[str, Any]:
+    payload = {"schema": SCHEMA, "id": cmd_id, "type": "rollback"}
+    parse_command(payload)  # the contract's bounds on the id
+    return payload
+
+
+class PahoPublisher:
+    """Publishes commands with paho-mqtt 2 on ``edgeship/v1/<fleet>/<device>/cmd``, QoS 1, not retained.
+
+    A command to an offline device waits in its persistent session on Mosquitto; where the broker keeps
+    none, the driver's resend covers it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        fleet: str,
+        *,
+        client_id: str = "",
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        timeout_s: float = 10.0,  # s to connect
+    ) -> None:
+        import paho.mqtt.client as paho
+
+        self.fleet = fleet
+        self._connected = threading.Event()
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls:
+            self._client.tls_set()
+        self._client.on_connect = lambda *_a: self._connected.set()
+        self._client.on_disconnect = lambda *_a: self._connected.clear()
+        self._client.reconnect_delay_set(1, 30)
+        try:
+            self._client.connect(host, port, keepalive=30)
+        except OSError as e:
+            raise TransportError(f"cannot reach the broker at {host}:{port}: {e}") from e
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self.close()
+            raise TransportError(f"the broker at {host}:{port} did not accept the connection in {timeout_s} s")
+
+    def publish(self, device_id: str, payload: Mapping[str, Any]) -> None:
+        info = self._client.publish(Topics(self.fleet, device_id).cmd, encode_payload(payload), qos=1)
+        if info.rc != 0:
+            raise TransportError(f"publish to {device_id} failed (paho rc {info.rc}); it will be resent")
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+class RolloutDriver:
+    """Drives every active rollout whose lease it holds; ``start()``, ``wake()``, ``stop()``.
+
+    Args:
+        db: the fleet database.
+        publisher: sends commands to devices.
+        observer: reads events, telemetry and status (the devices domain).
+        holder_id: this process's name in the leases (e.g. ``hostname-pid``); unique per process.
+        lease_s: how long a lease lasts without renewal; another process takes over after that.
+        tick_s: seconds between ticks (a breach is acted on within one tick of its data being stored).
+        clock: unix seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        publisher: Publisher,
+        observer: Observer,
+        holder_id: str,
+        *,
+        lease_s: float = 10.0,
+        tick_s: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.publisher = publisher
+        self.observer = observer
+        self.holder_id = holder_id
+        self.lease_s = lease_s
+        self.tick_s = tick_s
+        self.clock = clock
+        self.errors = 0  # ticks that raised (logged); the next tick retries
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"rollouts-{self.holder_id}", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tick now (ingest calls this after storing events or telemetry a rollout may be waiting for)."""
+        self._wake.set()
+
+    def stop(self, *, release: bool = True, timeout_s: float = 10.0) -> None:
+        """Stop the thread; ``release`` gives the leases up so another process takes over at once
+        (``release=False`` behaves as a process that died: the others wait for the leases to expire)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        if release:
+            with self.db.session() as session:
+                service.release_leases(session, self.holder_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the database away for a while: log, retry next tick
+                self.errors += 1
+                log.exception("rollout tick failed; retrying")
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    def tick(self, now: float | None = None) -> int:
+        """Drive every active rollout once; returns how many this process held."""
+        with self.db.session() as session:
+            ids = service.active_rollout_ids(session)
+        held = 0
+        for rollout_id in ids:
+            if self._stop.is_set():
+                break
+            held += self.drive(rollout_id, self.clock() if now is None else now)
+        return held
+
+    def drive(self, rollout_id: int, now: float) -> bool:
+        """One decision for one rollout, if this process holds (or takes) its lease; then publish."""
+        with self.db.session() as session:
+            if not service.acquire_lease(session, rollout_id, self.holder_id, now, self.lease_s):
+                return False
+            state = service.load_state(session, rollout_id)
+            observations = self.observe(session, state, now)
+            actions = decide(state, observations, now)
+            new = apply(state, actions, now)
+            first_sends = [a.device_id for a in actions if isinstance(a, SendDeploy) and not a.resend]
+            previous = dict(self.observer.active_models(session, first_sends)) if first_sends else {}
+            _, gates = evaluate_gates(new, observations, now)
+            service.save_state(session, state, new, actions, now, holder=self.holder_id, gates=gates, previous=previous)
+            sends = [a for a in actions if isinstance(a, (SendDeploy, SendRollback))]
+            rows = service.device_rows(session, rollout_id, [a.device_id for a in sends]) if sends else {}
+            commands = []
+            for a in sends:
+                row = rows[a.device_id]
+                if isinstance(a, SendDeploy):
+                    payload = deploy_payload(
+                        row.deploy_cmd_id, row.bundle_url, row.bundle_sha256, row.bundle_size,
+                        state.spec.release_version,
+                    )  # fmt: skip
+                else:
+                    payload = rollback_payload(row.rollback_cmd_id)
+                commands.append((a.device_id, payload))
+        for device_id, payload in commands:  # after the commit: a crash here is covered by the resend
+            try:
+                self.publisher.publish(device_id, payload)
+            except Exception:
+                log.exception("publishing %s to %s failed; it will be resent", payload.get("id"), device_id)
+        return True
+
+    def observe(self, session: Session, state: RolloutState, now: float) -> Observations:
+        """Read what ``decide`` needs for this tick: phases of outstanding commands, and the current wave's
+        last-seen times and telemetry (new version since each device switched, previous before the wave)."""
+        cmd_ids = [deploy_cmd_id(state.id, d.device_id) for d in state.devices if d.status == "sent"]
+        cmd_ids += [rollback_cmd_id(state.id, d.device_id) for d in state.devices if d.rollback == "sent"]
+        phases = dict(self.observer.phases(session, cmd_ids)) if cmd_ids else {}
+        if state.state != "running":
+            return Observations(phases=phases)
+        active = [d for d in state.in_wave() if d.status == "active"]
+        ids = [d.device_id for d in active]
+        if not ids:
+            return Observations(phases=phases)
+        spec = state.spec
+        since = min(d.done_at or now for d in active)
+        new = self.observer.model_stats(session, ids, spec.release_name, spec.release_version, since, now + 1e-6)
+        rows = service.device_rows(session, state.id, ids)
+        by_version: dict[tuple[str, int], list[str]] = {}
+        for device_id, row in rows.items():
+            if row.previous_name is not None and row.previous_version is not None:
+                by_version.setdefault((row.previous_name, row.previous_version), []).append(device_id)
+        start = state.wave_started_at or now
+        previous = combine_stats(
+            [
+                self.observer.model_stats(session, devices, name, version, start - spec.baseline_s, start)
+                for (name, version), devices in by_version.items()
+            ]
+        )
+        return Observations(phases, self.observer.last_seen(session, ids), new, previous)
