@@ -109,7 +109,7 @@ def migrate_with_retry(
                 raise TransportError(
                     f"database {shown_url(db.url)} unreachable after {attempt} attempts: {last}"
                 ) from e
-            log.warning("database %s not ready (%s); retrying in %.0f s", shown_url(db.url), last, min(pause, left))
+            log.warning("database %s not ready (%s); retrying in %.1f s", shown_url(db.url), last, min(pause, left))
             if stop is not None and stop.wait(min(pause, left)):
                 raise TransportError(f"stopped while waiting for database {shown_url(db.url)}") from e
             if stop is None:
