@@ -220,6 +220,14 @@ def follow_rollout(
         time.sleep(interval_s)
 
 
+def _follow(client: FleetClient, rollout_id: str, interval_s: float) -> int:
+    try:
+        return _end_of_follow(follow_rollout(client, rollout_id, interval_s=interval_s))
+    except KeyboardInterrupt:
+        print(f"stopped following rollout {rollout_id}; it goes on on the server", file=sys.stderr)
+        return 130
+
+
 def _end_of_follow(r: dict[str, Any]) -> int:
     """Exit 0 only for a completed rollout, so ``rollout create --follow`` can gate a pipeline."""
     if r.get("state") == "completed":
@@ -236,13 +244,13 @@ def _cmd_rollout_create(args: argparse.Namespace) -> int:
         if not args.follow:
             return _emit(args, data, views.rollout_lines(data))
         print(f"rollout {data.get('id')} created", flush=True)
-        return _end_of_follow(follow_rollout(client, str(data.get("id")), interval_s=args.interval))
+        return _follow(client, str(data.get("id")), args.interval)
 
 
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.follow:
-            return _end_of_follow(follow_rollout(client, args.id, interval_s=args.interval))
+            return _follow(client, args.id, args.interval)
         data = client.get(f"/rollouts/{_seg(args.id)}")
     return _emit(args, data, views.rollout_lines(data))
 
