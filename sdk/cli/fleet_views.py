@@ -117,25 +117,34 @@ def device_lines(d: Mapping[str, Any], now: float | None = None) -> list[str]:
 
 # ---- bundles and releases ----------------------------------------------------------------------
 def bundle_lines(b: Mapping[str, Any]) -> list[str]:
-    sha = str(_pick(b, "sha256"))
     size = b.get("size", b.get("size_bytes"))
     size_text = f"{size / 1e6:.1f} MB" if isinstance(size, (int, float)) else "-"
+    keys = b.get("keyids") or b.get("key_ids") or []
+    label = f" ({b['label']})" if b.get("label") else ""
     return [
-        f"bundle:     {_pick(b, 'name')} v{_pick(b, 'version')}  {_pick(b, 'target')}/{_pick(b, 'precision')}",
-        f"sha256:     {sha}",
-        f"size:       {size_text}  keys {','.join(str(k)[:16] for k in b.get('key_ids') or []) or '-'}",
+        f"bundle:     {_pick(b, 'name')} v{_pick(b, 'version')}{label}  {_pick(b, 'target')}/{_pick(b, 'precision')}",
+        f"sha256:     {_pick(b, 'sha256')}",
+        f"size:       {size_text}  signed by {', '.join(str(k)[:16] for k in keys) or '-'}",
+        f"url:        {_pick(b, 'url')}",
     ]
 
 
-def releases_table(data: Any) -> list[str]:
+def releases_table(data: Any, now: float | None = None) -> list[str]:
+    """``GET /releases``: one row per (name, version); ``bundles`` is a count there, a list in a detail."""
     rows = []
     for r in items(data, "releases"):
-        bundles = items(r, "bundles")
-        targets = sorted({f"{_pick(b, 'target')}/{_pick(b, 'precision')}" for b in bundles})
-        shown = ", ".join(targets) if bundles else str(_pick(r, "targets"))
-        rows.append([_pick(r, "name"), _pick(r, "version"), len(bundles) or _pick(r, "bundle_count"), shown,
-                     "retired" if r.get("retired") else "-"])  # fmt: skip
-    return table_lines(["name", "version", "bundles", "targets", "retired"], rows)
+        bundles = r.get("bundles")
+        count = len(bundles) if isinstance(bundles, list) else _pick(r, "bundles", "bundle_count")
+        targets = r.get("targets")
+        if isinstance(bundles, list):
+            shown = ", ".join(sorted({f"{_pick(b, 'target')}/{_pick(b, 'precision')}" for b in items(bundles)}))
+        elif isinstance(targets, Mapping):
+            shown = ", ".join(f"{t}/{p}" for t, ps in sorted(targets.items()) for p in ps)
+        else:
+            shown = "-"
+        rows.append([_pick(r, "name"), _pick(r, "version"), count, _pick(r, "active"), shown or "-",
+                     ago(_pick(r, "first_uploaded_at", default=None), now)])  # fmt: skip
+    return table_lines(["name", "version", "bundles", "active", "targets", "uploaded"], rows)
 
 
 # ---- rollouts ----------------------------------------------------------------------------------

@@ -125,13 +125,19 @@ def stub_router() -> APIRouter:
             raise HTTPException(413, f"bundle of {len(data)} bytes is over the 1000-byte limit")
         if not data.startswith(b"BUNDLE"):
             raise InputError("not an edgeship bundle: bad magic")
-        return {"sha256": hashlib.sha256(data).hexdigest(), "name": "digits", "version": 2,
-                "target": "onnxruntime", "precision": "fp32", "size": len(data)}  # fmt: skip
+        sha = hashlib.sha256(data).hexdigest()
+        return {"sha256": sha, "name": "digits", "version": 2, "label": None, "target": "onnxruntime",
+                "precision": "fp32", "size": len(data), "keyids": ["ab" * 32], "url": f"http://x/a/{sha}"}  # fmt: skip
 
     @router.get("/releases")
     def releases(_db: DbDep, _c: ReadAccess) -> list[dict[str, Any]]:
+        return [{"name": "digits", "version": 2, "bundles": 2, "active": 1, "first_uploaded_at": time.time() - 90}]
+
+    @router.get("/releases/{name}/{version}")
+    def release(name: str, version: int, _db: DbDep, _c: ReadAccess) -> dict[str, Any]:
         bundles = [{"target": "onnxruntime", "precision": "fp32"}, {"target": "openvino", "precision": "int8"}]
-        return [{"name": "digits", "version": 2, "bundles": bundles}]
+        targets = {"onnxruntime": ["fp32"], "openvino": ["int8"]}
+        return {"name": name, "version": version, "targets": targets, "bundles": bundles}
 
     @router.post("/rollouts", status_code=201)
     def create(body: RolloutIn, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:

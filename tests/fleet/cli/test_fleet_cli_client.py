@@ -100,6 +100,7 @@ def test_upload_streams_the_file_and_shows_refusals(server: Server, capsys: pyte
     bundle.write_bytes(b"BUNDLE" + bytes(range(200)))
     code, out, _ = server.run(capsys, "fleet", "upload", str(bundle))
     assert code == 0 and hashlib.sha256(bundle.read_bytes()).hexdigest() in out and "onnxruntime/fp32" in out
+    assert f"signed by {'ab' * 8}" in out
     bundle.write_bytes(b"NOTABUNDLE")
     code, _, err = server.run(capsys, "fleet", "upload", str(bundle))
     assert (code, err) == (1, "error: not an edgeship bundle: bad magic (HTTP 422 invalid)\n")
@@ -112,8 +113,13 @@ def test_upload_streams_the_file_and_shows_refusals(server: Server, capsys: pyte
 
 def test_releases_table(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = server.run(capsys, "fleet", "releases", tok="read")
-    assert code == 0 and out.splitlines()[2].split()[:3] == ["digits", "2", "2"]
-    assert "onnxruntime/fp32, openvino/int8" in out
+    assert code == 0 and out.splitlines()[2].split() == ["digits", "2", "2", "1", "-", "1m", "ago"]
+    with FleetClient(server.url, server.read) as client:
+        detail = client.get("/releases/digits/2")
+    from sdk.cli import fleet_views as views
+
+    assert views.releases_table([detail])[2].split()[:4] == ["digits", "2", "2", "-"]
+    assert "onnxruntime/fp32, openvino/int8" in views.releases_table([detail])[2]
 
 
 def test_rollout_create_refusals(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
