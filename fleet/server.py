@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from sqlalchemy.engine import make_url
 from fleet.app import create_app
 from fleet.db import Database, migrate
 from fleet.settings import FleetSettings
-from sdk.errors import EdgeshipError, TransportError
+from sdk.errors import EdgeshipError, InputError, TransportError
 
 __all__ = ["COMPONENTS", "Component", "FleetServer", "migrate_with_retry", "serve", "shown_url"]
 
@@ -52,29 +53,32 @@ def _missing(error: ModuleNotFoundError, package: str) -> bool:
 
 
 def _ingest(db: Database, settings: FleetSettings) -> Component | None:
+    """The MQTT ingest (``fleet.ingest``) with the broker, fleet and session of ``settings``."""
     try:
-        from fleet.ingest import Ingest  # type: ignore[attr-defined]
+        from fleet.ingest import Ingest, IngestSettings  # type: ignore[attr-defined]
     except ModuleNotFoundError as e:
         if _missing(e, "fleet.ingest"):
             return None
         raise
-    component: Component = Ingest(db, settings)
+    ca = str(settings.broker_ca_file) if settings.broker_ca_file is not None else None
+    if settings.broker_tls and ca is None:
+        ca = ssl.get_default_verify_paths().cafile  # the system's CAs (the ingest turns TLS on with a CA file)
+        if ca is None:
+            raise InputError("broker TLS: this system has no default CA file; give --broker-ca-file")
+    ingest_settings = IngestSettings(
+        host=settings.broker_host, port=settings.broker_port, fleet=settings.fleet,
+        share_group=settings.share_group, client_id=settings.mqtt_client_id, protocol=settings.broker_protocol,
+        username=settings.broker_username, password=settings.broker_password(),
+        tls_ca=ca,
+    )  # fmt: skip
+    component: Component = Ingest(db, ingest_settings)
     return component
 
 
-def _rollouts(db: Database, settings: FleetSettings) -> Component | None:
-    try:
-        from fleet.rollouts.driver import RolloutDriver  # type: ignore[attr-defined]
-    except ModuleNotFoundError as e:
-        if _missing(e, "fleet.rollouts.driver"):
-            return None
-        raise
-    component: Component = RolloutDriver.from_settings(db, settings)
-    return component
-
-
+# The rollout driver joins three domains (its publisher, the devices domain's observer, the releases
+# domain's bundle choice), so its factory is wired where they meet: add ("rollouts", <factory>) here.
 # Started in this order, stopped in reverse: ingest first, so the driver's first tick sees fresh events.
-COMPONENTS: list[tuple[str, ComponentFactory]] = [("ingest", _ingest), ("rollouts", _rollouts)]
+COMPONENTS: list[tuple[str, ComponentFactory]] = [("ingest", _ingest)]
 
 
 def shown_url(url: str) -> str:

@@ -78,8 +78,11 @@ class FleetSettings:
     broker_ca_file: Path | None = None  # CA bundle for TLS; None: the system's
     broker_username: str | None = None
     broker_password_file: Path | None = None  # read when connecting; the secret never sits in settings or env
+    broker_protocol: str = "5"  # MQTT "5" (Mosquitto) or "3.1.1" (the embedded amqtt broker)
+    mqtt_client_id: str = field(default_factory=lambda: f"edgeship-fleet-{socket.gethostname()}"[:128])
+    # ^ the ingest's persistent session: unique per fleet process, the same across its restarts
     fleet: str = "default"  # the <fleet> segment of edgeship/v1/<fleet>/<device>/...
-    share_group: str = "edgeship-fleet"  # $share/<group>/...: fleet processes split the ingest
+    share_group: str | None = "edgeship-fleet"  # $share/<group>/...: processes split the ingest; None: no sharing
     artifacts_dir: Path | None = None  # bundles by sha256; None: <state_dir>/artifacts
     artifact_base_url: str | None = None  # where devices download; None: this server's own URL
     trusted_keys: tuple[Path, ...] = ()  # public keys an uploaded bundle must be signed with
@@ -101,7 +104,13 @@ class FleetSettings:
             out.append(f"http_port must be 0-65535, got {self.http_port}")
         if not 1 <= self.broker_port <= 65535:
             out.append(f"broker_port must be 1-65535, got {self.broker_port}")
+        if self.broker_protocol not in ("5", "3.1.1"):
+            out.append(f"broker_protocol must be '5' or '3.1.1', got {self.broker_protocol!r}")
+        if not 0 < len(self.mqtt_client_id) <= 128:
+            out.append("mqtt_client_id must be 1 to 128 characters")
         for name in ("fleet", "share_group", "holder_id"):
+            if getattr(self, name) is None and name == "share_group":
+                continue
             try:
                 check_segment(name, getattr(self, name))
             except ValueError as e:
@@ -168,6 +177,8 @@ class FleetSettings:
         for name, value in (args or {}).items():
             if name in fields and value is not None:
                 values[name] = _convert(name, fields[name].type, value, f"--{name.replace('_', '-')}")
+        if str(values.get("share_group", "")).lower() in ("none", "off"):
+            values["share_group"] = None  # one fleet process, or a broker without shared subscriptions
         return cls(**values)
 
 

@@ -55,7 +55,8 @@ def _settings(args: argparse.Namespace) -> Any:
     return FleetSettings.from_env_and_args({
         "db_url": args.db, "state_dir": args.state_dir,
         **{k: getattr(args, k, None) for k in ("http_host", "http_port", "broker", "fleet", "trusted_keys",
-                                               "artifact_base_url", "broker_username", "broker_password_file")},
+                                               "artifact_base_url", "broker_username", "broker_password_file",
+                                               "broker_protocol", "share_group")},
     })  # fmt: skip
 
 
@@ -297,6 +298,8 @@ def _add_fleet(sub: Any) -> None:
     sv.add_argument("--broker", help="MQTT broker host[:port] or mqtts://host:port (default 127.0.0.1:1883)")
     sv.add_argument("--broker-username", help="MQTT username")
     sv.add_argument("--broker-password-file", type=Path, help="file holding the MQTT password")
+    sv.add_argument("--broker-protocol", choices=["5", "3.1.1"], help="MQTT version (3.1.1: embedded broker)")
+    sv.add_argument("--share-group", help="shared-subscription group of the ingest, or none (default edgeship-fleet)")
     sv.add_argument("--fleet", help="fleet name: the <fleet> topic segment (default: default)")
     sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path,
                     help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip

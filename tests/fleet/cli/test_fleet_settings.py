@@ -78,3 +78,12 @@ def test_the_broker_password_is_read_from_its_file_when_needed(tmp_path: Path) -
 def test_a_wildcard_bind_is_shown_as_the_host_name(tmp_path: Path) -> None:
     s = FleetSettings(state_dir=tmp_path, http_host="0.0.0.0", http_port=8801)
     assert s.server_url.startswith("http://") and "0.0.0.0" not in s.server_url and s.server_url.endswith(":8801")
+
+
+def test_one_process_on_the_embedded_broker_turns_sharing_off(tmp_path: Path) -> None:
+    env = {"EDGESHIP_FLEET_SHARE_GROUP": "none", "EDGESHIP_FLEET_BROKER_PROTOCOL": "3.1.1"}
+    s = FleetSettings.from_env_and_args({"state_dir": tmp_path}, env=env)
+    assert (s.share_group, s.broker_protocol) == (None, "3.1.1")
+    assert s.mqtt_client_id.startswith("edgeship-fleet-")
+    with pytest.raises(InputError, match=r"broker_protocol must be '5' or '3\.1\.1'"):
+        FleetSettings(state_dir=tmp_path, broker_protocol="4")
