@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from sdk.cli.fleet import add_parsers as add_fleet_parsers
+from sdk.cli.tables import print_table as _print_table
 from sdk.errors import EdgeshipError, InputError
 
 __all__ = ["build_parser", "main"]
@@ -37,15 +39,6 @@ class _Progress:
 
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 # ---- keys --------------------------------------------------------------------------------------
@@ -302,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole path on scikit-learn's digits, on embedded defaults")
     demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
     demo.set_defaults(func=_cmd_demo)
+
+    add_fleet_parsers(sub)  # `edgeship fleet ...`, `edgeship rollout ...`
     return p
 
 

@@ -1,0 +1,89 @@
+"""FleetSettings: defaults, then EDGESHIP_FLEET_* variables, then flags; every bad value refused at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fleet.settings import FleetSettings, parse_broker
+from sdk.errors import InputError
+
+
+def test_defaults_derive_from_the_state_folder(tmp_path: Path) -> None:
+    s = FleetSettings.from_env_and_args({"state_dir": tmp_path}, env={})
+    assert s.database_url == f"sqlite:///{tmp_path.resolve()}/fleet.db"
+    assert s.artifacts_path == tmp_path / "artifacts"
+    assert s.server_url == "http://127.0.0.1:8800" and s.artifacts_url == "http://127.0.0.1:8800"
+    assert (s.fleet, s.broker_host, s.broker_port, s.broker_tls) == ("default", "127.0.0.1", 1883, False)
+    assert s.holder_id.endswith(f"-{os.getpid()}")
+
+
+def test_flags_override_the_environment_which_overrides_defaults(tmp_path: Path) -> None:
+    key = tmp_path / "k.pub"
+    key.write_text("x")
+    env = {"EDGESHIP_FLEET_HTTP_PORT": "9000", "EDGESHIP_FLEET_FLEET": "plant-7", "EDGESHIP_FLEET_LEASE_S": "30",
+           "EDGESHIP_FLEET_BROKER": "mqtts://broker.local", "EDGESHIP_FLEET_TRUSTED_KEYS": f"{key}{os.pathsep}{key}",
+           "EDGESHIP_FLEET_ARTIFACT_BASE_URL": "https://cdn.example/b/"}  # fmt: skip
+    s = FleetSettings.from_env_and_args({"http_port": 9100, "fleet": None, "state_dir": tmp_path}, env=env)
+    assert (s.http_port, s.fleet, s.lease_s) == (9100, "plant-7", 30.0)
+    assert (s.broker_host, s.broker_port, s.broker_tls) == ("broker.local", 8883, True)
+    assert s.trusted_keys == (key, key) and s.artifacts_url == "https://cdn.example/b"
+    s = FleetSettings.from_env_and_args({"broker": "10.0.0.2:1884", "state_dir": tmp_path}, env=env)
+    assert (s.broker_host, s.broker_port) == ("10.0.0.2", 1884)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("h", ("h", 1883, False)), ("h:2000", ("h", 2000, False)), ("mqtt://h:1", ("h", 1, False)),
+     ("mqtts://h", ("h", 8883, True)), ("ssl://h:8884", ("h", 8884, True))],
+)  # fmt: skip
+def test_parse_broker(value: str, expected: tuple[str, int, bool]) -> None:
+    assert parse_broker(value) == expected
+
+
+@pytest.mark.parametrize("value", ["http://h:1", "h:notaport", "h:99999", "mqtt://:1883"])
+def test_parse_broker_refuses(value: str) -> None:
+    with pytest.raises(InputError, match="broker"):
+        parse_broker(value)
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="EDGESHIP_FLEET_HTTP_PORT: bad value 'eighty'"):
+        FleetSettings.from_env_and_args({"state_dir": tmp_path}, env={"EDGESHIP_FLEET_HTTP_PORT": "eighty"})
+    with pytest.raises(InputError, match="EDGESHIP_FLEET_BROKER_TLS: bad value 'maybe'"):
+        FleetSettings.from_env_and_args({"state_dir": tmp_path}, env={"EDGESHIP_FLEET_BROKER_TLS": "maybe"})
+
+
+def test_every_invalid_value_is_reported_in_one_message(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        FleetSettings(state_dir=tmp_path, http_port=70000, fleet="a/b", lease_s=0, artifact_base_url="ftp://x",
+                      trusted_keys=(tmp_path / "missing.pub",), max_upload_bytes=-1)  # fmt: skip
+    message = str(caught.value)
+    for part in ("http_port must be 0-65535", "fleet must be a non-empty MQTT topic segment", "lease_s must be > 0",
+                 "artifact_base_url must be an http(s) URL", "no such file: ", "missing.pub",
+                 "max_upload_bytes must be > 0"):  # fmt: skip
+        assert part in message
+
+
+def test_the_broker_password_is_read_from_its_file_when_needed(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    s = FleetSettings(state_dir=tmp_path, broker_username="fleet", broker_password_file=secret)
+    assert s.broker_password() == "s3cret" and "s3cret" not in repr(s)
+    assert FleetSettings(state_dir=tmp_path).broker_password() is None
+
+
+def test_a_wildcard_bind_is_shown_as_the_host_name(tmp_path: Path) -> None:
+    s = FleetSettings(state_dir=tmp_path, http_host="0.0.0.0", http_port=8801)
+    assert s.server_url.startswith("http://") and "0.0.0.0" not in s.server_url and s.server_url.endswith(":8801")
+
+
+def test_one_process_on_the_embedded_broker_turns_sharing_off(tmp_path: Path) -> None:
+    env = {"EDGESHIP_FLEET_SHARE_GROUP": "none", "EDGESHIP_FLEET_BROKER_PROTOCOL": "3.1.1"}
+    s = FleetSettings.from_env_and_args({"state_dir": tmp_path}, env=env)
+    assert (s.share_group, s.broker_protocol) == (None, "3.1.1")
+    assert s.mqtt_client_id.startswith("edgeship-fleet-")
+    with pytest.raises(InputError, match=r"broker_protocol must be '5' or '3\.1\.1'"):
+        FleetSettings(state_dir=tmp_path, broker_protocol="4")
