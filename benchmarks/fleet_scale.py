@@ -15,11 +15,15 @@ rate for ``--duration`` seconds, QoS 1) into one consumer with a shared subscrip
   ``postgres`` user in a temporary folder, 127.0.0.1 on a free port), removed at the end;
 - **rollout breach**: ``measure_rollout_breach``, a hook the rollout engine fills in.
 
-Rate = messages delivered (counted, or rows in the telemetry table) / seconds from the first telemetry
-publish to the last delivery, so a consumer that falls behind and catches up from the broker's queue is
-charged for it. Lost = telemetry the broker acknowledged to the devices minus what was delivered (a
-consumer gets ``--settle`` seconds without progress after the devices stop). Targets: no loss at QoS 1,
-ingest >= 0.8x the bare pipe of the same run. Exit 1 when a target is missed or the bare pipe did not run.
+Every measurement sends the same messages: each device publishes ``rate x duration`` telemetry messages
+at up to ``rate`` per second (slower when the machine is saturated; the run is capped at 3x ``duration`` +
+30 s). Rate = messages delivered (counted, or rows in the telemetry table) / seconds from the first
+telemetry publish to the last delivery, so a consumer that falls behind and catches up from the broker's
+queue is charged for it; the devices' own send rate is shown beside it (when it is the lower one, the
+simulators, not the consumer, were the limit). Lost = telemetry the broker acknowledged to the devices
+minus what was delivered (a consumer gets ``--settle`` seconds without progress after the devices stop).
+Targets: no loss at QoS 1, ingest >= 0.8x the bare pipe of the same run. Exit 1 when a target is missed
+or the bare pipe did not run.
 """
 
 from __future__ import annotations
@@ -172,8 +176,10 @@ def run_sims(load: Load, fleet: str, on_ready: Callable[[], None] | None = None)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for index in range(load.processes):
         count = share + (1 if index < extra else 0)
+        per_device = max(1, round(load.rate * load.duration))  # the same messages in every measurement
+        cap_s = 3 * load.duration + 30  # a slowed-down run still ends
         args = ["--port", str(load.port), "--devices", str(count), "--first", str(first), "--rate", str(load.rate),
-                "--duration", str(load.duration), "--fleet", fleet]  # fmt: skip
+                "--count", str(per_device), "--duration", str(cap_s), "--fleet", fleet]  # fmt: skip
         procs.append(subprocess.Popen([sys.executable, str(SIM), *args], stdout=subprocess.PIPE, text=True, env=env))
         first += count
     reports = []
@@ -186,7 +192,7 @@ def run_sims(load: Load, fleet: str, on_ready: Callable[[], None] | None = None)
         if on_ready is not None:
             on_ready()
         for proc in procs:
-            out, _ = proc.communicate(timeout=load.duration + 180)
+            out, _ = proc.communicate(timeout=3 * load.duration + 180)
             reports.append(json.loads(out.strip().splitlines()[-1])["report"])
     finally:
         for proc in procs:
@@ -227,6 +233,7 @@ def _result(name: str, sim: dict[str, Any], delivered: int, last: float) -> dict
         "lost": sim["acked"] - delivered,
         "rate": delivered / seconds,
         "seconds": seconds,
+        "offered": sim["acked"] / (sim["last_ack"] - sim["first"]) if sim["first"] and sim["last_ack"] else None,
         "connected": sim["connected"],
         "errors": sim["errors"],
     }
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--rate", type=float, default=10.0, help="telemetry messages/s per device")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of telemetry per measurement")
+    p.add_argument("--duration", type=float, default=10.0, help="rate x duration messages per device and measurement")
     p.add_argument("--sim-processes", type=int, default=2, help="simulator processes (one saturates a core)")
     p.add_argument("--settle", type=float, default=5.0, help="seconds without progress that end a drain")
     p.add_argument("--skip-postgres", action="store_true")
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 def _rows_of(result: dict[str, Any], bare: dict[str, Any] | None) -> tuple[str, str, str, str, bool | None]:
     value = f"{result['rate']:,.0f} msg/s"
     detail = f"{result['delivered']:,} of {result['acked']:,} in {result['seconds']:.1f} s, {result['lost']} lost"
+    if result["offered"]:
+        detail += f"; devices sent {result['offered']:,.0f} msg/s"
     if result["errors"]:
         detail += f"; {result['connected']} devices connected, errors: {result['errors']}"
     if bare is None:

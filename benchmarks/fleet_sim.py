@@ -14,8 +14,9 @@ What a device does is what ``device_runtime.agent`` does on the wire, with the p
 - connects as ``edgeship-<device_id>`` with ``clean_session=false`` and the retained ``offline`` Last Will,
   subscribes to its ``cmd`` topic (QoS 1) and publishes a retained ``online`` status with ``model``,
   ``slot``, ``runtime`` and ``capabilities``;
-- publishes telemetry every ``1 / rate`` seconds with a monotonic ``seq`` (QoS 1, awaited: like the agent's
-  outbox, a device that is not acknowledged slows down instead of piling up messages);
+- publishes telemetry every ``1 / rate`` seconds (``count`` messages, or for ``duration``) with a monotonic
+  ``seq`` (QoS 1, awaited: like the agent's outbox, a device that is not acknowledged slows down instead of
+  piling up messages);
 - answers ``deploy`` like the OTA agent (``received``, ``downloading``, ``verifying``, ``staged``,
   ``health_check``, ``active``; a device in ``failing`` reports ``failed`` + ``rolled_back`` instead), runs
   deploys and rollbacks one at a time in arrival order, re-publishes its status after each, reports the
@@ -133,6 +134,7 @@ class SimConfig:
     first: int = 1  # index of the first device: processes of one fleet take disjoint ranges
     rate: float = 10.0  # telemetry messages per second per device
     duration: float = 10.0  # seconds of telemetry once every device is connected; <= 0: until stop()
+    count: int = 0  # telemetry messages per device, then the run ends (duration stays a cap); 0: no count
     fleet: str = "default"
     failing: frozenset[str] = frozenset()  # these fail every deploy's health check
     slow: frozenset[str] = frozenset()  # these report slow_latency_ms once deployed
@@ -258,7 +260,7 @@ class _Device:
             return
         report = self.sim.report
         next_at = time.monotonic() + (self.index * 0.618034 % 1.0) * self.interval
-        while not stop.is_set():
+        while not stop.is_set() and not (self.cfg.count and self.seq >= self.cfg.count):
             delay = next_at - time.monotonic()
             if delay > 0:  # a plain sleep: wait_for(stop.wait()) would cost a task per message
                 await asyncio.sleep(min(delay, 0.25))
@@ -275,6 +277,7 @@ class _Device:
             report.telemetry_acked += 1
             report.last_telemetry_ack = time.time()
             report.last_seq[self.id] = payload["seq"]
+        self.sim.telemetry_done()
 
     async def run_commands(self) -> None:
         """Read ``cmd``: answer ping/config at once, queue deploy/rollback for the OTA worker."""
@@ -412,8 +415,15 @@ class Simulator:
         self.config = config
         self.report = SimReport(devices=config.devices)
         self._stop: asyncio.Event | None = None
+        self._finished = 0  # devices that sent their telemetry count
         self.go = asyncio.Event()
         self.ready = asyncio.Event()  # every device connected (or failed to)
+
+    def telemetry_done(self) -> None:
+        """A device sent its ``count``: the run ends when every connected device has."""
+        self._finished += 1
+        if self.config.count and self._finished >= self.report.connected:
+            self.stop()
 
     def stop(self) -> None:
         """End the run early (e.g. from a signal handler); the devices go offline cleanly."""
@@ -471,6 +481,7 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     p.add_argument("--first", type=int, default=1, help="index of the first device (sim-00001 is 1)")
     p.add_argument("--rate", type=float, default=10.0, help="telemetry messages/s per device (0: none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of telemetry; 0: until SIGTERM/SIGINT")
+    p.add_argument("--count", type=int, default=0, help="telemetry messages per device, then stop (0: no count)")
     p.add_argument("--fleet", default="default")
     p.add_argument("--failing", default="", help="devices whose deploys fail: ids, numbers, ranges (3,7-9)")
     p.add_argument("--slow", default="", help="devices whose deployed model reports --slow-latency-ms")
@@ -492,6 +503,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         first=args.first,
         rate=args.rate,
         duration=args.duration,
+        count=args.count,
         fleet=args.fleet,
         failing=parse_devices(args.failing),
         slow=parse_devices(args.slow),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,13 @@ def test_simulated_devices_speak_the_contract_and_answer_commands(mosquitto: Bro
     assert t1[-1]["model"]["version"] == 1  # rolled back
     assert all(t["model"]["version"] == 1 for t in fleet.leaf("sim-00002", "telemetry"))
     assert any(s.get("model", {}) and s["model"]["version"] == 2 for s in fleet.leaf("sim-00001", "status"))
+
+
+@pytest.mark.timeout(60)
+def test_a_message_count_ends_the_run_before_its_duration(mosquitto: Broker) -> None:
+    """fleet_scale sends the same messages to every consumer it compares: ``count`` per device."""
+    sim = Simulator(SimConfig(port=mosquitto.port, devices=5, rate=20.0, count=3, duration=30.0, fleet=FLEET))
+    started = time.monotonic()
+    report = asyncio.run(sim.run())
+    assert time.monotonic() - started < 15
+    assert report.telemetry_acked == 15 and set(report.last_seq.values()) == {3}
