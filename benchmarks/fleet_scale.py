@@ -319,13 +319,54 @@ def measure_ingest(db_url: str, load: Load, fleet: str, label: str) -> dict[str,
         db.engine.dispose()
 
 
+class BreachWatch:
+    """Arrival times, on a plain subscriber, of the first telemetry from ``devices`` whose p95 exceeds
+    ``threshold_ms`` and of the first ``rollback`` command sent to any device: the two ends of the
+    breach-to-rollback latency. Subscribes without a shared group, so it sees what the ingest sees."""
+
+    def __init__(self, port: int, fleet: str, devices: frozenset[str], threshold_ms: float) -> None:
+        self.first_breach: float | None = None
+        self.first_rollback: float | None = None
+        self.devices, self.threshold_ms = devices, threshold_ms
+        subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{os.getpid()}")
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(f"edgeship/v1/{fleet}/+/telemetry", 1), (f"edgeship/v1/{fleet}/+/cmd", 1)])
+        if not subscribed.wait(10):
+            raise RuntimeError("the breach watcher got no SUBACK")
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        device, leaf = message.topic.split("/")[3:5]
+        if leaf == "cmd" and self.first_rollback is None and b'"rollback"' in message.payload:
+            self.first_rollback = now
+        elif leaf == "telemetry" and self.first_breach is None and device in self.devices:
+            p95 = (json.loads(message.payload).get("latency_ms") or {}).get("p95")
+            if isinstance(p95, (int, float)) and p95 > self.threshold_ms:
+                self.first_breach = now
+
+    @property
+    def latency_s(self) -> float | None:
+        """Seconds from the breaching message to the first rollback command, once both arrived."""
+        if self.first_breach is None or self.first_rollback is None:
+            return None
+        return self.first_rollback - self.first_breach
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def measure_rollout_breach(port: int, db_url: str, load: Load) -> dict[str, Any] | str:
     """Hook for the rollout engine (issue 11: a canary breach over 1,000 devices paused, and rollback
     commands published, within 1 s of the breaching message arriving). The integrator fills it in:
     simulators with ``--slow`` canary devices (their deployed model reports ``--slow-latency-ms``), a
-    release and a rollout whose first wave is those devices with ``--gate p95_latency<=1.2x``, a paho
-    subscriber on ``edgeship/v1/<fleet>/+/telemetry`` and ``.../+/cmd`` stamping arrival times; the
-    figure is the first ``rollback`` command's arrival minus the first breaching telemetry's arrival."""
+    release and a rollout whose first wave is those devices with ``--gate p95_latency<=1.2x``, and a
+    ``BreachWatch`` on the fleet: the figure is ``BreachWatch.latency_s`` (the first ``rollback``
+    command's arrival minus the first breaching telemetry's arrival, both on the same subscriber)."""
     return "not built (integrator hook)"
 
 

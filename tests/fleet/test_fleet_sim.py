@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests" / "device_runtime" / "agent"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from agent_parts import Broker, BrokerPool, Received, wait_for  # noqa: E402
+from fleet_scale import BreachWatch  # noqa: E402
 from fleet_sim import SimConfig, Simulator, device_id, parse_devices  # noqa: E402
 
 from sdk.mqtt_contract import (  # noqa: E402
@@ -102,6 +103,7 @@ def _deploy(cmd_id: str, version: int = 2) -> dict[str, Any]:
 @pytest.mark.timeout(60)
 def test_simulated_devices_speak_the_contract_and_answer_commands(mosquitto: Broker) -> None:
     fleet = _Fleet(mosquitto.port)
+    watch = BreachWatch(mosquitto.port, FLEET, frozenset({"sim-00001"}), threshold_ms=5.0)
     config = SimConfig(port=mosquitto.port, devices=20, rate=5.0, duration=3.0, fleet=FLEET, step_s=0.01,
                        failing=frozenset({"sim-00002"}), slow=frozenset({"sim-00001"}), record=True)  # fmt: skip
     sim = Simulator(config)
@@ -135,6 +137,7 @@ def test_simulated_devices_speak_the_contract_and_answer_commands(mosquitto: Bro
         wait_for(lambda: offline() == 20 and arrived() >= report.telemetry_acked, 10, "the last messages")
     finally:
         fleet.close()
+        watch.close()
     assert report.connected == 20 and not report.errors
     assert report.malformed_commands == 1
 
@@ -173,6 +176,8 @@ def test_simulated_devices_speak_the_contract_and_answer_commands(mosquitto: Bro
     t1 = fleet.leaf("sim-00001", "telemetry")
     assert any(t["model"]["version"] == 2 and t["latency_ms"]["p95"] == config.slow_latency_ms for t in t1)
     assert t1[-1]["model"]["version"] == 1  # rolled back
+    # what the rollout benchmark measures: the slow telemetry, then the rollback command
+    assert watch.latency_s is not None and 0 < watch.latency_s < 10
     assert all(t["model"]["version"] == 1 for t in fleet.leaf("sim-00002", "telemetry"))
     assert any(s.get("model", {}) and s["model"]["version"] == 2 for s in fleet.leaf("sim-00001", "status"))
 
