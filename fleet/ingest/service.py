@@ -13,12 +13,16 @@ process killed mid-batch leaves those messages unacknowledged in its persistent 
 by their digest. Acknowledgements of a previous connection are not sent on the next one (a packet id may
 have been reused); those messages come again and are de-duplicated.
 
-Memory is bounded by the broker: with MQTT 5 it sends at most ``receive_maximum`` unacknowledged
-messages, so while the database is unreachable the writer keeps its one batch and retries (full-jitter
-backoff up to ``retry_cap_s``), at most ``receive_maximum`` messages wait in the queue, and the rest wait in
-the broker's queue for our session (Mosquitto's ``max_queued_messages``; past that the broker drops new
-ones and says so in its log). QoS 0 messages are not bounded by the broker: past ``4 * receive_maximum``
-queued they are dropped and counted (``overflow``).
+Memory is bounded: at most ``4 * receive_maximum`` messages wait in the queue between the network thread
+and the writer. When it is full (the database is slow or unreachable: the writer keeps its one batch and
+retries with full-jitter backoff up to ``retry_cap_s``), the network thread stops reading the socket and
+TCP pushes back to the broker, which keeps the rest queued for our session (Mosquitto's
+``max_queued_messages``; past that the broker drops new ones and says so in its log). MQTT 5's
+``receive_maximum`` asks the broker to send no more than that many unacknowledged messages (Mosquitto
+2.0 does not always honour it for a resumed session's backlog, hence the blocking queue). While the
+network thread waits, it sends no keepalive: an outage longer than 1.5 x ``keepalive_s`` costs the
+connection, and the unacknowledged messages come again on the next one. QoS 0 messages (which the
+contract does not use) are dropped and counted (``overflow``) when the queue is full.
 
 Subscriptions: ``telemetry`` and ``events`` through the shared subscription
 ``$share/<group>/edgeship/v1/<fleet>/+/<leaf>`` (each message goes to one fleet process); ``status`` without
@@ -209,11 +213,18 @@ class Ingest:
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: not a topic of the contract
         raw = _Raw(topic, bytes(message.payload), message.mid, message.qos, self._generation, self._clock())
-        try:
-            self._queue.put_nowait(raw)
-        except queue.Full:
-            # Only QoS 0 can get here (the broker bounds QoS 1 by receive_maximum); unacknowledged, it is gone.
-            self._count("overflow")
+        while True:
+            try:
+                self._queue.put(raw, timeout=0.5)
+                return
+            except queue.Full:
+                if raw.qos == 0:
+                    self._count("overflow")  # nothing keeps a QoS 0 message for us
+                    return
+                if self._closing.is_set():
+                    return  # not acknowledged: the broker sends it again on our next session
+                # A full queue stops this thread from reading the socket: TCP pushes back to the broker,
+                # which keeps the rest queued for our session.
 
     def _run_network(self) -> None:
         attempt = 0

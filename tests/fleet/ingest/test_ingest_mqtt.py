@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
 
+import pytest
 from agent_parts import Broker, wait_for
 from fleet_parts import FLEET, event, status, telemetry
 from ingest_parts import FakeDevice
 from sqlalchemy import func, select, text
 
-from fleet.db import Database
+from fleet.db import Database, migrate
 from fleet.devices import Device, DeviceEvent, Telemetry, history
 from fleet.ingest import Ingest
 from sdk.mqtt_contract import MAX_PAYLOAD_BYTES, SCHEMA
@@ -149,3 +158,47 @@ def test_database_outage_is_retried_without_loss(
     finally:
         db.close()
         admin.close()
+
+
+def test_a_fleet_process_killed_before_its_commit_loses_nothing(
+    tmp_path: Path, broker: Broker, device_factory: DeviceMaker, ingest_factory: IngestMaker
+) -> None:
+    path = tmp_path / "fleet.db"
+    db = Database(f"sqlite:///{path}")
+    migrate(db)
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("ingest_process.py")), f"sqlite:///{path}", str(broker.port),
+         FLEET, "the-one"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )  # fmt: skip
+    assert child.stdout is not None
+    try:
+        _read_until(child.stdout, lambda c: c["connected"], "the child subscribed")
+        locker = sqlite3.connect(path, timeout=1)
+        locker.execute("BEGIN EXCLUSIVE")  # the database stops taking writes
+        device = device_factory("dev")
+        for seq in range(1, 31):
+            device.send("telemetry", telemetry(seq))
+        _read_until(child.stdout, lambda c: c.get("received", 0) >= 30, "the child took all 30")
+        child.send_signal(signal.SIGKILL)  # dies holding 30 messages it never committed nor acknowledged
+        child.wait(10)
+        locker.rollback()
+        locker.close()
+        assert _count(db, Telemetry) == 0
+        ingest_factory(db, broker, client_id="the-one")  # the same session: the broker sends them again
+        wait_for(lambda: _count(db, Telemetry) == 30, 20, "the 30 messages after the restart")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        db.close()
+
+
+def _read_until(stream: IO[str], condition: Callable[[dict[str, Any]], bool], what: str) -> None:
+    deadline = time.monotonic() + 20
+    for line in stream:
+        if condition(json.loads(line)):
+            return
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"timed out waiting for {what}")
