@@ -12,7 +12,6 @@ from fleet.ingest import MAX_DEPTH, IngestSettings, classify
 from sdk.errors import InputError
 from sdk.mqtt_contract import encode_payload
 
-
 NUL_MODEL = {"name": "a\u0000b", "version": 1, "target": "t", "sha256": "ab" * 32}  # PostgreSQL refuses NUL
 
 
