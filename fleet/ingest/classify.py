@@ -1,0 +1,110 @@
+"""What the ingest does to one message before the database: pure, no I/O, testable with bytes alone.
+
+``classify(topic, payload, fleet, received_at)`` returns the checked ``Incoming`` or the reason it is
+dropped. The topic is the identity: the device id comes from the topic, never from the payload, and a
+topic outside ``edgeship/v1/<fleet>/<device_id>/{status,telemetry,events}`` is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fleet.devices import Incoming
+from fleet.devices.tables import MAX_DEVICE_ID_CHARS, MAX_NAME_CHARS
+from sdk.mqtt_contract import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA,
+    ContractError,
+    decode_payload,
+    parse_event,
+    parse_status,
+    parse_telemetry,
+    parse_topic,
+)
+
+__all__ = ["DROP_REASONS", "MAX_DEPTH", "classify"]
+
+MAX_DEPTH = 16  # nesting of objects and arrays in a payload (real ones have 4)
+_MAX_INT = 2**63 - 1  # the database's BIGINT
+# Why a message is dropped (each is a counter ``dropped_<reason>``):
+DROP_REASONS = (
+    "foreign_topic",  # not edgeship/v1/<our fleet>/<device>/{status,telemetry,events}, or an overlong device id
+    "oversized",  # over the contract's MAX_PAYLOAD_BYTES
+    "too_deep",  # nested deeper than MAX_DEPTH
+    "malformed",  # not a strict UTF-8 JSON object
+    "unknown_schema",  # a "schema" this server does not know
+    "invalid",  # a key missing, ill-typed or out of the contract's (or the database's) bounds
+)
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "status": parse_status,
+    "telemetry": parse_telemetry,
+    "events": parse_event,
+}
+
+
+def _depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings (only run when a quick count says it may be deep)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _fits_database(leaf: str, payload: Mapping[str, Any]) -> bool:
+    """The contract bounds types; the database bounds sizes: a 64-bit integer, 200-character names, no NUL
+    in a text column (PostgreSQL refuses it). Anything else would fail the whole batch's commit."""
+    ints = [payload.get(k) for k in ("seq", "count", "errors", "dropped")]
+    texts: list[Any] = [payload.get("cmd_id")]
+    models = [payload.get("model"), (payload.get("detail") or {}).get("model") if leaf == "events" else None]
+    for model in models:
+        if isinstance(model, dict):
+            ints.append(model.get("version"))
+            texts += [model.get("name"), model.get("target")]
+    if any(isinstance(i, int) and i > _MAX_INT for i in ints):
+        return False
+    return not any(isinstance(t, str) and (len(t) > MAX_NAME_CHARS or "\x00" in t) for t in texts)
+
+
+def classify(topic: str, payload: bytes, fleet: str, received_at: float) -> Incoming | str:
+    """Check one message; return what to store, or the reason (one of ``DROP_REASONS``) to drop it."""
+    try:
+        topics, leaf = parse_topic(topic)
+    except ContractError:
+        return "foreign_topic"
+    if topics.fleet != fleet or leaf not in _PARSERS or len(topics.device_id) > MAX_DEVICE_ID_CHARS:
+        return "foreign_topic"
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return "oversized"
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _depth(payload) > MAX_DEPTH:
+        return "too_deep"
+    try:
+        document = decode_payload(payload)
+    except ContractError:
+        return "malformed"
+    schema = document.get("schema")
+    if not (isinstance(schema, int) and not isinstance(schema, bool) and schema == SCHEMA):
+        return "unknown_schema"
+    try:
+        checked = _PARSERS[leaf](document)
+    except ContractError:
+        return "invalid"
+    if not _fits_database(leaf, checked):
+        return "invalid"
+    digest = hashlib.sha256(payload).hexdigest()[:32] if leaf == "events" else ""
+    return Incoming(topics.device_id, leaf, checked, received_at, digest)

@@ -1,0 +1,366 @@
+"""MQTT ingest: every device's ``status``, ``telemetry`` and ``events`` into the registry, in batches.
+
+Threads: paho's network loop (our own thread, reconnecting with full-jitter backoff) only queues what
+arrives; one writer thread takes up to ``batch_max`` messages or ``batch_wait_s`` worth, checks each with
+the MQTT contract (``classify``: the topic is the identity), and stores the batch in one transaction
+(``fleet.devices.record_messages``).
+
+No message is lost when the server or the database dies, because the broker keeps every message until
+we acknowledge it, and we acknowledge (paho ``manual_ack``, PUBACK) only after the batch's commit. A fleet
+process killed mid-batch leaves those messages unacknowledged in its persistent session (MQTT 5,
+``clean_start`` off, ``session_expiry_s``); the broker sends them again when a process with the same
+``client_id`` connects. Storing twice is harmless: telemetry is keyed by ``(device_id, seq)`` and events
+by their digest. Acknowledgements of a previous connection are not sent on the next one (a packet id may
+have been reused); those messages come again and are de-duplicated.
+
+Memory is bounded: at most ``4 * receive_maximum`` messages wait in the queue between the network thread
+and the writer. When it is full (the database is slow or unreachable: the writer keeps its one batch and
+retries with full-jitter backoff up to ``retry_cap_s``), the network thread stops reading the socket and
+TCP pushes back to the broker, which keeps the rest queued for our session (Mosquitto's
+``max_queued_messages``; past that the broker drops new ones and says so in its log). MQTT 5's
+``receive_maximum`` asks the broker to send no more than that many unacknowledged messages (Mosquitto
+2.0 does not always honour it for a resumed session's backlog, hence the blocking queue). While the
+network thread waits, it sends no keepalive: an outage longer than 1.5 x ``keepalive_s`` costs the
+connection, and the unacknowledged messages come again on the next one. QoS 0 messages (which the
+contract does not use) are dropped and counted (``overflow``) when the queue is full.
+
+Subscriptions: ``telemetry`` and ``events`` through the shared subscription
+``$share/<group>/edgeship/v1/<fleet>/+/<leaf>`` (each message goes to one fleet process); ``status`` without
+sharing, so that every process gets the retained statuses when it first subscribes (a broker sends no
+retained messages on a shared subscription) and applies every device's statuses in order. A status stored by
+two processes is the same update written twice.
+
+A message that does not follow the contract is counted (``dropped_<reason>``, see ``DROP_REASONS``),
+acknowledged and dropped; ingest goes on. A message the database refuses (it passed the checks, so
+this is a bug) is isolated by splitting the batch, counted (``db_rejected``) and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy import exc as sa_exc
+
+from fleet.db import Database
+from fleet.devices import Incoming, record_messages
+from fleet.devices.service import LEAVES
+from fleet.ingest.classify import classify
+from fleet.ingest.settings import IngestSettings
+from sdk.mqtt_contract import QOS, TOPIC_PREFIX
+
+__all__ = ["Ingest", "backoff_s", "is_transient"]
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float] = random.random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], so a fleet of
+    processes that lost the broker or the database together does not come back in one stampede."""
+    return rng() * min(cap_s, base_s * 2 ** min(attempt, 30))
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database error worth retrying (unreachable, locked, a dropped connection, a deadlock), as
+    opposed to one a given row will always cause."""
+    if isinstance(error, _TRANSIENT):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and bool(error.connection_invalidated)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int  # the connection it came on; acknowledged only on that one
+    received_at: float
+
+
+class Ingest:
+    """Reads the fleet's devices from the broker into ``db``: ``start()``, ``stop()``, ``counters``.
+
+    Args:
+        db: the fleet's database (migrated).
+        settings: broker, fleet, client id, share group, tuning.
+        clock: unix seconds (``received_at`` of each message); injectable for tests.
+    """
+
+    def __init__(self, db: Database, settings: IngestSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.settings = settings
+        self._clock = clock
+        self._queue: queue.Queue[_Raw] = queue.Queue(maxsize=4 * settings.receive_maximum)
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._stopping = threading.Event()  # the writer finishes what is queued and ends
+        self._closing = threading.Event()  # the network loop ends after the DISCONNECT is sent
+        self._client = self._make_client()
+        self._network = threading.Thread(target=self._run_network, name="fleet-ingest-mqtt", daemon=True)
+        self._writer = threading.Thread(target=self._run_writer, name="fleet-ingest-writer", daemon=True)
+
+    # ---- public ----------------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot: ``received``, ``stored_status`` / ``stored_telemetry`` / ``stored_events`` (duplicates
+        included), ``dropped_<reason>``, ``db_errors`` (failed commits, retried), ``db_rejected``,
+        ``batches``, ``connects``, ``overflow``."""
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect (in the background: a broker that is down is retried forever) and start writing."""
+        s = self.settings
+        if s.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = s.receive_maximum
+            self._client.connect_async(s.host, s.port, s.keepalive_s, clean_start=False, properties=properties)
+        else:
+            self._client.connect_async(s.host, s.port, s.keepalive_s)
+        self._writer.start()
+        self._network.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Store and acknowledge what is queued (one try), then disconnect; the session stays at the
+        broker, so what arrives meanwhile waits there for the next start."""
+        self._stopping.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout_s)
+        self._closing.set()
+        if self._connected.is_set():
+            self._client.disconnect()
+        if self._network.is_alive():
+            self._network.join(timeout_s)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected and subscribed (SUBACK received); False on timeout."""
+        return self._connected.wait(timeout_s)
+
+    # ---- MQTT ------------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        if s.protocol == "5":
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=paho.MQTTv5, manual_ack=True
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=paho.MQTTv311, clean_session=False,
+                manual_ack=True,
+            )  # fmt: skip
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls_ca is not None:
+            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+        client.max_inflight_messages_set(100)  # our own publishes: none; keeps paho's queue small anyway
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _filters(self) -> list[str]:
+        s = self.settings
+        root = f"{TOPIC_PREFIX}/{s.fleet}/+"
+        shared = f"$share/{s.share_group}/" if s.share_group else ""
+        return [f"{root}/status"] + [f"{shared}{root}/{leaf}" for leaf in LEAVES if leaf != "status"]
+
+    def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the ingest's connection: %s", reason)
+            self._count("connect_refused")
+            return
+        if self.settings.protocol == "5":
+            # Retained statuses only for a new subscription: a resumed session already has them.
+            options = SubscribeOptions(qos=QOS, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+            client.subscribe([(f, options) for f in self._filters()])
+        else:
+            client.subscribe([(f, QOS) for f in self._filters()])
+        self._count("connects")
+
+    def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        if any(getattr(r, "is_failure", False) for r in reasons):
+            log.error("broker refused a subscription of the ingest: %s", reasons)
+            self._count("subscribe_refused")
+        self._connected.set()
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = ""  # not UTF-8: not a topic of the contract
+        raw = _Raw(topic, bytes(message.payload), message.mid, message.qos, self._generation, self._clock())
+        while True:
+            try:
+                self._queue.put(raw, timeout=0.5)
+                return
+            except queue.Full:
+                if raw.qos == 0:
+                    self._count("overflow")  # nothing keeps a QoS 0 message for us
+                    return
+                if self._closing.is_set():
+                    return  # not acknowledged: the broker sends it again on our next session
+                # A full queue stops this thread from reading the socket: TCP pushes back to the broker,
+                # which keeps the rest queued for our session.
+
+    def _run_network(self) -> None:
+        attempt = 0
+        s = self.settings
+        while not self._closing.is_set():
+            try:
+                self._client.reconnect()
+            except (OSError, ValueError) as e:
+                log.debug("broker %s:%s unreachable: %s", s.host, s.port, e)
+                self._closing.wait(backoff_s(attempt, s.reconnect_base_s, s.reconnect_cap_s))
+                attempt += 1
+                continue
+            while True:
+                rc = self._client.loop(timeout=0.1)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                if self._connected.is_set():
+                    attempt = 0
+            with self._lock:
+                self._generation += 1  # acknowledgements of the old connection must not be sent
+            self._connected.clear()
+            if self._closing.is_set():
+                break
+            log.info("ingest lost the broker (%s); reconnecting", rc)
+            self._closing.wait(backoff_s(attempt, s.reconnect_base_s, s.reconnect_cap_s))
+            attempt += 1
+
+    # ---- the writer ----------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def _take(self) -> list[_Raw]:
+        try:
+            batch = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.settings.batch_wait_s
+        while len(batch) < self.settings.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(self._queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        return batch
+
+    def _run_writer(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._take()
+            if batch and not self._handle(batch):
+                return
+        # Stopping: what is queued now, once (messages still arriving wait at the broker for the next start).
+        left = self._queue.qsize()
+        while left > 0:
+            batch = []
+            while len(batch) < min(left, self.settings.batch_max):
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not batch or not self._handle(batch):
+                return
+            left -= len(batch)
+
+    def _handle(self, batch: list[_Raw]) -> bool:
+        """Check, store and acknowledge one batch; False when told to stop while the database is down."""
+        self._count("received", len(batch))
+        messages: list[Incoming] = []
+        for raw in batch:
+            checked = classify(raw.topic, raw.payload, self.settings.fleet, raw.received_at)
+            if isinstance(checked, str):
+                self._count(f"dropped_{checked}")
+                log.debug("dropped a message on %r: %s", raw.topic[:300], checked)
+            else:
+                messages.append(checked)
+        if not self._store(messages):
+            return False  # not acknowledged: the broker keeps them for our session
+        self._ack(batch)
+        return True
+
+    def _store(self, messages: list[Incoming]) -> bool:
+        """Commit ``messages``, retrying while the database is unreachable; False if told to stop first."""
+        attempt = 0
+        while True:
+            try:
+                try:
+                    self._commit(messages)
+                except Exception as e:
+                    if is_transient(e):
+                        raise
+                    self._isolate(messages)  # may raise a transient error: the whole batch is retried
+                self._count("batches")
+                return True
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self._count("db_errors")
+                log.warning("database unavailable, batch of %d kept for retry: %s", len(messages), e)
+                if self._stopping.is_set():
+                    return False
+                self._stopping.wait(backoff_s(attempt, self.settings.retry_base_s, self.settings.retry_cap_s))
+                attempt += 1
+
+    def _commit(self, messages: list[Incoming]) -> None:
+        if not messages:
+            return
+        with self.db.session() as session:
+            done = record_messages(session, messages)
+        self._count("stored_status", done.statuses)
+        self._count("stored_telemetry", done.telemetry)
+        self._count("stored_events", done.events)
+
+    def _isolate(self, messages: list[Incoming]) -> None:
+        """A batch the database refused for its content: commit halves until the refused message is alone."""
+        if len(messages) == 1:
+            self._count("db_rejected")
+            log.error("the database refused a message of %s on %s; dropped", messages[0].device_id, messages[0].leaf)
+            return
+        middle = len(messages) // 2
+        for half in (messages[:middle], messages[middle:]):
+            try:
+                self._commit(half)
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                self._isolate(half)
+
+    def _ack(self, batch: list[_Raw]) -> None:
+        with self._lock:
+            generation = self._generation
+        for raw in batch:
+            if raw.qos > 0 and raw.generation == generation:
+                self._client.ack(raw.mid, raw.qos)
