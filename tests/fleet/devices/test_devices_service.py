@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from fleet_parts import event, incoming, offline, status, telemetry
 from sqlalchemy import func, select
 
-from fleet.db import Base, Database
+from fleet.db import Database
 from fleet.devices import (
     Device,
     DeviceEvent,
@@ -31,34 +27,6 @@ from fleet.devices import (
     set_tags,
 )
 from sdk.errors import InputError
-
-DEVICE_TABLES = {"devices", "device_tags", "device_events", "telemetry"}
-
-
-def _tables_in(entry: object) -> set[str]:
-    """The tables an autogenerate diff entry is about (entries are tuples, or lists of tuples)."""
-    if isinstance(entry, list):
-        return set().union(*(_tables_in(e) for e in entry))
-    names = set()
-    for part in entry if isinstance(entry, tuple) else ():
-        if isinstance(part, str) and part in DEVICE_TABLES:
-            names.add(part)
-        for obj in (part, getattr(part, "table", None)):
-            if getattr(obj, "name", None) in DEVICE_TABLES and hasattr(obj, "columns"):
-                names.add(obj.name)  # type: ignore[union-attr]
-    return names
-
-
-def test_migration_creates_exactly_the_tables_the_orm_declares(db: Database, tmp_path: Path) -> None:
-    with db.engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        diff = compare_metadata(context, Base.metadata)
-    assert [d for d in diff if _tables_in(d)] == []
-    empty = Database(f"sqlite:///{tmp_path / 'empty.db'}")  # the check sees a missing table at all
-    with empty.engine.connect() as connection:
-        missing = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    empty.close()
-    assert set().union(*(_tables_in(d) for d in missing)) == DEVICE_TABLES
 
 
 def _telemetry_rows(db: Database, device_id: str) -> list[int]:

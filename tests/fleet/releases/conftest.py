@@ -1,7 +1,7 @@
 """Fixtures for the bundle repository: a migrated SQLite database, the fleet's keys, real signed bundles
 (a small ONNX MLP, built with the kernel's writer), and the app with the releases routers wired.
 
-Local to this folder until the shared tests/fleet/conftest.py (with PostgreSQL) takes over ``db``.
+The database is the shared ``db`` of tests/fleet/conftest.py: SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from releases_kit import CPU_RUNTIME, Api, BundleMaker, FleetKeys, mlp_onnx, npy_bytes, releases_app
 
 from fleet.auth import create_token
-from fleet.db import Database, migrate
+from fleet.db import Database
 from fleet.releases import ArtifactStore, ReleaseSettings
 from sdk.bundle import write_bundle
 from sdk.manifest import Manifest, TensorSpec
@@ -66,14 +66,6 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_keys: FleetKeys)
         return out
 
     return make
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-    migrate(database)
-    yield database
-    database.close()
 
 
 @pytest.fixture
