@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import make_url
 
-from fleet.app import create_app
+from fleet.app import create_fleet_app
 from fleet.db import Database, migrate
 from fleet.settings import FleetSettings
 from sdk.errors import EdgeshipError, InputError, TransportError
@@ -75,10 +75,61 @@ def _ingest(db: Database, settings: FleetSettings) -> Component | None:
     return component
 
 
-# The rollout driver joins three domains (its publisher, the devices domain's observer, the releases
-# domain's bundle choice), so its factory is wired where they meet: add ("rollouts", <factory>) here.
+class _Rollouts:
+    """The rollout driver and its command publisher, started and stopped together."""
+
+    def __init__(self, db: Database, settings: FleetSettings) -> None:
+        from fleet.wiring import rollout_driver
+
+        self.driver = rollout_driver(db, settings)
+
+    def start(self) -> None:
+        self.driver.start()
+
+    def stop(self) -> None:
+        self.driver.stop()  # gives its leases up: another fleet process takes over at once
+        close = getattr(self.driver.publisher, "close", None)
+        if close is not None:
+            close()
+
+
+class _Retention:
+    """Deletes telemetry and events older than ``telemetry_retention_s``, at start and every 10 minutes."""
+
+    every_s = 600.0
+
+    def __init__(self, db: Database, settings: FleetSettings) -> None:
+        self.db, self.keep_s = db, settings.telemetry_retention_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from fleet.devices.service import prune
+
+        while not self._stop.is_set():
+            try:
+                with self.db.session() as session:
+                    removed = prune(session, time.time(), self.keep_s)
+                if any(removed.values()):
+                    log.info("retention: removed %s", removed)
+            except Exception:  # the database away for a while: try again next round
+                log.exception("retention failed")
+            self._stop.wait(self.every_s)
+
+
 # Started in this order, stopped in reverse: ingest first, so the driver's first tick sees fresh events.
-COMPONENTS: list[tuple[str, ComponentFactory]] = [("ingest", _ingest)]
+COMPONENTS: list[tuple[str, ComponentFactory]] = [
+    ("ingest", _ingest),
+    ("rollouts", _Rollouts),
+    ("retention", _Retention),
+]
 
 
 def shown_url(url: str) -> str:
@@ -187,9 +238,9 @@ class FleetServer:
             sock = _bind(settings.http_host, settings.http_port)
             try:
                 self.settings = settings = dataclasses.replace(settings, http_port=sock.getsockname()[1])
-                app = create_app(db)
-                app.state.settings = settings
+                app = create_fleet_app(db, settings)
                 self._start_components(db)
+                self._wire(app)
                 config = uvicorn.Config(app, log_level="warning", lifespan="auto", access_log=False)
                 self._uvicorn = uvicorn.Server(config)
                 names = ", ".join(name for name, _ in self.started) or "none"
@@ -217,6 +268,18 @@ class FleetServer:
             except Exception as e:
                 raise EdgeshipError(f"{name} failed to start: {e}") from e
             self.started.append((name, component))
+
+    def _wire(self, app: Any) -> None:
+        """The rollout routes get the driver's wake-up, and the ingest wakes the driver after each batch."""
+        from fleet.wiring import wire_rollouts
+
+        parts = dict(self.started)
+        rollouts = parts.get("rollouts")
+        driver = rollouts.driver if isinstance(rollouts, _Rollouts) else None
+        wire_rollouts(app, self.settings, driver)
+        ingest = parts.get("ingest")
+        if driver is not None and ingest is not None and hasattr(ingest, "on_stored"):
+            ingest.on_stored = driver.wake
 
     def _stop_components(self) -> None:
         while self.started:

@@ -84,7 +84,7 @@ def rollout_driver(db: Database, settings: FleetSettings) -> RolloutDriver:
     publisher = PahoPublisher(
         settings.broker_host, settings.broker_port, settings.fleet,
         client_id=f"{settings.mqtt_client_id}-cmd", username=settings.broker_username,
-        password=settings.broker_password(), tls=settings.broker_tls,
+        password=settings.broker_password(), tls=settings.broker_tls, wait=False,
     )  # fmt: skip
     return RolloutDriver(db, publisher, DevicesObserver(), settings.holder_id, lease_s=settings.lease_s)
 

@@ -99,12 +99,22 @@ class Ingest:
         db: the fleet's database (migrated).
         settings: broker, fleet, client id, share group, tuning.
         clock: unix seconds (``received_at`` of each message); injectable for tests.
+        on_stored: called on the writer thread after each batch that stored events or telemetry commits
+            (the rollout driver's ``wake``, so a gate is judged on fresh data at once); must not block.
     """
 
-    def __init__(self, db: Database, settings: IngestSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: IngestSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
         self.db = db
         self.settings = settings
         self._clock = clock
+        self.on_stored = on_stored
         self._queue: queue.Queue[_Raw] = queue.Queue(maxsize=4 * settings.receive_maximum)
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -342,6 +352,8 @@ class Ingest:
         self._count("stored_status", done.statuses)
         self._count("stored_telemetry", done.telemetry)
         self._count("stored_events", done.events)
+        if self.on_stored is not None and (done.telemetry or done.events or done.statuses):
+            self.on_stored()
 
     def _isolate(self, messages: list[Incoming]) -> None:
         """A batch the database refused for its content: commit halves until the refused message is alone."""

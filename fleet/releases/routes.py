@@ -45,6 +45,9 @@ def _missing(sha256: str) -> NotFound:
 async def upload_bundle(request: Request, response: Response, db: DbDep, caller: WriteAccess) -> BundleOut:
     """Upload a signed bundle (raw body); it is verified with the fleet's trusted keys before it is stored."""
     settings = _settings(request)
+    trusted = settings.trusted_keys
+    if trusted is None:
+        raise HTTPException(422, "this fleet server trusts no signing key: start it with --trust KEY.pub")
     cap = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -55,7 +58,7 @@ async def upload_bundle(request: Request, response: Response, db: DbDep, caller:
     except TooLarge as e:
         raise HTTPException(413, str(e)) from e
     try:
-        result = await run_in_threadpool(service.ingest, db, temp, settings.trusted_keys, store, now=time.time())
+        result = await run_in_threadpool(service.ingest, db, temp, trusted, store, now=time.time())
     except BundleError as e:
         raise HTTPException(422, f"bundle refused: {type(e).__name__}: {e}") from e
     if not result.created:

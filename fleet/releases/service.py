@@ -83,7 +83,7 @@ class ReleaseSettings:
     """
 
     store_dir: Path
-    trusted_keys: TrustedKeys
+    trusted_keys: TrustedKeys | None  # None: a server started without --trust refuses every upload
     max_upload_bytes: int = 2 * 2**30
     artifact_base_url: str | None = None
     precision_order: tuple[str, ...] = PRECISION_ORDER

@@ -95,7 +95,9 @@ class PahoPublisher:
     """Publishes commands with paho-mqtt 2 on ``edgeship/v1/<fleet>/<device>/cmd``, QoS 1, not retained.
 
     A command to an offline device waits in its persistent session on Mosquitto; where the broker keeps
-    none, the driver's resend covers it.
+    none, the driver's resend covers it. ``wait=False`` connects in the background (a server that starts
+    while its broker is down keeps serving; publishes fail, and are resent with the same id, until the
+    connection is up).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class PahoPublisher:
         password: str | None = None,
         tls: bool = False,
         timeout_s: float = 10.0,  # s to connect
+        wait: bool = True,  # False: connect in the background, never raise here
     ) -> None:
         import paho.mqtt.client as paho
 
@@ -122,6 +125,10 @@ class PahoPublisher:
         self._client.on_connect = lambda *_a: self._connected.set()
         self._client.on_disconnect = lambda *_a: self._connected.clear()
         self._client.reconnect_delay_set(1, 30)
+        if not wait:
+            self._client.connect_async(host, port, keepalive=30)
+            self._client.loop_start()
+            return
         try:
             self._client.connect(host, port, keepalive=30)
         except OSError as e:
@@ -132,6 +139,8 @@ class PahoPublisher:
             raise TransportError(f"the broker at {host}:{port} did not accept the connection in {timeout_s} s")
 
     def publish(self, device_id: str, payload: Mapping[str, Any]) -> None:
+        if not self._connected.is_set():
+            raise TransportError(f"not connected to the broker; the command to {device_id} will be resent")
         info = self._client.publish(Topics(self.fleet, device_id).cmd, encode_payload(payload), qos=1)
         if info.rc != 0:
             raise TransportError(f"publish to {device_id} failed (paho rc {info.rc}); it will be resent")
