@@ -295,7 +295,7 @@ def measure_ingest(db_url: str, load: Load, fleet: str, label: str) -> dict[str,
         importlib.import_module("fleet.ingest")
     except ImportError:
         return "not built"
-    from sqlalchemy import func, select
+    from sqlalchemy import func, select, text
 
     from fleet.db import Base, Database, migrate
 
@@ -311,7 +311,12 @@ def measure_ingest(db_url: str, load: Load, fleet: str, label: str) -> dict[str,
     try:
         sim = run_sims(load, fleet)
         count, last = settle(stored, sim["acked"], load.settle_s)
-        return _result(f"ingest, {label} (rows stored)", sim, count, last)
+        result = _result(f"ingest, {label} (rows stored)", sim, count, last)
+        if db.engine.dialect.name == "postgresql" and count:  # heap + TOAST + every index, for the projection
+            with db.engine.connect() as conn:
+                size = conn.execute(text(f"select pg_total_relation_size('{table.name}')")).scalar_one()
+            result["bytes_per_row"] = int(size) / count
+        return result
     finally:
         ingest.stop()
         db.engine.dispose()
@@ -442,6 +447,8 @@ def _rows_of(result: dict[str, Any], bare: dict[str, Any] | None) -> tuple[str, 
     detail = f"{result['delivered']:,} of {result['acked']:,} in {result['seconds']:.1f} s, {result['lost']} lost"
     if result["offered"]:
         detail += f"; devices sent {result['offered']:,.0f} msg/s"
+    if result.get("bytes_per_row"):
+        detail += f"; {result['bytes_per_row']:,.0f} bytes/row with indexes"
     if result["errors"]:
         detail += f"; {result['connected']} devices connected, errors: {result['errors']}"
     if bare is None:
