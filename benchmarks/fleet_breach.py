@@ -56,13 +56,14 @@ def signed_bundle(folder: Path, key: Any) -> Path:
     from sdk.manifest import Manifest, TensorSpec
 
     w1, w2 = mlp_weights(16, seed=RELEASE[1])
+    runtime: Any = {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}  # the manifest's TypedDicts
+    golden: Any = {"inputs": {"x": "golden/x.npy"}, "outputs": {"y": "golden/y.npy"},
+                   "tolerance": {"atol": 1e-3, "rtol": 1e-3}}  # fmt: skip
     x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
     manifest = Manifest(
         name=RELEASE[0], version=RELEASE[1], target="onnxruntime", precision="fp32", model="model.onnx",
         inputs=(TensorSpec("x", "float32", ("batch", 64)),), outputs=(TensorSpec("y", "float32", ("batch", 10)),),
-        created="2026-01-01T00:00:00Z", runtime={"package": "onnxruntime", "providers": ["CPUExecutionProvider"]},
-        golden={"inputs": {"x": "golden/x.npy"}, "outputs": {"y": "golden/y.npy"},
-                "tolerance": {"atol": 1e-3, "rtol": 1e-3}},
+        created="2026-01-01T00:00:00Z", runtime=runtime, golden=golden,
     )  # fmt: skip
     y = (np.maximum(x @ w1, 0) @ w2).astype(np.float32)
     out = folder / "sim-2.edgebundle"
@@ -122,6 +123,7 @@ def run_breach(
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from fleet_scale import BreachWatch
+    from fleet_sim import device_id
     from sqlalchemy import func, select
 
     from fleet.db import Database, migrate
@@ -134,7 +136,6 @@ def run_breach(
     from fleet.rollouts.spec import parse_spec
     from fleet.settings import FleetSettings
     from fleet.wiring import bundle_chooser, rollout_driver
-    from fleet_sim import device_id
     from sdk.signing import TrustedKeys
 
     db = Database(db_url)
@@ -189,7 +190,6 @@ def run_breach(
             "latency_s": latency,
             "all_rollbacks_s": (watch.last_rollback or 0.0) - (watch.first_breach or 0.0),
             "create_to_breach_s": (watch.first_breach or 0.0) - created,
-            "state": getattr(view, "state", None) or (view.get("state") if isinstance(view, dict) else None),
             "state": view["state"],
             "rollbacks": watch.rollbacks,
             "devices": devices,
