@@ -219,15 +219,13 @@ def rollout_lines(r: Mapping[str, Any], now: float | None = None) -> list[str]:
     if r.get("paused_reason"):
         lines.append(f"reason: {r['paused_reason']}")
     waves = items(r, "waves_detail")
-    current = r.get("wave")
     if waves:
         rows: list[Sequence[Any]] = []
         for n, w in enumerate(waves, 1):
             c = _counts(w)
-            mark = "<" if n == current and r.get("state") not in TERMINAL_STATES else ""
             rows.append([_pick(w, "wave", default=n), _pick(w, "text"), _pick(w, "devices"),
-                         *(c.get(s, 0) for s in DEVICE_STATUSES), mark])  # fmt: skip
-        lines += table_lines(["wave", "size", "devices", *DEVICE_STATUSES, ""], rows)
+                         *(c.get(s, 0) for s in DEVICE_STATUSES)])  # fmt: skip
+        lines += table_lines(["wave", "size", "devices", *DEVICE_STATUSES], rows)
     gates = _gates(r)
     if gates:
         lines += table_lines(["gate", "value", "threshold", "verdict"], gates)
