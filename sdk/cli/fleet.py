@@ -295,8 +295,12 @@ def _connection() -> argparse.ArgumentParser:
 
 def _database() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--db", help="database URL (default: $EDGESHIP_FLEET_DB_URL or sqlite in the state folder)")
-    p.add_argument("--state-dir", type=Path, help="state folder (default: ~/.local/state/edgeship/fleet)")
+    p.add_argument(
+        "--db", metavar="URL", help="database URL (default: $EDGESHIP_FLEET_DB_URL or sqlite in the state folder)"
+    )
+    p.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="state folder (default: ~/.local/state/edgeship/fleet)"
+    )
     return p
 
 
@@ -306,17 +310,25 @@ def _add_fleet(sub: Any) -> None:
     cmds = fleet.add_subparsers(dest="fleet_command", required=True)
 
     sv = cmds.add_parser("serve", parents=[database], help="run the fleet server in the foreground")
-    sv.add_argument("--host", dest="http_host", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 8800; 0 picks a free one)")
-    sv.add_argument("--broker", help="MQTT broker host[:port] or mqtts://host:port (default 127.0.0.1:1883)")
-    sv.add_argument("--broker-username", help="MQTT username")
-    sv.add_argument("--broker-password-file", type=Path, help="file holding the MQTT password")
+    sv.add_argument("--host", dest="http_host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument(
+        "--port", dest="http_port", type=int, metavar="PORT", help="HTTP port (default 8800; 0 picks a free one)"
+    )
+    sv.add_argument(
+        "--broker", metavar="URL", help="MQTT broker host[:port] or mqtts://host:port (default 127.0.0.1:1883)"
+    )
+    sv.add_argument("--broker-username", metavar="USER", help="MQTT username")
+    sv.add_argument("--broker-password-file", type=Path, metavar="FILE", help="file holding the MQTT password")
     sv.add_argument("--broker-protocol", choices=["5", "3.1.1"], help="MQTT version (3.1.1: embedded broker)")
-    sv.add_argument("--share-group", help="shared-subscription group of the ingest, or none (default edgeship-fleet)")
-    sv.add_argument("--fleet", help="fleet name: the <fleet> topic segment (default: default)")
-    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path,
+    sv.add_argument(
+        "--share-group",
+        metavar="GROUP",
+        help="shared-subscription group of the ingest, or none (default edgeship-fleet)",
+    )
+    sv.add_argument("--fleet", metavar="NAME", help="fleet name: the <fleet> topic segment (default: default)")
+    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="KEY.pub",
                     help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip
-    sv.add_argument("--artifact-base-url", help="where devices download bundles (default: this server)")
+    sv.add_argument("--artifact-base-url", metavar="URL", help="where devices download bundles (default: this server)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.set_defaults(func=_cmd_serve)
 
