@@ -31,7 +31,7 @@ from sdk.errors import EdgeshipError, InputError, TransportError
 __all__ = ["add_parsers", "follow_rollout"]
 
 
-def _seg(value: str) -> str:
+def _seg(value: int | str) -> str:
     """A path segment, percent-encoded (a device id may hold characters a URL path does not)."""
     return quote(str(value), safe="")
 
@@ -136,8 +136,10 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
+    """The device with its last deployments (``/events`` gives them, read from the device's events)."""
     with _client(args) as client:
         data = client.get(f"/devices/{_seg(args.id)}")
+        data["deployments"] = client.get(f"/devices/{_seg(args.id)}/events", limit=200).get("deployments", [])
     return _emit(args, data, views.device_lines(data))
 
 
@@ -152,26 +154,30 @@ def _parse_tags(pairs: list[str]) -> dict[str, str]:
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    """Merge KEY=VALUE into the device's tags and drop ``--remove`` keys (the API's PUT replaces the set)."""
+    """Merge KEY=VALUE into the device's tags and drop ``--remove`` keys: one PUT of the whole set (the API's
+    PUT replaces it), so a refused request changes nothing; removing a tag the device lacks is an error."""
     tags = _parse_tags(args.tags)
     if not tags and not args.remove:
         raise InputError("give KEY=VALUE tags to set and/or --remove KEY")
     device = f"/devices/{_seg(args.id)}"
     with _client(args) as client:
-        for key in args.remove:
-            client.delete(f"{device}/tags/{_seg(key)}")
-        if tags:
-            current = client.get(device).get("tags") or {}
-            merged = {**{k: v for k, v in current.items() if k not in args.remove}, **tags}
-            client.put(f"{device}/tags", {"tags": merged})
-        data = client.get(device)
+        current = client.get(device).get("tags") or {}
+        missing = [k for k in args.remove if k not in current]
+        if missing:
+            raise InputError(f"device {args.id!r} has no tag {', '.join(map(repr, missing))}")
+        merged = {**{k: v for k, v in current.items() if k not in args.remove}, **tags}
+        data = client.put(f"{device}/tags", {"tags": merged})
     return _emit(args, data, [f"{args.id}: {views._tags(data)}"])
 
 
 # ---- bundles and releases ----------------------------------------------------------------------
 def _cmd_releases(args: argparse.Namespace) -> int:
+    """Every release, with the targets/precisions it is offered in (one detail request per release)."""
     with _client(args) as client:
-        data = client.get("/releases")
+        data = client.get("/releases", name=args.name)
+        for release in views.items(data):
+            detail = client.get(f"/releases/{_seg(release['name'])}/{release['version']}")
+            release["targets"] = detail.get("targets", {})
     return _emit(args, data, views.releases_table(data))
 
 
@@ -186,7 +192,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 # ---- rollouts ----------------------------------------------------------------------------------
 def follow_rollout(
-    client: FleetClient, rollout_id: str, *, out: TextIO | None = None, interval_s: float = 1.0,
+    client: FleetClient, rollout_id: int | str, *, out: TextIO | None = None, interval_s: float = 1.0,
     tty: bool | None = None, outage_s: float = 60.0,
 ) -> dict[str, Any]:  # fmt: skip
     """Show a rollout until it is completed, aborted, failed or paused; return its last state.
@@ -221,7 +227,7 @@ def follow_rollout(
         time.sleep(interval_s)
 
 
-def _follow(client: FleetClient, rollout_id: str, interval_s: float) -> int:
+def _follow(client: FleetClient, rollout_id: int | str, interval_s: float) -> int:
     try:
         return _end_of_follow(follow_rollout(client, rollout_id, interval_s=interval_s))
     except KeyboardInterrupt:
@@ -239,13 +245,14 @@ def _end_of_follow(r: dict[str, Any]) -> int:
 
 def _cmd_rollout_create(args: argparse.Namespace) -> int:
     body = {"release": args.release, "devices": args.devices, "waves": args.waves, "soak": args.soak,
-            "gates": args.gate, "rate_per_s": args.rate}  # fmt: skip
+            "gates": args.gate, "rate_per_s": args.rate, "wave_timeout": args.wave_timeout,
+            "resend": args.resend}  # fmt: skip
     with _client(args) as client:
         data = client.post("/rollouts", {k: v for k, v in body.items() if v is not None})
         if not args.follow:
             return _emit(args, data, views.rollout_lines(data))
         print(f"rollout {data.get('id')} created", flush=True)
-        return _follow(client, str(data.get("id")), args.interval)
+        return _follow(client, data["id"], args.interval)
 
 
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
@@ -267,8 +274,14 @@ def _cmd_rollout_action(args: argparse.Namespace) -> int:
 
 def _cmd_rollout_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        data = client.get("/rollouts")
+        data = client.get("/rollouts", state=args.state)
     return _emit(args, data, views.rollouts_table(data))
+
+
+def _cmd_rollout_audit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        data = client.get(f"/rollouts/{args.id}/audit", limit=args.limit)
+    return _emit(args, data, views.audit_table(data))
 
 
 # ---- parsers -----------------------------------------------------------------------------------
@@ -282,8 +295,12 @@ def _connection() -> argparse.ArgumentParser:
 
 def _database() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--db", help="database URL (default: $EDGESHIP_FLEET_DB_URL or sqlite in the state folder)")
-    p.add_argument("--state-dir", type=Path, help="state folder (default: ~/.local/state/edgeship/fleet)")
+    p.add_argument(
+        "--db", metavar="URL", help="database URL (default: $EDGESHIP_FLEET_DB_URL or sqlite in the state folder)"
+    )
+    p.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="state folder (default: ~/.local/state/edgeship/fleet)"
+    )
     return p
 
 
@@ -293,17 +310,25 @@ def _add_fleet(sub: Any) -> None:
     cmds = fleet.add_subparsers(dest="fleet_command", required=True)
 
     sv = cmds.add_parser("serve", parents=[database], help="run the fleet server in the foreground")
-    sv.add_argument("--host", dest="http_host", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 8800; 0 picks a free one)")
-    sv.add_argument("--broker", help="MQTT broker host[:port] or mqtts://host:port (default 127.0.0.1:1883)")
-    sv.add_argument("--broker-username", help="MQTT username")
-    sv.add_argument("--broker-password-file", type=Path, help="file holding the MQTT password")
+    sv.add_argument("--host", dest="http_host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument(
+        "--port", dest="http_port", type=int, metavar="PORT", help="HTTP port (default 8800; 0 picks a free one)"
+    )
+    sv.add_argument(
+        "--broker", metavar="URL", help="MQTT broker host[:port] or mqtts://host:port (default 127.0.0.1:1883)"
+    )
+    sv.add_argument("--broker-username", metavar="USER", help="MQTT username")
+    sv.add_argument("--broker-password-file", type=Path, metavar="FILE", help="file holding the MQTT password")
     sv.add_argument("--broker-protocol", choices=["5", "3.1.1"], help="MQTT version (3.1.1: embedded broker)")
-    sv.add_argument("--share-group", help="shared-subscription group of the ingest, or none (default edgeship-fleet)")
-    sv.add_argument("--fleet", help="fleet name: the <fleet> topic segment (default: default)")
-    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path,
+    sv.add_argument(
+        "--share-group",
+        metavar="GROUP",
+        help="shared-subscription group of the ingest, or none (default edgeship-fleet)",
+    )
+    sv.add_argument("--fleet", metavar="NAME", help="fleet name: the <fleet> topic segment (default: default)")
+    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="KEY.pub",
                     help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip
-    sv.add_argument("--artifact-base-url", help="where devices download bundles (default: this server)")
+    sv.add_argument("--artifact-base-url", metavar="URL", help="where devices download bundles (default: this server)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.set_defaults(func=_cmd_serve)
 
@@ -334,7 +359,9 @@ def _add_fleet(sub: Any) -> None:
     tg.add_argument("tags", nargs="*", metavar="KEY=VALUE")
     tg.add_argument("--remove", action="append", default=[], metavar="KEY", help="tag to remove (repeatable)")
     tg.set_defaults(func=_cmd_tag)
-    cmds.add_parser("releases", parents=[conn], help="list releases and their bundles").set_defaults(func=_cmd_releases)
+    rl = cmds.add_parser("releases", parents=[conn], help="list releases: bundles, targets and precisions")
+    rl.add_argument("--name", help="only the releases of this model name")
+    rl.set_defaults(func=_cmd_releases)
     up = cmds.add_parser("upload", parents=[conn], help="upload a signed .edgebundle (verified by the server)")
     up.add_argument("file")
     up.set_defaults(func=_cmd_upload)
@@ -355,17 +382,30 @@ def _add_rollout(sub: Any) -> None:
     cr.add_argument("--soak", default="5m", help="time every gate must hold before the next wave (default 5m)")
     gates = "e.g. health_failures=0, error_rate<=1%%, p95_latency<=1.2x, silence=5m (repeatable)"
     cr.add_argument("--gate", action="append", metavar="GATE", help=gates)
-    cr.add_argument("--rate", type=float, help="deploy commands per second")
+    cr.add_argument("--rate", type=float, help="deploy commands per second (default 10)")
+    cr.add_argument(
+        "--wave-timeout",
+        metavar="DURATION",
+        help="a device not active this long after its deploy counts as failed (default 30m)",
+    )
+    cr.add_argument("--resend", metavar="DURATION",
+                    help="resend a command no event answered after this long, same id (default 60s)")  # fmt: skip
     cr.set_defaults(func=_cmd_rollout_create)
     st = cmds.add_parser("status", parents=[conn, follow], help="waves, device counts and gates of a rollout")
-    st.add_argument("id")
+    st.add_argument("id", type=int)
     st.set_defaults(func=_cmd_rollout_status)
     for action, text in (("pause", "stop sending deploys"), ("resume", "continue a paused rollout"),
                          ("abort", "end a rollout for good")):  # fmt: skip
         ac = cmds.add_parser(action, parents=[conn], help=text)
-        ac.add_argument("id")
+        ac.add_argument("id", type=int)
         ac.set_defaults(func=_cmd_rollout_action, action=action)
-    cmds.add_parser("list", parents=[conn], help="every rollout").set_defaults(func=_cmd_rollout_list)
+    ls = cmds.add_parser("list", parents=[conn], help="every rollout, newest first")
+    ls.add_argument("--state", choices=["pending", "running", "paused", "completed", "aborted", "failed"])
+    ls.set_defaults(func=_cmd_rollout_list)
+    au = cmds.add_parser("audit", parents=[conn], help="every decision of a rollout with its reason")
+    au.add_argument("id", type=int)
+    au.add_argument("--limit", type=int, default=500, help="at most this many entries (default 500)")
+    au.set_defaults(func=_cmd_rollout_audit)
 
 
 def add_parsers(sub: Any) -> None:

@@ -1,7 +1,7 @@
 """How the CLI shows each fleet resource: one small function per resource, from the API's JSON to text.
 
-The functions read fields leniently (``_pick`` tries the likely names, ``-`` when absent), so a renamed
-field in a response shows as ``-`` instead of a traceback; adjust the names here, in one place.
+The field names are the API's (``fleet.devices.schemas``, ``fleet.releases.schemas``, the read views of
+``fleet.rollouts.service``); a field a response lacks shows as ``-`` instead of a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sdk.cli.tables import ago, table_lines
 
 __all__ = [
     "TERMINAL_STATES",
+    "audit_table",
     "bundle_lines",
     "device_lines",
     "devices_table",
@@ -106,12 +107,12 @@ def device_lines(d: Mapping[str, Any], now: float | None = None) -> list[str]:
     for key in ("capabilities", "runtime", "deployment"):
         if isinstance(d.get(key), Mapping) and d[key]:
             lines.append(f"{key + ':':<13} {json.dumps(d[key], sort_keys=True)}")
-    history = items(d, "history", "events")
+    history = items(d, "deployments")  # GET /devices/{id}/events, newest first
     if history:
-        lines.append("history:")
-        rows = [[ago(_pick(e, "ts", default=None), now), _pick(e, "cmd_id"), _pick(e, "phase"),
-                 str(_pick(e, "message", default=""))[:60]] for e in history[-10:]]  # fmt: skip
-        lines += ["  " + line for line in table_lines(["when", "command", "phase", "message"], rows)]
+        lines.append("deployments:")
+        rows = [[ago(_pick(e, "started", default=None), now), _pick(e, "cmd_id"), _model(e), _pick(e, "outcome"),
+                 _pick(e, "phase")] for e in history[:10]]  # fmt: skip
+        lines += ["  " + line for line in table_lines(["started", "command", "model", "outcome", "last phase"], rows)]
     return lines
 
 
@@ -152,88 +153,105 @@ def _release(r: Mapping[str, Any]) -> str:
     release = r.get("release")
     if isinstance(release, Mapping):
         return f"{_pick(release, 'name')}:{_pick(release, 'version')}"
-    if release is not None:
-        return str(release)
-    return f"{_pick(r, 'release_name', 'name')}:{_pick(r, 'release_version', 'version')}"
+    return "-:-" if release is None else str(release)
 
 
 def rollouts_table(data: Any, now: float | None = None) -> list[str]:
+    """``GET /rollouts``: one row per rollout, newest first."""
     rows = [
-        [
-            _pick(r, "id"),
-            _release(r),
-            _pick(r, "state"),
-            _wave_text(r),
-            _pick(r, "selector", "devices"),
-            ago(_pick(r, "updated_at", "created_at", default=None), now),
-        ]
+        [_pick(r, "id"), _release(r), _pick(r, "state"), _wave_text(r), _pick(r, "selector"),
+         ago(_pick(r, "updated_at", "created_at", default=None), now)]
         for r in items(data, "rollouts")
-    ]
+    ]  # fmt: skip
     return table_lines(["id", "release", "state", "wave", "devices", "updated"], rows)
 
 
 def _wave_text(r: Mapping[str, Any]) -> str:
-    waves = r.get("waves")
-    current = _pick(r, "current_wave", "wave", default=None)
-    total = len(waves) if isinstance(waves, list) else _pick(r, "wave_count", default=None)
+    """``current/total``: the API's ``wave`` is 1-based and ``waves`` is how many the rollout has."""
+    current, total = r.get("wave"), r.get("waves")
     if current is None:
         return "-"
-    return f"{current + 1 if isinstance(current, int) else current}/{total if total is not None else '?'}"
+    return f"{current}/{total if isinstance(total, int) else '?'}"
 
 
 def _counts(w: Mapping[str, Any]) -> dict[str, int]:
-    counts = _pick(w, "counts", "by_status", "devices", default={})
-    return {str(k): int(v) for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, Mapping) else {}
+    """A wave's devices by status (the API gives each status as a key of the wave)."""
+    return {s: int(w[s]) for s in DEVICE_STATUSES if isinstance(w.get(s), int)}
+
+
+def _gate_value(gate: Mapping[str, Any], value: Any) -> str:
+    """A gate's number in the words of its spec: a percentage, a ratio to the previous version, ms or s."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    metric, text = gate.get("metric"), str(gate.get("gate", ""))
+    if metric == "error_rate":
+        return _pct(value)
+    if metric == "p95_latency":
+        return f"{value:.3g}x" if text.rstrip().endswith("x") else f"{value:.4g} ms"
+    if metric == "silence":
+        return f"{value:.0f} s"
+    return _num(value)
 
 
 def _gates(r: Mapping[str, Any]) -> list[list[str]]:
+    """``[gate, value, threshold, verdict]`` per gate; a gate with no data (yet) holds and shows ``no data``."""
     rows = []
     for g in items(r, "gates"):
-        ok = _pick(g, "ok", "holds", "passed", default=None)
-        verdict = "ok" if ok is True else "BREACH" if ok is False else "waiting"
-        rows.append([str(_pick(g, "gate", "name", "spec", "metric")), _num(_pick(g, "value", "current", default=None)),
-                     _num(_pick(g, "threshold", "limit", default=None)), verdict])  # fmt: skip
+        ok, value = g.get("ok"), g.get("value")
+        verdict = "BREACH" if ok is False else "no data" if value is None else "ok"
+        rows.append([str(_pick(g, "gate")), _gate_value(g, value), _gate_value(g, g.get("threshold")), verdict])
     return rows
+
+
+def _soak_left(r: Mapping[str, Any], now: float) -> float | None:
+    since, spec = r.get("soak_since"), r.get("spec")
+    soak = spec.get("soak_s") if isinstance(spec, Mapping) else None
+    if r.get("state") != "running" or not isinstance(since, (int, float)) or not isinstance(soak, (int, float)):
+        return None
+    return max(0.0, since + soak - now)
 
 
 def rollout_lines(r: Mapping[str, Any], now: float | None = None) -> list[str]:
     """The progress display of ``edgeship rollout status``: header, waves with device counts, gates."""
     now = time.time() if now is None else now
     lines = [f"rollout {_pick(r, 'id')}  {_release(r)}  state {_pick(r, 'state')}  wave {_wave_text(r)}  "
-             f"devices {_pick(r, 'selector', 'devices')}"]  # fmt: skip
-    reason = _pick(r, "paused_reason", "reason", default=None)
-    if reason:
-        lines.append(f"reason: {reason}")
-    waves = items(r, "waves")
+             f"devices {_pick(r, 'selector')}"]  # fmt: skip
+    if r.get("paused_reason"):
+        lines.append(f"reason: {r['paused_reason']}")
+    waves = items(r, "waves_detail")
     if waves:
-        statuses = list(DEVICE_STATUSES)
-        for w in waves:
-            statuses += [s for s in _counts(w) if s not in statuses]
         rows: list[Sequence[Any]] = []
-        for n, w in enumerate(waves):
+        for n, w in enumerate(waves, 1):
             c = _counts(w)
-            index = w.get("index")
-            label = index + 1 if isinstance(index, int) else n + 1
-            rows.append(
-                [label, _pick(w, "target", "size"), _pick(w, "state", "status"), *(c.get(s, 0) for s in statuses)]
-            )
-        lines += table_lines(["wave", "target", "state", *statuses], rows)
+            rows.append([_pick(w, "wave", default=n), _pick(w, "text"), _pick(w, "devices"),
+                         *(c.get(s, 0) for s in DEVICE_STATUSES)])  # fmt: skip
+        lines += table_lines(["wave", "size", "devices", *DEVICE_STATUSES], rows)
     gates = _gates(r)
     if gates:
         lines += table_lines(["gate", "value", "threshold", "verdict"], gates)
-    soak = _pick(r, "soak_until", "soak_ends_at", default=None)
-    if isinstance(soak, (int, float)) and soak > now:
-        lines.append(f"soak: {int(soak - now)}s left")
+    left = _soak_left(r, now)
+    if left is not None:
+        lines.append(f"soak: every gate has held for {max(0.0, now - r['soak_since']):.0f}s, {left:.0f}s to go")
     return lines
 
 
 def rollout_summary(r: Mapping[str, Any]) -> str:
     """One line per change, for ``--follow`` when stdout is not a terminal (logs, CI)."""
     totals: dict[str, int] = {}
-    for w in items(r, "waves"):
+    for w in items(r, "waves_detail"):
         for status, n in _counts(w).items():
             totals[status] = totals.get(status, 0) + n
-    counts = " ".join(f"{s}={n}" for s, n in totals.items()) or "-"
+    counts = " ".join(f"{s}={n}" for s, n in totals.items() if n) or "-"
     breaches = [g[0] for g in _gates(r) if g[3] == "BREACH"]
     gates = f"breached: {', '.join(breaches)}" if breaches else "gates ok"
     return f"rollout {_pick(r, 'id')} {_pick(r, 'state')} wave {_wave_text(r)} {counts} {gates}"
+
+
+def audit_table(data: Any, now: float | None = None) -> list[str]:
+    """``GET /rollouts/{id}/audit``: every decision in order, with its reason (evidence: ``--json``)."""
+    rows = [
+        [_pick(e, "id"), time.strftime("%H:%M:%S", time.localtime(e["ts"])) if isinstance(e.get("ts"), (int, float))
+         else "-", _pick(e, "action"), _pick(e, "device_id"), str(_pick(e, "reason", default=""))[:80] or "-"]
+        for e in items(data, "audit")
+    ]  # fmt: skip
+    return table_lines(["#", "time", "action", "device", "reason"], rows)

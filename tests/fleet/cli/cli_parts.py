@@ -1,30 +1,55 @@
-"""Real servers for the CLI tests: a migrated SQLite database, and uvicorn serving an app on a free port.
+"""Real servers for the CLI tests: the whole fleet app (``create_fleet_app`` with the rollout routes wired)
+served by uvicorn on a free port over a migrated SQLite file, real signed bundles, and devices.
 
-``stub_router`` stands in for the domains' routes that are not on this branch: it speaks the API's paths
-and error bodies with the real auth dependencies, so the client's rendering and error paths are tested
-over real HTTP. Its response fields are the ones the CLI's views read first.
+The devices are registered the way the ingest registers them (``record_messages`` with the contract's
+``status`` payloads). ``Devices`` stands at the far end of the broker for the rollout driver: each command
+the driver publishes is answered with the events and telemetry a device's agent sends back, stored through
+the same devices service the ingest uses, so a rollout moves wave by wave as it does in production.
 """
 
 from __future__ import annotations
 
-import hashlib
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import count
+from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
+from fastapi import FastAPI
 
-from fleet.api import Conflict, DbDep, NotFound, ReadAccess, WriteAccess
-from fleet.app import API_PREFIX, create_app
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "releases"))
+
+from fleet_parts import event, incoming, model, status, telemetry
+from releases_kit import CPU_RUNTIME, mlp_onnx, npy_bytes
+
+from fleet.app import create_fleet_app
 from fleet.auth import create_token
 from fleet.db import Database, migrate
-from sdk.errors import InputError
+from fleet.devices.service import record_messages
+from fleet.rollouts.driver import RolloutDriver
+from fleet.settings import FleetSettings
+from fleet.wiring import DevicesObserver, wire_rollouts
+from sdk.bundle import write_bundle
+from sdk.manifest import Manifest, TensorSpec
+from sdk.signing import generate_keypair, load_private_key
+
+__all__ = [
+    "Devices",
+    "driving",
+    "fleet_settings",
+    "keypair",
+    "make_bundle",
+    "migrated_db",
+    "register",
+    "serve_app",
+    "serve_fleet",
+    "token",
+]
 
 
 def migrated_db(path: Any) -> Database:
@@ -58,121 +83,90 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
-class Tags(BaseModel):
-    tags: dict[str, str]
+def fleet_settings(state_dir: Path, trusted: Sequence[Path], max_upload_bytes: int = 1_000_000) -> FleetSettings:
+    return FleetSettings(
+        state_dir=state_dir, trusted_keys=tuple(trusted), max_upload_bytes=max_upload_bytes, fleet="testfleet",
+        artifact_base_url="http://artifacts.test",
+    )  # fmt: skip
 
 
-class RolloutIn(BaseModel):
-    release: str
-    devices: str
-    waves: str = "1,100%"
-    soak: str = "5m"
-    gates: list[str] = []
-    rate_per_s: float | None = None
+@contextmanager
+def serve_fleet(db: Database, settings: FleetSettings, driver: RolloutDriver | None) -> Iterator[str]:
+    """The app ``edgeship fleet serve`` runs (every domain's routes, rollouts wired to ``driver``)."""
+    app = create_fleet_app(db, settings)
+    wire_rollouts(app, settings, driver)
+    with serve_app(app) as url:
+        yield url
 
 
-def rollout_at(step: int, final: str = "completed") -> dict[str, Any]:
-    """A rollout of 3 waves as GET /rollouts/7 shows it after ``step`` polls."""
-    wave = min(step, 2)
-    state = "running" if step < 3 else final
-    waves = [
-        {"index": i, "target": t, "state": "done" if i < wave else "running" if i == wave else "waiting",
-         "counts": {"active": n if i <= wave else 0, "pending": 0 if i <= wave else n}}
-        for i, (t, n) in enumerate([("1", 1), ("50%", 4), ("100%", 5)])
-    ]  # fmt: skip
-    gates = [{"gate": "error_rate<=1%", "value": 0.002, "threshold": 0.01, "ok": state != "paused"}]
-    reason = "error_rate 3% > 1%" if state == "paused" else None
-    return {"id": 7, "release": "digits:2", "selector": "tag=site=a", "state": state, "current_wave": wave,
-            "waves": waves, "gates": gates, "paused_reason": reason}  # fmt: skip
+def keypair(folder: Path) -> tuple[Path, Path]:
+    """(private, public) key files, as ``edgeship keygen`` writes them."""
+    return generate_keypair(folder, "release")
 
 
-def stub_router() -> APIRouter:
-    router = APIRouter()
-    devices: dict[str, dict[str, Any]] = {
-        "cam-1": {"device_id": "cam-1", "online": True, "last_seen": time.time() - 5, "slot": "a", "state": "idle",
-                  "model": {"name": "digits", "version": 1}, "tags": {"site": "a", "old": "x"}},
-        "cam-2": {"device_id": "cam-2", "online": False, "last_seen": time.time() - 7200, "tags": {}},
-    }  # fmt: skip
-    polls = {"n": 0}
-
-    def device(device_id: str) -> dict[str, Any]:
-        if device_id not in devices:
-            raise NotFound(f"no device {device_id!r}")
-        return devices[device_id]
-
-    @router.get("/devices")
-    def list_devices(_db: DbDep, _c: ReadAccess, online: bool | None = None) -> list[dict[str, Any]]:
-        return [d for d in devices.values() if online is None or d["online"] == online]
-
-    @router.get("/devices/{device_id}")
-    def get_device(device_id: str, _db: DbDep, _c: ReadAccess) -> dict[str, Any]:
-        return device(device_id)
-
-    @router.put("/devices/{device_id}/tags")
-    def put_tags(device_id: str, body: Tags, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:
-        device(device_id)["tags"] = dict(body.tags)
-        return device(device_id)
-
-    @router.delete("/devices/{device_id}/tags/{key}")
-    def delete_tag(device_id: str, key: str, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:
-        device(device_id)["tags"].pop(key, None)
-        return device(device_id)
-
-    @router.post("/bundles", status_code=201)
-    async def upload(request: Request, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:
-        data = await request.body()
-        if len(data) > 1000:
-            raise HTTPException(413, f"bundle of {len(data)} bytes is over the 1000-byte limit")
-        if not data.startswith(b"BUNDLE"):
-            raise InputError("not an edgeship bundle: bad magic")
-        sha = hashlib.sha256(data).hexdigest()
-        return {"sha256": sha, "name": "digits", "version": 2, "label": None, "target": "onnxruntime",
-                "precision": "fp32", "size": len(data), "keyids": ["ab" * 32], "url": f"http://x/a/{sha}"}  # fmt: skip
-
-    @router.get("/releases")
-    def releases(_db: DbDep, _c: ReadAccess) -> list[dict[str, Any]]:
-        return [{"name": "digits", "version": 2, "bundles": 2, "active": 1, "first_uploaded_at": time.time() - 90}]
-
-    @router.get("/releases/{name}/{version}")
-    def release(name: str, version: int, _db: DbDep, _c: ReadAccess) -> dict[str, Any]:
-        bundles = [{"target": "onnxruntime", "precision": "fp32"}, {"target": "openvino", "precision": "int8"}]
-        targets = {"onnxruntime": ["fp32"], "openvino": ["int8"]}
-        return {"name": name, "version": version, "targets": targets, "bundles": bundles}
-
-    @router.post("/rollouts", status_code=201)
-    def create(body: RolloutIn, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:
-        if any(g.startswith("bogus") for g in body.gates):
-            raise InputError("unknown gate metric 'bogus'; valid: health_failures, error_rate, p95_latency, silence")
-        if body.devices == "tag=busy=1":
-            raise Conflict("device cam-1 is already in running rollout 3")
-        polls["n"] = 0
-        return rollout_at(0)
-
-    @router.get("/rollouts")
-    def rollouts(_db: DbDep, _c: ReadAccess) -> list[dict[str, Any]]:
-        return [rollout_at(1)]
-
-    @router.get("/rollouts/{rollout_id}")
-    def rollout(rollout_id: int, _db: DbDep, _c: ReadAccess) -> dict[str, Any]:
-        if rollout_id not in (7, 8):
-            raise NotFound(f"no rollout {rollout_id}")
-        polls["n"] += 1
-        return rollout_at(polls["n"], "completed" if rollout_id == 7 else "paused")
-
-    @router.post("/rollouts/{rollout_id}/{action}")
-    def act(rollout_id: int, action: str, _db: DbDep, _c: WriteAccess) -> dict[str, Any]:
-        if rollout_id != 7:
-            raise NotFound(f"no rollout {rollout_id}")
-        return {**rollout_at(1), "state": {"pause": "paused", "resume": "running", "abort": "aborted"}[action]}
-
-    @router.get("/broken")
-    def broken() -> PlainTextResponse:
-        return PlainTextResponse("<html>Bad Gateway from a proxy</html>", 502)
-
-    return router
+def make_bundle(out: Path, key_file: Path, *, name: str = "digits", version: int = 2) -> Path:
+    """A real signed bundle (a small ONNX MLP) for the CPU onnxruntime the test devices report."""
+    onnx_bytes, x, y = mlp_onnx(16, seed=version)
+    manifest = Manifest(
+        name=name, version=version, target="onnxruntime", precision="fp32", model="model.onnx",
+        inputs=(TensorSpec("x", "float32", ("batch", 64)),), outputs=(TensorSpec("y", "float32", ("batch", 10)),),
+        created="2026-01-01T00:00:00Z", runtime=CPU_RUNTIME,
+        golden={"inputs": {"x": "golden/x.npy"}, "outputs": {"y": "golden/y.npy"},
+                "tolerance": {"atol": 1e-3, "rtol": 1e-3}},
+    )  # fmt: skip
+    members = {"model.onnx": onnx_bytes, "golden/x.npy": npy_bytes(x), "golden/y.npy": npy_bytes(y)}
+    write_bundle(out, manifest, members, [load_private_key(key_file)])
+    return out
 
 
-def stub_app(db: Database) -> FastAPI:
-    app = create_app(db)
-    app.include_router(stub_router(), prefix=API_PREFIX)
-    return app
+def register(db: Database, device_id: str, *, version: int = 1, at: float | None = None, **extra: Any) -> None:
+    """A device as the ingest records its first ``status`` (running digits v``version``)."""
+    now = time.time() if at is None else at
+    with db.session() as s:
+        record_messages(s, [incoming(device_id, "status", status(now, version=version, **extra), now)])
+
+
+class Devices:
+    """The devices at the far end of the broker (the driver's ``Publisher``): a deploy is answered with the
+    agent's events (``received`` ... ``active``, or ``failed`` for a device in ``failing``), then a status
+    on the new version and a telemetry window; a rollback with ``rolled_back``."""
+
+    def __init__(self, db: Database, failing: Sequence[str] = ()) -> None:
+        self.db, self.failing = db, set(failing)
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self._seq = count(1)
+
+    def publish(self, device_id: str, payload: Mapping[str, Any]) -> None:
+        self.sent.append((device_id, dict(payload)))
+        now = time.time()
+        cmd_id = str(payload["id"])
+        if payload["type"] == "rollback":
+            phases = ["received", "rolled_back"]
+        elif device_id in self.failing:
+            phases = ["received", "downloading", "verifying", "failed"]
+        else:
+            phases = ["received", "downloading", "verifying", "staged", "active"]
+        version = int(payload.get("version") or 0)
+        detail = {"model": model(version=version)} if phases[-1] == "active" else {}
+        messages = [
+            incoming(device_id, "events", event(cmd_id, p, now + i * 1e-3, **(detail if p == phases[-1] else {})),
+                     now + i * 1e-3)
+            for i, p in enumerate(phases)
+        ]  # fmt: skip
+        if phases[-1] == "active":
+            messages.append(incoming(device_id, "status", status(now + 0.01, version=version), now))
+            seq = next(self._seq)
+            messages.append(incoming(device_id, "telemetry", telemetry(seq, ts=now + 0.02, version=version), now))
+        with self.db.session() as s:
+            record_messages(s, messages)
+
+
+@contextmanager
+def driving(db: Database, devices: Devices) -> Iterator[RolloutDriver]:
+    """A rollout driver as ``fleet.wiring.rollout_driver`` builds it, with ``devices`` as its publisher, running."""
+    driver = RolloutDriver(db, devices, DevicesObserver(), "cli-test", lease_s=5.0, tick_s=0.05)
+    driver.start()
+    try:
+        yield driver
+    finally:
+        driver.stop()

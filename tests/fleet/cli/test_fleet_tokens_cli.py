@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_parts import serve_app, stub_app
+from cli_parts import fleet_settings, register, serve_fleet
 
 from fleet.db import Database
 from sdk.cli.main import main
@@ -32,7 +32,8 @@ def test_create_list_revoke_and_use_over_http(tmp_path: Path, capsys: pytest.Cap
 
     db = Database(f"sqlite:///{tmp_path / 'state' / 'fleet.db'}")
     try:
-        with serve_app(stub_app(db)) as url:
+        register(db, "cam-1")
+        with serve_fleet(db, fleet_settings(tmp_path / "state", []), None) as url:
             assert main(["fleet", "tag", "cam-1", "a=1", "--server", url, "--token", secret]) == 0
             capsys.readouterr()
             assert main(["fleet", "token", "revoke", "1", *db_args]) == 0
