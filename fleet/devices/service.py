@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, case, delete, select
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from fleet.devices.tables import MAX_NAME_CHARS, Device, DeviceEvent, DeviceTag, Telemetry
@@ -123,13 +123,22 @@ def _touch(session: Session, seen: Mapping[str, float], created: Mapping[str, fl
         ]
 
     if seen:
-        stmt = _insert(session, table)
-        later = stmt.excluded.last_seen > table.c.last_seen
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["device_id"],
-            set_={"last_seen": case((later, stmt.excluded.last_seen), else_=table.c.last_seen)},
-        )
-        session.execute(stmt, rows(seen))
+        # Insert only the devices not known yet (rare: the JSON defaults cost ~10x a plain update), then
+        # move last_seen forward with one executemany of a plain UPDATE: half the cost of an upsert of
+        # every device of the batch. A device another process creates between the two is caught by the
+        # ON CONFLICT and then updated like the others.
+        known = last_seen(session, seen)
+        new = {d: at for d, at in seen.items() if d not in known}
+        if new:
+            session.execute(_insert(session, table).on_conflict_do_nothing(index_elements=["device_id"]), rows(new))
+        later = [{"d": d, "t": at} for d, at in sorted(seen.items()) if d in new or at > known[d]]
+        if later:
+            stmt = (
+                update(table)
+                .where(table.c.device_id == bindparam("d"), table.c.last_seen < bindparam("t"))
+                .values(last_seen=bindparam("t"))
+            )
+            session.execute(stmt, later)
     only_will = {d: at for d, at in created.items() if d not in seen}
     if only_will:
         stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["device_id"])
@@ -254,7 +263,11 @@ def last_seen(session: Session, device_ids: Collection[str]) -> dict[str, float]
     The rollout engine's silence gate reads this: a device whose value is older than ``now - silence``
     has sent nothing (no status, telemetry or event) for that long.
     """
-    return {d: device.last_seen for d, device in devices_by_id(session, device_ids).items()}
+    found: dict[str, float] = {}
+    for chunk in _chunks(sorted(set(device_ids))):
+        query = select(Device.device_id, Device.last_seen).where(Device.device_id.in_(chunk))
+        found.update({d: float(at) for d, at in session.execute(query)})
+    return found
 
 
 def device_tags(session: Session, device_ids: Collection[str] | None = None) -> dict[str, dict[str, str]]:
