@@ -85,7 +85,8 @@ def _not_found(filename: str) -> Response:
     return JSONResponse({"error": "not_found", "detail": f"no artifact {filename[:80]}"}, 404)
 
 
-@artifacts_router.api_route("/artifacts/{filename}", methods=["GET", "HEAD"], response_model=None)
+@artifacts_router.get("/artifacts/{filename}", response_model=None)
+@artifacts_router.head("/artifacts/{filename}", response_model=None, operation_id="head_artifact")
 def get_artifact(filename: str, request: Request) -> Response:
     """A stored bundle, whole or one byte range (no token: devices verify signatures themselves)."""
     settings: ReleaseSettings = request.app.state.releases
