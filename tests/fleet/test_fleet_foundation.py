@@ -110,3 +110,19 @@ def test_openapi_document_is_served(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["info"]["title"] == "edgeship fleet" and f"{API_PREFIX}/things/{{name}}" in doc["paths"]
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_the_whole_fleet_api_is_in_one_openapi_document(local_db: Database, tmp_path: Path) -> None:
+    import warnings
+
+    from fleet.app import create_fleet_app
+    from fleet.settings import FleetSettings
+
+    app = create_fleet_app(local_db, FleetSettings(state_dir=tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. FastAPI's "Duplicate Operation ID"
+        paths = TestClient(app).get("/openapi.json").json()["paths"]
+    for path in ("/devices", "/devices/{device_id}/tags", "/bundles", "/releases/{name}/{version}", "/rollouts",
+                 "/rollouts/{rollout_id}/pause", "/telemetry/models"):  # fmt: skip
+        assert any(p == API_PREFIX + path or p.startswith(API_PREFIX + path.split("{")[0]) for p in paths), path
+    assert set(paths["/artifacts/{filename}"]) == {"get", "head"}
