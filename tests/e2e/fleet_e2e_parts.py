@@ -33,8 +33,8 @@ for _folder in ("device_runtime", "device_runtime/agent", "device_runtime/ota"):
     if str(TESTS / _folder) not in sys.path:
         sys.path.insert(0, str(TESTS / _folder))
 
-from agent_parts import free_port, wait_for  # noqa: E402
-from ota_parts import FLEET, ROOT, X, AgentProcess, slow_linear_onnx  # noqa: E402
+from agent_parts import Broker, BrokerPool, free_port, wait_for  # noqa: E402
+from ota_parts import FLEET, ROOT, AgentProcess, X, slow_linear_onnx  # noqa: E402
 from runtime_bundles import CREATED, GOLDEN_X, LINEAR_SPECS, linear_onnx, linear_reference, npy_bytes  # noqa: E402
 
 from fleet.auth import create_token  # noqa: E402
@@ -44,6 +44,8 @@ from sdk.manifest import Manifest, format_time  # noqa: E402
 from sdk.signing import generate_keypair, load_private_key  # noqa: E402
 
 __all__ = [
+    "Broker",
+    "BrokerPool",
     "FLEET",
     "Bundles",
     "CommandRecorder",
@@ -134,7 +136,13 @@ class FleetProcess:
     """
 
     def __init__(
-        self, state_dir: Path, broker_port: int, trust: Path, *, port: int | None = None, env: dict[str, str] | None = None
+        self,
+        state_dir: Path,
+        broker_port: int,
+        trust: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.port = port or free_port()
@@ -346,7 +354,11 @@ def wait_registered(api: httpx.Client, ids: list[str], version: int, timeout_s: 
 
 
 def wait_rollout(
-    api: httpx.Client, rollout_id: int, states: tuple[str, ...], timeout_s: float, check: Callable[[], None] = lambda: None
+    api: httpx.Client,
+    rollout_id: int,
+    states: tuple[str, ...],
+    timeout_s: float,
+    check: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Poll the rollout until its state is one of ``states``; ``check`` runs each poll (e.g. processes alive)."""
     last: dict[str, Any] = {}
