@@ -319,7 +319,7 @@ def test_two_fleet_processes_on_postgresql_hand_the_rollout_over(
     fleets[holder].kill9()
     killed_at, killed_at_row = time.time(), rows[-1]["id"]
 
-    view = wait_rollout(apis[other], rollout_id, ENDED, 120)
+    view = wait_rollout(apis[other], rollout_id, ENDED, 60)
     assert view["state"] == "completed", view
     wait_for(lambda: all(device_version(apis[other], d) == 2 for d in ids), 20, "every device reporting v2")
     rows = audit(apis[other], rollout_id)
