@@ -308,7 +308,9 @@ def decide(state: RolloutState, observations: Observations, now: float) -> list[
     soaked = now - view.soak_since
     if soaked < state.spec.soak_s:
         return actions
-    done = {"wave": state.wave, "soaked_s": soaked, "gates": evidence, "statuses": _counts(wave)}
+    # "soaked_wave", not "wave": the audit row merges this evidence over the action's own fields, and
+    # AdvanceWave's ``wave`` (the wave it starts) must not be overwritten by the one that soaked
+    done = {"soaked_wave": state.wave, "soaked_s": soaked, "gates": evidence, "statuses": _counts(wave)}
     if state.wave + 1 >= state.waves:
         return [*actions, Complete("every wave done and every gate held through its soak", done)]
     return [*actions, AdvanceWave(state.wave + 1, f"wave {state.wave + 1} soaked {soaked:.0f} s, gates held", done)]

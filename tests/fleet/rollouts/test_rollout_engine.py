@@ -165,6 +165,16 @@ def test_a_gate_without_data_holds() -> None:
     assert advance.evidence["gates"]["error_rate<=1%"]["value"] is None
 
 
+def test_an_advance_names_the_wave_it_starts_and_the_one_that_soaked_in_the_audit_log() -> None:
+    sim = Sim(make_state(4, waves="1,2,100%"))
+    sim.run(until=2000)
+    assert sim.state.state == "completed"
+    rows = [a.audit() for a in sim.log if isinstance(a, AdvanceWave)]
+    assert [(r[3]["wave"], r[3].get("soaked_wave")) for r in rows] == [(0, None), (1, 0), (2, 1)]
+    complete = next(a for a in sim.log if isinstance(a, Complete))
+    assert complete.audit()[3]["soaked_wave"] == 2
+
+
 def test_a_device_silent_after_its_update_breaches_the_silence_gate() -> None:
     sim = Sim(make_state(4, waves="1,100%", gates=["silence=30s"], soak="5m"))
     sim.outcome["d00"] = "active"
