@@ -53,6 +53,12 @@ class DevicesObserver:
         stats = device_stats.model_stats(session, device_ids, name, version, since, until)
         return ModelStats(requests=stats.count, errors=stats.errors, p95_ms=stats.p95_ms)
 
+    def active_bundles(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str | None, float]]:
+        return {
+            device_id: (device.model_sha256, device.status_at or 0.0)
+            for device_id, device in devices.devices_by_id(session, device_ids).items()
+        }
+
     def active_models(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str, int]]:
         return {
             device_id: (device.model_name, device.model_version)

@@ -70,6 +70,9 @@ class Observer(Protocol):
     def active_models(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str, int]]:
         """Each device's active model ``(name, version)``, from its last status; unknown left out."""
 
+    def active_bundles(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str | None, float]]:
+        """Each device's active bundle sha256 (None: no model) and when its last status arrived (unix s)."""
+
 
 def combine_stats(parts: Sequence[ModelStats]) -> ModelStats:
     """Several stats as one: counts added, p95 as the request-weighted mean (an approximation)."""
@@ -267,12 +270,13 @@ class RolloutDriver:
         cmd_ids = [deploy_cmd_id(state.id, d.device_id) for d in state.devices if d.status == "sent"]
         cmd_ids += [rollback_cmd_id(state.id, d.device_id) for d in state.devices if d.rollback == "sent"]
         phases = dict(self.observer.phases(session, cmd_ids)) if cmd_ids else {}
+        serving, reverted = self._statuses(session, state)
         if state.state != "running":
-            return Observations(phases=phases)
+            return Observations(phases=phases, serving=serving, reverted=reverted)
         active = [d for d in state.in_wave() if d.status == "active"]
         ids = [d.device_id for d in active]
         if not ids:
-            return Observations(phases=phases)
+            return Observations(phases=phases, serving=serving, reverted=reverted)
         spec = state.spec
         since = min(d.done_at or now for d in active)
         new = self.observer.model_stats(session, ids, spec.release_name, spec.release_version, since, now + 1e-6)
@@ -288,4 +292,28 @@ class RolloutDriver:
                 for (name, version), devices in by_version.items()
             ]
         )
-        return Observations(phases, self.observer.last_seen(session, ids), new, previous)
+        return Observations(phases, self.observer.last_seen(session, ids), new, previous, serving, reverted)
+
+    def _statuses(self, session: Session, state: RolloutState) -> tuple[frozenset[str], frozenset[str]]:
+        """``Observations.serving`` and ``.reverted``: what the devices' own statuses say of outstanding commands."""
+        waiting = [d for d in state.devices if d.status == "sent" or d.rollback == "sent"]
+        if not waiting:
+            return frozenset(), frozenset()
+        ids = [d.device_id for d in waiting]
+        rows = service.device_rows(session, state.id, ids)
+        bundles = self.observer.active_bundles(session, ids)
+        serving, reverted = set(), set()
+        for d in waiting:
+            row, (sha, status_at) = rows.get(d.device_id), bundles.get(d.device_id, (None, 0.0))
+            if row is None:
+                continue
+            if d.status == "sent" and sha == row.bundle_sha256:
+                serving.add(d.device_id)
+            if (
+                d.rollback == "sent"
+                and sha != row.bundle_sha256
+                and d.rollback_sent_at is not None
+                and status_at > d.rollback_sent_at
+            ):
+                reverted.add(d.device_id)
+        return frozenset(serving), frozenset(reverted)

@@ -164,12 +164,18 @@ class Observations:
         last_seen: the last time each device sent anything (unix s).
         new: the release's version on the current wave's ``active`` devices since they switched.
         previous: their previous versions on the same devices, before the wave started.
+        serving: devices sent a deploy whose own ``status`` reports the rollout's bundle active.
+        reverted: devices sent a rollback whose ``status``, received after it was sent, reports another
+            model. Statuses reach every fleet process (they are not shared out), so these two decide
+            when a device's ``active`` / ``rolled_back`` event went to a fleet process that died.
     """
 
     phases: Mapping[str, frozenset[str]] = field(default_factory=dict)
     last_seen: Mapping[str, float] = field(default_factory=dict)
     new: ModelStats = field(default_factory=ModelStats)
     previous: ModelStats = field(default_factory=ModelStats)
+    serving: frozenset[str] = frozenset()
+    reverted: frozenset[str] = frozenset()
 
 
 # ---- gates ------------------------------------------------------------------------------------
@@ -228,6 +234,8 @@ def _progress(state: RolloutState, obs: Observations, now: float) -> list[Action
             phases = obs.phases.get(deploy_cmd_id(state.id, d.device_id), frozenset())
             if "active" in phases:
                 actions.append(DeviceDone(d.device_id, "active", "the device reported active"))
+            elif d.device_id in obs.serving:
+                actions.append(DeviceDone(d.device_id, "active", "the device's status reports the bundle active"))
             elif phases & TERMINAL_PHASES_FAILED:
                 actions.append(
                     DeviceDone(d.device_id, "failed", "the deploy failed on the device", {"phases": sorted(phases)})
@@ -239,6 +247,8 @@ def _progress(state: RolloutState, obs: Observations, now: float) -> list[Action
             phases = obs.phases.get(rollback_cmd_id(state.id, d.device_id), frozenset())
             if "rolled_back" in phases:
                 actions.append(RollbackDone(d.device_id, True, "the device reported rolled_back"))
+            elif d.device_id in obs.reverted:
+                actions.append(RollbackDone(d.device_id, True, "the device's status reports the previous model"))
             elif "failed" in phases:
                 actions.append(RollbackDone(d.device_id, False, "the rollback failed on the device"))
     return actions

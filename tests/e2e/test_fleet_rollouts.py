@@ -269,13 +269,6 @@ def test_the_fleet_server_killed_mid_rollout_resumes_it(
     assert not recorder.of(kind="rollback")
 
 
-@pytest.mark.xfail(
-    reason="fleet bug, not fixed here: Mosquitto keeps routing its share of the ingest's shared subscription to "
-    "the killed process's persistent session (session_expiry_s 7 days), so the survivor misses some device "
-    "events (e.g. the wave's 'active'); the engine resends only a deploy with no event at all, so the rollout "
-    "stalls until the wave timeout. Passes when no needed event lands in the dead session.",
-    strict=False,
-)
 def test_two_fleet_processes_on_postgresql_hand_the_rollout_over(
     tmp_path: Path, e2e_broker: Broker, bundles: Bundles, owned: Owned, pg: Any
 ) -> None:

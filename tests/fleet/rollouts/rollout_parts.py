@@ -27,6 +27,7 @@ class MemoryObserver:
     seen: dict[str, float] = field(default_factory=dict)
     stats: dict[tuple[str, int], ModelStats] = field(default_factory=dict)  # (name, version) -> stats
     models: dict[str, tuple[str, int]] = field(default_factory=dict)
+    bundles: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # device -> (sha256, status at)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def event(self, cmd_id: str, *phases: str) -> None:
@@ -47,6 +48,9 @@ class MemoryObserver:
 
     def active_models(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str, int]]:
         return {d: self.models[d] for d in device_ids if d in self.models}
+
+    def active_bundles(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, tuple[str | None, float]]:
+        return {d: self.bundles[d] for d in device_ids if d in self.bundles}
 
 
 @dataclass

@@ -297,6 +297,31 @@ def test_a_rollback_without_an_answer_is_resent_with_the_same_id() -> None:
     assert SendRollback("d00", rollback_cmd_id(7, "d00"), resend=True) in later
 
 
+def test_a_lost_active_event_is_made_up_for_by_the_devices_status() -> None:
+    """A fleet process that died took the device's ``active`` event with it (its share of the shared
+    subscription); the status, which every fleet process receives, shows the bundle running."""
+    state = make_state(2, waves="1,100%")
+    sim = Sim(state, outcome={"d00": None})  # d00 installs the bundle, but its events never arrive
+    sim.run(until=1003)
+    assert next(d for d in sim.state.devices if d.device_id == "d00").status == "sent"
+    done = decide(sim.state, Observations(serving=frozenset({"d00"})), sim.now + 1)
+    assert DeviceDone("d00", "active", "the device's status reports the bundle active") in done
+
+
+def test_a_lost_rolled_back_event_is_made_up_for_by_the_devices_status() -> None:
+    state = make_state(2, waves="1,100%", gates=["error_rate<=1%"])
+    sim = Sim(state)
+    sim.new = ModelStats(100, 50)
+    sim.run(until=1010)
+    sent = replace(
+        sim.state,
+        devices=tuple(replace(d, status="active", rollback="sent") if d.rollback else d for d in sim.state.devices),
+    )
+    assert not any(isinstance(a, RollbackDone) for a in decide(sent, Observations(), sim.now + 1))
+    done = decide(sent, Observations(reverted=frozenset({"d00"})), sim.now + 1)
+    assert RollbackDone("d00", True, "the device's status reports the previous model") in done
+
+
 def test_a_state_stored_mid_rollout_resumes_where_it_was() -> None:
     sim = Sim(make_state(10))
     sim.run(until=1070)
