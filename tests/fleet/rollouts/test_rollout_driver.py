@@ -209,3 +209,46 @@ def test_the_paho_publisher_sends_commands_through_a_real_mosquitto(tmp_path: Pa
         sub.disconnect()
         pool.stop_all()
     assert got == [("edgeship/v1/lab/dev1/cmd", {"schema": 1, "id": "ro1-dev1-rollback", "type": "rollback"})]
+
+
+def test_the_paho_publisher_keeps_commands_while_the_broker_restarts_and_sends_them_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    pool = BrokerPool(tmp_path)
+    broker: Broker = pool.make()
+    got: list[tuple[str, dict[str, Any]]] = []
+    ready = threading.Event()
+    # a persistent session (the broker saves it across its restart): what is published while this
+    # subscriber is still reconnecting waits for it
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-sub-restart", clean_session=False)
+    sub.on_connect = lambda c, *_a: (c.subscribe("edgeship/v1/lab/+/cmd", qos=1), ready.set())
+    sub.on_message = lambda _c, _u, m: got.append((m.topic, json.loads(m.payload)))
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    publisher = PahoPublisher("127.0.0.1", broker.port, "lab", client_id="fleet-test-restart")
+    try:
+        assert ready.wait(10)
+        time.sleep(0.2)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while publisher.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not publisher.connected
+        first = {"schema": 1, "id": "ro1-dev1-rollback", "type": "rollback"}
+        second = {"schema": 1, "id": "ro1-dev2-rollback", "type": "rollback"}
+        publisher.publish("dev1", first)  # kept, not raised: the driver need not wait for its resend
+        publisher.publish("dev2", second)
+        publisher.publish("dev1", first)  # the same id twice is kept once
+        assert publisher.kept == 2
+        broker.start()
+        deadline = time.monotonic() + 15
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert publisher.connected and publisher.kept == 0
+        time.sleep(0.3)  # a duplicate would show now
+    finally:
+        publisher.close()
+        sub.loop_stop()
+        sub.disconnect()
+        pool.stop_all()
+    assert got == [("edgeship/v1/lab/dev1/cmd", first), ("edgeship/v1/lab/dev2/cmd", second)]
