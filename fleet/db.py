@@ -13,6 +13,7 @@ through psycopg 3 (``postgresql+psycopg://``; a plain ``postgresql://`` URL is r
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ def normalise_url(url: str) -> str:
     return url
 
 
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
 
 
@@ -61,6 +63,9 @@ def is_transient(error: BaseException) -> bool:
     The one rule for "the database is away for a while": the ingest retries its batch on it, the API
     answers 503 ``unavailable`` on it, the rollout driver waits for its next tick on it.
     """
+    if isinstance(error, sa_exc.OperationalError) and isinstance(error.orig, sqlite3.Error):
+        # sqlite3 raises OperationalError for a missing table or a syntax error too: only these are outages
+        return any(word in str(error.orig).lower() for word in _SQLITE_TRANSIENT)
     if isinstance(error, _TRANSIENT):
         return True
     return isinstance(error, sa_exc.DBAPIError) and bool(error.connection_invalidated)
