@@ -5,6 +5,7 @@ the paho publisher through a real Mosquitto."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -252,3 +253,41 @@ def test_the_paho_publisher_keeps_commands_while_the_broker_restarts_and_sends_t
         sub.disconnect()
         pool.stop_all()
     assert got == [("edgeship/v1/lab/dev1/cmd", first), ("edgeship/v1/lab/dev2/cmd", second)]
+
+
+def test_the_database_unreachable_for_a_while_the_driver_says_so_once_and_carries_on(
+    pg_proxied: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(pg_proxied.url)
+    publisher, observer = RecordingPublisher(), MemoryObserver()
+    devices = Devices(publisher, observer)
+    driver = RolloutDriver(db, publisher, observer, "a", tick_s=0.05)
+    try:
+        rollout_id = create(db, waves="1,100%", soak="1s")
+        with caplog.at_level(logging.INFO, logger="fleet.rollouts.driver"):
+            driver.start()
+            deadline = time.monotonic() + 10
+            while not publisher.sent and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert publisher.ids(kind="deploy") == [f"ro{rollout_id}-dev0-deploy"]  # the canary
+            pg_proxied.proxy.stop()
+            devices.answer()  # the canary's events, "stored" while the database is away
+            deadline = time.monotonic() + 10
+            while driver.errors < 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert driver.errors >= 5 and driver._thread is not None and driver._thread.is_alive()
+            pg_proxied.proxy.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                devices.answer()
+                if state(db, rollout_id) == "completed":
+                    break
+                time.sleep(0.05)
+        assert state(db, rollout_id) == "completed"
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "database unreachable" in r.message]
+        assert len(warnings) == 1 and not any(r.exc_info for r in caplog.records), caplog.text  # once, no traceback
+        assert "rollouts resume" in caplog.text
+        assert sorted(publisher.ids(kind="deploy")) == sorted(f"ro{rollout_id}-{d}-deploy" for d in DEVICES)
+    finally:
+        driver.stop()
+        db.close()
