@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -224,10 +223,12 @@ class TcpProxy:
                 pass
 
 
-@dataclass
 class ProxiedDatabase:
-    url: str
-    proxy: TcpProxy
+    """``url`` reaches the database through ``proxy``. (Not a dataclass: tests/e2e loads this file as a
+    module that is not in ``sys.modules``, where ``@dataclass`` cannot resolve its annotations.)"""
+
+    def __init__(self, url: str, proxy: TcpProxy) -> None:
+        self.url, self.proxy = url, proxy
 
 
 @pytest.fixture
