@@ -15,18 +15,24 @@ error body is ``{"error": "<kind>", "detail": "<one line>"}``.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import Principal, verify_token
-from fleet.db import Database
+from fleet.db import Database, is_transient
 from sdk.errors import EdgeshipError, InputError
 
 __all__ = ["Conflict", "DbDep", "NotFound", "ReadAccess", "WriteAccess", "install_error_handlers"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5  # what a 503 asks the caller to wait before trying again
 
 
 class NotFound(EdgeshipError):
@@ -101,3 +107,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input(_request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse(_body(422, str(exc)), 422)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_away(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_transient(exc):
+            raise exc  # a bug, not an outage: Starlette's 500, with the traceback in the log
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("database unavailable, answering 503: %s", first[:300])
+        detail = "the database is unreachable for now; try again shortly"  # no URL or driver text to the caller
+        return JSONResponse(_body(503, detail), 503, headers={"Retry-After": str(RETRY_AFTER_S)})

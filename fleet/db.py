@@ -13,6 +13,7 @@ through psycopg 3 (``postgresql+psycopg://``; a plain ``postgresql://`` URL is r
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-__all__ = ["Base", "Database", "migrate", "normalise_url"]
+__all__ = ["Base", "Database", "is_transient", "migrate", "normalise_url"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -48,6 +50,25 @@ def normalise_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database error worth retrying (unreachable, locked, a dropped connection, a deadlock, a full pool),
+    as opposed to one a given row or query will always cause.
+
+    The one rule for "the database is away for a while": the ingest retries its batch on it, the API
+    answers 503 ``unavailable`` on it, the rollout driver waits for its next tick on it.
+    """
+    if isinstance(error, sa_exc.OperationalError) and isinstance(error.orig, sqlite3.Error):
+        # sqlite3 raises OperationalError for a missing table or a syntax error too: only these are outages
+        return any(word in str(error.orig).lower() for word in _SQLITE_TRANSIENT)
+    if isinstance(error, _TRANSIENT):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and bool(error.connection_invalidated)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -52,9 +52,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from sqlalchemy import exc as sa_exc
 
-from fleet.db import Database
+from fleet.db import Database, is_transient
 from fleet.devices import Incoming, record_messages
 from fleet.devices.service import LEAVES
 from fleet.ingest.classify import classify
@@ -65,21 +64,11 @@ __all__ = ["Ingest", "backoff_s", "is_transient"]
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
-
 
 def backoff_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], so a fleet of
     processes that lost the broker or the database together does not come back in one stampede."""
     return rng() * min(cap_s, base_s * 2 ** min(attempt, 30))
-
-
-def is_transient(error: BaseException) -> bool:
-    """A database error worth retrying (unreachable, locked, a dropped connection, a deadlock), as
-    opposed to one a given row will always cause."""
-    if isinstance(error, _TRANSIENT):
-        return True
-    return isinstance(error, sa_exc.DBAPIError) and bool(error.connection_invalidated)
 
 
 @dataclass(frozen=True)

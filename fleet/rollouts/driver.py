@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from fleet.db import Database
+from fleet.db import Database, is_transient
 from fleet.rollouts import service
 from fleet.rollouts.engine import (
     ModelStats,
@@ -99,8 +99,14 @@ class PahoPublisher:
 
     A command to an offline device waits in its persistent session on Mosquitto; where the broker keeps
     none, the driver's resend covers it. ``wait=False`` connects in the background (a server that starts
-    while its broker is down keeps serving; publishes fail, and are resent with the same id, until the
-    connection is up).
+    while its broker is down keeps serving).
+
+    The broker away (restarting, unreachable): paho reconnects every 1 s, doubling up to 5 s (a broker back
+    after a minute is reached within seconds, not paho's default 2 minutes). A command published meanwhile
+    is kept, one per command id, and sent as soon as the connection is back, instead of waiting for the
+    driver's resend (``resend_s``, typically a minute or more) to notice; the resend still covers a process
+    that dies first. Command ids are idempotent on the device, so a kept command that also gets resent is
+    harmless.
     """
 
     def __init__(
@@ -120,14 +126,16 @@ class PahoPublisher:
 
         self.fleet = fleet
         self._connected = threading.Event()
+        self._lock = threading.Lock()  # ``_connected`` and ``_kept`` change together
+        self._kept: dict[str, tuple[str, bytes]] = {}  # command id -> (topic, payload), in publish order
         self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls:
             self._client.tls_set()
-        self._client.on_connect = lambda *_a: self._connected.set()
-        self._client.on_disconnect = lambda *_a: self._connected.clear()
-        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.reconnect_delay_set(1, 5)
         if not wait:
             self._client.connect_async(host, port, keepalive=30)
             self._client.loop_start()
@@ -141,12 +149,48 @@ class PahoPublisher:
             self.close()
             raise TransportError(f"the broker at {host}:{port} did not accept the connection in {timeout_s} s")
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def kept(self) -> int:
+        """Commands waiting for the broker to come back."""
+        with self._lock:
+            return len(self._kept)
+
     def publish(self, device_id: str, payload: Mapping[str, Any]) -> None:
-        if not self._connected.is_set():
-            raise TransportError(f"not connected to the broker; the command to {device_id} will be resent")
-        info = self._client.publish(Topics(self.fleet, device_id).cmd, encode_payload(payload), qos=1)
+        """Hand the command to the broker, or keep it until the connection is back (sent then, in order).
+
+        Raises:
+            TransportError: connected, yet paho refused the message (the driver's resend covers it).
+        """
+        topic, body = Topics(self.fleet, device_id).cmd, encode_payload(payload)
+        with self._lock:
+            if not self._connected.is_set():
+                self._kept[str(payload.get("id"))] = (topic, body)  # a resend keeps its first place
+                log.warning("broker unreachable: command %s to %s kept until it is back", payload.get("id"), device_id)
+                return
+        info = self._client.publish(topic, body, qos=1)
         if info.rc != 0:
             raise TransportError(f"publish to {device_id} failed (paho rc {info.rc}); it will be resent")
+
+    def _on_connect(self, client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("the broker refused the command publisher's connection: %s", reason)
+            return
+        with self._lock:
+            self._connected.set()
+            kept, self._kept = list(self._kept.items()), {}
+        for cmd_id, (topic, body) in kept:
+            if client.publish(topic, body, qos=1).rc != 0:
+                log.warning("sending kept command %s failed; the driver's resend covers it", cmd_id)
+        if kept:
+            log.info("broker back: sent %d kept command(s)", len(kept))
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        with self._lock:
+            self._connected.clear()
 
     def close(self) -> None:
         self._client.loop_stop()
@@ -207,16 +251,31 @@ class RolloutDriver:
             self._thread.join(timeout_s)
             self._thread = None
         if release:
-            with self.db.session() as session:
-                service.release_leases(session, self.holder_id)
+            try:
+                with self.db.session() as session:
+                    service.release_leases(session, self.holder_id)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                log.warning("database unreachable: leases of %s not given up; they expire in %.0f s", self.holder_id,
+                            self.lease_s)  # fmt: skip
 
     def _run(self) -> None:
+        away = False  # the database unreachable since the last tick that worked: said once, not every tick
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # the database away for a while: log, retry next tick
+                if away:
+                    log.info("database reachable again: rollouts resume")
+                away = False
+            except Exception as e:
                 self.errors += 1
-                log.exception("rollout tick failed; retrying")
+                if not is_transient(e):
+                    log.exception("rollout tick failed; retrying")
+                elif not away:  # nothing was committed: the next tick retries the same decision
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    log.warning("database unreachable (%s); rollouts wait, retrying every tick", first[:300])
+                    away = True
             self._wake.wait(self.tick_s)
             self._wake.clear()
 
@@ -260,6 +319,8 @@ class RolloutDriver:
         for device_id, payload in commands:  # after the commit: a crash here is covered by the resend
             try:
                 self.publisher.publish(device_id, payload)
+            except TransportError as e:
+                log.warning("publishing %s to %s failed (%s); it will be resent", payload.get("id"), device_id, e)
             except Exception:
                 log.exception("publishing %s to %s failed; it will be resent", payload.get("id"), device_id)
         return True

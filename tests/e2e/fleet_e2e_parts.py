@@ -240,8 +240,13 @@ class CommandRecorder:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def connect(cls, port: int) -> CommandRecorder:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"e2e-cmd-{uuid.uuid4().hex[:8]}")
+    def connect(cls, port: int, *, persistent: bool = False) -> CommandRecorder:
+        """``persistent``: a session the broker keeps (and saves across its own restart), so a command
+        published while the recorder is reconnecting waits for it instead of going unrecorded."""
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"e2e-cmd-{uuid.uuid4().hex[:8]}", clean_session=not persistent
+        )
+        client.reconnect_delay_set(1, 2)  # back soon after a broker restart
         recorder = cls(client)
         subscribed = threading.Event()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,13 @@ def _one_deploy_id_each(recorder: CommandRecorder, rollout_id: int, ids: list[st
     for device_id in ids:
         deploy_ids = {c["id"] for c in recorder.of(device_id, "deploy")}
         assert deploy_ids == {f"ro{rollout_id}-{device_id}-deploy"}, (device_id, deploy_ids)
+
+
+class _Stopper:
+    """Something ``Owned`` can end that has no ``stop`` of its own."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
 
 
 def _own_sessions(tmp_path: Path) -> dict[str, str]:
@@ -326,3 +333,39 @@ def test_two_fleet_processes_on_postgresql_hand_the_rollout_over(
     assert _actions(rows, "Complete")[0]["holder"] == other
     _one_deploy_id_each(recorder, rollout_id, ids)
     assert fleets[other].alive
+
+
+def test_the_broker_restarted_mid_rollout_the_rollout_completes(tmp_path: Path, bundles: Bundles, owned: Owned) -> None:
+    """Mosquitto stops as the first wave starts and comes back 3 s later on the same port, with its sessions
+    (persistence): the ingest and the command publisher reconnect, a deploy lost meanwhile is resent with
+    its id, and the rollout completes."""
+    (tmp_path / "brokers").mkdir()
+    pool = BrokerPool(tmp_path / "brokers")
+    broker = pool.make()
+    owned.add(_Stopper(pool.stop_all))  # last to end (Owned ends things in reverse)
+    ids = ["mqtt-a", "mqtt-b", "mqtt-c"]
+    recorder = owned.add(CommandRecorder.connect(broker.port, persistent=True))
+    fleet, api = _fleet_on_sqlite(tmp_path, broker, bundles, owned)
+    agents, _ = start_agents(tmp_path, broker.port, bundles.public_key, bundles.v1, ids)
+    for agent in agents:
+        owned.add(agent)
+    _upload(api, bundles.v2)
+    wait_registered(api, ids, 1)
+
+    rollout_id = _create(api, ids, waves="1,2,100%", soak="1s", gates=["health_failures=0"], resend="4s")
+    wait_for(lambda: bool(_actions(audit(api, rollout_id), "AdvanceWave")), 30, "the first wave", interval_s=0.05)
+    broker.stop()
+    time.sleep(3)
+    assert api.get(f"/rollouts/{rollout_id}").status_code == 200  # the API does not need the broker
+    broker.start()
+    view = wait_rollout(api, rollout_id, ENDED, 90, check=lambda: None if fleet.alive else pytest.fail("fleet died"))
+    assert view["state"] == "completed", (view, fleet.tail())
+
+    wait_for(lambda: all(device_version(api, d) == 2 for d in ids), 30, "every device reporting v2")
+    rows = audit(api, rollout_id)
+    assert [r["evidence"]["wave"] for r in _actions(rows, "AdvanceWave")] == [0, 1, 2], rows
+    assert len(_actions(rows, "Complete")) == 1 and not _actions(rows, "Pause")
+    assert {r["device_id"] for r in _actions(rows, "DeviceDone")} == set(ids)
+    _one_deploy_id_each(recorder, rollout_id, ids)
+    assert not recorder.of(kind="rollback")
+    assert fleet.alive and all(agent.alive for agent in agents)

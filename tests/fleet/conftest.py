@@ -8,6 +8,9 @@
   ``pg.new_database(migrated=False)`` an empty one.
 - ``pg_url``: the URL of an empty database ``edgeship`` on that server (session-scoped).
 - ``db``: parametrized over ``sqlite`` and ``postgresql``: a fresh migrated ``Database`` per test.
+- ``pg_proxied``: a fresh migrated database on that server reached through a ``TcpProxy`` of the test's own
+  (``.url``, ``.proxy``): ``proxy.stop()`` makes the database unreachable (connections dropped, new ones
+  refused) without touching the server the other tests share; ``proxy.start()`` brings it back.
 - ``broker`` / ``broker_factory``: the device tests' Mosquitto fixture (``tests/device_runtime/agent/agent_parts.py``),
   reused as it is.
 """
@@ -18,9 +21,11 @@ import glob
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +154,90 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         database = Database(request.getfixturevalue("pg").new_database())
     yield database
     database.close()
+
+
+class TcpProxy:
+    """A TCP relay from a port of its own to ``target``: ``stop()`` drops every connection and refuses new
+    ones (a database host gone from the network, as the client sees it), ``start()`` listens again on the
+    same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            doomed, self._open = self._open, set()
+        for sock in doomed:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # stopped meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._open.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class ProxiedDatabase:
+    """``url`` reaches the database through ``proxy``. (Not a dataclass: tests/e2e loads this file as a
+    module that is not in ``sys.modules``, where ``@dataclass`` cannot resolve its annotations.)"""
+
+    def __init__(self, url: str, proxy: TcpProxy) -> None:
+        self.url, self.proxy = url, proxy
+
+
+@pytest.fixture
+def pg_proxied(pg: PostgresServer) -> Iterator[ProxiedDatabase]:
+    """A fresh migrated database on the session's PostgreSQL, reached through a proxy the test can stop."""
+    direct = pg.new_database()
+    proxy = TcpProxy(pg.port)
+    proxy.start()
+    try:
+        yield ProxiedDatabase(direct.replace(f"127.0.0.1:{pg.port}/", f"127.0.0.1:{proxy.port}/"), proxy)
+    finally:
+        proxy.stop()

@@ -5,6 +5,7 @@ the paho publisher through a real Mosquitto."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -209,3 +210,84 @@ def test_the_paho_publisher_sends_commands_through_a_real_mosquitto(tmp_path: Pa
         sub.disconnect()
         pool.stop_all()
     assert got == [("edgeship/v1/lab/dev1/cmd", {"schema": 1, "id": "ro1-dev1-rollback", "type": "rollback"})]
+
+
+def test_the_paho_publisher_keeps_commands_while_the_broker_restarts_and_sends_them_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    pool = BrokerPool(tmp_path)
+    broker: Broker = pool.make()
+    got: list[tuple[str, dict[str, Any]]] = []
+    ready = threading.Event()
+    # a persistent session (the broker saves it across its restart): what is published while this
+    # subscriber is still reconnecting waits for it
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-sub-restart", clean_session=False)
+    sub.on_connect = lambda c, *_a: (c.subscribe("edgeship/v1/lab/+/cmd", qos=1), ready.set())
+    sub.on_message = lambda _c, _u, m: got.append((m.topic, json.loads(m.payload)))
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    publisher = PahoPublisher("127.0.0.1", broker.port, "lab", client_id="fleet-test-restart")
+    try:
+        assert ready.wait(10)
+        time.sleep(0.2)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while publisher.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not publisher.connected
+        first = {"schema": 1, "id": "ro1-dev1-rollback", "type": "rollback"}
+        second = {"schema": 1, "id": "ro1-dev2-rollback", "type": "rollback"}
+        publisher.publish("dev1", first)  # kept, not raised: the driver need not wait for its resend
+        publisher.publish("dev2", second)
+        publisher.publish("dev1", first)  # the same id twice is kept once
+        assert publisher.kept == 2
+        broker.start()
+        deadline = time.monotonic() + 15
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert publisher.connected and publisher.kept == 0
+        time.sleep(0.3)  # a duplicate would show now
+    finally:
+        publisher.close()
+        sub.loop_stop()
+        sub.disconnect()
+        pool.stop_all()
+    assert got == [("edgeship/v1/lab/dev1/cmd", first), ("edgeship/v1/lab/dev2/cmd", second)]
+
+
+def test_the_database_unreachable_for_a_while_the_driver_says_so_once_and_carries_on(
+    pg_proxied: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(pg_proxied.url)
+    publisher, observer = RecordingPublisher(), MemoryObserver()
+    devices = Devices(publisher, observer)
+    driver = RolloutDriver(db, publisher, observer, "a", tick_s=0.05)
+    try:
+        rollout_id = create(db, waves="1,100%", soak="1s")
+        with caplog.at_level(logging.INFO, logger="fleet.rollouts.driver"):
+            driver.start()
+            deadline = time.monotonic() + 10
+            while not publisher.sent and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert publisher.ids(kind="deploy") == [f"ro{rollout_id}-dev0-deploy"]  # the canary
+            pg_proxied.proxy.stop()
+            devices.answer()  # the canary's events, "stored" while the database is away
+            deadline = time.monotonic() + 10
+            while driver.errors < 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert driver.errors >= 5 and driver._thread is not None and driver._thread.is_alive()
+            pg_proxied.proxy.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                devices.answer()
+                if state(db, rollout_id) == "completed":
+                    break
+                time.sleep(0.05)
+        assert state(db, rollout_id) == "completed"
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "database unreachable" in r.message]
+        assert len(warnings) == 1 and not any(r.exc_info for r in caplog.records), caplog.text  # once, no traceback
+        assert "rollouts resume" in caplog.text
+        assert sorted(publisher.ids(kind="deploy")) == sorted(f"ro{rollout_id}-{d}-deploy" for d in DEVICES)
+    finally:
+        driver.stop()
+        db.close()
