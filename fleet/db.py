@@ -96,6 +96,7 @@ class Database:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:
             kwargs["pool_pre_ping"] = True  # a database restarted under us: reconnect instead of failing once
+            kwargs["connect_args"] = {"connect_timeout": 5}  # s: a host gone silent answers 503, not a hung request
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
