@@ -12,13 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet.db import Database
 from fleet.devices import service as devices
 from fleet.devices import stats as device_stats
-from fleet.devices.tables import DeviceEvent
 from fleet.releases.service import artifact_url, choose_bundle
 from fleet.rollouts.driver import PahoPublisher, RolloutDriver
 from fleet.rollouts.engine import ModelStats
@@ -33,14 +31,7 @@ class DevicesObserver:
     """The rollout engine's view of the devices domain (``fleet.rollouts.driver.Observer``)."""
 
     def phases(self, session: Session, cmd_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
-        seen: dict[str, set[str]] = {}
-        for start in range(0, len(cmd_ids), 500):
-            chunk = cmd_ids[start : start + 500]
-            rows = session.execute(select(DeviceEvent.cmd_id, DeviceEvent.phase).where(DeviceEvent.cmd_id.in_(chunk)))
-            for cmd_id, phase in rows:
-                if cmd_id is not None:
-                    seen.setdefault(cmd_id, set()).add(phase)
-        return {cmd_id: frozenset(phases) for cmd_id, phases in seen.items()}
+        return devices.command_phases(session, cmd_ids)
 
     def last_seen(self, session: Session, device_ids: Sequence[str]) -> Mapping[str, float]:
         return devices.last_seen(session, device_ids)

@@ -2,7 +2,7 @@
 telemetry aggregates per device and per model version, and retention.
 
 The rollout engine reads it through ``select_devices``, ``devices_by_id``, ``last_seen``, ``history``,
-``list_events`` and ``model_stats``; the ingest writes it through ``record_messages``.
+``command_phases``, ``list_events`` and ``model_stats``; the ingest writes it through ``record_messages``.
 """
 
 from fleet.devices.service import (
@@ -10,6 +10,7 @@ from fleet.devices.service import (
     Deployment,
     Incoming,
     Recorded,
+    command_phases,
     device_tags,
     devices_by_id,
     get_device,
@@ -42,6 +43,7 @@ __all__ = [
     "device_tags",
     "devices_by_id",
     "get_device",
+    "command_phases",
     "history",
     "last_seen",
     "list_devices",

@@ -25,6 +25,7 @@ from sdk.errors import InputError
 __all__ = [
     "LEAVES",
     "SELECTOR_FORMS",
+    "command_phases",
     "Deployment",
     "Incoming",
     "Recorded",
@@ -375,6 +376,18 @@ def list_devices(session: Session, *, selector: str | None = None, online: bool 
 
 
 # ---- events and deployment history -----------------------------------------------------------------
+
+
+def command_phases(session: Session, cmd_ids: Collection[str]) -> dict[str, frozenset[str]]:
+    """The event phases each command id reached on its device (ids with no event are left out)."""
+    seen: dict[str, set[str]] = {}
+    for chunk in _chunks(sorted(set(cmd_ids))):
+        for cmd_id, phase in session.execute(
+            select(DeviceEvent.cmd_id, DeviceEvent.phase).where(DeviceEvent.cmd_id.in_(chunk))
+        ):
+            if cmd_id is not None:  # the IN excludes them; the column is nullable
+                seen.setdefault(cmd_id, set()).add(phase)
+    return {cmd_id: frozenset(phases) for cmd_id, phases in seen.items()}
 
 
 def list_events(

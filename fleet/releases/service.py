@@ -41,7 +41,6 @@ from fleet.releases.store import ArtifactStore
 from fleet.releases.tables import Bundle
 from sdk.bundle import BUNDLE_SUFFIX, read_bundle
 from sdk.compat import RuntimeFacts, missing_accelerators, why_incompatible
-from sdk.mqtt_contract import DeployCommand
 from sdk.signing import TrustedKeys
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
     "artifact_url",
     "choose",
     "choose_bundle",
-    "deploy_payload",
     "get_bundle",
     "ingest",
     "list_bundles",
@@ -336,24 +334,3 @@ def choose_bundle(
 def artifact_url(base_url: str, sha256: str) -> str:
     """``<base>/artifacts/<sha256>.edgebundle``: where a device downloads a bundle."""
     return f"{base_url.rstrip('/')}/artifacts/{sha256}{BUNDLE_SUFFIX}"
-
-
-def deploy_payload(
-    bundle: Bundle, url_base: str, cmd_id: str, *, allow_downgrade: bool = False, retry_bad: bool = False
-) -> dict[str, Any]:
-    """The ``deploy`` command that makes a device install ``bundle`` (sdk.mqtt_contract's shape).
-
-    ``size`` is exact (the device's download cap for it), ``sha256`` the archive's (the device checks the
-    download against it and refuses a bundle with another), ``version`` informational (the signed
-    manifest decides).
-    """
-    command = DeployCommand(
-        id=cmd_id,
-        url=artifact_url(url_base, bundle.sha256),
-        sha256=bundle.sha256,
-        size=bundle.size,
-        version=bundle.version,
-        allow_downgrade=allow_downgrade,
-        retry_bad=retry_bad,
-    )
-    return command.to_payload()

@@ -83,9 +83,18 @@ def combine_stats(parts: Sequence[ModelStats]) -> ModelStats:
     return ModelStats(requests, sum(p.errors for p in parts), p95)
 
 
-def deploy_payload(cmd_id: str, url: str, sha256: str, size: int | None, version: int) -> dict[str, Any]:
-    """The ``deploy`` command a device gets, through the contract's ``DeployCommand``."""
-    return DeployCommand(id=cmd_id, url=url, sha256=sha256, size=size, version=version).to_payload()
+def deploy_payload(
+    cmd_id: str, url: str, sha256: str, size: int | None, version: int, *, allow_downgrade: bool = False
+) -> dict[str, Any]:
+    """The ``deploy`` command a device gets, through the contract's ``DeployCommand``.
+
+    ``size`` is exact (the device's download cap for it), ``sha256`` the archive's (the device checks the
+    download against it), ``version`` informational (the signed manifest decides).
+    """
+    command = DeployCommand(
+        id=cmd_id, url=url, sha256=sha256, size=size, version=version, allow_downgrade=allow_downgrade
+    )
+    return command.to_payload()
 
 
 def rollback_payload(cmd_id: str) -> dict[str, Any]:

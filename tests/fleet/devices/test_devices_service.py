@@ -11,6 +11,7 @@ from fleet.devices import (
     Device,
     DeviceEvent,
     Telemetry,
+    command_phases,
     device_stats,
     device_tags,
     history,
@@ -215,3 +216,13 @@ def test_prune_deletes_old_telemetry_and_events_only(db: Database) -> None:
     assert _telemetry_rows(db, "a") == [2]
     with db.session() as s:
         assert s.get(Device, "a") is not None
+
+
+def test_command_phases_are_what_each_command_reached(db: Database) -> None:
+    events = [event("ro1-d1-deploy", "received", 1.0), event("ro1-d1-deploy", "active", 2.0),
+              event("ro1-d2-deploy", "failed", 3.0), event(None, "active", 4.0)]  # fmt: skip
+    with db.session() as s:
+        record_messages(s, [incoming("d1" if "d1" in str(e["cmd_id"]) else "d2", "events", e, 10.0) for e in events])
+    with db.session() as s:
+        phases = command_phases(s, ["ro1-d1-deploy", "ro1-d2-deploy", "ro1-d3-deploy"])
+    assert phases == {"ro1-d1-deploy": frozenset({"received", "active"}), "ro1-d2-deploy": frozenset({"failed"})}

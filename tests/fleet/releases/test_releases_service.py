@@ -14,15 +14,16 @@ from fleet.db import Database
 from fleet.releases import (
     ArtifactStore,
     Bundle,
+    artifact_url,
     choose,
     choose_bundle,
-    deploy_payload,
     list_bundles,
     list_releases,
     release_bundles,
     retire,
     upload,
 )
+from fleet.rollouts.driver import deploy_payload
 from sdk.bundle import file_sha256
 from sdk.errors import ExpiredError, IntegrityError, SignatureError, UnsafeArchiveError
 from sdk.mqtt_contract import parse_deploy
@@ -259,11 +260,13 @@ def test_deploy_payload_is_a_command_the_device_accepts(
     db: Database, store: ArtifactStore, make_bundle: BundleMaker, fleet_keys: FleetKeys
 ) -> None:
     bundle = upload(db, make_bundle(version=6), fleet_keys.trust, store, now=NOW).bundle
-    payload = deploy_payload(bundle, "http://fleet.local:8080/", "rollout-1-dev-7")
+    url = artifact_url("http://fleet.local:8080/", bundle.sha256)
+    payload = deploy_payload("rollout-1-dev-7", url, bundle.sha256, bundle.size, bundle.version)
     command = parse_deploy(payload, max_bundle_bytes=10 * 2**20)
     assert command.url == f"http://fleet.local:8080/artifacts/{bundle.sha256}.edgebundle"
     assert (command.id, command.sha256, command.size, command.version) == (
         "rollout-1-dev-7", bundle.sha256, bundle.size, 6,
     )  # fmt: skip
     assert not command.allow_downgrade
-    assert deploy_payload(bundle, "https://cdn.example/b", "x", allow_downgrade=True)["allow_downgrade"] is True
+    again = deploy_payload("x", url, bundle.sha256, bundle.size, bundle.version, allow_downgrade=True)
+    assert again["allow_downgrade"] is True
