@@ -69,11 +69,11 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ManifestError(f"duplicate JSON key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ManifestError(f"duplicate JSON key {duplicate!r}")
     return out
 
 
@@ -81,11 +81,15 @@ def _reject_constant(name: str) -> None:
     raise ManifestError(f"JSON constant {name} is not allowed")
 
 
+# One decoder (json.loads builds a new one per call when given hooks; the fleet's ingest parses thousands a second).
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def strict_json_loads(data: bytes, what: str) -> Any:
     """Parse UTF-8 JSON, refusing duplicate keys and NaN/Infinity (parser-differential attacks)."""
     try:
         text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return _STRICT_DECODER.decode(text)
     except ManifestError as e:
         raise ManifestError(f"{what}: {e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -28,7 +28,7 @@ class DeviceOut(BaseModel):
     online: bool
     state: str = Field(description="online, offline, or unknown (no status received yet)")
     first_seen: float
-    last_seen: float = Field(description="when its last message arrived (unix s, the server's clock)")
+    last_seen: float = Field(description="when its last message arrived (unix s, the server's clock; up to 1 s behind)")
     model: ModelOut | None
     slot: str | None
     capabilities: dict[str, Any]

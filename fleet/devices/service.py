@@ -23,6 +23,7 @@ from fleet.devices.tables import MAX_NAME_CHARS, Device, DeviceEvent, DeviceTag,
 from sdk.errors import InputError
 
 __all__ = [
+    "LAST_SEEN_RESOLUTION_S",
     "LEAVES",
     "SELECTOR_FORMS",
     "command_phases",
@@ -45,6 +46,7 @@ __all__ = [
 
 LEAVES = ("status", "telemetry", "events")  # what a device sends, the ingest's subscriptions
 SELECTOR_FORMS = ("all", "tag=KEY=VALUE", "group=NAME", "id=A,B,...")
+LAST_SEEN_RESOLUTION_S = 1.0  # last_seen moves when a message is this much later: not one UPDATE per message
 _CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's bound-parameter limits
 _FINAL = ("active", "failed", "rolled_back")  # phases that end a deploy or rollback
 
@@ -132,7 +134,9 @@ def _touch(session: Session, seen: Mapping[str, float], created: Mapping[str, fl
         new = {d: at for d, at in seen.items() if d not in known}
         if new:
             session.execute(_insert(session, table).on_conflict_do_nothing(index_elements=["device_id"]), rows(new))
-        later = [{"d": d, "t": at} for d, at in sorted(seen.items()) if d in new or at > known[d]]
+        later = [
+            {"d": d, "t": at} for d, at in sorted(seen.items()) if d in new or at >= known[d] + LAST_SEEN_RESOLUTION_S
+        ]
         if later:
             stmt = (
                 update(table)
@@ -172,17 +176,36 @@ def _apply_status(device: Device, status: Mapping[str, Any], received_at: float)
     device.deployment = dict(status["deployment"]) if status.get("deployment") else None
 
 
-def _telemetry_row(message: Incoming) -> dict[str, Any]:
+# Telemetry is most of what the ingest writes: its rows go to the driver as tuples through one prepared
+# INSERT per dialect (SQLAlchemy's per-row parameter processing cost as much as the insert itself).
+_TELEMETRY_COLUMNS = (
+    "device_id", "seq", "ts", "window_s", "count", "errors", "p50_ms", "p95_ms", "p99_ms", "model_name",
+    "model_version", "model_sha256", "rss_mb", "cpu_pct", "temperature_c", "dropped", "received_at",
+)  # fmt: skip
+
+
+def _telemetry_row(message: Incoming) -> tuple[Any, ...]:
+    """One telemetry row, in ``_TELEMETRY_COLUMNS`` order."""
     t = message.payload
     latency = t["latency_ms"]
     model = t.get("model") or {}
-    return {
-        "device_id": message.device_id, "seq": t["seq"], "ts": float(t["ts"]), "window_s": t.get("window_s"),
-        "count": t["count"], "errors": t["errors"], "p50_ms": latency["p50"], "p95_ms": latency["p95"],
-        "p99_ms": latency["p99"], "model_name": model.get("name"), "model_version": model.get("version"),
-        "model_sha256": model.get("sha256"), "rss_mb": t.get("rss_mb"), "cpu_pct": t.get("cpu_pct"),
-        "temperature_c": t.get("temperature_c"), "dropped": t["dropped"], "received_at": message.received_at,
-    }  # fmt: skip
+    return (
+        message.device_id, t["seq"], float(t["ts"]), t.get("window_s"), t["count"], t["errors"], latency["p50"],
+        latency["p95"], latency["p99"], model.get("name"), model.get("version"), model.get("sha256"),
+        t.get("rss_mb"), t.get("cpu_pct"), t.get("temperature_c"), t["dropped"], message.received_at,
+    )  # fmt: skip
+
+
+def _insert_telemetry(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """``INSERT .. ON CONFLICT (device_id, seq) DO NOTHING`` of ``rows`` in one driver ``executemany``."""
+    marker = "%s" if session.get_bind().dialect.name == "postgresql" else "?"  # psycopg's and sqlite3's style
+    table = Telemetry.__table__
+    assert isinstance(table, Table) and tuple(table.columns.keys()) == _TELEMETRY_COLUMNS, "schema and rows differ"
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(_TELEMETRY_COLUMNS)}) VALUES ({', '.join([marker] * len(rows[0]))}) "
+        "ON CONFLICT (device_id, seq) DO NOTHING"
+    )
+    session.connection().exec_driver_sql(sql, rows)
 
 
 def _event_row(message: Incoming) -> dict[str, Any]:
@@ -203,7 +226,7 @@ def record_messages(session: Session, messages: Sequence[Incoming]) -> Recorded:
     done = Recorded()
     seen: dict[str, float] = {}
     created: dict[str, float] = {}
-    telemetry: dict[tuple[str, int], dict[str, Any]] = {}
+    telemetry: dict[tuple[str, int], tuple[Any, ...]] = {}
     events: dict[tuple[str, str], dict[str, Any]] = {}
     statuses: list[Incoming] = []
     for m in messages:
@@ -229,9 +252,7 @@ def record_messages(session: Session, messages: Sequence[Incoming]) -> Recorded:
         session.flush()
         done.statuses = len(statuses)
     if telemetry:
-        table = Telemetry.__table__
-        stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["device_id", "seq"])  # type: ignore[arg-type]
-        session.execute(stmt, [telemetry[k] for k in sorted(telemetry)])
+        _insert_telemetry(session, [telemetry[k] for k in sorted(telemetry)])
         done.telemetry = len(telemetry)
     if events:
         table = DeviceEvent.__table__
@@ -266,8 +287,10 @@ def last_seen(session: Session, device_ids: Collection[str]) -> dict[str, float]
     """
     found: dict[str, float] = {}
     for chunk in _chunks(sorted(set(device_ids))):
-        query = select(Device.device_id, Device.last_seen).where(Device.device_id.in_(chunk))
-        found.update({d: float(at) for d, at in session.execute(query)})
+        table = Device.__table__  # Core, not ORM: the ingest asks this for every batch
+        assert isinstance(table, Table)
+        query = select(table.c.device_id, table.c.last_seen).where(table.c.device_id.in_(chunk))
+        found.update({d: float(at) for d, at in session.connection().execute(query)})
     return found
 
 

@@ -32,7 +32,7 @@ class Device(Base):
 
     device_id: Mapped[str] = mapped_column(String(MAX_DEVICE_ID_CHARS), primary_key=True)
     first_seen: Mapped[float] = mapped_column(Float)  # received_at of its first message
-    last_seen: Mapped[float] = mapped_column(Float)  # received_at of its last message (the Last Will excepted)
+    last_seen: Mapped[float] = mapped_column(Float)  # received_at of its last message (the Last Will excepted), to 1 s
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(10), default="unknown")  # online | offline | unknown (no status yet)
     model_name: Mapped[str | None] = mapped_column(String(MAX_NAME_CHARS), nullable=True)

@@ -69,26 +69,53 @@ def _depth(data: bytes) -> int:
 def _fits_database(leaf: str, payload: Mapping[str, Any]) -> bool:
     """The contract bounds types; the database bounds sizes: a 64-bit integer, 200-character names, no NUL
     in a text column (PostgreSQL refuses it). Anything else would fail the whole batch's commit."""
-    ints = [payload.get(k) for k in ("seq", "count", "errors", "dropped")]
+    ints = [payload.get("seq"), payload.get("count"), payload.get("errors"), payload.get("dropped")]
     texts: list[Any] = [payload.get("cmd_id")]
     models = [payload.get("model"), (payload.get("detail") or {}).get("model") if leaf == "events" else None]
     for model in models:
         if isinstance(model, dict):
             ints.append(model.get("version"))
             texts += [model.get("name"), model.get("target")]
-    if any(isinstance(i, int) and i > _MAX_INT for i in ints):
-        return False
-    return not any(isinstance(t, str) and (len(t) > MAX_NAME_CHARS or "\x00" in t) for t in texts)
+    for i in ints:
+        if isinstance(i, int) and i > _MAX_INT:
+            return False
+    for t in texts:
+        if isinstance(t, str) and (len(t) > MAX_NAME_CHARS or "\x00" in t):
+            return False
+    return True
+
+
+_TOPIC_CACHE_SIZE = 65536  # topics remembered (a fleet's devices x 3 leaves); the cache starts over when full
+_topics: dict[tuple[str, str], tuple[str, str] | None] = {}
+
+
+def _device_and_leaf(topic: str, fleet: str) -> tuple[str, str] | None:
+    """``(device_id, leaf)`` of a topic of ``fleet``'s devices, or None; remembered, since every device sends
+    on the same three topics all its life."""
+    key = (topic, fleet)
+    try:
+        return _topics[key]
+    except KeyError:
+        pass
+    try:
+        topics, leaf = parse_topic(topic)
+    except ContractError:
+        found = None
+    else:
+        ok = topics.fleet == fleet and leaf in _PARSERS and len(topics.device_id) <= MAX_DEVICE_ID_CHARS
+        found = (topics.device_id, leaf) if ok else None
+    if len(_topics) >= _TOPIC_CACHE_SIZE:
+        _topics.clear()
+    _topics[key] = found
+    return found
 
 
 def classify(topic: str, payload: bytes, fleet: str, received_at: float) -> Incoming | str:
     """Check one message; return what to store, or the reason (one of ``DROP_REASONS``) to drop it."""
-    try:
-        topics, leaf = parse_topic(topic)
-    except ContractError:
+    found = _device_and_leaf(topic, fleet)
+    if found is None:
         return "foreign_topic"
-    if topics.fleet != fleet or leaf not in _PARSERS or len(topics.device_id) > MAX_DEVICE_ID_CHARS:
-        return "foreign_topic"
+    device_id, leaf = found
     if len(payload) > MAX_PAYLOAD_BYTES:
         return "oversized"
     if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _depth(payload) > MAX_DEPTH:
@@ -107,4 +134,4 @@ def classify(topic: str, payload: bytes, fleet: str, received_at: float) -> Inco
     if not _fits_database(leaf, checked):
         return "invalid"
     digest = hashlib.sha256(payload).hexdigest()[:32] if leaf == "events" else ""
-    return Incoming(topics.device_id, leaf, checked, received_at, digest)
+    return Incoming(device_id, leaf, checked, received_at, digest)

@@ -38,14 +38,13 @@ this is a bug) is isolated by splitting the batch, counted (``db_rejected``) and
 from __future__ import annotations
 
 import logging
-import queue
 import random
+import struct
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -71,14 +70,21 @@ def backoff_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float
     return rng() * min(cap_s, base_s * 2 ** min(attempt, 30))
 
 
-@dataclass(frozen=True)
-class _Raw:
+class _Raw(NamedTuple):  # a tuple: built once per message on the network thread, so cheap matters
     topic: str
     payload: bytes
     mid: int
     qos: int
     generation: int  # the connection it came on; acknowledged only on that one
     received_at: float
+
+
+def puback_packets(mids: Iterable[int]) -> bytes:
+    """PUBACKs (success, no properties: the same 4 bytes in MQTT 3.1.1 and 5) for ``mids``, back to back."""
+    return b"".join(_PUBACK.pack(0x40, 2, mid) for mid in mids)
+
+
+_PUBACK = struct.Struct("!BBH")
 
 
 class Ingest:
@@ -104,7 +110,12 @@ class Ingest:
         self.settings = settings
         self._clock = clock
         self.on_stored = on_stored
-        self._queue: queue.Queue[_Raw] = queue.Queue(maxsize=4 * settings.receive_maximum)
+        # Between the network thread and the writer: appends and pops of a deque are atomic; the events only
+        # wake a waiting side (the writer when messages came, the network thread when room was made).
+        self._queue: deque[_Raw] = deque()
+        self._capacity = 4 * settings.receive_maximum
+        self._arrived = threading.Event()
+        self._room = threading.Event()
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._generation = 0
@@ -212,18 +223,20 @@ class Ingest:
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: not a topic of the contract
         raw = _Raw(topic, bytes(message.payload), message.mid, message.qos, self._generation, self._clock())
-        while True:
-            try:
-                self._queue.put(raw, timeout=0.5)
+        while len(self._queue) >= self._capacity:
+            if raw.qos == 0:
+                self._count("overflow")  # nothing keeps a QoS 0 message for us
                 return
-            except queue.Full:
-                if raw.qos == 0:
-                    self._count("overflow")  # nothing keeps a QoS 0 message for us
-                    return
-                if self._closing.is_set():
-                    return  # not acknowledged: the broker sends it again on our next session
-                # A full queue stops this thread from reading the socket: TCP pushes back to the broker,
-                # which keeps the rest queued for our session.
+            if self._closing.is_set():
+                return  # not acknowledged: the broker sends it again on our next session
+            # A full queue stops this thread from reading the socket: TCP pushes back to the broker,
+            # which keeps the rest queued for our session.
+            self._room.clear()
+            if len(self._queue) >= self._capacity:
+                self._room.wait(0.5)
+        self._queue.append(raw)
+        if not self._arrived.is_set():
+            self._arrived.set()
 
     def _run_network(self) -> None:
         attempt = 0
@@ -257,24 +270,30 @@ class Ingest:
         with self._lock:
             self._counts[key] += n
 
-    def _take(self) -> list[_Raw]:
+    def _pop(self, most: int) -> list[_Raw]:
+        batch: list[_Raw] = []
         try:
-            batch = [self._queue.get(timeout=0.1)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.settings.batch_wait_s
-        while len(batch) < self.settings.batch_max:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(self._queue.get(timeout=remaining))
-                except queue.Empty:
-                    break
+            while len(batch) < most:
+                batch.append(self._queue.popleft())
+        except IndexError:
+            pass
+        if batch:
+            self._room.set()
         return batch
+
+    def _take(self) -> list[_Raw]:
+        """The next batch: up to ``batch_max`` messages, waiting at most ``batch_wait_s`` after the first."""
+        if not self._queue:
+            self._arrived.clear()
+            if not self._queue and not self._arrived.wait(0.1):
+                return []
+        deadline = time.monotonic() + self.settings.batch_wait_s
+        while len(self._queue) < self.settings.batch_max and not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(remaining, 0.005))
+        return self._pop(self.settings.batch_max)
 
     def _run_writer(self) -> None:
         while not self._stopping.is_set():
@@ -282,14 +301,9 @@ class Ingest:
             if batch and not self._handle(batch):
                 return
         # Stopping: what is queued now, once (messages still arriving wait at the broker for the next start).
-        left = self._queue.qsize()
+        left = len(self._queue)
         while left > 0:
-            batch = []
-            while len(batch) < min(left, self.settings.batch_max):
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._pop(min(left, self.settings.batch_max))
             if not batch or not self._handle(batch):
                 return
             left -= len(batch)
@@ -360,8 +374,18 @@ class Ingest:
                 self._isolate(half)
 
     def _ack(self, batch: list[_Raw]) -> None:
+        """Acknowledge a stored batch: QoS 1 messages of the current connection, all PUBACKs in one write
+        (one system call and one TCP segment for the broker to read, instead of one per message)."""
         with self._lock:
             generation = self._generation
+        mids = [raw.mid for raw in batch if raw.qos == 1 and raw.generation == generation]
+        queue_packet = getattr(self._client, "_packet_queue", None)
+        if mids and queue_packet is not None:
+            # paho has no public call for several acknowledgements; its own ack() queues each PUBACK like this.
+            queue_packet(paho.PUBACK, puback_packets(mids), 0, 0)
+        else:
+            for mid in mids:
+                self._client.ack(mid, 1)
         for raw in batch:
-            if raw.qos > 0 and raw.generation == generation:
-                self._client.ack(raw.mid, raw.qos)
+            if raw.qos == 2 and raw.generation == generation:  # not used by the contract; handled as paho does
+                self._client.ack(raw.mid, 2)

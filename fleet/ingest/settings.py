@@ -34,9 +34,9 @@ class IngestSettings:
     tls_key: str | None = None
     keepalive_s: int = 30  # seconds
     session_expiry_s: int = 7 * 86400  # seconds the broker keeps the session (and queues) while we are away
-    receive_maximum: int = 2000  # messages the broker may have sent us unacknowledged (MQTT 5)
-    batch_max: int = 500  # messages per transaction
-    batch_wait_s: float = 0.05  # seconds a batch waits to fill after its first message
+    receive_maximum: int = 8000  # messages the broker may have sent us unacknowledged (MQTT 5): 4 batches
+    batch_max: int = 2000  # messages per transaction
+    batch_wait_s: float = 0.1  # seconds a batch waits to fill after its first message
     retry_base_s: float = 0.05  # seconds, first retry of a failed commit (full jitter, doubling)
     retry_cap_s: float = 5.0  # seconds, longest wait between commit retries
     reconnect_base_s: float = 0.5  # seconds, first reconnect wait (full jitter, doubling)
