@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 from fleet.db import Database, migrate
 from fleet.devices import Device, DeviceEvent, Telemetry, history
 from fleet.ingest import Ingest
+from fleet.ingest.service import puback_packets
 from sdk.mqtt_contract import MAX_PAYLOAD_BYTES, SCHEMA
 
 DeviceMaker = Callable[[str], FakeDevice]
@@ -202,3 +203,25 @@ def _read_until(stream: IO[str], condition: Callable[[dict[str, Any]], bool], wh
         if time.monotonic() > deadline:
             break
     pytest.fail(f"timed out waiting for {what}")
+
+
+def test_stored_messages_are_acknowledged_so_the_session_does_not_send_them_again(
+    sqlite_db: Database, broker: Broker, ingest_factory: IngestMaker, device_factory: DeviceMaker
+) -> None:
+    # The PUBACKs of a batch go out in one write: the broker must take every one of them, or the next
+    # process on the same session gets those messages again.
+    first = ingest_factory(sqlite_db, broker, client_id="acks", batch_max=7)  # several batches, several writes
+    device = device_factory("dev")
+    for seq in range(1, 61):
+        device.send("telemetry", telemetry(seq))
+    wait_for(lambda: _count(sqlite_db, Telemetry) == 60, 20, "60 messages stored")
+    first.stop()
+    again = ingest_factory(sqlite_db, broker, client_id="acks")
+    device.send("telemetry", telemetry(61))  # a marker: everything the broker had queued for us comes before it
+    wait_for(lambda: _count(sqlite_db, Telemetry) == 61, 20, "the marker stored")
+    assert again.counters.get("received") == 1, again.counters
+
+
+def test_puback_packets_are_the_mqtt_acknowledgements_back_to_back() -> None:
+    assert puback_packets([1, 258, 65535]) == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x02" + b"\x40\x02\xff\xff"
+    assert puback_packets([]) == b""
