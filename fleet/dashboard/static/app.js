@@ -137,10 +137,10 @@ function banner(message) {
 
 const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
-function layout(yTitle, extra = {}) {
+function layout(yTitle, range, extra = {}) {
   return {
     margin: { l: 56, r: 12, t: 8, b: 40 },
-    xaxis: { type: "date", automargin: true },
+    xaxis: { type: "date", automargin: true, range },
     yaxis: { title: { text: yTitle }, automargin: true, rangemode: "tozero", fixedrange: true },
     legend: { orientation: "h", y: -0.22 },
     hovermode: "x unified",
@@ -150,7 +150,7 @@ function layout(yTitle, extra = {}) {
   };
 }
 
-function draw(id, traces, yTitle, extra) {
+function draw(id, traces, yTitle, range, extra) {
   const el = document.getElementById(id);
   if (!el) return;
   if (!window.Plotly) {
@@ -167,7 +167,7 @@ function draw(id, traces, yTitle, extra) {
     el.replaceChildren();
     delete el.dataset.empty;
   }
-  window.Plotly.react(el, traces, layout(yTitle, extra), PLOT_CONFIG);
+  window.Plotly.react(el, traces, layout(yTitle, range, extra), PLOT_CONFIG);
 }
 
 /* Buckets that served requests, as chart points: x in ms since the epoch, y from ``pick``. */
@@ -203,9 +203,14 @@ function drawSeries(prefix, series, gates = []) {
     latency.push({ ...common, ...p95, name: `${label} p95`, line: { color: colour, dash: "dash" } });
     errors.push({ ...common, ...rate, name: label, line: { color: colour } });
   });
-  const ms = (t) => t.x.length > 0;
-  draw(`${prefix}-latency`, latency.filter(ms), "latency, ms", { shapes: thresholdShapes(gates, "p95_latency") });
-  draw(`${prefix}-errors`, errors.filter(ms), "error rate, %", { shapes: thresholdShapes(gates, "error_rate") });
+  const some = (t) => t.x.length > 0;
+  const range = [series.since * 1000, series.until * 1000]; // the whole window, however little data is in it
+  draw(`${prefix}-latency`, latency.filter(some), "latency, ms", range, {
+    shapes: thresholdShapes(gates, "p95_latency"),
+  });
+  draw(`${prefix}-errors`, errors.filter(some), "error rate, %", range, {
+    shapes: thresholdShapes(gates, "error_rate"),
+  });
 }
 
 function windowPicker() {
@@ -358,8 +363,8 @@ function deviceView(deviceId) {
       fill("device-capabilities", caps.length
         ? kv(caps.map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]))
         : h("p", { class: "muted" }, "none reported"));
-      // the device's own series (every model it ran), drawn as one "version" per model it reports
-      const name = device.model ? modelText(device.model) : "all models";
+      // the device's own series, whatever model served each request (the overview splits by version)
+      const name = "this device";
       drawSeries("device", {
         since: telemetry.since, until: telemetry.until, bucket_s: telemetry.bucket_s,
         models: [{ name, version: "", series: telemetry.series, total: telemetry.total }],
