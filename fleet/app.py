@@ -2,7 +2,8 @@
 
 ``create_app(db)`` is the bare foundation (auth, error bodies, health) a domain's tests add their own
 router to; ``create_fleet_app(db, settings)`` is what ``edgeship fleet serve`` runs: every domain's
-routes under ``/api/v1``, the artifact server at ``/artifacts``, and the rollout routes wired to the
+routes under ``/api/v1``, the artifact server at ``/artifacts``, the dashboard at ``/dashboard/`` (``/``
+redirects there), and the rollout routes wired to the
 devices and releases domains (``fleet.wiring``); ``fleet.server`` hands the rollout driver's wake-up over
 once the driver runs.
 """
@@ -35,6 +36,7 @@ def create_app(db: Database) -> FastAPI:
 
 def create_fleet_app(db: Database, settings: FleetSettings) -> FastAPI:
     """The whole fleet API over ``db`` with ``settings`` (rollouts answer 503 until ``wire_rollouts`` ran)."""
+    from fleet.dashboard import router as dashboard_router
     from fleet.devices.routes import router as devices_router
     from fleet.releases import ReleaseSettings
     from fleet.releases.artifacts import artifacts_router
@@ -53,4 +55,5 @@ def create_fleet_app(db: Database, settings: FleetSettings) -> FastAPI:
     for router in (devices_router, releases_router, rollouts_router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(artifacts_router)
+    app.include_router(dashboard_router)
     return app

@@ -1,15 +1,16 @@
 """One report across every bundle a ``package`` call wrote: ``report.json`` and ``report.html``.
 
-The HTML page is self-contained (no scripts, no network): a table and an SVG chart of host latency
-(p50, batch 1) against accuracy (with labels) or mean cosine to the original (without), one point
-per bundle and one for the original model.
+The HTML page works offline, also from ``file://``: a table and a Plotly chart of host latency (p50, batch
+1) against accuracy (with labels) or mean cosine to the original (without), one point per bundle and one
+for the original model, each named in the legend. Its library, ``plotly.min.js`` from the ``plotly``
+package (the fleet dashboard's charts use the same), is written next to it; the numbers are inlined.
 """
 
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 from packagers.options import PackageResult
 from sdk.fsutil import atomic_write_bytes
 
-__all__ = ["bundle_row", "write_reports"]
+__all__ = ["PLOTLY_JS", "bundle_row", "plotly_js", "write_reports"]
 
-_W, _H, _PAD = 640, 360, 56  # chart size and margin, pixels
+PLOTLY_JS = "plotly.min.js"  # the chart library's file, written next to report.html
 
 
 def _worst(validation: Mapping[str, Any], key: str) -> float | None:
@@ -55,45 +56,75 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _chart(points: Sequence[tuple[str, float, float, bool]], y_label: str) -> str:
-    """An SVG scatter plot of (label, latency ms, quality, is_original)."""
+def plotly_js() -> Path | None:
+    """Plotly's JavaScript as the installed ``plotly`` package ships it (found without importing it), or None."""
+    spec = importlib.util.find_spec("plotly")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "package_data" / PLOTLY_JS
+        if path.is_file():
+            return path
+    return None
+
+
+def _script_json(value: Any) -> str:
+    """JSON that is safe inside a <script> element (no ``</script>`` can end it early)."""
+    text = json.dumps(value, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+# One trace per point, named in the legend (never as text beside the point, where close points' labels
+# overlap); automargin keeps the axis numbers inside the figure whatever their width.
+_DRAW = """
+(function () {
+  var el = document.getElementById("report-chart");
+  var data = JSON.parse(document.getElementById("report-chart-data").textContent);
+  if (!window.Plotly) {
+    el.textContent = "The chart needs plotly.min.js next to this file.";
+    return;
+  }
+  // the original is the red star; the bundles take these
+  var symbols = ["circle", "square", "diamond", "triangle-up", "cross", "x", "triangle-down", "hexagon"];
+  var colours = ["#2e6da4", "#1e7e34", "#8e44ad", "#d35400", "#16a085", "#7f8c8d", "#b9770e", "#2c3e50"];
+  var traces = data.points.map(function (p, i) {
+    return {
+      type: "scatter", mode: "markers", name: p.label, x: [p.x], y: [p.y],
+      marker: {size: p.original ? 14 : 11, symbol: p.original ? "star" : symbols[i % symbols.length],
+               color: p.original ? "#c0392b" : colours[i % colours.length], line: {width: 1, color: "#fff"}},
+      hovertemplate: p.label + "<br>%{x:.4g} ms<br>" + data.y_label + " %{y:.5g}<extra></extra>"
+    };
+  });
+  var layout = {
+    margin: {l: 16, r: 16, t: 16, b: 16},
+    xaxis: {title: {text: data.x_label}, rangemode: "tozero", automargin: true, zeroline: true},
+    yaxis: {title: {text: data.y_label}, automargin: true, tickformat: ".4~g"},
+    legend: {orientation: "h", yanchor: "bottom", y: 1.02, x: 0},
+    showlegend: true
+  };
+  Plotly.newPlot(el, traces, layout, {displaylogo: false, responsive: true});
+})();
+"""
+
+
+def _chart(points: Sequence[tuple[str, float, float, bool]], y_label: str, *, with_library: bool) -> str:
+    """A Plotly scatter of (label, latency ms, quality, is_original), drawn by ``plotly.min.js`` beside the page."""
     if not points:
         return "<p>No latency was measured on this host, so there is nothing to plot.</p>"
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x_max = max(xs) * 1.1 or 1.0
-    y_lo, y_hi = min(ys), max(ys)
-    if math.isclose(y_lo, y_hi):
-        y_lo, y_hi = y_lo - 0.01, y_hi + 0.01
-    span = y_hi - y_lo
-
-    def sx(x: float) -> float:
-        return _PAD + x / x_max * (_W - 2 * _PAD)
-
-    def sy(y: float) -> float:
-        return _H - _PAD - (y - y_lo) / span * (_H - 2 * _PAD)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" role="img" '
-        f'aria-label="latency against {html.escape(y_label)}">',
-        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#444"/>',
-        f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="#444"/>',
-        f'<text x="{_W / 2}" y="{_H - 12}" text-anchor="middle">p50 latency, ms (batch 1, host CPU)</text>',
-        f'<text x="14" y="{_H / 2}" transform="rotate(-90 14 {_H / 2})" text-anchor="middle">'
-        f"{html.escape(y_label)}</text>",
-        f'<text x="{_PAD}" y="{_H - _PAD + 16}" text-anchor="middle">0</text>',
-        f'<text x="{_W - _PAD}" y="{_H - _PAD + 16}" text-anchor="middle">{x_max:.3g}</text>',
-        f'<text x="{_PAD - 6}" y="{sy(y_lo) + 4}" text-anchor="end">{y_lo:.4g}</text>',
-        f'<text x="{_PAD - 6}" y="{sy(y_hi) + 4}" text-anchor="end">{y_hi:.4g}</text>',
-    ]
-    for label, x, y, original in points:
-        colour = "#c0392b" if original else "#2e6da4"
-        parts.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{colour}"/>')
-        parts.append(f'<text x="{sx(x) + 8:.1f}" y="{sy(y) - 6:.1f}" font-size="11">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+    if not with_library:
+        return "<p>No chart: the plotly package is not installed (pip install 'edgeship[host]').</p>"
+    data = {
+        "x_label": "p50 latency, ms (batch 1, host CPU)",
+        "y_label": y_label,
+        "points": [{"label": label, "x": x, "y": y, "original": original} for label, x, y, original in points],
+    }
+    return (
+        '<div id="report-chart" class="chart" role="img" aria-label="latency against '
+        f'{html.escape(y_label)}"></div>\n'
+        f'<script type="application/json" id="report-chart-data">{_script_json(data)}</script>\n'
+        f'<script src="{PLOTLY_JS}"></script>\n<script>{_DRAW}</script>'
+    )
 
 
-def _html(doc: Mapping[str, Any]) -> str:
+def _html(doc: Mapping[str, Any], *, with_library: bool) -> str:
     rows, original = doc["bundles"], doc["original"]
     with_accuracy = original.get("accuracy") is not None
     y_key, y_label = ("accuracy", "task accuracy") if with_accuracy else ("cosine_mean", "mean cosine to the original")
@@ -126,13 +157,14 @@ def _html(doc: Mapping[str, Any]) -> str:
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+        ".chart{width:100%;max-width:760px;height:460px}.scroll{overflow-x:auto}</style>"
         f"</head><body><h1>{html.escape(title)}</h1>"
         f"<p>Validated on {doc['samples']} samples against {html.escape(str(original.get('reference')))}; "
         "latency is the host CPU at batch 1.</p>"
-        "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
-        + "\n".join(body) + "</tbody></table>\n<h2>Latency against " + html.escape(y_label) + "</h2>\n"
-        + _chart(points, y_label) + "\n</body></html>\n"
+        "<div class=\"scroll\"><table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+        + "\n".join(body) + "</tbody></table></div>\n<h2>Latency against " + html.escape(y_label) + "</h2>\n"
+        + _chart(points, y_label, with_library=with_library) + "\n</body></html>\n"
     )  # fmt: skip
 
 
@@ -140,7 +172,8 @@ def write_reports(
     out_dir: Path, *, name: str, version: int, samples: int, results: Sequence[PackageResult],
     original: Mapping[str, Any],
 ) -> tuple[Path, Path]:  # fmt: skip
-    """Write ``report.json`` and ``report.html`` into ``out_dir``.
+    """Write ``report.json`` and ``report.html`` into ``out_dir``, with ``plotly.min.js`` (the chart's library,
+    from the ``plotly`` package) beside them; without that package the page has the table and no chart.
 
     Args:
         out_dir: where the bundles were written.
@@ -161,5 +194,8 @@ def write_reports(
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     atomic_write_bytes(json_path, json.dumps(doc, indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))
-    atomic_write_bytes(html_path, _html(doc).encode("utf-8"))
+    library = plotly_js()
+    if library is not None:  # beside the page, so it works offline and from file://
+        atomic_write_bytes(out_dir / PLOTLY_JS, library.read_bytes())
+    atomic_write_bytes(html_path, _html(doc, with_library=library is not None).encode("utf-8"))
     return json_path, html_path

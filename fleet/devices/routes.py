@@ -19,8 +19,10 @@ from fleet.devices.schemas import (
     DeviceOut,
     DeviceTelemetry,
     EventOut,
+    ModelSeriesOut,
     ModelStatsOut,
     ModelTelemetry,
+    SeriesTelemetry,
     StatsOut,
     TagsIn,
     TagsOut,
@@ -138,3 +140,35 @@ def model_telemetry(
     with db.session() as s:
         models = stats.per_model(s, since, until, name=name, version=version)
     return ModelTelemetry(since=since, until=until, models=[ModelStatsOut.of_model(m) for m in models])
+
+
+MAX_SERIES_MODELS = 20  # model versions one series query answers (the most requests first)
+
+
+@router.get("/telemetry/series", response_model=SeriesTelemetry)
+def model_series(
+    db: DbDep,
+    _caller: ReadAccess,
+    name: str | None = None,
+    version: Annotated[int | None, Query(ge=0)] = None,
+    window_s: WindowS = 3600.0,
+    bucket_s: Annotated[float | None, Query(gt=0, description="default: window_s / 60")] = None,
+    until: Annotated[float | None, Query(gt=0, description="end of the window, unix s; default now")] = None,
+) -> SeriesTelemetry:
+    """Latency and errors over time per model version (the dashboard's charts): every version with
+    telemetry in the window, each as consecutive buckets."""
+    end = until if until is not None else time.time()
+    since = end - window_s
+    bucket = bucket_s or window_s / 60
+    with db.session() as s:
+        found = stats.per_model(s, since, end, name=name, version=version)
+        named = [(m.name, m.version, m.stats) for m in found if m.name is not None and m.version is not None]
+        busiest = sorted(named, key=lambda m: -m[2].count)[:MAX_SERIES_MODELS]
+        out = []
+        for model_name, model_version, total in sorted(busiest, key=lambda m: (m[0], m[1])):
+            buckets = stats.series(s, since, end, bucket, name=model_name, version=model_version)
+            out.append(ModelSeriesOut(
+                name=model_name, version=model_version, total=StatsOut.of(total),
+                series=[BucketOut.of_bucket(b) for b in buckets],
+            ))  # fmt: skip
+    return SeriesTelemetry(since=since, until=end, bucket_s=bucket, models=out)

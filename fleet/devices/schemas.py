@@ -12,7 +12,7 @@ from fleet.devices.tables import Device, DeviceEvent
 
 __all__ = [
     "BucketOut", "DeploymentOut", "DeviceEvents", "DeviceList", "DeviceOut", "DeviceTelemetry", "EventOut", "ModelOut",
-    "ModelStatsOut", "ModelTelemetry", "StatsOut", "TagsIn", "TagsOut",
+    "ModelSeriesOut", "ModelStatsOut", "ModelTelemetry", "SeriesTelemetry", "StatsOut", "TagsIn", "TagsOut",
 ]  # fmt: skip
 
 
@@ -150,3 +150,19 @@ class ModelTelemetry(BaseModel):
     since: float
     until: float
     models: list[ModelStatsOut]
+
+
+class ModelSeriesOut(BaseModel):
+    """One model version's telemetry over the window, in total and bucket by bucket."""
+
+    name: str
+    version: int
+    total: StatsOut
+    series: list[BucketOut] = Field(description="every bucket from since, empty ones too (count 0)")
+
+
+class SeriesTelemetry(BaseModel):
+    since: float
+    until: float
+    bucket_s: float
+    models: list[ModelSeriesOut] = Field(description="the model versions with telemetry in the window")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -37,10 +36,11 @@ def test_report_json_and_html_cover_every_bundle_and_the_original(
         assert 0.99 <= row["cosine_mean"] <= 1.0 and row["accuracy"] == result.validation["accuracy"]["bundle"]
 
     page = (tmp_path / "report.html").read_text()
-    svg = re.search(r"<svg .*?</svg>", page, re.S)
-    assert svg, "the report has no chart"
-    tree = ElementTree.fromstring(svg.group(0))  # well-formed SVG
-    points = [e for e in tree.iter() if e.tag.endswith("circle")]
-    assert len(points) == 1 + len(results)  # the original and each bundle
+    chart = re.search(r'<script type="application/json" id="report-chart-data">(.*?)</script>', page, re.S)
+    assert chart, "the report has no chart"
+    points = json.loads(chart.group(1))["points"]
+    assert [p["label"] for p in points] == ["original"] + [f"onnxruntime {r.precision}" for r in results]
+    assert [p["x"] for p in points[1:]] == [r.latency_ms["p50"] for r in results]
+    assert '<script src="plotly.min.js">' in page and (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     for result in results:
         assert result.bundle_path.name in page

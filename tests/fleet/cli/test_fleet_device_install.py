@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FLEET_LIBRARIES = ["fastapi", "sqlalchemy", "alembic", "psycopg", "uvicorn", "httpx", "starlette", "pydantic"]
+FLEET_LIBRARIES = ["fastapi", "sqlalchemy", "alembic", "psycopg", "uvicorn", "httpx", "starlette", "pydantic", "plotly"]
 ROOT = Path(__file__).resolve().parents[3]
 
 

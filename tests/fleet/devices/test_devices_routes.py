@@ -92,3 +92,22 @@ def test_errors(api: Api) -> None:
     for query in ("window_s=0", "window_s=-5", "window_s=1e12", "bucket_s=0", "window_s=100000&bucket_s=1"):
         assert c.get(f"/api/v1/devices/cam-1/telemetry?{query}", headers=api.read).status_code == 422, query
     assert c.get("/api/v1/telemetry/models?version=-1", headers=api.read).status_code == 422
+
+
+def test_series_per_model_version(api: Api) -> None:
+    c = api.client
+    until = time.time() + 1
+    body = c.get(f"/api/v1/telemetry/series?window_s=600&bucket_s=60&until={until}", headers=api.read).json()
+    assert body["until"] == until and body["since"] == until - 600 and body["bucket_s"] == 60
+    assert [(m["name"], m["version"]) for m in body["models"]] == [("digits", 5)]
+    (digits,) = body["models"]
+    assert len(digits["series"]) == 10 and digits["series"][0]["start"] == body["since"]
+    assert sum(b["messages"] for b in digits["series"]) == digits["total"]["messages"] == 6
+    busy = [b for b in digits["series"] if b["count"]]
+    assert sum(b["count"] for b in busy) == 150 and all(b["p50_ms"] is not None for b in busy)
+    assert all(b["p50_ms"] is None and b["error_rate"] is None for b in digits["series"] if not b["count"])
+    none = c.get("/api/v1/telemetry/series?name=ghost", headers=api.read).json()
+    assert none["models"] == [] and none["bucket_s"] == 60
+    for query in ("window_s=0", "bucket_s=0", "window_s=100000&bucket_s=1", "until=-1", "version=-1"):
+        assert c.get(f"/api/v1/telemetry/series?{query}", headers=api.read).status_code == 422, query
+    assert c.get("/api/v1/telemetry/series").status_code == 401
