@@ -5,6 +5,10 @@ weights, its int8 form); each bundle is validated against the PyTorch model on t
 benchmarked on this CPU, except Core ML off macOS, whose row says that only its structure was checked.
 Version 2 (retrained longer, with another seed) is packaged at int8 for the targets the demo's devices run.
 
+The demo runs this stage as a process of its own (``main``: ``python -m sdk.cli.demo.build``): torch,
+TensorFlow and OpenVINO stay out of the process that supervises the fleet, and a Ctrl-C there is not
+delivered into those libraries' threads.
+
 ``break_weights`` makes the bundle the demo's canary fails on: a copy of a genuine OpenVINO bundle whose
 weights file is zeroed and which is signed again with the release key, as a broken build pipeline would
 sign it. Its signatures and hashes are valid, so the fleet accepts the upload and the device installs it;
@@ -14,8 +18,12 @@ can tell, and it does.
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,7 @@ from sdk.cli.demo.quick import digits_split, train_mlp
 from sdk.cli.demo.supervisor import DemoFailed
 from sdk.cli.tables import table_lines
 
-__all__ = ["ALL_TARGETS", "Built", "BundleRow", "break_weights", "build_bundles", "table"]
+__all__ = ["ALL_TARGETS", "BUILT_JSON", "Built", "BundleRow", "break_weights", "build_bundles", "main", "table"]
 
 # target -> the precisions "fp32 and int8" mean for it (Core ML quantizes weights only: int8-weights)
 ALL_TARGETS: dict[str, tuple[str, ...]] = {
@@ -34,6 +42,7 @@ ALL_TARGETS: dict[str, tuple[str, ...]] = {
     "tflite": ("fp32", "int8"),
     "coreml": ("fp32", "int8-weights"),
 }
+BUILT_JSON = "built.json"  # in the bundles folder: what ``main`` hands back to the demo
 V2_EPOCHS, V2_SEED = 60, 1  # version 2: retrained longer from another seed (version 1: 40 epochs, seed 0)
 
 
@@ -60,6 +69,17 @@ class Built:
     rows: tuple[BundleRow, ...]
     original_accuracy: float
     samples: int
+
+    def to_json(self) -> str:
+        rows = [{**r.__dict__, "path": str(r.path)} for r in self.rows]
+        return json.dumps({"private_key": str(self.private_key), "public_key": str(self.public_key), "rows": rows,
+                           "original_accuracy": self.original_accuracy, "samples": self.samples}, indent=1)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> Built:
+        d = json.loads(text)
+        rows = tuple(BundleRow(**{**r, "path": Path(r["path"])}) for r in d["rows"])
+        return cls(Path(d["private_key"]), Path(d["public_key"]), rows, d["original_accuracy"], d["samples"])
 
     def bundle(self, version: int, target: str, precision: str) -> Path:
         for row in self.rows:
@@ -166,3 +186,34 @@ def break_weights(bundle: Path, private_key: Path, public_key: Path, out: Path) 
         members[weights] = bytes(verified.path(weights).stat().st_size)
         write_bundle(out, verified.manifest, members, [load_private_key(private_key)])
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sdk.cli.demo.build OUT --targets A,B --device-targets C,D``: build, print the table, and
+    write ``OUT/bundles/built.json``; exit 1 with one ``error:`` line on an expected failure, 130 on Ctrl-C."""
+    from sdk.errors import EdgeshipError
+
+    p = argparse.ArgumentParser(prog="python -m sdk.cli.demo.build")
+    p.add_argument("out", type=Path)
+    p.add_argument("--targets", required=True)
+    p.add_argument("--device-targets", required=True)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    try:
+        built = build_bundles(args.out, args.targets.split(","), args.device_targets.split(","), say)
+    except EdgeshipError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print("\n".join(table(built)), flush=True)
+    (args.out / "bundles" / BUILT_JSON).write_text(built.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdk.cli.demo.build import ALL_TARGETS, build_bundles, table
+from sdk.cli.demo.build import ALL_TARGETS, BUILT_JSON, Built
 from sdk.cli.demo.fleet_stage import DEVICES, start_agents, start_fleet
 from sdk.cli.demo.rollouts import BROKEN_TARGET, rollout_v1, rollout_v2, upload_releases
 from sdk.cli.demo.supervisor import DemoFailed, Supervisor, handle_signals, start_broker
@@ -94,8 +94,10 @@ def run_full_demo(options: DemoOptions, say: Callable[[str], None]) -> list[tupl
     try:
         with handle_signals():
             with steps.step(f"train digits v1 and v2, package v1 for {', '.join(targets)} (fp32 and int8)"):
-                built = build_bundles(out, targets, device_targets, say)
-                _print(table(built))
+                build = [sys.executable, "-m", "sdk.cli.demo.build", str(out), "--targets", ",".join(targets),
+                         "--device-targets", ",".join(device_targets)]  # fmt: skip
+                sup.run("training and packaging", build, timeout_s=240.0)
+                built = Built.from_json((out / "bundles" / BUILT_JSON).read_text())
                 print(f"bundles in {out / 'bundles'}, signed with {built.private_key} (public: {built.public_key})")
             with steps.step("start the broker, the fleet server and three devices"):
                 broker = start_broker(sup, out / "work" / "broker", embedded=options.embedded_broker, say=say)

@@ -90,6 +90,23 @@ class Supervisor:
         self.processes.append(process)
         return process
 
+    def run(self, name: str, args: Sequence[str], timeout_s: float) -> None:
+        """Run ``args`` to its end in a new session, its output on ours (it is stopped with the others).
+
+        Raises:
+            DemoFailed: it exited non-zero (its own error is printed above) or ran past ``timeout_s``.
+        """
+        popen = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        process = Process(name, popen, Path(os.devnull))
+        self.processes.append(process)
+        try:
+            code = popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DemoFailed(f"{name} did not finish within {timeout_s:.0f}s") from None
+        self.processes.remove(process)
+        if code != 0:
+            raise DemoFailed(f"{name} exited with status {code} (its message is above)")
+
     def wait_for_line(self, process: Process, text: str, timeout_s: float) -> str:
         """Wait until ``text`` appears in the process's log; returns that line.
 
