@@ -26,6 +26,10 @@ from sdk.cli.tables import table_lines
 
 __all__ = ["DemoOptions", "run_full_demo"]
 
+# The converters' own chatter (TensorFlow's C++ log, absl, Python warnings) would bury the demo's lines;
+# their errors still show (an exception ends the build with its message).
+QUIET_CONVERTERS = {"TF_CPP_MIN_LOG_LEVEL": "2", "GLOG_minloglevel": "2", "PYTHONWARNINGS": "ignore"}
+
 
 @dataclass(frozen=True)
 class DemoOptions:
@@ -96,7 +100,7 @@ def run_full_demo(options: DemoOptions, say: Callable[[str], None]) -> list[tupl
             with steps.step(f"train digits v1 and v2, package v1 for {', '.join(targets)} (fp32 and int8)"):
                 build = [sys.executable, "-m", "sdk.cli.demo.build", str(out), "--targets", ",".join(targets),
                          "--device-targets", ",".join(device_targets)]  # fmt: skip
-                sup.run("training and packaging", build, timeout_s=240.0)
+                sup.run("training and packaging", build, timeout_s=240.0, env=QUIET_CONVERTERS)
                 built = Built.from_json((out / "bundles" / BUILT_JSON).read_text())
                 print(f"bundles in {out / 'bundles'}, signed with {built.private_key} (public: {built.public_key})")
             with steps.step("start the broker, the fleet server and three devices"):
@@ -119,11 +123,15 @@ def run_full_demo(options: DemoOptions, say: Callable[[str], None]) -> list[tupl
                 rollout_id, audit = rollout_v2(fleet, uploaded, say)
                 print(f"audit trail of rollout {rollout_id} (edgeship rollout audit {rollout_id}):")
                 _print(audit)
+            print(f"rollout {rollout_id} stays paused: {DEVICES[-1][0]} keeps v1 until an operator resumes or aborts it")
             print(f"\ndashboard: {fleet.dashboard}  (API {fleet.url}/api/v1; logs in {out / 'logs'})")
             print("\nsummary:")
             _print(steps.summary())
             if options.keep_running:
-                print("the fleet and devices keep running; Ctrl-C stops them", flush=True)
+                print(f"the fleet and devices keep running; Ctrl-C stops them. Meanwhile, in another shell:\n"
+                      f"  export EDGESHIP_FLEET_URL={fleet.url} EDGESHIP_FLEET_TOKEN={fleet.client.token}\n"
+                      f"  .venv/bin/edgeship fleet devices; .venv/bin/edgeship rollout status {rollout_id}; "
+                      f".venv/bin/edgeship rollout abort {rollout_id}", flush=True)  # fmt: skip
                 while True:
                     sup.check_all()
                     time.sleep(1.0)

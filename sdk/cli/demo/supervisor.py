@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +90,18 @@ class Supervisor:
         self.processes.append(process)
         return process
 
-    def run(self, name: str, args: Sequence[str], timeout_s: float) -> None:
+    def run(self, name: str, args: Sequence[str], timeout_s: float, env: Mapping[str, str] | None = None) -> None:
         """Run ``args`` to its end in a new session, its output on ours (it is stopped with the others).
+
+        Args:
+            env: variables added to the supervisor's environment for this command.
 
         Raises:
             DemoFailed: it exited non-zero (its own error is printed above) or ran past ``timeout_s``.
         """
-        popen = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        popen = subprocess.Popen(
+            list(args), stdin=subprocess.DEVNULL, env={**self.env, **(env or {})}, start_new_session=True
+        )
         process = Process(name, popen, Path(os.devnull))
         self.processes.append(process)
         try:
