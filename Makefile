@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# Model -> signed bundles for every target -> a fleet server and three device agents -> a staged rollout
+# whose canary fails its health check (`edgeship demo --quick`: only the ONNX Runtime table).
 demo: $(STAMP)
 	$(VENV)/bin/edgeship demo --out demo-out
 

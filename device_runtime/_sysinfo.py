@@ -12,6 +12,7 @@ import glob
 import os
 import platform
 import sys
+from collections.abc import Collection
 from importlib import metadata
 from typing import Any
 
@@ -51,11 +52,15 @@ def target_runs_here(target: str, platform_name: str | None = None) -> bool:
     return target_runs_on(target, platform_name or sys.platform)
 
 
-def runtime_versions() -> dict[str, str]:
-    """Installed runtime distributions that can run models here, with versions: ``{"onnxruntime": "1.20.1"}``."""
+def runtime_versions(targets: Collection[str] | None = None) -> dict[str, str]:
+    """Installed runtime distributions that can run models here, with versions: ``{"onnxruntime": "1.20.1"}``.
+
+    Args:
+        targets: only the runtimes of these bundle targets (None: every target).
+    """
     found: dict[str, str] = {}
     for package, target in RUNTIME_PACKAGES.items():
-        if not target_runs_here(target):
+        if not target_runs_here(target) or (targets is not None and target not in targets):
             continue
         try:
             found[package] = metadata.version(package)
@@ -98,9 +103,14 @@ def system_uptime_s() -> float | None:
         return None
 
 
-def capabilities() -> dict[str, Any]:
-    """``{"arch", "runtimes": {package: version}, "accelerators": [...], "os", "python"}`` for the status."""
-    runtimes = runtime_versions()
+def capabilities(targets: Collection[str] | None = None) -> dict[str, Any]:
+    """``{"arch", "runtimes": {package: version}, "accelerators": [...], "os", "python"}`` for the status.
+
+    Args:
+        targets: report (and so accept) only the runtimes of these bundle targets, for a device that has
+            several installed but is to run one (None: every installed runtime).
+    """
+    runtimes = runtime_versions(targets)
     return {
         "arch": machine_arch(),
         "runtimes": runtimes,

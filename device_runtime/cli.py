@@ -30,6 +30,7 @@ import numpy as np
 
 from device_runtime.errors import HealthCheckError
 from device_runtime.model import Model, load
+from sdk.compat import RUNTIME_PACKAGES
 from sdk.errors import EdgeshipError, InputError
 
 __all__ = ["main"]
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     run.add_argument(
         "--serve", action="store_true", help="also serve the active model over the local HTTP API (as `serve`)"
+    )
+    run.add_argument(
+        "--runtimes",
+        metavar="TARGETS",
+        help="use only these of the installed runtimes, by target, comma-separated (e.g. openvino); default: all",
     )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
@@ -227,6 +233,13 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as e:
         raise InputError(str(e)) from e
+    runtimes = None
+    if args.runtimes is not None:
+        runtimes = tuple(t.strip() for t in args.runtimes.split(",") if t.strip())
+        known = sorted(set(RUNTIME_PACKAGES.values()))
+        unknown = [t for t in runtimes if t not in known]
+        if unknown or not runtimes:
+            raise InputError(f"--runtimes {args.runtimes!r}: name targets among {', '.join(known)}")
     config = AgentConfig(
         state_dir=args.state_dir,
         mqtt=settings,
@@ -237,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
         serve=args.serve,
         serve_host=args.serve_host,
         serve_port=args.serve_port,
+        runtimes=runtimes,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

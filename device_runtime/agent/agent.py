@@ -104,7 +104,7 @@ class Agent:
         self._events: queue.SimpleQueue[dict[str, Any] | threading.Event | None] = queue.SimpleQueue()
         self._event_writer: threading.Thread | None = None
         self.server: ModelServer | None = None  # the local HTTP endpoint, with ``config.serve``
-        self._capabilities = _sysinfo.capabilities()
+        self._capabilities = _sysinfo.capabilities(config.runtimes)
         self._outbox: Outbox | None = None
         self.link: Link
         if config.link_process:  # opened by start(), which raises StateError if its outbox is unusable

@@ -43,6 +43,9 @@ class AgentConfig:
             OTA thread (also the fallback when the helper cannot be started).
         link_process: run the MQTT link and the outbox in their own process (``device_runtime.agent.linkproc``),
             away from the serving process's GIL; False: on the agent's threads.
+        runtimes: use only the runtimes of these bundle targets (``onnxruntime``, ``openvino``, ...): they
+            alone are reported in the capabilities (the fleet chooses bundles by them) and a bundle of
+            another target is refused; None: every runtime installed.
     """
 
     state_dir: Path
@@ -66,3 +69,4 @@ class AgentConfig:
     serve_port: int = 8080
     staging_process: bool = True
     link_process: bool = True
+    runtimes: tuple[str, ...] | None = None  # bundle targets; None: every runtime installed

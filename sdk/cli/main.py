@@ -211,9 +211,18 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sdk.cli.demo import run_demo
+    from sdk.cli.demo import DemoOptions, run_demo, run_full_demo
 
-    run_demo(Path(args.out), progress=_Progress(args.quiet))
+    if args.quick:
+        run_demo(Path(args.out), progress=_Progress(args.quiet))
+        return 0
+    options = DemoOptions(
+        out_dir=Path(args.out),
+        targets=tuple(_split_list(args.targets)),
+        embedded_broker=args.embedded_broker,
+        keep_running=args.keep_running,
+    )
+    run_full_demo(options, say=_Progress(args.quiet))
     return 0
 
 
@@ -292,8 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--port", type=int, default=1883, help="port (default 1883)")
     br.set_defaults(func=_cmd_broker)
 
-    demo = sub.add_parser("demo", help="the whole path on scikit-learn's digits, on embedded defaults")
+    demo = sub.add_parser(
+        "demo",
+        help="model to bundles to devices to a staged rollout, on scikit-learn's digits and embedded defaults",
+    )
     demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
+    demo.add_argument("--quick", action="store_true", help="only package for ONNX Runtime and print the table")
+    demo.add_argument(
+        "--targets",
+        default="onnxruntime,openvino,tflite,coreml",
+        help="targets v1 is packaged for (default: all; the devices' onnxruntime, openvino, tflite always)",
+    )
+    demo.add_argument("--embedded-broker", action="store_true", help="the embedded broker even if Mosquitto is here")
+    demo.add_argument("--keep-running", action="store_true", help="leave the fleet up after the summary until Ctrl-C")
     demo.set_defaults(func=_cmd_demo)
 
     add_fleet_parsers(sub)  # `edgeship fleet ...`, `edgeship rollout ...`

@@ -1,4 +1,4 @@
-"""The README's two entry points, run as a user runs them: the examples and `edgeship demo`."""
+"""The README's two entry points, run as a user runs them: the examples and `edgeship demo --quick`."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def test_quickstart_onnxruntime_example(tmp_path: Path) -> None:
     assert len(match.group(1).split(",")) == 4
 
 
-def test_demo_prints_table_with_accurate_bundles(tmp_path: Path) -> None:
-    proc = _run([sys.executable, "-m", "sdk.cli", "demo", "--out", str(tmp_path / "demo")], tmp_path)
+def test_quick_demo_prints_table_with_accurate_bundles(tmp_path: Path) -> None:
+    proc = _run([sys.executable, "-m", "sdk.cli", "demo", "--quick", "--out", str(tmp_path / "demo")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
@@ -38,5 +38,5 @@ def test_demo_prints_table_with_accurate_bundles(tmp_path: Path) -> None:
     assert abs(rows["onnxruntime fp32"][0] - original) < 0.003  # same model: at most one tie flips
     assert rows["onnxruntime int8-dynamic"][0] > original - 0.02
     # a second run reuses the keys and the installed versions (idempotent install)
-    again = _run([sys.executable, "-m", "sdk.cli", "demo", "--out", str(tmp_path / "demo")], tmp_path)
+    again = _run([sys.executable, "-m", "sdk.cli", "demo", "--quick", "--out", str(tmp_path / "demo")], tmp_path)
     assert again.returncode == 0, again.stderr

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from runtime_bundles import Keys
 
-from device_runtime._sysinfo import arch_compatible, capabilities, machine_arch, target_runs_here, version_at_least
+from device_runtime._sysinfo import (
+    RUNTIME_PACKAGES,
+    arch_compatible,
+    capabilities,
+    machine_arch,
+    target_runs_here,
+    version_at_least,
+)
 from device_runtime.agent.ota import Deployment, Limits, deployment_from_command, recover
 from device_runtime.agent.slots import Pointer, SlotInfo, SlotStore
 from device_runtime.errors import StateError
@@ -99,6 +106,11 @@ def test_sysinfo() -> None:
     assert target_runs_here("onnxruntime", "linux")
     caps = capabilities()
     assert set(caps) >= {"arch", "runtimes", "accelerators"} and "onnxruntime" in caps["runtimes"]
+    # a device told to run one target reports only that target's runtime (`edgeship-device run --runtimes`)
+    assert set(capabilities(["onnxruntime"])["runtimes"]) <= {
+        p for p, t in RUNTIME_PACKAGES.items() if t == "onnxruntime"
+    }
+    assert "onnxruntime" in capabilities(["onnxruntime"])["runtimes"] and not capabilities(["coreml"])["runtimes"]
 
 
 def test_slot_install_open_and_tamper(tmp_path: Path, linear_bundle: Path, keys: Keys) -> None:

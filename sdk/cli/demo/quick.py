@@ -1,4 +1,4 @@
-"""``edgeship demo``: the whole host-to-device path on scikit-learn's bundled digits data.
+"""``edgeship demo --quick``: train, package for ONNX Runtime and print the table, without a fleet.
 
 Trains a small PyTorch classifier (no download), packages it for ONNX Runtime at fp32 and
 int8-dynamic, verifies each bundle, runs the held-out set through the device runtime one sample
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoRow", "run_demo"]
+__all__ = ["DemoRow", "digits_split", "run_demo", "train_mlp"]
 
 SEED = 0
 
@@ -30,7 +30,7 @@ class DemoRow:
     size_bytes: int
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -41,18 +41,19 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, x_test, y_train, y_test
 
 
-def _train(x: np.ndarray, y: np.ndarray) -> Any:
+def train_mlp(x: np.ndarray, y: np.ndarray, *, seed: int = SEED, epochs: int = 40) -> Any:
+    """A 64-128-64-10 MLP trained with Adam on ``x``, ``y``; deterministic for a ``seed``."""
     import torch
     from torch import nn
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-128-64-10 MLP: thread hand-offs cost more than they bring
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(SEED)
-    for _ in range(40):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
         for idx in torch.randperm(len(xt), generator=gen).split(64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
@@ -87,9 +88,9 @@ def run_demo(out_dir: Path, progress: Callable[[str], None] = print) -> list[Dem
     from sdk.signing import generate_keypair
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    x_train, x_test, y_train, y_test = _digits()
+    x_train, x_test, y_train, y_test = digits_split()
     progress(f"digits: {len(x_train)} training and {len(x_test)} held-out images of 8x8 pixels")
-    model = _train(x_train, y_train)
+    model = train_mlp(x_train, y_train)
     progress("trained a 64-128-64-10 MLP in PyTorch")
 
     key_dir = out_dir / "keys"
