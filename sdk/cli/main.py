@@ -191,48 +191,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ---- predict -----------------------------------------------------------------------------------
-def _parse_inputs(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, Any]:
-    import numpy as np
-
-    feeds: dict[str, Any] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            if len(input_names) != 1:
-                raise InputError(f"the model has inputs {', '.join(input_names)}: pass --input NAME=FILE.npy for each")
-            name, path = input_names[0], spec
-        try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read input {path}: {e}") from e
-    return feeds
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from device_runtime import load
+    from device_runtime.results import answer
 
     with load(args.file, args.trust) as model:
-        if args.text is not None:
-            from device_runtime import encode_text
-
-            feeds = encode_text(model, args.text)
-        elif args.input:
-            feeds = _parse_inputs(args.input, [t.name for t in model.manifest.inputs])
-        else:
-            raise InputError("give --input FILE.npy (or NAME=FILE.npy per input) or --text")
-        outputs = model.predict(feeds)
+        result, outputs = answer(model, args)
     if args.out:
+        if outputs is None:
+            raise InputError("--out saves output arrays: it goes with --input, not --text or --image")
         np.savez(args.out, **outputs)  # type: ignore[arg-type]  # numpy stubs take **kwds as allow_pickle
-    summary = {}
-    for name, arr in outputs.items():
-        entry: dict[str, Any] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
-        if arr.ndim >= 1 and arr.shape[-1] > 1 and arr.dtype.kind == "f":
-            entry["argmax"] = np.argmax(arr, axis=-1).tolist()
-        entry["values"] = np.round(arr, 6).tolist() if arr.size <= 64 else "(large; use --out FILE.npz)"
-        summary[name] = entry
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -268,9 +239,7 @@ _DEFAULT_TARGET, _DEFAULT_PRECISION = "onnxruntime", "fp32"
 def _add_package_parser(sub: Any) -> None:
     """`edgeship package`'s arguments; every list of choices comes from the packagers' registry, so `--help`
     cannot drift from what `package` accepts."""
-    from packagers.options import CALIBRATION_METHODS
-    from packagers.registry import available_targets, capabilities
-    from packagers.sources import CALIBRATION_FORMATS, MODEL_PATHS, TASKS
+    from packagers import CALIBRATION_FORMATS, CALIBRATION_METHODS, MODEL_PATHS, TASKS, available_targets, capabilities
 
     targets = available_targets()
     precisions = "; ".join(f"{t.value}: {', '.join(p.value for p in capabilities(t).precisions)}" for t in targets)
@@ -347,12 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--allow-downgrade", action="store_true", help="accept a version below --installed-version")
     ver.set_defaults(func=_cmd_verify)
 
-    pr = sub.add_parser("predict", help="verify a bundle, run one prediction and print the outputs")
+    from device_runtime.results import add_request_arguments
+
+    pr = sub.add_parser(
+        "predict",
+        help="verify a bundle, run one prediction and print the outputs",
+        description="Verify a bundle, run it once and print the answer as JSON (as `edgeship-device predict` does).",
+    )
     pr.add_argument("file")
     pr.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
-    pr.add_argument("--input", action="append", default=[], help="FILE.npy or NAME=FILE.npy (repeatable)")
-    pr.add_argument("--text", help="text input for bundles that carry a tokenizer")
-    pr.add_argument("--out", help="also save the outputs to this .npz")
+    add_request_arguments(pr)
+    pr.add_argument("--out", help="also save the output arrays to this .npz (with --input)")
     pr.set_defaults(func=_cmd_predict)
 
     tg = sub.add_parser("targets", help="print each target's capabilities")
