@@ -85,3 +85,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'device_runtime' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    """The public API too, not only what is imported yet: ``dir()`` and tab completion list the lazy names."""
+    return sorted({*globals(), *__all__})

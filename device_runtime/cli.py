@@ -1,6 +1,7 @@
 """``edgeship-device``: run a bundle on this device.
 
-    edgeship-device predict --bundle FILE --trust PUB [--trust PUB ...] --input NAME=x.npy [...] [--state-dir DIR]
+    edgeship-device predict --bundle FILE --trust PUB [--trust PUB ...] (--input [NAME=]x.npy ... | --text T ... |
+                            --image FILE ...) [--top-k K] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
     edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
                             [--max-body-bytes N] [--state-dir DIR]
@@ -9,7 +10,8 @@
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
                             [--serve [--serve-host 127.0.0.1] [--serve-port N]]
 
-Results go to stdout as JSON. An expected failure (any ``EdgeshipError``) prints one ``error: ...``
+Results go to stdout as JSON, in the shape ``edgeship predict`` and the HTTP API answer with
+(``device_runtime.results``). An expected failure (any ``EdgeshipError``) prints one ``error: ...``
 line to stderr and exits 1; bad usage exits 2.
 """
 
@@ -24,25 +26,14 @@ import threading
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from device_runtime.errors import HealthCheckError
 from device_runtime.model import Model, load
+from device_runtime.results import add_request_arguments, answer, model_info
 from sdk.compat import RUNTIME_PACKAGES
 from sdk.errors import EdgeshipError, InputError
 
 __all__ = ["main"]
-
-_HEAD = 8  # output values shown in the summary
-
-
-def _named_path(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
-    return name, Path(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,23 +54,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-downgrade", action="store_true", help="accept a version lower than installed")
         p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
 
-    predict = sub.add_parser("predict", help="run the model once on .npy inputs")
+    predict = sub.add_parser("predict", help="run the model once on .npy inputs, text or images")
     bundle_args(predict)
-    predict.add_argument(
-        "--input",
-        required=True,
-        action="append",
-        type=_named_path,
-        metavar="NAME=FILE.npy",
-        help="one input array (repeat for each input)",
-    )
+    add_request_arguments(predict)
     health = sub.add_parser("health", help="run the bundle's golden health check")
     bundle_args(health)
     serve = sub.add_parser("serve", help="serve the model over a local HTTP API (predict, model, healthz, metrics)")
     bundle_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20, metavar="N", help="request body cap")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=16 * 2**20, metavar="N", help="request body cap (default 16 MiB)"
+    )
 
     run = sub.add_parser("run", help="run the device agent: serve the model, talk to the fleet, apply updates")
     run.add_argument("--state-dir", required=True, type=Path, help="the agent's state directory")
@@ -119,46 +105,10 @@ def _load(args: argparse.Namespace) -> Model:
     )
 
 
-def _model_info(model: Model) -> dict[str, Any]:
-    m = model.manifest
-    return {"name": m.name, "version": m.version, "target": m.target, "sha256": model.bundle_sha256}
-
-
-def _read_inputs(pairs: list[tuple[str, Path]]) -> dict[str, np.ndarray]:
-    inputs: dict[str, np.ndarray] = {}
-    for name, path in pairs:
-        if name in inputs:
-            raise InputError(f"input {name!r} given twice")
-        try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read input {name!r} from {path}: {e}") from e
-    return inputs
-
-
-def _summary(array: np.ndarray) -> dict[str, Any]:
-    flat = array.ravel()
-    out: dict[str, Any] = {"dtype": str(array.dtype), "shape": list(array.shape)}
-    if array.dtype.kind not in "biuf":
-        return out
-    values = flat.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    if array.dtype.kind == "f":
-        out["head"] = [v if np.isfinite(v) else None for v in values[:_HEAD].tolist()]  # JSON has no NaN
-    else:
-        out["head"] = flat[:_HEAD].tolist()
-    out["non_finite"] = int(values.size - finite.size)
-    if finite.size:
-        out.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()))
-    return out
-
-
 def _predict(args: argparse.Namespace) -> int:
-    inputs = _read_inputs(args.input)
     with _load(args) as model:
-        outputs = model.predict(inputs)
-        result = {"model": _model_info(model), "outputs": {name: _summary(v) for name, v in outputs.items()}}
-    print(json.dumps(result, indent=2))
+        result, _ = answer(model, args)
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -167,9 +117,9 @@ def _health(args: argparse.Namespace) -> int:
         try:
             metrics = model.health_check()
         except HealthCheckError as e:
-            print(json.dumps({"model": _model_info(model), **e.metrics}, indent=2))
+            print(json.dumps({"model": model_info(model), **e.metrics}, indent=2))
             raise
-        print(json.dumps({"model": _model_info(model), **metrics}, indent=2))
+        print(json.dumps({"model": model_info(model), **metrics}, indent=2))
     return 0
 
 
@@ -185,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         stop = threading.Event()
         previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
-            print(json.dumps({"url": server.url, "model": _model_info(model)}), flush=True)
+            print(json.dumps({"url": server.url, "model": model_info(model)}), flush=True)
             stop.wait()
         finally:
             for signum, handler in previous.items():

@@ -3,15 +3,14 @@
 Standard library only (``http.server``): nothing else to install on the device. It binds to loopback
 unless told otherwise.
 
-Routes:
+Routes (the full reference, with curl examples: ``docs/serving.md``):
 
-- ``POST /v1/predict``: the body is JSON ``{"inputs": {name: nested list}}`` (``Content-Type:
-  application/json``, the default), one ``.npy`` array (``application/x-npy``; the model's only input,
-  or ``?input=NAME``) or an ``.npz`` archive of named arrays (``application/x-npz``). The answer is
-  JSON ``{"outputs": {name: {"dtype", "shape", "data"}}}`` (non-finite floats as ``null``), or
-  ``.npz`` with ``Accept: application/x-npz``, or ``.npy`` with ``Accept: application/x-npy`` (the
-  only output, or ``?output=NAME``). Inputs are converted to the manifest's dtypes by the model's
-  usual rules.
+- ``POST /v1/predict``: tensors in (JSON ``{"inputs": {name: nested list}}``, one ``.npy`` array or an
+  ``.npz`` archive; a body without a Content-Type is told apart by its magic bytes), the answer of
+  ``device_runtime.results`` out (JSON, or ``.npz`` / ``.npy`` as ``Accept`` asks).
+- ``POST /v1/text``: ``{"text": "..." | [...], "top_k": K}`` (or a ``text/plain`` body) for bundles that
+  carry a tokenizer: labels, entities or embeddings, as the bundle's task gives them.
+- ``POST /v1/image``: an image file's bytes (``?top_k=K``) for image-classification bundles: labels.
 - ``GET /v1/model``: the manifest summary and the backend in use.
 - ``GET /healthz``: the bundle's golden health check, cached for ``health_ttl_s``; 200 when it
   passes, 503 when it fails or no model is loaded.
@@ -38,13 +37,14 @@ import zipfile
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from device_runtime.errors import HealthCheckError, ModelClosedError
 from device_runtime.model import Model
+from device_runtime.results import image_answer, tensor_answer, text_answer
 from sdk.errors import BackendError, EdgeshipError, InputError, TransportError
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ModelServer"]
@@ -58,8 +58,13 @@ _POLL_S = 0.1  # seconds between the accept loop's checks for stop(): how long s
 _JSON = "application/json"
 _NPY = "application/x-npy"
 _NPZ = "application/x-npz"
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+# What clients send when they name no type: curl --data-binary's default, and the generic one.
+_UNTYPED = ("", "application/x-www-form-urlencoded", "application/octet-stream")
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/predict": ("POST",),
+    "/v1/text": ("POST",),
+    "/v1/image": ("POST",),
     "/v1/model": ("GET",),
     "/healthz": ("GET",),
     "/metrics": ("GET",),
@@ -77,6 +82,7 @@ class _HTTPError(Exception):
 
 
 ModelProvider = Callable[[], Model]
+_R = TypeVar("_R")
 
 
 class ModelServer:
@@ -199,20 +205,34 @@ class ModelServer:
         if model is not None:
             model.metrics.error(kind)
 
-    def predict(self, inputs_of: Callable[[Model], Mapping[str, Any]], arrived: float) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs_of: Callable[[Model], Mapping[str, Any]], arrived: float
+    ) -> tuple[Model, dict[str, np.ndarray]]:
         """Decode the inputs for the current model and run it, retrying once if it was swapped out.
 
         Raises:
             _HTTPError: no model; InputError, BackendError: from the model.
         """
+
+        def run(model: Model) -> tuple[Model, dict[str, np.ndarray]]:
+            return model, model.predict(inputs_of(model), queue_s=time.perf_counter() - arrived)
+
+        return self.run(run)
+
+    def run(self, fn: Callable[[Model], _R]) -> _R:
+        """``fn(current model)``, once more on the new model if the old one was closed under it (an OTA swap).
+
+        Raises:
+            _HTTPError: no model; whatever ``fn`` raises.
+        """
         model = self.model()
         try:
-            return model.predict(inputs_of(model), queue_s=time.perf_counter() - arrived)
+            return fn(model)
         except ModelClosedError:
             newer = self.model()
             if newer is model:
                 raise _HTTPError(503, "closed", "the model is closed", "Unavailable") from None
-            return newer.predict(inputs_of(newer), queue_s=time.perf_counter() - arrived)
+            return fn(newer)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/healthz``: status and body, from the cache while it is fresh for the current model."""
@@ -315,6 +335,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             if url.path == "/v1/predict":
                 self._predict(app, query, arrived)
+            elif url.path == "/v1/text":
+                self._text(app)
+            elif url.path == "/v1/image":
+                self._image(app, query)
             elif url.path == "/v1/model":
                 model = app.model()
                 self._send_json(200, {**_model_summary(model), "backend": model.backend_info})
@@ -341,11 +365,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _predict(self, app: ModelServer, query: dict[str, str], arrived: float) -> None:
         body = self._read_body(app.max_body_bytes)
-        content_type = (self.headers.get("Content-Type") or _JSON).split(";")[0].strip().lower()
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type in _UNTYPED:  # no type named: tell .npy and .npz apart by their magic bytes, else JSON
+            content_type = _NPY if body.startswith(_NPY_MAGIC) else _NPZ if body.startswith(_ZIP_MAGIC) else _JSON
         if content_type in (_JSON, "text/json", "text/plain"):
             raw = _parse_json_inputs(body)
 
             def inputs_of(model: Model) -> Mapping[str, Any]:
+                names = [spec.name for spec in model.manifest.inputs]
+                if "text" in raw and "text" not in names and model.manifest.preprocessing.tokenizer is not None:
+                    raise _HTTPError(
+                        400, "input", f"this model takes tensors {names} here; send text to POST /v1/text "
+                        '({"text": "..."}): the bundle carries its tokenizer', "InputError",
+                    )  # fmt: skip
                 return raw
 
         elif content_type == _NPY:
@@ -367,7 +399,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"Content-Type {content_type!r} is not one of {_JSON}, {_NPY}, {_NPZ}",
                 "UnsupportedMediaType",
             )
-        outputs = app.predict(inputs_of, arrived)
+        model, outputs = app.predict(inputs_of, arrived)
         accept = (self.headers.get("Accept") or _JSON).lower()
         if _NPZ in accept:
             buffer = io.BytesIO()
@@ -380,7 +412,39 @@ class _Handler(BaseHTTPRequestHandler):
             np.save(buffer, outputs[name], allow_pickle=False)
             self._send(200, _NPY, buffer.getvalue())
         else:
-            self._send_json(200, {"outputs": {name: _encode_array(a) for name, a in outputs.items()}})
+            self._send_json(200, tensor_answer(model, outputs))
+
+    def _text(self, app: ModelServer) -> None:
+        body = self._read_body(app.max_body_bytes)
+        content_type = (self.headers.get("Content-Type") or _JSON).split(";")[0].strip().lower()
+        if content_type == "text/plain":  # one text, as is
+            try:
+                request: dict[str, Any] = {"text": body.decode("utf-8")}
+            except UnicodeDecodeError as e:
+                raise _HTTPError(400, "bad_request", f"text/plain body is not UTF-8: {e}") from None
+        elif content_type in (_JSON, "text/json"):
+            request = _parse_json_object(body, '{"text": "..." or ["...", ...], "top_k": K}')
+        else:
+            raise _HTTPError(
+                415, "unsupported_media_type", f"Content-Type {content_type!r} is not {_JSON} or text/plain",
+                "UnsupportedMediaType",
+            )  # fmt: skip
+        unknown = set(request) - {"text", "top_k", "aggregation_strategy"}
+        if "text" not in request or unknown:
+            raise _HTTPError(
+                400, "bad_request", 'body must be {"text": "..." or [...]} with optional "top_k", '
+                f'"aggregation_strategy"; got keys {sorted(request)}',
+            )  # fmt: skip
+        options = {k: v for k, v in request.items() if k != "text"}
+        self._send_json(200, app.run(lambda model: text_answer(model, request["text"], **options)))
+
+    def _image(self, app: ModelServer, query: dict[str, str]) -> None:
+        body = self._read_body(app.max_body_bytes)  # the image file's bytes, whatever Content-Type says
+        top_k: int | None = 1
+        if "top_k" in query:
+            text = query["top_k"]
+            top_k = None if text in ("0", "all") else _int_param(text, "top_k")
+        self._send_json(200, app.run(lambda model: image_answer(model, body, top_k=top_k)))
 
     def _read_body(self, cap: int) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -429,14 +493,31 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # ---- request decoding (pure) -------------------------------------------------------------------------
-def _parse_json_inputs(body: bytes) -> Mapping[str, Any]:
+def _parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _HTTPError(400, "bad_request", f"body is not valid JSON: {e}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("inputs"), dict):
-        raise _HTTPError(400, "bad_request", 'body must be a JSON object {"inputs": {name: nested list}}')
+    if not isinstance(document, dict):
+        raise _HTTPError(400, "bad_request", f"body must be a JSON object {expected}")
+    return document
+
+
+def _parse_json_inputs(body: bytes) -> Mapping[str, Any]:
+    expected = '{"inputs": {name: nested list}}'
+    document = _parse_json_object(body, expected)
+    if not isinstance(document.get("inputs"), dict):
+        hint = " (text goes to POST /v1/text, images to POST /v1/image)" if "text" in document else ""
+        raise _HTTPError(400, "bad_request", f"body must be a JSON object {expected}{hint}")
     return document["inputs"]
+
+
+def _int_param(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _HTTPError(400, "bad_request", f"?{name}= must be an integer, got {text!r}") from None
+    return value
 
 
 def _read_npy(data: bytes, what: str) -> np.ndarray:
@@ -509,17 +590,6 @@ def _single_name_of(names: list[str], requested: str | None, what: str) -> str:
 
 
 # ---- response encoding (pure) -------------------------------------------------------------------------
-def _encode_array(array: np.ndarray) -> dict[str, Any]:
-    data: Any
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        boxed = array.astype(object)
-        boxed[~np.isfinite(array)] = None  # JSON has no NaN or infinity
-        data = boxed.tolist()
-    else:
-        data = array.tolist()
-    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": data}
-
-
 def _model_summary(model: Model) -> dict[str, Any]:
     m = model.manifest
     return {

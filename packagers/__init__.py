@@ -9,6 +9,7 @@ and onnxruntime are imported only inside the functions that use them.
 from __future__ import annotations
 
 from packagers.options import (
+    CALIBRATION_METHODS,
     DEFAULT_TOLERANCES,
     Capabilities,
     PackageOptions,
@@ -19,9 +20,14 @@ from packagers.options import (
 )
 from packagers.orchestrator import package
 from packagers.registry import BuiltModel, Packager, available_targets, capabilities, capability_table, get_packager
+from packagers.sources import CALIBRATION_FORMATS, MODEL_PATHS, TASKS
 
 __all__ = [
+    "CALIBRATION_FORMATS",
+    "CALIBRATION_METHODS",
     "DEFAULT_TOLERANCES",
+    "MODEL_PATHS",
+    "TASKS",
     "BuiltModel",
     "Capabilities",
     "PackageOptions",

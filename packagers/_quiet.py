@@ -53,8 +53,12 @@ LIBRARIES: Mapping[str, Chatter] = MappingProxyType(
         ),
         # torch.jit.trace: TracerWarnings about Python branches on shapes.
         "torch.jit": Chatter(warnings=True),
-        # transformers' from_pretrained: a weight-loading bar on stderr and version warnings.
-        "transformers": Chatter(warnings=True, hf_progress_bars=True),
+        # transformers' import and from_pretrained: a weight-loading bar on stderr and version warnings; the
+        # import pulls in torchao where installed, which logs a WARNING for each of its CUDA kernels a CPU host
+        # cannot load, and torch's pytree logs a deprecation for each of torchao's enums.
+        "transformers": Chatter(
+            loggers=("transformers", "torchao", "torch.utils._pytree"), warnings=True, hf_progress_bars=True
+        ),
         # onnxruntime's quantization tools: advice at WARNING through the root logger, prints on stdout.
         "onnxruntime.quantization": Chatter(loggers=("",), stdout=True),
         # NNCF: progress bars on stdout and bit-width tables at INFO.

@@ -17,6 +17,7 @@ from sdk.errors import PackagingError
 from sdk.manifest import Manifest
 
 __all__ = [
+    "CALIBRATION_METHODS",
     "DEFAULT_TOLERANCES",
     "INPUT_KINDS",
     "Capabilities",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 INPUT_KINDS = ("torch", "transformers", "onnx", "keras")  # every kind packagers.sources can load
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # static int8 calibration, the first the default
 
 
 _E = TypeVar("_E", bound="_Named")
@@ -195,9 +197,9 @@ class PackageOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PackagingError(f"option {name} must be an integer >= 1, got {value!r}")
-        if self.calibration_method not in ("minmax", "entropy", "percentile"):
+        if self.calibration_method not in CALIBRATION_METHODS:
             raise PackagingError(
-                f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}"
+                f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}"
             )
         if not isinstance(self.opset, int) or not 7 <= self.opset <= 25:
             raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")

@@ -12,18 +12,21 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from packagers.options import PackageOptions
 from packagers.sources.base import OnnxExport, Reference, Source
-from packagers.sources.data import load_calibration, raw_calibration
-from packagers.sources.keras import is_keras_model, is_keras_path, keras_source
+from packagers.sources.data import CALIBRATION_FORMATS, load_calibration, raw_calibration
+from packagers.sources.keras import KERAS_SUFFIXES, is_keras_model, is_keras_path, keras_source
 from packagers.sources.onnx import onnx_source
 from packagers.sources.torch import torch_source
 from packagers.sources.transformers import TASKS, TOKENIZER_FILES, transformers_source
 from sdk.errors import PackagingError
 
 __all__ = [
+    "CALIBRATION_FORMATS",
+    "MODEL_PATHS",
     "TASKS",
     "TOKENIZER_FILES",
     "OnnxExport",
@@ -35,13 +38,22 @@ __all__ = [
     "raw_calibration",
 ]
 
+# What a model *path* may be, by the kind ``detect_input_kind`` finds (the CLI's `--help` lists these).
+MODEL_PATHS = MappingProxyType(
+    {
+        "onnx": "an .onnx file",
+        "transformers": "a transformers model folder (saved with save_pretrained; see --task)",
+        "keras": f"a Keras model file ({', '.join(KERAS_SUFFIXES)}) or a TensorFlow SavedModel folder",
+    }
+)
+
 
 def detect_input_kind(model: Any) -> str:
-    """Which of "torch", "transformers", "onnx" ``model`` is, without loading it.
+    """Which of "torch", "transformers", "onnx", "keras" ``model`` is, without loading it.
 
     Raises:
-        PackagingError: a path that does not exist, a folder without config.json, a file that is
-            not .onnx, or an object that is not a torch module.
+        PackagingError: a path that does not exist or is none of ``MODEL_PATHS``, or an object that is
+            neither a torch module nor a Keras model.
     """
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -51,22 +63,23 @@ def detect_input_kind(model: Any) -> str:
             return "keras"
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise PackagingError(
-                    f"{path} is a folder without config.json; give a transformers model folder "
-                    "(saved with save_pretrained) or an .onnx file"
-                )
+                raise PackagingError(f"{path} is a folder without config.json or saved_model.pb; give {_model_paths()}")
             return "transformers"
         if path.suffix.lower() == ".onnx":
             return "onnx"
-        raise PackagingError(f"{path} is neither a transformers model folder nor an .onnx file")
+        raise PackagingError(f"{path} is not a model edgeship reads; give {_model_paths()}")
     torch = sys.modules.get("torch")  # a caller holding a module has imported torch already
     if torch is not None and isinstance(model, torch.nn.Module):
         return "torch"
     if is_keras_model(model):
         return "keras"
     raise PackagingError(
-        f"cannot package a {type(model).__name__}; give a torch.nn.Module, a transformers model folder or an .onnx file"
+        f"cannot package a {type(model).__name__}; give a torch.nn.Module, a Keras model, or a path: {_model_paths()}"
     )
+
+
+def _model_paths() -> str:
+    return ", ".join(MODEL_PATHS.values())
 
 
 def load_source(

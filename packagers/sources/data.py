@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from packagers.options import PackageOptions
 
 __all__ = [
+    "CALIBRATION_FORMATS",
     "IMAGE_SUFFIXES",
     "choose_validation",
     "fit_data",
@@ -32,6 +33,13 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What a calibration path may be, as ``raw_calibration`` and ``load_calibration`` read it (also `--help`'s list).
+CALIBRATION_FORMATS = (
+    "an .npz file (one array per input)",
+    "a folder of NAME.npy files",
+    "a .txt file of sentences, one per line (text models)",
+    "a folder of images (image models)",
+)
 
 
 def raw_calibration(calibration: Any) -> list[str] | list[Path] | None:
@@ -78,10 +86,7 @@ def load_calibration(calibration: Any) -> Arrays:
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
             else:
-                raise PackagingError(
-                    f"calibration {path} must be an .npz file, a folder of NAME.npy files, a .txt file of sentences "
-                    "or a folder of images"
-                )
+                raise PackagingError(f"calibration {path} must be {', or '.join(CALIBRATION_FORMATS)}")
         except (OSError, ValueError) as e:
             raise PackagingError(f"cannot read calibration data {path}: {e}") from e
     else:

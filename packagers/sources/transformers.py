@@ -353,7 +353,9 @@ def transformers_source(
     progress: Callable[[str], None],
 ) -> Source:
     import torch
-    import transformers
+
+    with quiet("transformers"):  # the first import is where torchao and torch log their warnings
+        import transformers
 
     progress(f"loading transformers model from {folder}")
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.cli.fleet import add_parsers as add_fleet_parsers
+from sdk.cli.tables import human_size
 from sdk.cli.tables import print_table as _print_table
 from sdk.errors import EdgeshipError, InputError
 
@@ -57,6 +58,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
     from packagers import PackageOptions, package
 
     progress = _Progress(args.quiet)
+    _package_defaults(args)
     expires = None
     if args.expires_days is not None:
         expires = datetime.now(timezone.utc) + timedelta(days=args.expires_days)
@@ -68,6 +70,8 @@ def _cmd_package(args: argparse.Namespace) -> int:
             labels = np.load(args.labels, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read labels {args.labels}: {e}") from e
+    if args.target_default or args.precision_default:
+        progress(f"building {args.target} {args.precision} (the default; choose with --target and --precision)")
     results = package(
         args.model,
         name=args.name,
@@ -85,17 +89,37 @@ def _cmd_package(args: argparse.Namespace) -> int:
         expires=expires,
         progress=progress,
     )
+    headers, rows = package_table(results)
+    _print_table(headers, rows)
+    return 0
+
+
+def package_table(results: Sequence[Any]) -> tuple[list[str], list[list[str]]]:
+    """The table `edgeship package` prints: one row per bundle, with task accuracy when labels were given."""
+    accuracies = [r.validation.get("accuracy") or {} for r in results]
+    with_accuracy = any("bundle" in a for a in accuracies)
+    headers = ["bundle", "target", "precision", "size", "p50 ms", "min cosine"]
+    headers += ["accuracy"] if with_accuracy else []
     rows = []
-    for r in results:
+    for r, accuracy in zip(results, accuracies, strict=True):
         worst = min((m.get("cosine_min", m.get("cosine", 1.0)) for m in r.validation.get("metrics", {}).values()),
                     default=float("nan"))  # fmt: skip
-        rows.append([
-            r.bundle_path.name, r.target, r.precision, f"{r.size_bytes / 1024:.1f} KiB",
-            f"{r.latency_ms.get('p50', float('nan')):.3f}", f"{worst:.5f}",
-            "pass" if r.validation.get("passed") else "DRIFT (accepted)",
-        ])  # fmt: skip
-    _print_table(["bundle", "target", "precision", "size", "p50 ms", "min cosine", "validation"], rows)
-    return 0
+        ran = (r.validation.get("numeric") or {}).get("ran", True)
+        row = [
+            r.bundle_path.name, r.target, r.precision, human_size(r.size_bytes),
+            f"{r.latency_ms.get('p50', float('nan')):.3f}" if ran else "-", f"{worst:.5f}" if ran else "-",
+        ]  # fmt: skip
+        if with_accuracy:
+            row.append(_accuracy_cell(accuracy))
+        status = "pass" if r.validation.get("passed") else "DRIFT (accepted)"
+        rows.append([*row, status if ran else f"{status} (structure only)"])
+    return [*headers, "validation"], rows
+
+
+def _accuracy_cell(accuracy: dict[str, Any]) -> str:
+    if accuracy.get("bundle") is None:
+        return "-"
+    return f"{accuracy['bundle']:.4f} (original {accuracy['reference']:.4f})"
 
 
 # ---- bundle inspect / verify -------------------------------------------------------------------
@@ -116,17 +140,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{side + ':':<11} " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs))
     v = manifest.validation
     if v:
-        print(f"validation: {'passed' if v.get('passed') else 'FAILED'} against {v.get('reference')} "
-              f"on {v.get('samples')} samples{' (drift accepted)' if v.get('accepted_drift') else ''}")  # fmt: skip
-        for out, metrics in sorted(v.get("metrics", {}).items()):
-            print(f"  {out}: " + ", ".join(f"{k}={val:.6g}" if isinstance(val, float) else f"{k}={val}"
-                                            for k, val in sorted(metrics.items())))  # fmt: skip
+        verdict = f"{'passed' if v.get('passed') else 'FAILED'}{' (drift accepted)' if v.get('accepted_drift') else ''}"
         numeric = v.get("numeric")
-        if isinstance(numeric, dict) and not numeric.get("ran", True):
-            print(f"  numeric validation NOT run: {numeric.get('reason')}; signed on the structure check")
-    print(f"files:      {len(manifest.files)}, {sum(f.size for f in manifest.files)} bytes")
+        if isinstance(numeric, dict) and not numeric.get("ran", True):  # e.g. Core ML on Linux: nothing was run
+            structure = v.get("structure") or {}
+            print(f"validation: structural check only, {verdict}: numeric validation did not run "
+                  f"({numeric.get('reason')})")  # fmt: skip
+            if structure.get("problems"):
+                print(f"  problems: {structure['problems']}")
+        else:
+            print(f"validation: {verdict} against {v.get('reference')} on {v.get('samples')} samples")
+            for out, metrics in sorted((v.get("metrics") or {}).items()):
+                print(f"  {out}: " + ", ".join(f"{k}={val:.6g}" if isinstance(val, float) else f"{k}={val}"
+                                                for k, val in sorted(metrics.items())))  # fmt: skip
+            accuracy = v.get("accuracy") or {}
+            if accuracy.get("bundle") is not None:
+                print(f"  accuracy: {accuracy['bundle']:.4f} (original {accuracy['reference']:.4f}) on the labelled "
+                      f"samples, scored on {accuracy.get('output')}")  # fmt: skip
+    total = sum(f.size for f in manifest.files)
+    print(f"files:      {len(manifest.files)}, {human_size(total)} ({total} bytes)")
     for f in manifest.files:
-        print(f"  {f.size:>12}  {f.sha256[:16]}  {f.path}")
+        print(f"  {human_size(f.size):>10}  {f.sha256[:16]}  {f.path}")
     print("signatures: " + ", ".join(s.get("keyid", "?")[:16] for s in signatures))
     return 0
 
@@ -157,48 +191,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ---- predict -----------------------------------------------------------------------------------
-def _parse_inputs(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, Any]:
-    import numpy as np
-
-    feeds: dict[str, Any] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            if len(input_names) != 1:
-                raise InputError(f"the model has inputs {', '.join(input_names)}: pass --input NAME=FILE.npy for each")
-            name, path = input_names[0], spec
-        try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read input {path}: {e}") from e
-    return feeds
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from device_runtime import load
+    from device_runtime.results import answer
 
     with load(args.file, args.trust) as model:
-        if args.text is not None:
-            from device_runtime import encode_text
-
-            feeds = encode_text(model, args.text)
-        elif args.input:
-            feeds = _parse_inputs(args.input, [t.name for t in model.manifest.inputs])
-        else:
-            raise InputError("give --input FILE.npy (or NAME=FILE.npy per input) or --text")
-        outputs = model.predict(feeds)
+        result, outputs = answer(model, args)
     if args.out:
+        if outputs is None:
+            raise InputError("--out saves output arrays: it goes with --input, not --text or --image")
         np.savez(args.out, **outputs)  # type: ignore[arg-type]  # numpy stubs take **kwds as allow_pickle
-    summary = {}
-    for name, arr in outputs.items():
-        entry: dict[str, Any] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
-        if arr.ndim >= 1 and arr.shape[-1] > 1 and arr.dtype.kind == "f":
-            entry["argmax"] = np.argmax(arr, axis=-1).tolist()
-        entry["values"] = np.round(arr, 6).tolist() if arr.size <= 64 else "(large; use --out FILE.npz)"
-        summary[name] = entry
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -237,6 +242,61 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------
+_DEFAULT_TARGET, _DEFAULT_PRECISION = "onnxruntime", "fp32"
+
+
+def _add_package_parser(sub: Any) -> None:
+    """`edgeship package`'s arguments; every list of choices comes from the packagers' registry, so `--help`
+    cannot drift from what `package` accepts."""
+    from packagers import CALIBRATION_FORMATS, CALIBRATION_METHODS, MODEL_PATHS, TASKS, available_targets, capabilities
+
+    targets = available_targets()
+    precisions = "; ".join(f"{t.value}: {', '.join(p.value for p in capabilities(t).precisions)}" for t in targets)
+    pk = sub.add_parser(
+        "package",
+        help="build, validate, benchmark and sign bundles from a model",
+        description="Build, validate, benchmark and sign bundles from a model.",
+    )
+    pk.add_argument("model", help="the model: " + "; ".join(MODEL_PATHS.values()))
+    pk.add_argument(
+        "--target",
+        help=f"comma-separated targets: {', '.join(t.value for t in targets)} (default: {_DEFAULT_TARGET}; "
+        "`edgeship targets` shows what each builds)",
+    )
+    pk.add_argument(
+        "--precision", help=f"comma-separated precisions (default: {_DEFAULT_PRECISION}); by target: {precisions}"
+    )
+    pk.add_argument("--calibration", help="validation/calibration data: " + "; ".join(CALIBRATION_FORMATS))
+    pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
+    pk.add_argument(
+        "--calibration-method",
+        default=CALIBRATION_METHODS[0],
+        choices=CALIBRATION_METHODS,
+        help="static int8 calibration (default: %(default)s)",
+    )
+    pk.add_argument(
+        "--task",
+        choices=TASKS,
+        metavar="TASK",
+        help="the task of a transformers folder (default: from its config's architecture): " + ", ".join(TASKS),
+    )
+    pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
+    pk.add_argument("--name", required=True, help="bundle name")
+    pk.add_argument("--version", required=True, type=int, help="monotonic integer version")
+    pk.add_argument("--label", help="human version label, e.g. 2026.11-rc1")
+    pk.add_argument("--expires-days", type=float, help="bundle expires this many days from now")
+    pk.add_argument("--out", required=True, help="output folder")
+    pk.add_argument("--accept-drift", action="store_true", help="sign even if validation fails (recorded)")
+    pk.set_defaults(func=_cmd_package)
+
+
+def _package_defaults(args: argparse.Namespace) -> None:
+    """Fill `package`'s unset --target / --precision with the defaults, remembering which were unset."""
+    args.target_default, args.precision_default = args.target is None, args.precision is None
+    args.target = args.target or _DEFAULT_TARGET
+    args.precision = args.precision or _DEFAULT_PRECISION
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeship", description="Package, sign, verify and run edge model bundles.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -248,27 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--name", default="edgeship", help="file name stem (default: edgeship)")
     gen.set_defaults(func=_cmd_keys_generate)
 
-    pk = sub.add_parser("package", help="build, validate, benchmark and sign bundles from a model")
-    pk.add_argument("model", help="an .onnx file or a Hugging Face transformers model folder")
-    pk.add_argument("--target", default="onnxruntime", help="comma-separated targets (see `edgeship targets`)")
-    pk.add_argument("--precision", default="fp32", help="comma-separated precisions, e.g. fp32,int8-dynamic")
-    pk.add_argument("--calibration", help="validation/calibration data: .npz or a folder of NAME.npy")
-    pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
-    pk.add_argument(
-        "--calibration-method",
-        default="minmax",
-        choices=["minmax", "entropy", "percentile"],
-        help="static int8 calibration (default: minmax)",
-    )
-    pk.add_argument("--task", help="feature-extraction or text-classification (transformers folders)")
-    pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
-    pk.add_argument("--name", required=True, help="bundle name")
-    pk.add_argument("--version", required=True, type=int, help="monotonic integer version")
-    pk.add_argument("--label", help="human version label, e.g. 2026.11-rc1")
-    pk.add_argument("--expires-days", type=float, help="bundle expires this many days from now")
-    pk.add_argument("--out", required=True, help="output folder")
-    pk.add_argument("--accept-drift", action="store_true", help="sign even if validation fails (recorded)")
-    pk.set_defaults(func=_cmd_package)
+    _add_package_parser(sub)
 
     bundle = sub.add_parser("bundle", help="inspect or verify a bundle").add_subparsers(
         dest="bundle_command", required=True
@@ -285,12 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--allow-downgrade", action="store_true", help="accept a version below --installed-version")
     ver.set_defaults(func=_cmd_verify)
 
-    pr = sub.add_parser("predict", help="verify a bundle, run one prediction and print the outputs")
+    from device_runtime.results import add_request_arguments
+
+    pr = sub.add_parser(
+        "predict",
+        help="verify a bundle, run one prediction and print the outputs",
+        description="Verify a bundle, run it once and print the answer as JSON (as `edgeship-device predict` does).",
+    )
     pr.add_argument("file")
     pr.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
-    pr.add_argument("--input", action="append", default=[], help="FILE.npy or NAME=FILE.npy (repeatable)")
-    pr.add_argument("--text", help="text input for bundles that carry a tokenizer")
-    pr.add_argument("--out", help="also save the outputs to this .npz")
+    add_request_arguments(pr)
+    pr.add_argument("--out", help="also save the output arrays to this .npz (with --input)")
     pr.set_defaults(func=_cmd_predict)
 
     tg = sub.add_parser("targets", help="print each target's capabilities")

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ago", "print_table", "table_lines"]
+__all__ = ["ago", "human_size", "print_table", "table_lines"]
 
 
 def table_lines(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -24,6 +24,17 @@ def table_lines(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[s
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     for line in table_lines(headers, rows):
         print(line)
+
+
+def human_size(size: float) -> str:
+    """Bytes in binary units: ``512 B``, ``3.4 KiB``, ``87.0 MiB``, ``1.2 GiB``."""
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024.0
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def ago(ts: Any, now: float | None = None) -> str:

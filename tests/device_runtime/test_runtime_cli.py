@@ -32,9 +32,24 @@ def test_predict_prints_outputs_as_json(
     y = result["outputs"]["y"]
     expected = linear_reference(GOLDEN_X)
     assert y["dtype"] == "float32" and y["shape"] == [2, 3]
-    np.testing.assert_allclose(y["head"], expected.ravel()[:8], rtol=1e-6)
-    assert y["min"] == pytest.approx(float(expected.min()), rel=1e-6)
-    assert y["max"] == pytest.approx(float(expected.max()), rel=1e-6)
+    np.testing.assert_allclose(y["data"], expected, rtol=1e-6)
+
+
+def test_both_clis_take_one_grammar_and_print_one_shape(
+    linear_bundle: Path, keys: Keys, x_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--input x.npy` (the model's only input) and `--input x=x.npy` on both CLIs; the same JSON, which is also
+    the HTTP API's answer (tests/device_runtime/serving)."""
+    from sdk.cli import main as host_main
+
+    answers = []
+    for spec in (str(x_file), f"x={x_file}"):
+        assert main(["predict", "--bundle", str(linear_bundle), "--trust", str(keys.public), "--input", spec]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+        assert host_main(["predict", str(linear_bundle), "--trust", str(keys.public), "--input", spec]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert all(a == answers[0] for a in answers), answers
+    assert set(answers[0]) == {"model", "outputs"} and set(answers[0]["outputs"]["y"]) == {"dtype", "shape", "data"}
 
 
 def test_predict_with_state_dir_installs(
@@ -80,8 +95,26 @@ def test_bad_inputs_are_one_line(
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["predict", "--bundle", "b", "--trust", "k", "--input", "no-equals-sign"]) == 2
-    assert "NAME=FILE.npy" in capsys.readouterr().err
+    assert main(["predict", "--bundle", "b", "--trust", "k"]) == 2  # no --input, --text or --image
+    assert "one of the arguments --input --text --image is required" in capsys.readouterr().err
+    assert main(["predict", "--bundle", "b", "--trust", "k", "--input", "x.npy", "--text", "hi"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_bare_file_for_a_model_with_several_inputs_is_one_line(
+    masked_bundle: Path, keys: Keys, x_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["predict", "--bundle", str(masked_bundle), "--trust", str(keys.public), "--input", str(x_file)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: the model has inputs ") and "NAME=FILE.npy" in err, err
+
+
+def test_text_to_a_tensor_bundle_is_one_line(
+    linear_bundle: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["predict", "--bundle", str(linear_bundle), "--trust", str(keys.public), "--text", "hello"])
+    err = capsys.readouterr().err
+    assert code == 1 and "does not take text" in err and err.count("\n") == 1, err
 
 
 def test_wrong_key_fails_with_one_line_and_no_traceback(linear_bundle: Path, keys: Keys, x_file: Path) -> None:

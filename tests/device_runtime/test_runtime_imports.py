@@ -58,3 +58,17 @@ def test_the_agents_helper_processes_import_no_model_code(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_dir_lists_the_lazy_public_api_without_importing_it() -> None:
+    """``dir(device_runtime)`` (tab completion, help()) shows every name of ``__all__``, loaded or not."""
+    script = (
+        "import json, sys, device_runtime\n"
+        "names = dir(device_runtime)\n"
+        "lazy = ('device_runtime.model', 'device_runtime.agent')\n"
+        "print(json.dumps({'missing': sorted(set(device_runtime.__all__) - set(names)),\n"
+        "                  'imported': [m for m in lazy if m in sys.modules]}))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"missing": [], "imported": []}

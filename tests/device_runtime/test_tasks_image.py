@@ -100,3 +100,33 @@ def test_processor_contract_errors() -> None:
     assert fixed(Image.new("RGB", (8, 8))).shape == (1, 3, 8, 8)
     with pytest.raises(InputError, match="the model takes 8x8"):
         fixed(Image.new("RGB", (9, 8)))
+
+
+def test_image_over_http_and_both_clis(
+    image_bundles: TaskBundles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """POST /v1/image and `predict --image`: an image file in, labels out; the device preprocesses (issue 12)."""
+    import json
+    import urllib.request
+
+    from device_runtime import cli as device_cli
+    from device_runtime.serve import ModelServer
+    from sdk import cli
+
+    bundle = image_bundles.bundle("image-classification")
+    path = tmp_path / "one.png"
+    folders.sample_images(1)[0].save(path)
+    with pipeline("image-classification", bundle, trust=[image_bundles.public]) as pipe:
+        expected = pipe(str(path), top_k=2)
+        with ModelServer(pipe.model.model) as server:
+            # curl --data-binary @one.png: no image Content-Type named, and none needed
+            request = urllib.request.Request(f"{server.url}/v1/image?top_k=2", data=path.read_bytes(), method="POST")
+            request.add_header("Content-Type", "application/x-www-form-urlencoded")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = json.loads(response.read())
+    assert body["task"] == "image-classification" and body["labels"] == [expected], body
+    argv = ["--trust", str(image_bundles.public), "--image", str(path), "--top-k", "2"]
+    assert device_cli.main(["predict", "--bundle", str(bundle), *argv]) == 0
+    assert json.loads(capsys.readouterr().out) == body
+    assert cli.main(["predict", str(bundle), *argv]) == 0
+    assert json.loads(capsys.readouterr().out) == body

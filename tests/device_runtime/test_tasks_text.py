@@ -24,6 +24,7 @@ from device_runtime import (
     encode_text,
     pipeline,
 )
+from device_runtime import cli as device_cli
 from sdk import cli
 from sdk.errors import InputError
 
@@ -212,15 +213,69 @@ def test_wrong_task_is_refused(text_bundles: TaskBundles) -> None:
 
 
 def test_cli_predict_text(text_bundles: TaskBundles, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--text` on both CLIs: the bundle's tokenizer and task, labels out (the same answer as POST /v1/text)."""
     bundle = text_bundles.bundle("text-classification")
     hf_model, tokenizer = _hf(text_bundles.folder("text-classification"), "text-classification")
     ref = _hf_run(hf_model, tokenizer, [SENTENCES[0]])[1].logits.numpy()
-    assert cli.main(["predict", str(bundle), "--trust", str(text_bundles.public), "--text", SENTENCES[0]]) == 0
-    logits = json.loads(capsys.readouterr().out)["logits"]
-    np.testing.assert_allclose(np.array(logits["values"]), ref, atol=1e-4)
-    assert logits["argmax"] == [int(ref.argmax())]
+    scores = np.exp(ref[0]) / np.exp(ref[0]).sum()
+    argv = ["--trust", str(text_bundles.public), "--text", SENTENCES[0], "--top-k", "0"]
+    assert cli.main(["predict", str(bundle), *argv]) == 0
+    host = json.loads(capsys.readouterr().out)
+    assert device_cli.main(["predict", "--bundle", str(bundle), *argv]) == 0
+    assert json.loads(capsys.readouterr().out) == host
+    assert host["task"] == "text-classification" and set(host["model"]) >= {"name", "version", "sha256"}
+    (labels,) = host["labels"]
+    assert labels[0]["label"] == ("negative", "neutral", "positive")[int(ref.argmax())] and len(labels) == len(scores)
+    np.testing.assert_allclose(sorted((x["score"] for x in labels), reverse=True), sorted(scores, reverse=True),
+                               atol=1e-4)  # fmt: skip
     assert cli.main(["predict", str(bundle), "--trust", str(text_bundles.public), "--text", " "]) == 1
     assert "empty" in capsys.readouterr().err
+
+
+def _post(url: str, body: bytes, content_type: str | None) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_text_endpoint_per_task(text_bundles: TaskBundles) -> None:
+    """POST /v1/text: an app in another language sends text; the device tokenizes (issue 12)."""
+    from device_runtime.serve import ModelServer
+
+    texts = [SENTENCES[0], SENTENCES[1]]
+    for task in ("text-classification", "token-classification", "feature-extraction"):
+        with pipeline(task, text_bundles.bundle(task), trust=[text_bundles.public]) as pipe, \
+                ModelServer(pipe.model.model) as server:  # fmt: skip
+            status, body = _post(f"{server.url}/v1/text", json.dumps({"text": texts}).encode(), "application/json")
+            assert status == 200, body
+            assert body["task"] == task and body["model"]["task"] == task
+            if task == "text-classification":
+                assert body["labels"] == [pipe(t, top_k=1) for t in texts]
+                status, plain = _post(f"{server.url}/v1/text", texts[0].encode(), "text/plain")
+                assert status == 200 and plain["labels"] == body["labels"][:1]
+                # the stumble: text sent to the tensor route is pointed at /v1/text
+                status, err = _post(f"{server.url}/v1/predict", b'{"inputs": {"text": "i loved the acting"}}', None)
+                assert status == 400 and "POST /v1/text" in err["error"]["message"], err
+                status, err = _post(f"{server.url}/v1/text", b'{"text": "a", "top_k": 0}', "application/json")
+                assert status == 400 and "top_k" in err["error"]["message"]
+            elif task == "token-classification":
+                assert body["entities"] == [pipe(t) for t in texts]
+            else:
+                extractor: Any = pipe.model
+                np.testing.assert_allclose(body["embeddings"][1], extractor(texts[1]).embeddings[0], atol=1e-6)
+                assert len(body["embeddings"]) == 2 and body["pooling"] == dict(extractor.pooling)
+            status, err = _post(f"{server.url}/v1/text", b'{"txt": "a"}', "application/json")
+            assert status == 400 and err["error"]["type"] == "BadRequest"
+            status, err = _post(f"{server.url}/v1/image", b"\x89PNG...", "image/png")
+            assert status == 400 and "does not take images" in err["error"]["message"], err
 
 
 LIGHT = textwrap.dedent(

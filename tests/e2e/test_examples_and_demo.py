@@ -1,4 +1,5 @@
-"""The README's two entry points, run as a user runs them: the examples and `edgeship demo --quick`."""
+"""`edgeship demo --quick`, run as a user runs it (the examples are run by tests/examples, the full demo by
+tests/e2e/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def test_quickstart_onnxruntime_example(tmp_path: Path) -> None:
-    proc = _run([sys.executable, str(REPO / "examples" / "quickstart_onnxruntime.py"), str(tmp_path)], REPO)
-    assert proc.returncode == 0, proc.stderr
-    assert "tiny-cnn-1-onnxruntime-fp32.edgebundle" in proc.stdout
-    assert "tiny-cnn-1-onnxruntime-int8-dynamic.edgebundle" in proc.stdout
-    match = re.search(r"argmax (\[.*?\]) \(PyTorch: (\[.*?\])\)", proc.stdout)
-    assert match, proc.stdout
-    assert len(match.group(1).split(",")) == 4
 
 
 def test_quick_demo_prints_table_with_accurate_bundles(tmp_path: Path) -> None:

@@ -163,3 +163,35 @@ def test_exported_text_onnx_file(bert_cls_folder: Path, key: Ed25519PrivateKey, 
         assert m.inputs == TEXT_INPUTS
         assert m.validation["passed"] and m.validation["reference"].endswith("fp32 (original .onnx)")
         assert m.runtime["exporter"] == "given"
+
+
+def test_packaging_a_folder_prints_only_edgeship_lines(
+    bert_cls_folder: Path, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`edgeship package FOLDER` in a fresh process (where transformers, torchao and torch are first imported)
+    prints progress lines and the table, none of the libraries' noise (torchao's CUDA kernels, torch's pytree
+    deprecations, weight-loading bars); and the loggers it turned down are restored afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from sdk.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "levels = {n: logging.getLogger(n).level for n in ('torchao', 'transformers', 'torch.utils._pytree', '')}\n"
+        "print('levels', sorted(levels.items()), file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    argv = [str(bert_cls_folder), "--key", str(keypair[0]), "--name", "quiet", "--version", "1", "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script, "package", *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-1].startswith("levels ["), lines
+    noise = [line for line in lines[:-1] if not line.startswith("[")]
+    assert noise == [], noise
+    assert "('torchao', 0)" in lines[-1] and "('transformers', " in lines[-1], lines[-1]

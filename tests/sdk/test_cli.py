@@ -226,9 +226,9 @@ def test_predict_with_npy_input(workspace: dict[str, Path], tmp_path: Path, caps
     )  # fmt: skip
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["y"]["shape"] == [2, 3]
+    assert doc["outputs"]["y"]["shape"] == [2, 3] and doc["model"]["name"] == "tiny"
     saved = np.load(tmp_path / "y.npz")["y"]
-    assert np.allclose(np.asarray(doc["y"]["values"]), saved, atol=1e-5)
+    assert np.allclose(np.asarray(doc["outputs"]["y"]["data"]), saved, atol=1e-5)
 
 
 def test_predict_wrong_shape_is_one_line(

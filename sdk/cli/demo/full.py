@@ -123,7 +123,8 @@ def run_full_demo(options: DemoOptions, say: Callable[[str], None]) -> list[tupl
                 rollout_id, audit = rollout_v2(fleet, uploaded, say)
                 print(f"audit trail of rollout {rollout_id} (edgeship rollout audit {rollout_id}):")
                 _print(audit)
-            print(f"rollout {rollout_id} stays paused: {DEVICES[-1][0]} keeps v1 until an operator resumes or aborts it")
+            last = DEVICES[-1][0]
+            print(f"rollout {rollout_id} stays paused: {last} keeps v1 until an operator resumes or aborts it")
             print(f"\ndashboard: {fleet.dashboard}  (API {fleet.url}/api/v1; logs in {out / 'logs'})")
             print("\nsummary:")
             _print(steps.summary())

@@ -369,3 +369,24 @@ def test_start_stop_and_port_in_use(linear: Model) -> None:
 def test_bad_options_are_refused(linear: Model) -> None:
     with pytest.raises(ValueError, match="max_body_bytes"):
         ModelServer(linear, max_body_bytes=0)
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "application/octet-stream"])
+def test_untyped_npy_and_npz_bodies_are_recognised(
+    linear: Model, serve: ServeFactory, content_type: str | None
+) -> None:
+    """`curl --data-binary @x.npy URL` names no type (curl sends form-urlencoded): the magic bytes tell."""
+    server = serve(linear)
+    headers = {"Content-Type": content_type} if content_type else {}
+    for body in (npy_body(X), npz_body({"x": X})):
+        response = request(server.port, "POST", "/v1/predict", body, headers)
+        assert response.status == 200, response.json()
+        np.testing.assert_array_equal(decoded(response.json()["outputs"]["y"]), linear_reference(X))
+
+
+def test_the_answer_names_the_model_as_the_clis_do(linear: Model, serve: ServeFactory) -> None:
+    from device_runtime.results import tensor_answer
+
+    status, body = post_json(serve(linear).port, {"inputs": {"x": X.tolist()}})
+    assert status == 200 and body == json.loads(json.dumps(tensor_answer(linear, linear.predict({"x": X}))))
+    assert body["model"]["name"] == linear.manifest.name and body["model"]["sha256"] == linear.bundle_sha256

@@ -1,6 +1,6 @@
 """Quick start, ONNX Runtime: a PyTorch CNN to a signed int8 bundle to a verified prediction.
 
-    python examples/quickstart_onnxruntime.py [OUT_DIR]
+    python examples/quickstart/quickstart_onnxruntime.py [OUT_DIR]
 
 Host side: `edgeship.package` exports, quantizes, validates against the original and signs.
 Device side: `device_runtime.load` verifies the bundle against the trusted public key before

@@ -1,6 +1,6 @@
 """Over-the-air update on one machine: a device agent takes v2 over MQTT, then rolls back to v1.
 
-    python examples/ota_update_local.py [OUT_DIR]
+    python examples/fleet_rollout/ota_update_local.py [OUT_DIR]
 
 Everything runs in this process on embedded defaults: the embedded MQTT broker (amqtt, ``edgeship
 broker``) on a free loopback port, an HTTP server handing out bundles from ``OUT_DIR/bundles``, and
@@ -31,13 +31,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 import sdk
 from device_runtime import Agent, AgentConfig
 from device_runtime.agent.mqtt import MqttSettings
 from fleet.broker import start_broker_thread
 from sdk.signing import TrustedKeys, generate_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/toy_models.py
+from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 FLEET, DEVICE = "home", "pi-kitchen"
 ROOT = f"edgeship/v1/{FLEET}/{DEVICE}/"

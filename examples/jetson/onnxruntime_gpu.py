@@ -1,6 +1,6 @@
 """Jetson (ONNX Runtime, TensorRT/CUDA execution providers): a transformers text classifier as fp16 and int8.
 
-    python examples/jetson_onnxruntime_gpu.py [OUT_DIR]
+    python examples/jetson/onnxruntime_gpu.py [OUT_DIR]
 
 Host side (``edgeship[host]``): builds a tiny BERT sentiment classifier (``toy_models.py``: 2 layers,
 a small WordPiece vocabulary, fine-tuned for a second on ten sentences; nothing is downloaded; use your
@@ -24,13 +24,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from toy_models import NEGATIVE, POSITIVE, tiny_text_classifier  # a stand-in for your model folder
 from transformers import pipeline as hf_pipeline
 
 import device_runtime
 import sdk
 from device_runtime import pipeline
 from sdk.signing import generate_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/toy_models.py
+from toy_models import NEGATIVE, POSITIVE, tiny_text_classifier  # a stand-in for your model folder
 
 GPU_FIRST = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 TEXTS = ["i loved the acting", "the worst film i have ever had", "wonderful service"]

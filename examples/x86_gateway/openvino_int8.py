@@ -1,6 +1,6 @@
 """x86 (OpenVINO, Intel CPUs): a PyTorch CNN as fp32 and NNCF int8 IR bundles, with a compiled-model cache.
 
-    python examples/x86_openvino.py [OUT_DIR]
+    python examples/x86_gateway/openvino_int8.py [OUT_DIR]
 
 Host side (``edgeship[host]``): trains a small CNN for a second on scikit-learn's bundled digits
 (``toy_models.py``; nothing is downloaded) and packages two OpenVINO bundles: ``fp32`` and ``int8``
@@ -13,23 +13,34 @@ performance hint (one request at a time, lowest delay; ``THROUGHPUT`` for many p
 ``cache_dir``: OpenVINO stores the compiled model there, and the next load (a restart, the next boot)
 imports it instead of compiling, which is what ``loaded_from_cache`` shows on the second load. For each
 bundle it prints held-out accuracy, p50 latency of one-image calls and the bundle size.
+
+Serving (the gateway's other programs, in any language): ``edgeship-device serve`` verifies the int8 bundle and
+answers on ``http://127.0.0.1:PORT`` (``docs/serving.md``); this script starts it as a subprocess, POSTs
+one test digit as an ``.npy`` body (what ``curl --data-binary @digit.npy URL/v1/predict`` sends) and prints
+the predicted class from the JSON answer.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 import device_runtime
 import sdk
 from sdk.signing import generate_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/toy_models.py
+from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 
 def main(out_dir: Path) -> None:
@@ -77,6 +88,30 @@ def main(out_dir: Path) -> None:
             f"second load {result.bundle_path.name}: from cache {info['loaded_from_cache']}, "
             f"{info['compile_ms']:.1f} ms"
         )
+
+    serve_over_http(results[-1].bundle_path, public_key, x_test[0], int(y_test[0]))
+
+
+def serve_over_http(bundle: Path, public_key: Path, image: np.ndarray, label: int) -> None:
+    """``edgeship-device serve`` in a subprocess (as systemd would run it), one request from another program."""
+    command = [sys.executable, "-m", "device_runtime.cli", "serve", "--bundle", str(bundle), "--trust", str(public_key),
+               "--port", "0"]  # fmt: skip  # on the gateway: edgeship-device serve --bundle ... --port 8080
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None
+            started = json.loads(server.stdout.readline())  # {"url": ..., "model": ...}: the address it listens on
+            body = io.BytesIO()
+            np.save(body, image[None])  # one [1, 1, 8, 8] float32 digit
+            request = urllib.request.Request(f"{started['url']}/v1/predict", data=body.getvalue(), method="POST")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = json.loads(response.read())
+            ((name, output),) = answer["outputs"].items()
+            predicted = int(np.argmax(output["data"]))
+            print(f"served by edgeship-device serve at {started['url']}: {answer['model']['name']} "
+                  f"v{answer['model']['version']} {answer['model']['precision']}, {name} -> class {predicted} "
+                  f"(label {label})")  # fmt: skip
+        finally:
+            server.terminate()
 
 
 if __name__ == "__main__":

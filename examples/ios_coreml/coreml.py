@@ -1,6 +1,6 @@
 """iOS / macOS (Core ML): a transformers text classifier as int8-weight and 4-bit palettized ML programs.
 
-    python examples/macos_coreml.py [OUT_DIR]
+    python examples/ios_coreml/coreml.py [OUT_DIR]
 
 Host side (``edgeship[host]``; coremltools converts on Linux and macOS alike): builds a tiny BERT
 sentiment classifier (``toy_models.py``; nothing is downloaded) and packages two compressed Core ML
@@ -15,22 +15,30 @@ the PyTorch model while packaging, and the device half below classifies with
 ``EdgeModelForSequenceClassification`` (``pip install 'edgeship[device,coreml]'`` on the Mac). On
 Linux, a bundle is signed on a structural check of the saved package, the manifest says numeric
 validation did not run, and loading fails with a clear ``BackendError``: this script prints both and
-exits 0. (For an iOS app, ship the verified ``model.mlpackage`` out of the bundle into Xcode.)
+exits 0.
+
+For an iOS app: verify the bundle on the build machine and take the ``.mlpackage`` out of it (this script
+writes ``OUT_DIR/ios-app/TinySentiment.mlpackage``); add it to the Xcode project, which compiles it into
+the app. The tokenizer files travel beside it in the bundle (``preprocessing`` in the manifest); the README
+here has the Swift side.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from toy_models import NEGATIVE, POSITIVE, tiny_text_classifier  # a stand-in for your model folder
-
 import sdk
 from device_runtime import EdgeModelForSequenceClassification
 from packagers import PackageOptions
+from sdk.bundle import read_bundle
 from sdk.errors import BackendError
-from sdk.signing import generate_keypair
+from sdk.signing import TrustedKeys, generate_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/toy_models.py
+from toy_models import NEGATIVE, POSITIVE, tiny_text_classifier  # a stand-in for your model folder
 
 TEXTS = ["i loved the acting", "the worst film i have ever had"]
 
@@ -62,6 +70,13 @@ def main(out_dir: Path) -> None:
                 f"weights {s['weights_bytes']} bytes (uncompressed {s['uncompressed_weights_bytes']}), "
                 f"problems {s['problems']}"
             )
+
+    # ---- the iOS app: the verified .mlpackage, for Xcode ----
+    verified = read_bundle(results[0].bundle_path, TrustedKeys.from_files([public_key]), out_dir / "verified")
+    mlpackage = next(verified.root.rglob("*.mlpackage"))
+    app_model = out_dir / "ios-app" / "TinySentiment.mlpackage"
+    shutil.copytree(mlpackage, app_model)
+    print(f"for Xcode: {app_model} (verified: {len(verified.keyids)} signature(s), every file's sha256)")
 
     # ---- device (the Mac) ----
     for result in results:

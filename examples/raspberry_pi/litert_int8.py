@@ -1,6 +1,6 @@
 """Raspberry Pi (arm64, LiteRT): a PyTorch CNN to full-int8 TFLite bundles, run with 4 threads.
 
-    python examples/raspberry_pi_litert_int8.py [OUT_DIR]
+    python examples/raspberry_pi/litert_int8.py [OUT_DIR]
 
 Host side (this script, on a laptop or CI with ``edgeship[host]``): trains a small CNN for a second on
 scikit-learn's bundled 8x8 digits (``toy_models.py``; nothing is downloaded), then packages two static
@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 import device_runtime
 import sdk
 from packagers import PackageOptions
 from sdk.signing import generate_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/toy_models.py
+from toy_models import digits, train_cnn  # stand-ins for your data and model (examples/toy_models.py)
 
 
 def main(out_dir: Path) -> None:
