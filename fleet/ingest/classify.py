@@ -69,20 +69,24 @@ def _depth(data: bytes) -> int:
 def _fits_database(leaf: str, payload: Mapping[str, Any]) -> bool:
     """The contract bounds types; the database bounds sizes: a 64-bit integer, 200-character names, no NUL
     in a text column (PostgreSQL refuses it). Anything else would fail the whole batch's commit."""
-    ints = [payload.get("seq"), payload.get("count"), payload.get("errors"), payload.get("dropped")]
-    texts: list[Any] = [payload.get("cmd_id")]
-    models = [payload.get("model"), (payload.get("detail") or {}).get("model") if leaf == "events" else None]
+    if leaf == "telemetry":  # the common case, checked without building lists
+        if max(payload["seq"], payload["count"], payload["errors"], payload["dropped"]) > _MAX_INT:
+            return False
+        models: list[Any] = [payload.get("model")]
+        texts: list[Any] = []
+    else:
+        ints = [payload.get(k) for k in ("seq", "count", "errors", "dropped")]
+        if any(isinstance(i, int) and i > _MAX_INT for i in ints):
+            return False
+        models = [payload.get("model"), (payload.get("detail") or {}).get("model") if leaf == "events" else None]
+        texts = [payload.get("cmd_id")]
     for model in models:
         if isinstance(model, dict):
-            ints.append(model.get("version"))
+            version = model.get("version")
+            if isinstance(version, int) and version > _MAX_INT:
+                return False
             texts += [model.get("name"), model.get("target")]
-    for i in ints:
-        if isinstance(i, int) and i > _MAX_INT:
-            return False
-    for t in texts:
-        if isinstance(t, str) and (len(t) > MAX_NAME_CHARS or "\x00" in t):
-            return False
-    return True
+    return not any(isinstance(t, str) and (len(t) > MAX_NAME_CHARS or "\x00" in t) for t in texts)
 
 
 _TOPIC_CACHE_SIZE = 65536  # topics remembered (a fleet's devices x 3 leaves); the cache starts over when full
