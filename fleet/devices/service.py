@@ -196,16 +196,25 @@ def _telemetry_row(message: Incoming) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+_ON_CONFLICT = "ON CONFLICT (device_id, seq) DO NOTHING"
+
+
 def _insert_telemetry(session: Session, rows: list[tuple[Any, ...]]) -> None:
-    """``INSERT .. ON CONFLICT (device_id, seq) DO NOTHING`` of ``rows`` in one driver ``executemany``."""
-    marker = "%s" if session.get_bind().dialect.name == "postgresql" else "?"  # psycopg's and sqlite3's style
+    """``INSERT .. ON CONFLICT (device_id, seq) DO NOTHING`` of ``rows``: on SQLite one driver
+    ``executemany``; on PostgreSQL one statement over a column array each (``unnest``), so the server plans
+    and runs one insert for the batch instead of one per row."""
     table = Telemetry.__table__
     assert isinstance(table, Table) and tuple(table.columns.keys()) == _TELEMETRY_COLUMNS, "schema and rows differ"
-    sql = (
-        f"INSERT INTO {table.name} ({', '.join(_TELEMETRY_COLUMNS)}) VALUES ({', '.join([marker] * len(rows[0]))}) "
-        "ON CONFLICT (device_id, seq) DO NOTHING"
-    )
-    session.connection().exec_driver_sql(sql, rows)
+    dialect = session.get_bind().dialect
+    columns = ", ".join(_TELEMETRY_COLUMNS)
+    if dialect.name == "postgresql":
+        arrays = ", ".join(f"%s::{table.c[c].type.compile(dialect=dialect)}[]" for c in _TELEMETRY_COLUMNS)
+        sql = f"INSERT INTO {table.name} ({columns}) SELECT * FROM unnest({arrays}) {_ON_CONFLICT}"
+        session.connection().exec_driver_sql(sql, tuple(list(column) for column in zip(*rows, strict=True)))
+    else:
+        values = ", ".join("?" * len(_TELEMETRY_COLUMNS))
+        sql = f"INSERT INTO {table.name} ({columns}) VALUES ({values}) {_ON_CONFLICT}"
+        session.connection().exec_driver_sql(sql, rows)
 
 
 def _event_row(message: Incoming) -> dict[str, Any]:
