@@ -77,11 +77,17 @@ def bundle_chooser(settings: FleetSettings) -> Any:
 
 
 def rollout_driver(db: Database, settings: FleetSettings) -> RolloutDriver:
-    """The driver of this process: commands through the broker of ``settings``, leases held as ``holder_id``."""
+    """The driver of this process: commands through the broker of ``settings``, leases held as ``holder_id``.
+
+    The command publisher connects exactly as the ingest does: same broker, credentials, MQTT version, CA
+    file and client certificate (``FleetSettings.broker_tls_files``).
+    """
+    ca, cert, key = settings.broker_tls_files() or (None, None, None)  # the ingest's own TLS settings
     publisher = PahoPublisher(
         settings.broker_host, settings.broker_port, settings.fleet,
         client_id=f"{settings.mqtt_client_id}-cmd", username=settings.broker_username,
-        password=settings.broker_password(), tls=settings.broker_tls, wait=False,
+        password=settings.broker_password(), tls=settings.broker_tls, ca_file=ca, cert_file=cert, key_file=key,
+        protocol=settings.broker_protocol, wait=False,
     )  # fmt: skip
     return RolloutDriver(db, publisher, DevicesObserver(), settings.holder_id, lease_s=settings.lease_s)
 

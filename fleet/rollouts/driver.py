@@ -38,7 +38,7 @@ from fleet.rollouts.engine import (
     evaluate_gates,
     rollback_cmd_id,
 )
-from sdk.errors import TransportError
+from sdk.errors import InputError, TransportError
 from sdk.mqtt_contract import SCHEMA, DeployCommand, Topics, encode_payload, parse_command
 
 __all__ = ["Observer", "PahoPublisher", "Publisher", "RolloutDriver", "combine_stats", "deploy_payload"]
@@ -106,6 +106,10 @@ def rollback_payload(cmd_id: str) -> dict[str, Any]:
 class PahoPublisher:
     """Publishes commands with paho-mqtt 2 on ``edgeship/v1/<fleet>/<device>/cmd``, QoS 1, not retained.
 
+    TLS is on with ``tls`` or any of the files: the broker is verified against ``ca_file`` (None: the
+    system's CAs), and ``cert_file``/``key_file`` are presented for mutual TLS. The fleet server gives it the
+    ingest's own CA, certificate, key and MQTT version (``fleet.wiring.rollout_driver``).
+
     A command to an offline device waits in its persistent session on Mosquitto; where the broker keeps
     none, the driver's resend covers it. ``wait=False`` connects in the background (a server that starts
     while its broker is down keeps serving).
@@ -128,20 +132,32 @@ class PahoPublisher:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        protocol: str = "3.1.1",
         timeout_s: float = 10.0,  # s to connect
         wait: bool = True,  # False: connect in the background, never raise here
     ) -> None:
         import paho.mqtt.client as paho
 
+        if protocol not in ("5", "3.1.1"):
+            raise InputError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+        if (cert_file is None) != (key_file is None):
+            raise InputError("a client certificate needs its key, and a key its certificate")
         self.fleet = fleet
         self._connected = threading.Event()
         self._lock = threading.Lock()  # ``_connected`` and ``_kept`` change together
         self._kept: dict[str, tuple[str, bytes]] = {}  # command id -> (topic, payload), in publish order
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
         if username is not None:
             self._client.username_pw_set(username, password)
-        if tls:
-            self._client.tls_set()
+        if tls or ca_file is not None or cert_file is not None:
+            try:  # ca_file None: the system's CAs
+                self._client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise InputError(f"broker TLS: cannot load {ca_file}, {cert_file}, {key_file}: {e}") from e
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.reconnect_delay_set(1, 5)

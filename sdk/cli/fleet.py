@@ -56,7 +56,8 @@ def _settings(args: argparse.Namespace) -> Any:
         "db_url": args.db, "state_dir": args.state_dir,
         **{k: getattr(args, k, None) for k in ("http_host", "http_port", "broker", "fleet", "trusted_keys",
                                                "artifact_base_url", "broker_username", "broker_password_file",
-                                               "broker_protocol", "share_group")},
+                                               "broker_protocol", "share_group", "broker_ca_file",
+                                               "broker_cert_file", "broker_key_file")},
     })  # fmt: skip
 
 
@@ -320,6 +321,10 @@ def _add_fleet(sub: Any) -> None:
     sv.add_argument("--broker-username", metavar="USER", help="MQTT username")
     sv.add_argument("--broker-password-file", type=Path, metavar="FILE", help="file holding the MQTT password")
     sv.add_argument("--broker-protocol", choices=["5", "3.1.1"], help="MQTT version (3.1.1: embedded broker)")
+    sv.add_argument("--broker-ca-file", type=Path, metavar="FILE",
+                    help="CA file a TLS broker is verified with (default: the system's CAs)")  # fmt: skip
+    sv.add_argument("--broker-cert-file", type=Path, metavar="FILE", help="client certificate, for mutual TLS")
+    sv.add_argument("--broker-key-file", type=Path, metavar="FILE", help="its private key (with --broker-cert-file)")
     sv.add_argument(
         "--share-group",
         metavar="GROUP",
