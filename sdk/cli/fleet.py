@@ -385,7 +385,7 @@ def _add_rollout(sub: Any) -> None:
     cr.add_argument("--devices", required=True, metavar="SELECTOR", help="tag=KEY=VALUE, group=NAME, id=A,B or all")
     cr.add_argument("--waves", default="1,10%,50%,100%", help="cumulative wave sizes (default 1,10%%,50%%,100%%)")
     cr.add_argument("--soak", default="5m", help="time every gate must hold before the next wave (default 5m)")
-    gates = "e.g. health_failures=0, error_rate<=1%%, p95_latency<=1.2x, silence=5m (repeatable)"
+    gates = "e.g. error_rate<=1%%, p95_latency<=1.2x, silence=5m (repeatable; default and implied: health_failures=0)"
     cr.add_argument("--gate", action="append", metavar="GATE", help=gates)
     cr.add_argument("--rate", type=float, help="deploy commands per second (default 10)")
     cr.add_argument(

@@ -45,7 +45,8 @@ def test_create_show_list_audit_and_commands(
     assert (rollout["release"], rollout["state"], rollout["waves"]) == ("digits:5", "pending", 2)
     assert [(w["text"], w["devices"], w["pending"]) for w in rollout["waves_detail"]] == [("1", 1, 1), ("100%", 2, 2)]
     assert rollout["gates"] == [
-        {"gate": "error_rate<=1%", "metric": "error_rate", "threshold": 0.01, "value": None, "ok": None}
+        {"gate": "health_failures=0", "metric": "health_failures", "threshold": 0.0, "value": None, "ok": None},
+        {"gate": "error_rate<=1%", "metric": "error_rate", "threshold": 0.01, "value": None, "ok": None},
     ]
     assert wakes == [1]
     rid = rollout["id"]

@@ -105,3 +105,16 @@ def test_durations() -> None:
     assert [parse_duration(t) for t in ("30s", "5m", "1h", "250ms", "2d", "12", "1.5m")] == [
         30, 300, 3600, 0.25, 172800, 12, 90
     ]  # fmt: skip
+
+
+def test_a_spec_without_a_health_failures_gate_gets_health_failures_0_stored_and_reloaded() -> None:
+    spec = parse_spec("m:2", "all", "1,100%", gates=["error_rate<=1%"])
+    assert [g.text for g in spec.gates] == ["health_failures=0", "error_rate<=1%"]
+    assert spec.to_json()["gates"] == ["health_failures=0", "error_rate<=1%"]
+    # a spec stored before the rule existed gets it when it is loaded
+    stored = {**spec.to_json(), "gates": ["error_rate<=1%"]}
+    assert [g.text for g in RolloutSpec.from_json(stored).gates] == ["health_failures=0", "error_rate<=1%"]
+    assert RolloutSpec.from_json(spec.to_json()) == spec
+    assert [g.text for g in parse_spec("m:2", "all", "1,100%", gates=["health_failures<=3"]).gates] == [
+        "health_failures<=3"
+    ]
