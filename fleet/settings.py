@@ -93,7 +93,7 @@ class FleetSettings:
     telemetry_retention_s: float = 30 * 86400.0  # seconds telemetry and events are kept
     lease_s: float = 15.0  # seconds a rollout lease lasts without renewal (takeover delay after a crash)
     holder_id: str = field(default_factory=default_holder_id)  # this process in rollout leases
-    command_resend_s: float = 300.0  # seconds before an unacknowledged deploy is resent (same command id)
+    command_resend_s: float = 60.0  # seconds: a rollout's resend (same command id) when it names none
 
     def __post_init__(self) -> None:
         problems = self.problems()

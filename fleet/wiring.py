@@ -93,12 +93,13 @@ def rollout_driver(db: Database, settings: FleetSettings) -> RolloutDriver:
 
 
 def wire_rollouts(app: FastAPI, settings: FleetSettings, driver: RolloutDriver | None) -> None:
-    """Give the rollout routes their selector, bundle chooser and the driver's wake-up."""
+    """Give the rollout routes their selector, bundle chooser, the driver's wake-up and the default resend."""
     configure(
         app,
         RolloutWiring(
             resolve=devices.select_devices,
             bundle_for=bundle_chooser(settings),
             wake=driver.wake if driver is not None else (lambda: None),
+            resend_s=settings.command_resend_s,
         ),
     )

@@ -47,6 +47,7 @@ _GATE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>|=)\s*(.*?)\
 _NUMBER_RE = re.compile(r"^\d+(?:\.\d+)?$")
 MAX_WAVES = 20
 MAX_RATE_PER_S = 10_000.0  # deploy commands per second
+MAX_BASELINE_S = 7 * 86400.0  # seconds: a longer baseline is stale data, and a slow query every wave
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
@@ -296,6 +297,7 @@ def parse_spec(
     rate_per_s: float = 10.0,
     wave_timeout: str | float = "30m",
     resend: str | float = "60s",
+    baseline: str | float = "1h",
 ) -> RolloutSpec:
     """Check a rollout request as the CLI and the API give it.
 
@@ -313,6 +315,9 @@ def parse_spec(
     resend_s = parse_duration(str(resend), "resend")
     if timeout <= 0 or resend_s <= 0:
         raise InputError("the wave timeout and the resend delay must be above 0 s")
+    baseline_s = parse_duration(str(baseline), "baseline")
+    if not 0 < baseline_s <= MAX_BASELINE_S:
+        raise InputError(f"the baseline must be above 0 s and at most {MAX_BASELINE_S / 86400:g}d, got {baseline}")
     parsed_gates = tuple(parse_gate(g) for g in gates)
     seen: set[tuple[str, bool]] = set()
     for gate in parsed_gates:
@@ -322,5 +327,5 @@ def parse_spec(
         seen.add(key)
     return RolloutSpec(
         name, version, selector, parse_waves(waves), parse_duration(str(soak), "soak"), parsed_gates, rate, timeout,
-        resend_s,
+        resend_s, baseline_s,
     )  # fmt: skip

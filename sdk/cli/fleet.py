@@ -247,7 +247,7 @@ def _end_of_follow(r: dict[str, Any]) -> int:
 def _cmd_rollout_create(args: argparse.Namespace) -> int:
     body = {"release": args.release, "devices": args.devices, "waves": args.waves, "soak": args.soak,
             "gates": args.gate, "rate_per_s": args.rate, "wave_timeout": args.wave_timeout,
-            "resend": args.resend}  # fmt: skip
+            "resend": args.resend, "baseline": args.baseline}  # fmt: skip
     with _client(args) as client:
         data = client.post("/rollouts", {k: v for k, v in body.items() if v is not None})
         if not args.follow:
@@ -393,8 +393,10 @@ def _add_rollout(sub: Any) -> None:
         metavar="DURATION",
         help="a device not active this long after its deploy counts as failed (default 30m)",
     )
-    cr.add_argument("--resend", metavar="DURATION",
-                    help="resend a command no event answered after this long, same id (default 60s)")  # fmt: skip
+    cr.add_argument("--resend", metavar="DURATION", help="resend a command no event answered after this long, "
+                    "same id (default: the server's command_resend_s, 60s)")  # fmt: skip
+    cr.add_argument("--baseline", metavar="DURATION",
+                    help="window before each wave whose telemetry is the latency baseline (default 1h)")  # fmt: skip
     cr.set_defaults(func=_cmd_rollout_create)
     st = cmds.add_parser("status", parents=[conn, follow], help="waves, device counts and gates of a rollout")
     st.add_argument("id", type=int)

@@ -117,3 +117,17 @@ def test_broker_tls_files_without_a_tls_broker_or_a_certificate_without_its_key_
         FleetSettings(state_dir=tmp_path, broker_tls=True, broker_cert_file=ca)
     with pytest.raises(InputError, match=r"no such file: .*no\.key"):
         FleetSettings(state_dir=tmp_path, broker_tls=True, broker_cert_file=ca, broker_key_file=tmp_path / "no.key")
+
+
+def test_command_resend_s_is_what_the_rollout_routes_resend_after_when_a_request_names_none(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from fleet.rollouts.routes import RolloutWiring
+    from fleet.wiring import wire_rollouts
+
+    assert FleetSettings(state_dir=tmp_path).command_resend_s == 60.0  # what a rollout always defaulted to
+    app = FastAPI()
+    env = {"EDGESHIP_FLEET_COMMAND_RESEND_S": "120"}
+    wire_rollouts(app, FleetSettings.from_env_and_args({"state_dir": tmp_path}, env=env), None)
+    wiring: RolloutWiring = app.state.rollout_wiring
+    assert wiring.resend_s == 120.0
