@@ -45,6 +45,10 @@ __all__ = ["Observer", "PahoPublisher", "Publisher", "RolloutDriver", "combine_s
 
 log = logging.getLogger(__name__)
 
+# seconds after a wave starts before its baseline is cached: telemetry received just before the start may
+# still sit in an ingest batch (``batch_wait_s``, 0.1 s) or a database retry
+BASELINE_SETTLE_S = 10.0
+
 
 class Publisher(Protocol):
     """Sends one command to one device (on its ``cmd`` topic, QoS 1)."""
@@ -254,6 +258,8 @@ class RolloutDriver:
         self.tick_s = tick_s
         self.clock = clock
         self.errors = 0  # ticks that raised (logged); the next tick retries
+        # rollout id -> ((wave, its start, baseline_s, active devices), the baseline): see ``_baseline``
+        self._baselines: dict[int, tuple[tuple[Any, ...], ModelStats]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -308,6 +314,8 @@ class RolloutDriver:
         """Drive every active rollout once; returns how many this process held."""
         with self.db.session() as session:
             ids = service.active_rollout_ids(session)
+        for gone in self._baselines.keys() - set(ids):  # ended rollouts
+            del self._baselines[gone]
         held = 0
         for rollout_id in ids:
             if self._stop.is_set():
@@ -366,19 +374,36 @@ class RolloutDriver:
         spec = state.spec
         since = min(d.done_at or now for d in active)
         new = self.observer.model_stats(session, ids, spec.release_name, spec.release_version, since, now + 1e-6)
+        previous = self._baseline(session, state, ids, now)
+        return Observations(phases, self.observer.last_seen(session, ids), new, previous, serving, reverted)
+
+    def _baseline(self, session: Session, state: RolloutState, ids: list[str], now: float) -> ModelStats:
+        """The previous versions' telemetry on ``ids`` in the ``baseline_s`` before the wave started.
+
+        Its window ends when the wave started, so once that moment is ``BASELINE_SETTLE_S`` in the past (the
+        ingest has committed what it received before it) the answer cannot change for the same devices: it
+        is computed once per rollout, wave and set of active devices, not on every tick of the soak.
+        """
+        start = state.wave_started_at or now
+        key = (state.wave, start, state.spec.baseline_s, tuple(ids))
+        cached = self._baselines.get(state.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         rows = service.device_rows(session, state.id, ids)
         by_version: dict[tuple[str, int], list[str]] = {}
         for device_id, row in rows.items():
             if row.previous_name is not None and row.previous_version is not None:
                 by_version.setdefault((row.previous_name, row.previous_version), []).append(device_id)
-        start = state.wave_started_at or now
+        since = start - state.spec.baseline_s
         previous = combine_stats(
             [
-                self.observer.model_stats(session, devices, name, version, start - spec.baseline_s, start)
+                self.observer.model_stats(session, devices, name, version, since, start)
                 for (name, version), devices in by_version.items()
             ]
         )
-        return Observations(phases, self.observer.last_seen(session, ids), new, previous, serving, reverted)
+        if now - start >= BASELINE_SETTLE_S:
+            self._baselines[state.id] = (key, previous)
+        return previous
 
     def _statuses(self, session: Session, state: RolloutState) -> tuple[frozenset[str], frozenset[str]]:
         """``Observations.serving`` and ``.reverted``: what the devices' own statuses say of outstanding commands."""
