@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import signal
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from sqlalchemy.engine import make_url
 from fleet.app import create_fleet_app
 from fleet.db import Database, migrate
 from fleet.settings import FleetSettings
-from sdk.errors import EdgeshipError, InputError, TransportError
+from sdk.errors import EdgeshipError, TransportError
 
 __all__ = ["COMPONENTS", "Component", "FleetServer", "migrate_with_retry", "serve", "shown_url"]
 
@@ -60,16 +59,12 @@ def _ingest(db: Database, settings: FleetSettings) -> Component | None:
         if _missing(e, "fleet.ingest"):
             return None
         raise
-    ca = str(settings.broker_ca_file) if settings.broker_ca_file is not None else None
-    if settings.broker_tls and ca is None:
-        ca = ssl.get_default_verify_paths().cafile  # the system's CAs (the ingest turns TLS on with a CA file)
-        if ca is None:
-            raise InputError("broker TLS: this system has no default CA file; give --broker-ca-file")
+    ca, cert, key = settings.broker_tls_files() or (None, None, None)  # the ingest turns TLS on with a CA file
     ingest_settings = IngestSettings(
         host=settings.broker_host, port=settings.broker_port, fleet=settings.fleet,
         share_group=settings.share_group, client_id=settings.mqtt_client_id, protocol=settings.broker_protocol,
         username=settings.broker_username, password=settings.broker_password(),
-        tls_ca=ca,
+        tls_ca=ca, tls_cert=cert, tls_key=key,
     )  # fmt: skip
     component: Component = Ingest(db, ingest_settings)
     return component

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,9 @@ class FleetSettings:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     broker_tls: bool = False
-    broker_ca_file: Path | None = None  # CA bundle for TLS; None: the system's
+    broker_ca_file: Path | None = None  # CA bundle a TLS broker is verified with; None: the system's
+    broker_cert_file: Path | None = None  # client certificate for mutual TLS (with broker_key_file)
+    broker_key_file: Path | None = None  # its private key (PEM, unencrypted)
     broker_username: str | None = None
     broker_password_file: Path | None = None  # read when connecting; the secret never sits in settings or env
     broker_protocol: str = "5"  # MQTT "5" (Mosquitto) or "3.1.1" (the embedded amqtt broker)
@@ -90,7 +93,7 @@ class FleetSettings:
     telemetry_retention_s: float = 30 * 86400.0  # seconds telemetry and events are kept
     lease_s: float = 15.0  # seconds a rollout lease lasts without renewal (takeover delay after a crash)
     holder_id: str = field(default_factory=default_holder_id)  # this process in rollout leases
-    command_resend_s: float = 300.0  # seconds before an unacknowledged deploy is resent (same command id)
+    command_resend_s: float = 60.0  # seconds: a rollout's resend (same command id) when it names none
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -119,7 +122,13 @@ class FleetSettings:
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
         if self.artifact_base_url is not None and urlsplit(self.artifact_base_url).scheme not in ("http", "https"):
             out.append(f"artifact_base_url must be an http(s) URL, got {self.artifact_base_url!r}")
-        files = [*self.trusted_keys, self.broker_password_file, self.broker_ca_file]
+        if (self.broker_cert_file is None) != (self.broker_key_file is None):
+            out.append("broker_cert_file and broker_key_file go together (mutual TLS needs both)")
+        tls_files = [n for n in ("broker_ca_file", "broker_cert_file", "broker_key_file") if getattr(self, n)]
+        if tls_files and not self.broker_tls:
+            out.append(f"{', '.join(tls_files)} given but the broker is not TLS: use --broker mqtts://HOST[:PORT]")
+        files = [*self.trusted_keys, self.broker_password_file, self.broker_ca_file, self.broker_cert_file,
+                 self.broker_key_file]  # fmt: skip
         out += [f"no such file: {p}" for p in files if p is not None and not Path(p).is_file()]
         return out
 
@@ -148,6 +157,24 @@ class FleetSettings:
         if self.broker_password_file is None:
             return None
         return Path(self.broker_password_file).read_text().rstrip("\r\n")
+
+    def broker_tls_files(self) -> tuple[str, str | None, str | None] | None:
+        """``(CA file, client certificate, client key)`` for a TLS broker, None without TLS.
+
+        The ingest and the command publisher both connect with exactly these, so a broker one of them
+        can reach the other can too. The CA is ``broker_ca_file``, else the system's default CA file.
+
+        Raises:
+            InputError: TLS, no ``broker_ca_file`` and no system default CA file.
+        """
+        if not self.broker_tls:
+            return None
+        ca = str(self.broker_ca_file) if self.broker_ca_file is not None else ssl.get_default_verify_paths().cafile
+        if ca is None:
+            raise InputError("broker TLS: this system has no default CA file; give --broker-ca-file")
+        cert = str(self.broker_cert_file) if self.broker_cert_file is not None else None
+        key = str(self.broker_key_file) if self.broker_key_file is not None else None
+        return ca, cert, key
 
     # ---- building ------------------------------------------------------------------------------
     @classmethod

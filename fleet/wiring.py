@@ -77,22 +77,29 @@ def bundle_chooser(settings: FleetSettings) -> Any:
 
 
 def rollout_driver(db: Database, settings: FleetSettings) -> RolloutDriver:
-    """The driver of this process: commands through the broker of ``settings``, leases held as ``holder_id``."""
+    """The driver of this process: commands through the broker of ``settings``, leases held as ``holder_id``.
+
+    The command publisher connects exactly as the ingest does: same broker, credentials, MQTT version, CA
+    file and client certificate (``FleetSettings.broker_tls_files``).
+    """
+    ca, cert, key = settings.broker_tls_files() or (None, None, None)  # the ingest's own TLS settings
     publisher = PahoPublisher(
         settings.broker_host, settings.broker_port, settings.fleet,
         client_id=f"{settings.mqtt_client_id}-cmd", username=settings.broker_username,
-        password=settings.broker_password(), tls=settings.broker_tls, wait=False,
+        password=settings.broker_password(), tls=settings.broker_tls, ca_file=ca, cert_file=cert, key_file=key,
+        protocol=settings.broker_protocol, wait=False,
     )  # fmt: skip
     return RolloutDriver(db, publisher, DevicesObserver(), settings.holder_id, lease_s=settings.lease_s)
 
 
 def wire_rollouts(app: FastAPI, settings: FleetSettings, driver: RolloutDriver | None) -> None:
-    """Give the rollout routes their selector, bundle chooser and the driver's wake-up."""
+    """Give the rollout routes their selector, bundle chooser, the driver's wake-up and the default resend."""
     configure(
         app,
         RolloutWiring(
             resolve=devices.select_devices,
             bundle_for=bundle_chooser(settings),
             wake=driver.wake if driver is not None else (lambda: None),
+            resend_s=settings.command_resend_s,
         ),
     )

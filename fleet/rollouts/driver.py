@@ -38,12 +38,16 @@ from fleet.rollouts.engine import (
     evaluate_gates,
     rollback_cmd_id,
 )
-from sdk.errors import TransportError
+from sdk.errors import InputError, TransportError
 from sdk.mqtt_contract import SCHEMA, DeployCommand, Topics, encode_payload, parse_command
 
 __all__ = ["Observer", "PahoPublisher", "Publisher", "RolloutDriver", "combine_stats", "deploy_payload"]
 
 log = logging.getLogger(__name__)
+
+# seconds after a wave starts before its baseline is cached: telemetry received just before the start may
+# still sit in an ingest batch (``batch_wait_s``, 0.1 s) or a database retry
+BASELINE_SETTLE_S = 10.0
 
 
 class Publisher(Protocol):
@@ -106,6 +110,10 @@ def rollback_payload(cmd_id: str) -> dict[str, Any]:
 class PahoPublisher:
     """Publishes commands with paho-mqtt 2 on ``edgeship/v1/<fleet>/<device>/cmd``, QoS 1, not retained.
 
+    TLS is on with ``tls`` or any of the files: the broker is verified against ``ca_file`` (None: the
+    system's CAs), and ``cert_file``/``key_file`` are presented for mutual TLS. The fleet server gives it the
+    ingest's own CA, certificate, key and MQTT version (``fleet.wiring.rollout_driver``).
+
     A command to an offline device waits in its persistent session on Mosquitto; where the broker keeps
     none, the driver's resend covers it. ``wait=False`` connects in the background (a server that starts
     while its broker is down keeps serving).
@@ -128,20 +136,32 @@ class PahoPublisher:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        protocol: str = "3.1.1",
         timeout_s: float = 10.0,  # s to connect
         wait: bool = True,  # False: connect in the background, never raise here
     ) -> None:
         import paho.mqtt.client as paho
 
+        if protocol not in ("5", "3.1.1"):
+            raise InputError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+        if (cert_file is None) != (key_file is None):
+            raise InputError("a client certificate needs its key, and a key its certificate")
         self.fleet = fleet
         self._connected = threading.Event()
         self._lock = threading.Lock()  # ``_connected`` and ``_kept`` change together
         self._kept: dict[str, tuple[str, bytes]] = {}  # command id -> (topic, payload), in publish order
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
         if username is not None:
             self._client.username_pw_set(username, password)
-        if tls:
-            self._client.tls_set()
+        if tls or ca_file is not None or cert_file is not None:
+            try:  # ca_file None: the system's CAs
+                self._client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise InputError(f"broker TLS: cannot load {ca_file}, {cert_file}, {key_file}: {e}") from e
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.reconnect_delay_set(1, 5)
@@ -238,6 +258,8 @@ class RolloutDriver:
         self.tick_s = tick_s
         self.clock = clock
         self.errors = 0  # ticks that raised (logged); the next tick retries
+        # rollout id -> ((wave, its start, baseline_s, active devices), the baseline): see ``_baseline``
+        self._baselines: dict[int, tuple[tuple[Any, ...], ModelStats]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -292,6 +314,8 @@ class RolloutDriver:
         """Drive every active rollout once; returns how many this process held."""
         with self.db.session() as session:
             ids = service.active_rollout_ids(session)
+        for gone in self._baselines.keys() - set(ids):  # ended rollouts
+            del self._baselines[gone]
         held = 0
         for rollout_id in ids:
             if self._stop.is_set():
@@ -350,19 +374,36 @@ class RolloutDriver:
         spec = state.spec
         since = min(d.done_at or now for d in active)
         new = self.observer.model_stats(session, ids, spec.release_name, spec.release_version, since, now + 1e-6)
+        previous = self._baseline(session, state, ids, now)
+        return Observations(phases, self.observer.last_seen(session, ids), new, previous, serving, reverted)
+
+    def _baseline(self, session: Session, state: RolloutState, ids: list[str], now: float) -> ModelStats:
+        """The previous versions' telemetry on ``ids`` in the ``baseline_s`` before the wave started.
+
+        Its window ends when the wave started, so once that moment is ``BASELINE_SETTLE_S`` in the past (the
+        ingest has committed what it received before it) the answer cannot change for the same devices: it
+        is computed once per rollout, wave and set of active devices, not on every tick of the soak.
+        """
+        start = state.wave_started_at or now
+        key = (state.wave, start, state.spec.baseline_s, tuple(ids))
+        cached = self._baselines.get(state.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         rows = service.device_rows(session, state.id, ids)
         by_version: dict[tuple[str, int], list[str]] = {}
         for device_id, row in rows.items():
             if row.previous_name is not None and row.previous_version is not None:
                 by_version.setdefault((row.previous_name, row.previous_version), []).append(device_id)
-        start = state.wave_started_at or now
+        since = start - state.spec.baseline_s
         previous = combine_stats(
             [
-                self.observer.model_stats(session, devices, name, version, start - spec.baseline_s, start)
+                self.observer.model_stats(session, devices, name, version, since, start)
                 for (name, version), devices in by_version.items()
             ]
         )
-        return Observations(phases, self.observer.last_seen(session, ids), new, previous, serving, reverted)
+        if now - start >= BASELINE_SETTLE_S:
+            self._baselines[state.id] = (key, previous)
+        return previous
 
     def _statuses(self, session: Session, state: RolloutState) -> tuple[frozenset[str], frozenset[str]]:
         """``Observations.serving`` and ``.reverted``: what the devices' own statuses say of outstanding commands."""

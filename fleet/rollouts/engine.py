@@ -14,10 +14,11 @@ Rules, in the order ``decide`` applies them each tick:
    rollback with no event at all after ``resend_s`` is sent again with the same id (the agent
    de-duplicates by id), so a device never sees two different deploy ids from one rollout.
 3. Gates (running rollouts only). ``health_failures`` counts every failed device since the last resume,
-   at any moment; the metric gates (``error_rate``, ``p95_latency``, ``silence``) look at the current
-   wave's ``active`` devices. A gate with no data yet holds (no requests, no baseline): a device that
-   sends nothing is the ``silence`` gate's business. A breach pauses the rollout and rolls back the
-   wave's updated devices.
+   at any moment; every spec has one (``health_failures=0`` unless the user allowed more), so a failed
+   deploy never counts as success and a wave whose devices all failed never soaks or advances. The
+   metric gates (``error_rate``, ``p95_latency``, ``silence``) look at the current wave's ``active``
+   devices. A gate with no data yet holds (no requests, no baseline): a device that sends nothing is the
+   ``silence`` gate's business. A breach pauses the rollout and rolls back the wave's updated devices.
 4. Sending: the wave's pending devices get their deploy, at most ``rate_per_s`` per second (a token
    bucket of one second's worth, resends included).
 5. When every device of the wave is done, the soak starts; when it has lasted ``soak_s`` with every

@@ -32,6 +32,7 @@ class RolloutWiring:
     bundle_for: service.BundleFor
     wake: Callable[[], None] = lambda: None
     clock: Callable[[], float] = time.time
+    resend_s: float = 60.0  # a rollout's resend when its request names none (the server's command_resend_s)
 
 
 def configure(app: FastAPI, wiring: RolloutWiring) -> None:
@@ -56,7 +57,8 @@ def create(body: RolloutCreate, db: DbDep, _caller: WriteAccess, wiring: WiringD
     spec, an unknown device, an empty wave or a device no bundle of the release fits."""
     spec = parse_spec(
         body.release, body.devices, body.waves, soak=body.soak, gates=body.gates, rate_per_s=body.rate_per_s,
-        wave_timeout=body.wave_timeout, resend=body.resend,
+        wave_timeout=body.wave_timeout, resend=wiring.resend_s if body.resend is None else body.resend,
+        baseline=body.baseline,
     )  # fmt: skip
     with db.session() as session:
         rollout_id = service.create_rollout(session, spec, wiring.resolve, wiring.bundle_for, wiring.clock())

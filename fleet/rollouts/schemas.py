@@ -17,7 +17,14 @@ class RolloutCreate(BaseModel):
     gates: list[str] = Field(default_factory=list, examples=[["health_failures=0", "error_rate<=1%"]])
     rate_per_s: float = Field(default=10.0, description="deploy commands per second")
     wave_timeout: str = Field(default="30m", description="a device not active this long after its deploy failed")
-    resend: str = Field(default="60s", description="resend a command with no event after this long (same id)")
+    resend: str | None = Field(
+        default=None,
+        description="resend a command with no event after this long (same id); default: the server's "
+        "command_resend_s (60s unless set)",
+    )
+    baseline: str = Field(
+        default="1h", description="the window before a wave whose telemetry is the previous version's baseline"
+    )
 
 
 class CommandBody(BaseModel):

@@ -23,6 +23,7 @@ from sdk.errors import InputError
 
 __all__ = [
     "GATE_METRICS",
+    "NO_FAILURES",
     "Gate",
     "RolloutSpec",
     "Wave",
@@ -35,7 +36,7 @@ __all__ = [
 
 # metric -> (operators it accepts, what its number means)
 GATE_METRICS: Mapping[str, tuple[tuple[str, ...], str]] = {
-    "health_failures": (("=", "<="), "the most failed or rolled-back deploys in the rollout so far, e.g. =0"),
+    "health_failures": (("=", "<="), "the most failed deploys in the rollout so far (default =0), e.g. <=2"),
     "error_rate": (("<=", "<"), "the new version's error rate on the wave's devices, e.g. <=1% or <=0.01"),
     "p95_latency": (("<=", "<"), "p95 vs the previous version (<=1.2x) or absolute (<=50ms)"),
     "silence": (("=",), "how long an updated device may send nothing, e.g. =5m"),
@@ -46,6 +47,7 @@ _GATE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>|=)\s*(.*?)\
 _NUMBER_RE = re.compile(r"^\d+(?:\.\d+)?$")
 MAX_WAVES = 20
 MAX_RATE_PER_S = 10_000.0  # deploy commands per second
+MAX_BASELINE_S = 7 * 86400.0  # seconds: a longer baseline is stale data, and a slow query every wave
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
@@ -135,6 +137,11 @@ class Gate:
         return value < self.threshold if self.op == "<" else value <= self.threshold
 
 
+# The gate of every rollout that names no health_failures gate of its own: without it, a wave whose devices
+# all failed to deploy would soak and advance as if they had succeeded.
+NO_FAILURES = Gate("health_failures", "=", 0.0, "health_failures=0")
+
+
 def _gate_number(metric: str, raw: str, text: str) -> tuple[float, bool]:
     if metric == "silence":
         return parse_duration(raw, f"gate {text!r}"), False
@@ -188,7 +195,8 @@ class RolloutSpec:
         selector: the devices, as the devices domain reads it (opaque here).
         waves: cumulative waves, the last at 100%.
         soak_s: seconds every gate must hold after a wave's last device is done, before the next wave.
-        gates: the health gates (none: only the wave timeout and the soak apply).
+        gates: the health gates. Without a ``health_failures`` gate the spec gets ``health_failures=0``
+            (``NO_FAILURES``): a failed deploy never counts as success; ``health_failures<=N`` allows N.
         rate_per_s: deploy commands per second, resends included.
         wave_timeout_s: a device that is not ``active`` this long after its deploy was sent counts as failed.
         resend_s: a deploy or rollback with no event at all after this long is sent again, with the same id.
@@ -205,6 +213,10 @@ class RolloutSpec:
     wave_timeout_s: float = 1800.0
     resend_s: float = 60.0
     baseline_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not any(g.metric == "health_failures" for g in self.gates):
+            object.__setattr__(self, "gates", (NO_FAILURES, *self.gates))
 
     @property
     def release(self) -> str:
@@ -285,6 +297,7 @@ def parse_spec(
     rate_per_s: float = 10.0,
     wave_timeout: str | float = "30m",
     resend: str | float = "60s",
+    baseline: str | float = "1h",
 ) -> RolloutSpec:
     """Check a rollout request as the CLI and the API give it.
 
@@ -302,6 +315,9 @@ def parse_spec(
     resend_s = parse_duration(str(resend), "resend")
     if timeout <= 0 or resend_s <= 0:
         raise InputError("the wave timeout and the resend delay must be above 0 s")
+    baseline_s = parse_duration(str(baseline), "baseline")
+    if not 0 < baseline_s <= MAX_BASELINE_S:
+        raise InputError(f"the baseline must be above 0 s and at most {MAX_BASELINE_S / 86400:g}d, got {baseline}")
     parsed_gates = tuple(parse_gate(g) for g in gates)
     seen: set[tuple[str, bool]] = set()
     for gate in parsed_gates:
@@ -311,5 +327,5 @@ def parse_spec(
         seen.add(key)
     return RolloutSpec(
         name, version, selector, parse_waves(waves), parse_duration(str(soak), "soak"), parsed_gates, rate, timeout,
-        resend_s,
+        resend_s, baseline_s,
     )  # fmt: skip

@@ -56,7 +56,8 @@ def _settings(args: argparse.Namespace) -> Any:
         "db_url": args.db, "state_dir": args.state_dir,
         **{k: getattr(args, k, None) for k in ("http_host", "http_port", "broker", "fleet", "trusted_keys",
                                                "artifact_base_url", "broker_username", "broker_password_file",
-                                               "broker_protocol", "share_group")},
+                                               "broker_protocol", "share_group", "broker_ca_file",
+                                               "broker_cert_file", "broker_key_file")},
     })  # fmt: skip
 
 
@@ -246,7 +247,7 @@ def _end_of_follow(r: dict[str, Any]) -> int:
 def _cmd_rollout_create(args: argparse.Namespace) -> int:
     body = {"release": args.release, "devices": args.devices, "waves": args.waves, "soak": args.soak,
             "gates": args.gate, "rate_per_s": args.rate, "wave_timeout": args.wave_timeout,
-            "resend": args.resend}  # fmt: skip
+            "resend": args.resend, "baseline": args.baseline}  # fmt: skip
     with _client(args) as client:
         data = client.post("/rollouts", {k: v for k, v in body.items() if v is not None})
         if not args.follow:
@@ -320,6 +321,10 @@ def _add_fleet(sub: Any) -> None:
     sv.add_argument("--broker-username", metavar="USER", help="MQTT username")
     sv.add_argument("--broker-password-file", type=Path, metavar="FILE", help="file holding the MQTT password")
     sv.add_argument("--broker-protocol", choices=["5", "3.1.1"], help="MQTT version (3.1.1: embedded broker)")
+    sv.add_argument("--broker-ca-file", type=Path, metavar="FILE",
+                    help="CA file a TLS broker is verified with (default: the system's CAs)")  # fmt: skip
+    sv.add_argument("--broker-cert-file", type=Path, metavar="FILE", help="client certificate, for mutual TLS")
+    sv.add_argument("--broker-key-file", type=Path, metavar="FILE", help="its private key (with --broker-cert-file)")
     sv.add_argument(
         "--share-group",
         metavar="GROUP",
@@ -380,7 +385,7 @@ def _add_rollout(sub: Any) -> None:
     cr.add_argument("--devices", required=True, metavar="SELECTOR", help="tag=KEY=VALUE, group=NAME, id=A,B or all")
     cr.add_argument("--waves", default="1,10%,50%,100%", help="cumulative wave sizes (default 1,10%%,50%%,100%%)")
     cr.add_argument("--soak", default="5m", help="time every gate must hold before the next wave (default 5m)")
-    gates = "e.g. health_failures=0, error_rate<=1%%, p95_latency<=1.2x, silence=5m (repeatable)"
+    gates = "e.g. error_rate<=1%%, p95_latency<=1.2x, silence=5m (repeatable; default and implied: health_failures=0)"
     cr.add_argument("--gate", action="append", metavar="GATE", help=gates)
     cr.add_argument("--rate", type=float, help="deploy commands per second (default 10)")
     cr.add_argument(
@@ -388,8 +393,10 @@ def _add_rollout(sub: Any) -> None:
         metavar="DURATION",
         help="a device not active this long after its deploy counts as failed (default 30m)",
     )
-    cr.add_argument("--resend", metavar="DURATION",
-                    help="resend a command no event answered after this long, same id (default 60s)")  # fmt: skip
+    cr.add_argument("--resend", metavar="DURATION", help="resend a command no event answered after this long, "
+                    "same id (default: the server's command_resend_s, 60s)")  # fmt: skip
+    cr.add_argument("--baseline", metavar="DURATION",
+                    help="window before each wave whose telemetry is the latency baseline (default 1h)")  # fmt: skip
     cr.set_defaults(func=_cmd_rollout_create)
     st = cmds.add_parser("status", parents=[conn, follow], help="waves, device counts and gates of a rollout")
     st.add_argument("id", type=int)

@@ -313,3 +313,14 @@ def test_views_show_dashes_for_fields_a_response_lacks() -> None:
     assert views.rollout_summary({"id": 1, "state": "pending"}) == "rollout 1 pending wave - - gates ok"
     assert views.device_lines({"device_id": "d", "deployments": [{"outcome": "active", "cmd_id": "c1"}]})[-1].split()[
         :3] == ["-", "c1", "-"]  # fmt: skip
+
+
+def test_rollout_create_takes_the_baseline_and_the_resend(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    server.upload(capsys)
+    code, out, _ = server.run(capsys, "rollout", "create", "--release", "digits:2", "--devices", "tag=site=b",
+                              "--waves", "100%", "--baseline", "2h", "--resend", "15s", "--json")  # fmt: skip
+    assert code == 0
+    assert (json.loads(out)["spec"]["baseline_s"], json.loads(out)["spec"]["resend_s"]) == (7200.0, 15.0)
+    code, _, err = server.run(capsys, "rollout", "create", "--release", "digits:2", "--devices", "tag=site=b",
+                              "--baseline", "30d")  # fmt: skip
+    assert code == 1 and "the baseline must be above 0 s and at most 7d" in err

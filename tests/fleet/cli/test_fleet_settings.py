@@ -87,3 +87,47 @@ def test_one_process_on_the_embedded_broker_turns_sharing_off(tmp_path: Path) ->
     assert s.mqtt_client_id.startswith("edgeship-fleet-")
     with pytest.raises(InputError, match=r"broker_protocol must be '5' or '3\.1\.1'"):
         FleetSettings(state_dir=tmp_path, broker_protocol="4")
+
+
+def test_the_broker_tls_files_come_from_flags_and_reach_the_ingest_and_the_publisher_alike(tmp_path: Path) -> None:
+    from fleet.settings import FleetSettings as Settings
+    from sdk.cli.fleet import _settings
+    from sdk.cli.main import build_parser
+
+    for name in ("ca.crt", "fleet.crt", "fleet.key"):
+        (tmp_path / name).write_text("x")
+    args = build_parser().parse_args(
+        ["fleet", "serve", "--state-dir", str(tmp_path), "--broker", "mqtts://broker.internal",
+         "--broker-ca-file", str(tmp_path / "ca.crt"), "--broker-cert-file", str(tmp_path / "fleet.crt"),
+         "--broker-key-file", str(tmp_path / "fleet.key")]
+    )  # fmt: skip
+    s: Settings = _settings(args)
+    assert s.broker_tls_files() == (str(tmp_path / "ca.crt"), str(tmp_path / "fleet.crt"), str(tmp_path / "fleet.key"))
+    assert FleetSettings(state_dir=tmp_path).broker_tls_files() is None
+    system = FleetSettings(state_dir=tmp_path, broker_tls=True).broker_tls_files()
+    assert system is not None and system[1:] == (None, None)  # the system's default CA file
+
+
+def test_broker_tls_files_without_a_tls_broker_or_a_certificate_without_its_key_are_refused(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    with pytest.raises(InputError, match="broker_ca_file given but the broker is not TLS: use --broker mqtts://"):
+        FleetSettings(state_dir=tmp_path, broker_ca_file=ca)
+    with pytest.raises(InputError, match="broker_cert_file and broker_key_file go together"):
+        FleetSettings(state_dir=tmp_path, broker_tls=True, broker_cert_file=ca)
+    with pytest.raises(InputError, match=r"no such file: .*no\.key"):
+        FleetSettings(state_dir=tmp_path, broker_tls=True, broker_cert_file=ca, broker_key_file=tmp_path / "no.key")
+
+
+def test_command_resend_s_is_what_the_rollout_routes_resend_after_when_a_request_names_none(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from fleet.rollouts.routes import RolloutWiring
+    from fleet.wiring import wire_rollouts
+
+    assert FleetSettings(state_dir=tmp_path).command_resend_s == 60.0  # what a rollout always defaulted to
+    app = FastAPI()
+    env = {"EDGESHIP_FLEET_COMMAND_RESEND_S": "120"}
+    wire_rollouts(app, FleetSettings.from_env_and_args({"state_dir": tmp_path}, env=env), None)
+    wiring: RolloutWiring = app.state.rollout_wiring
+    assert wiring.resend_s == 120.0

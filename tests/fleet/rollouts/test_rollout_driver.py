@@ -291,3 +291,39 @@ def test_the_database_unreachable_for_a_while_the_driver_says_so_once_and_carrie
     finally:
         driver.stop()
         db.close()
+
+
+def test_the_baseline_is_read_once_per_wave_and_set_of_active_devices_not_on_every_tick(db: Database) -> None:
+    baseline_reads: list[tuple[float, tuple[str, ...], float, float]] = []  # (tick, devices, since, until)
+    clock = [1000.0]
+
+    class Counting(MemoryObserver):
+        def model_stats(
+            self, session: Any, device_ids: Any, name: str, version: int, since: float, until: float
+        ) -> ModelStats:
+            if version == 1:
+                baseline_reads.append((clock[0], tuple(sorted(device_ids)), since, until))
+            return super().model_stats(session, device_ids, name, version, since, until)
+
+    observer = Counting(models=dict.fromkeys(DEVICES, ("m", 1)))
+    observer.stats[("m", 1)] = ModelStats(1000, 0, 10.0)
+    publisher = RecordingPublisher()
+    devices = Devices(publisher, observer)
+    rollout_id = create(db, gates=("p95_latency<=1.2x",), waves="1,100%", soak="60s")
+    driver = RolloutDriver(db, publisher, observer, "a", lease_s=600, clock=lambda: clock[0])
+    while clock[0] < 1200 and state(db, rollout_id) != "completed":
+        driver.tick()
+        devices.answer()
+        clock[0] += 1.0
+    assert state(db, rollout_id) == "completed"
+    canary = [r for r in baseline_reads if r[1] == ("dev0",)]
+    # the canary's wave started at 1000: read on each tick until its start is BASELINE_SETTLE_S (10 s) old,
+    # then never again through the 60 s soak
+    assert [r[0] for r in canary] == [float(t) for t in range(1003, 1011)]
+    assert {(r[2], r[3]) for r in canary} == {(1000.0 - 3600, 1000.0)}
+    # the next wave: its own window, read again as its devices become active, then cached as well
+    second = [r for r in baseline_reads if r[1] != ("dev0",)]
+    start = second[0][3]
+    assert start > 1060 and {(r[2], r[3]) for r in second} == {(start - 3600, start)}
+    assert second[-1][1] == tuple(DEVICES[1:]) and second[-1][0] <= start + 10
+    assert len(second) <= 12, second

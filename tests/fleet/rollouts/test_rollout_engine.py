@@ -202,9 +202,26 @@ def test_a_device_not_active_within_the_wave_timeout_counts_as_failed() -> None:
     assert {a.cmd_id for a in sends} == {deploy_cmd_id(7, "d00")} and any(a.resend for a in sends)
 
 
-def test_without_gates_a_timeout_does_not_stop_the_rollout() -> None:
-    sim = Sim(make_state(4, waves="1,100%", wave_timeout="2m"), outcome={"d00": None})
+def test_without_gates_a_wave_whose_every_deploy_failed_pauses_and_never_advances() -> None:
+    sim = Sim(make_state(10, waves="1,50%,100%"), outcome={f"d{i:02d}": "failed" for i in range(10)})
+    assert [g.text for g in sim.state.spec.gates] == ["health_failures=0"]  # implied, and shown as such
+    sim.run(until=2000)
+    assert sim.state.state == "paused" and sim.state.wave == 0
+    assert "health_failures=0 breached: 1.0" in (sim.state.paused_reason or "")
+    assert "SoakStarted" not in sim.kinds() and sim.kinds().count("AdvanceWave") == 1  # the start, no more
+    assert [a.device_id for a in sim.log if isinstance(a, SendDeploy)] == ["d00"]
+
+
+def test_without_gates_a_device_timing_out_pauses_the_rollout() -> None:
+    sim = Sim(make_state(4, waves="1,100%", wave_timeout="2m", gates=["error_rate<=1%"]), outcome={"d00": None})
     sim.run(until=1400)
+    assert sim.state.state == "paused" and sim.state.devices[0].status == "failed"
+
+
+def test_a_health_failures_gate_allowing_some_lets_those_fail_and_the_rollout_complete() -> None:
+    sim = Sim(make_state(4, waves="1,100%", wave_timeout="2m", gates=["health_failures<=1"]), outcome={"d00": None})
+    sim.run(until=1400)
+    assert [g.text for g in sim.state.spec.gates] == ["health_failures<=1"]  # no implied gate beside it
     assert sim.state.state == "completed"
     assert [d.status for d in sim.state.devices] == ["failed", "active", "active", "active"]
 

@@ -45,7 +45,8 @@ def test_create_show_list_audit_and_commands(
     assert (rollout["release"], rollout["state"], rollout["waves"]) == ("digits:5", "pending", 2)
     assert [(w["text"], w["devices"], w["pending"]) for w in rollout["waves_detail"]] == [("1", 1, 1), ("100%", 2, 2)]
     assert rollout["gates"] == [
-        {"gate": "error_rate<=1%", "metric": "error_rate", "threshold": 0.01, "value": None, "ok": None}
+        {"gate": "health_failures=0", "metric": "health_failures", "threshold": 0.0, "value": None, "ok": None},
+        {"gate": "error_rate<=1%", "metric": "error_rate", "threshold": 0.01, "value": None, "ok": None},
     ]
     assert wakes == [1]
     rid = rollout["id"]
@@ -80,6 +81,9 @@ def test_create_show_list_audit_and_commands(
         ({"release": "digits"}, 422, "NAME:VERSION"),
         ({"soak": "later"}, 422, "not a duration"),
         ({"rate_per_s": "fast"}, 422, "rate_per_s"),
+        ({"baseline": "0s"}, 422, "the baseline must be above 0 s and at most 7d"),
+        ({"baseline": "30d"}, 422, "the baseline must be above 0 s and at most 7d"),
+        ({"baseline": "a while"}, 422, "baseline 'a while' is not a duration"),
     ],
 )
 def test_bad_requests_get_422_with_the_reason(
@@ -117,3 +121,19 @@ def test_an_unwired_server_answers_503(db: Database) -> None:
     with TestClient(app) as c:
         r = c.post(f"{API_PREFIX}/rollouts", json=BODY, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 503
+
+
+def test_the_resend_defaults_to_the_servers_command_resend_s_and_the_baseline_is_settable(db: Database) -> None:
+    app = create_app(db)
+    app.include_router(router, prefix=API_PREFIX)
+    configure(app, RolloutWiring(resolver(DEVICES), bundles(), resend_s=240.0))  # command_resend_s=240
+    with db.session() as s:
+        write = {"Authorization": f"Bearer {create_token(s, 'ops', 'write')}"}
+    with TestClient(app) as c:
+        r = c.post(f"{API_PREFIX}/rollouts", json={**BODY, "devices": "id=a1,a2"}, headers=write)
+        assert r.status_code == 201, r.text
+        assert (r.json()["spec"]["resend_s"], r.json()["spec"]["baseline_s"]) == (240.0, 3600.0)
+        body = {**BODY, "devices": "id=a3,a4", "resend": "15s", "baseline": "2h"}
+        r = c.post(f"{API_PREFIX}/rollouts", json=body, headers=write)
+        assert r.status_code == 201, r.text
+        assert (r.json()["spec"]["resend_s"], r.json()["spec"]["baseline_s"]) == (15.0, 7200.0)

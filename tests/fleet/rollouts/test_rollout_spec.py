@@ -90,6 +90,9 @@ def test_waves_that_do_not_fit_the_selected_devices_are_refused_with_the_sizes()
         ({"rate_per_s": 0}, "rate_per_s must be above 0"),
         ({"rate_per_s": float("nan")}, "rate_per_s must be above 0"),
         ({"wave_timeout": "0s"}, "above 0 s"),
+        ({"baseline": "0"}, "the baseline must be above 0 s and at most 7d"),
+        ({"baseline": "8d"}, "the baseline must be above 0 s and at most 7d"),
+        ({"baseline": "soon"}, "baseline 'soon' is not a duration"),
         ({"gates": ["error_rate<=1%", "error_rate<=2%"]}, "gated twice"),
     ],
 )
@@ -105,3 +108,22 @@ def test_durations() -> None:
     assert [parse_duration(t) for t in ("30s", "5m", "1h", "250ms", "2d", "12", "1.5m")] == [
         30, 300, 3600, 0.25, 172800, 12, 90
     ]  # fmt: skip
+
+
+def test_a_spec_without_a_health_failures_gate_gets_health_failures_0_stored_and_reloaded() -> None:
+    spec = parse_spec("m:2", "all", "1,100%", gates=["error_rate<=1%"])
+    assert [g.text for g in spec.gates] == ["health_failures=0", "error_rate<=1%"]
+    assert spec.to_json()["gates"] == ["health_failures=0", "error_rate<=1%"]
+    # a spec stored before the rule existed gets it when it is loaded
+    stored = {**spec.to_json(), "gates": ["error_rate<=1%"]}
+    assert [g.text for g in RolloutSpec.from_json(stored).gates] == ["health_failures=0", "error_rate<=1%"]
+    assert RolloutSpec.from_json(spec.to_json()) == spec
+    assert [g.text for g in parse_spec("m:2", "all", "1,100%", gates=["health_failures<=3"]).gates] == [
+        "health_failures<=3"
+    ]
+
+
+def test_the_baseline_window_is_part_of_the_spec_and_survives_storage() -> None:
+    assert parse_spec("m:2", "all", "1,100%").baseline_s == 3600.0
+    spec = parse_spec("m:2", "all", "1,100%", baseline="30m")
+    assert spec.baseline_s == 1800.0 and RolloutSpec.from_json(spec.to_json()).baseline_s == 1800.0
