@@ -78,6 +78,7 @@ class Recorded:
     telemetry: int = 0
     events: int = 0
     devices: set[str] = field(default_factory=set)
+    last_seen: dict[str, float] = field(default_factory=dict)  # devices' last_seen in the database after it
 
 
 def _insert(session: Session, table: Table) -> Any:
@@ -99,14 +100,18 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
 # ---- writes from the ingest ----------------------------------------------------------------------
 
 
-def _touch(session: Session, seen: Mapping[str, float], created: Mapping[str, float]) -> None:
+def _touch(
+    session: Session, seen: Mapping[str, float], created: Mapping[str, float], known: Mapping[str, float]
+) -> dict[str, float]:
     """Create the devices not yet known and move ``last_seen`` forward (never back: two fleet processes
-    may commit out of order).
+    may commit out of order); return the ``last_seen`` values the database holds at least afterwards.
 
     Args:
         seen: device -> latest received_at of a message the device itself sent.
         created: devices heard of through their Last Will (the broker speaking): created if new, with
             that time as first and last seen, but an existing device's ``last_seen`` stays.
+        known: existing devices' ``last_seen`` as the caller last saw it committed (never ahead of the
+            database: devices are never deleted and ``last_seen`` never moves back); those are not read again.
     """
     table = Device.__table__
     assert isinstance(table, Table)
@@ -130,13 +135,13 @@ def _touch(session: Session, seen: Mapping[str, float], created: Mapping[str, fl
         # move last_seen forward with one executemany of a plain UPDATE: half the cost of an upsert of
         # every device of the batch. A device another process creates between the two is caught by the
         # ON CONFLICT and then updated like the others.
-        known = last_seen(session, seen)
+        cached = {d: known[d] for d in seen if d in known}
+        known = {**last_seen(session, [d for d in seen if d not in cached]), **cached}
         new = {d: at for d, at in seen.items() if d not in known}
         if new:
             session.execute(_insert(session, table).on_conflict_do_nothing(index_elements=["device_id"]), rows(new))
-        later = [
-            {"d": d, "t": at} for d, at in sorted(seen.items()) if d in new or at >= known[d] + LAST_SEEN_RESOLUTION_S
-        ]
+        moved = {d: at for d, at in sorted(seen.items()) if d in new or at >= known[d] + LAST_SEEN_RESOLUTION_S}
+        later = [{"d": d, "t": at} for d, at in moved.items()]
         if later and session.get_bind().dialect.name == "postgresql":
             # One statement for the batch (a per-row UPDATE costs the server a plan and an executor each).
             session.connection().exec_driver_sql(
@@ -151,10 +156,14 @@ def _touch(session: Session, seen: Mapping[str, float], created: Mapping[str, fl
                 .values(last_seen=bindparam("t"))
             )
             session.execute(stmt, later)
+        after = {**known, **moved}
+    else:
+        after = {}
     only_will = {d: at for d, at in created.items() if d not in seen}
     if only_will:
         stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["device_id"])
         session.execute(stmt, rows(only_will))
+    return after
 
 
 def _apply_status(device: Device, status: Mapping[str, Any], received_at: float) -> None:
@@ -232,12 +241,16 @@ def _event_row(message: Incoming) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def record_messages(session: Session, messages: Sequence[Incoming]) -> Recorded:
+def record_messages(
+    session: Session, messages: Sequence[Incoming], known_last_seen: Mapping[str, float] | None = None
+) -> Recorded:
     """Store one batch of checked messages, in arrival order where order matters (a device's statuses).
 
     Every message but the Last Will moves its device's ``last_seen``; statuses update the device;
     telemetry and events are inserted once (a replayed ``seq`` or a redelivered event is skipped by the
-    database, so replaying a whole batch after a failed commit is harmless).
+    database, so replaying a whole batch after a failed commit is harmless). ``known_last_seen``: what an
+    earlier committed call returned as ``Recorded.last_seen`` (the ingest keeps it, so a batch of known
+    devices does not read their ``last_seen`` again); pass it only once that call's transaction committed.
     """
     done = Recorded()
     seen: dict[str, float] = {}
@@ -259,7 +272,7 @@ def record_messages(session: Session, messages: Sequence[Incoming]) -> Recorded:
             events.setdefault((m.device_id, m.digest), _event_row(m))
         else:
             raise ValueError(f"unknown leaf {m.leaf!r}")
-    _touch(session, seen, created)
+    done.last_seen = _touch(session, seen, created, known_last_seen or {})
     if statuses:
         ids = sorted({m.device_id for m in statuses})
         devices = devices_by_id(session, ids)

@@ -85,6 +85,7 @@ def puback_packets(mids: Iterable[int]) -> bytes:
 
 
 _PUBACK = struct.Struct("!BBH")
+_LAST_SEEN_CACHE_SIZE = 1_000_000  # devices whose committed last_seen the writer remembers
 
 
 class _ReadAheadClient(paho.Client):
@@ -159,6 +160,7 @@ class Ingest:
         self._arrived = threading.Event()
         self._room = threading.Event()
         self._counts: Counter[str] = Counter()
+        self._last_seen: dict[str, float] = {}  # devices' committed last_seen (writer thread only)
         self._lock = threading.Lock()
         self._generation = 0
         self._connected = threading.Event()
@@ -395,7 +397,10 @@ class Ingest:
         if not messages:
             return
         with self.db.session() as session:
-            done = record_messages(session, messages)
+            done = record_messages(session, messages, self._last_seen)
+        if len(self._last_seen) > _LAST_SEEN_CACHE_SIZE:
+            self._last_seen.clear()
+        self._last_seen.update(done.last_seen)  # committed: safe to skip reading these again
         self._count("stored_status", done.statuses)
         self._count("stored_telemetry", done.telemetry)
         self._count("stored_events", done.events)

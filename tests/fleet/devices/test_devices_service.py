@@ -226,3 +226,28 @@ def test_command_phases_are_what_each_command_reached(db: Database) -> None:
     with db.session() as s:
         phases = command_phases(s, ["ro1-d1-deploy", "ro1-d2-deploy", "ro1-d3-deploy"])
     assert phases == {"ro1-d1-deploy": frozenset({"received", "active"}), "ro1-d2-deploy": frozenset({"failed"})}
+
+
+def test_last_seen_moves_at_its_resolution_and_what_the_ingest_remembers_is_not_read_again(db: Database) -> None:
+    with db.session() as s:
+        first = record_messages(s, [incoming("d1", "telemetry", telemetry(1), at=100.0)])
+    assert first.last_seen == {"d1": 100.0}
+    with db.session() as s:  # under a second later: not written
+        again = record_messages(s, [incoming("d1", "telemetry", telemetry(2), at=100.5)], first.last_seen)
+    assert last_seen_of(db, "d1") == 100.0 and again.last_seen == {"d1": 100.0}
+    with db.session() as s:  # another process moved it further meanwhile; a stale memory never moves it back
+        s.execute(Device.__table__.update().values(last_seen=150.0))  # type: ignore[attr-defined]
+    with db.session() as s:
+        record_messages(s, [incoming("d1", "telemetry", telemetry(3), at=120.0)], {"d1": 100.0})
+    assert last_seen_of(db, "d1") == 150.0
+    with db.session() as s:  # a device the memory does not hold is read, and a new one created
+        done = record_messages(s, [incoming("d1", "telemetry", telemetry(4), at=151.5),
+                                   incoming("d2", "telemetry", telemetry(1), at=151.5)], {})  # fmt: skip
+    assert done.last_seen == {"d1": 151.5, "d2": 151.5}
+    assert (last_seen_of(db, "d1"), last_seen_of(db, "d2")) == (151.5, 151.5)
+    assert _telemetry_rows(db, "d1") == [1, 2, 3, 4]
+
+
+def last_seen_of(db: Database, device_id: str) -> float:
+    with db.session() as s:
+        return last_seen(s, [device_id])[device_id]
