@@ -74,6 +74,17 @@ class DeviceProfile:
     notes: tuple[str, ...]
     sources: tuple[str, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as JSON-ready data (``edgeship devices --json``)."""
+        return {
+            "name": self.name, "description": self.description, "arch": self.arch, "os": self.os,
+            "os_version": self.os_version, "glibc": self.glibc, "python": self.python,
+            "runtimes": {t: {"package": r.package, "version": r.version, "source": r.source}
+                         for t, r in self.runtimes.items()},
+            "accelerators": list(self.accelerators), "numpy": self.numpy, "notes": list(self.notes),
+            "sources": list(self.sources),
+        }  # fmt: skip
+
     def capabilities(self) -> dict[str, Any]:
         """The ``status`` capabilities such a device reports (docs/mqtt.md), for ``sdk.compat``'s rule."""
         return {
