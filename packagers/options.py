@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from sdk.errors import PackagingError
 from sdk.manifest import Manifest
+from sdk.runtime_support import DEFAULT_OPSET
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -173,7 +174,7 @@ class PackageOptions:
     input_names: Sequence[str] | None = None  # torch modules: names for the positional example inputs
     output_names: Sequence[str] | None = None  # torch modules: names for the returned tensors
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None  # torch: {tensor: {dim: name}}; default batch
-    opset: int = 17  # ONNX opset for torch exports
+    opset: int | None = None  # ONNX opset for torch exports; None: 17, or the oldest planned runtime's highest
     exporter: str = "auto"  # "auto" (TorchScript, then dynamo if it fails), "torchscript" or "dynamo"
     tolerances: Tolerances | Mapping[str, Tolerances] | None = None  # one for all, or per precision
     golden_samples: int = 4  # validation samples stored for the on-device health check
@@ -189,6 +190,8 @@ class PackageOptions:
     calibration_method: str = "minmax"  # static int8: "minmax", "entropy" or "percentile"
     per_channel: bool | None = None  # static int8 weights per output channel; None: the target decides
     extra: Mapping[str, Any] = field(default_factory=dict)  # target-specific settings, recorded in the report
+    for_runtime: str | None = None  # build for this runtime release: "onnxruntime==1.17", "coreml==iOS17"
+    device: str | None = None  # build for this device profile (sdk/profiles.json, `edgeship devices`)
 
     def __post_init__(self) -> None:
         if self.exporter not in ("auto", "torchscript", "dynamo"):
@@ -201,8 +204,17 @@ class PackageOptions:
             raise PackagingError(
                 f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}"
             )
-        if not isinstance(self.opset, int) or not 7 <= self.opset <= 25:
+        if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 25):
             raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")
+        for name in ("for_runtime", "device"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise PackagingError(f"option {name} must be a non-empty string, got {value!r}")
+
+    @property
+    def export_opset(self) -> int:
+        """The ONNX opset exports use: ``opset``, else the default (``package`` sets it from a runtime plan)."""
+        return DEFAULT_OPSET if self.opset is None else self.opset
 
     def tolerances_for(self, precision: Precision) -> Tolerances:
         """The tolerances that gate ``precision``: an override if given, else the default.

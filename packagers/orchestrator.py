@@ -28,6 +28,7 @@ from packagers.benchmark import benchmark
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, Packager, Runner, get_packager
 from packagers.report import write_reports
+from packagers.runtime_plan import apply_plans, fit_built, plan_runtimes
 from packagers.sources import Source, detect_input_kind, load_source
 from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
@@ -208,14 +209,16 @@ def package(
         accept_drift: sign even when validation fails; recorded in the manifest.
         label: optional human version label.
         expires: optional aware datetime after which devices refuse the bundle.
-        options: less common settings (names, opset, tolerances, golden samples, benchmark runs).
+        options: less common settings (names, opset, tolerances, golden samples, benchmark runs), and the
+            device runtime to build for (``for_runtime="onnxruntime==1.17"`` or ``device="raspberry-pi-5"``).
         progress: called with a short line at each step.
 
     Returns:
         One PackageResult per (target, precision), in the order asked.
 
     Raises:
-        PackagingError: unsupported target/precision/input kind (before any work), a model or data that
+        PackagingError: unsupported target/precision/input kind, or one the requested device runtime cannot
+            run (before any work), a built model newer than that runtime, a model or data that
             cannot be loaded, or a failed export/quantization.
         DriftError: validation failed and ``accept_drift`` is False; no bundle is written.
         KeyFileError: a signing key cannot be loaded.
@@ -229,6 +232,10 @@ def package(
     refusals = [why for t in targets for p in precisions if (why := packagers[t].capabilities.refuse(t, p, kind))]
     if refusals:
         raise PackagingError("; ".join(refusals))
+    runtime_plans = plan_runtimes(opts, targets, precisions)  # refuses what the device's runtime cannot run
+    if runtime_plans:
+        opts = apply_plans(opts, runtime_plans)
+        say("building for " + ", ".join(p.label() for p in runtime_plans.values()) + f" (ONNX opset {opts.opset})")
     expires_text = _check_identity(name, version, label, expires)
     label_array = _check_labels(labels, calibration)
     keys = _load_keys(key)
@@ -263,6 +270,8 @@ def package(
                     say(f"{t.value} {p.value}: building")
                     tol = opts.tolerances_for(p)
                     candidates = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
+                    if t in runtime_plans:
+                        candidates = [fit_built(c, runtime_plans[t]) for c in candidates]
                     built, run, result, summary = _validate_candidates(packagers[t], candidates, source, inputs,
                                                                        reference, tol, label_array, opts)  # fmt: skip
                     status = "passed" if result["passed"] else "FAILED"

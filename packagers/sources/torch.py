@@ -179,8 +179,8 @@ def torch_source(
         def export(workdir: Path) -> OnnxExport:
             return torch2onnx(
                 wrapper, tuple(tensors), workdir / "source.onnx", input_names=names, output_names=out_names,
-                dynamic_axes={k: dict(v) for k, v in axes.items()}, opset=options.opset, exporter=options.exporter,
-                progress=progress,
+                dynamic_axes={k: dict(v) for k, v in axes.items()}, opset=options.export_opset,
+                exporter=options.exporter, progress=progress,
             )  # fmt: skip
     except BaseException:
         restore()

@@ -418,7 +418,7 @@ def transformers_source(
         example = tuple(torch.from_numpy(validation[n][:2]) for n in input_names)
         return torch2onnx(
             wrapper, example, workdir / "source.onnx", input_names=input_names, output_names=[output_name],
-            dynamic_axes=axes, opset=options.opset, exporter=options.exporter, progress=progress,
+            dynamic_axes=axes, opset=options.export_opset, exporter=options.exporter, progress=progress,
         )  # fmt: skip
 
     return Source(

@@ -81,7 +81,9 @@ def _cmd_package(args: argparse.Namespace) -> int:
         target=_split_list(args.target),
         precision=_split_list(args.precision),
         calibration=args.calibration,
-        options=PackageOptions(calibration_method=args.calibration_method),
+        options=PackageOptions(
+            calibration_method=args.calibration_method, for_runtime=args.for_runtime, device=args.device
+        ),
         labels=labels,
         task=args.task,
         accept_drift=args.accept_drift,
@@ -215,6 +217,16 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from sdk.profiles import load_profiles, profile_table
+
+    if args.json:
+        print(json.dumps({name: p.to_dict() for name, p in load_profiles().items()}, indent=2))
+        return 0
+    _print_table(*profile_table())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sdk.cli.demo import DemoOptions, run_demo, run_full_demo
 
@@ -266,6 +278,19 @@ def _add_package_parser(sub: Any) -> None:
     pk.add_argument(
         "--precision", help=f"comma-separated precisions (default: {_DEFAULT_PRECISION}); by target: {precisions}"
     )
+    pk.add_argument(
+        "--for",
+        dest="for_runtime",
+        metavar="RUNTIME",
+        help="build for this runtime release, e.g. onnxruntime==1.17, openvino==2026.4, coreml==iOS17: picks an "
+        "export opset it runs and refuses what it cannot run (default --target: its target)",
+    )
+    pk.add_argument(
+        "--device",
+        metavar="NAME",
+        help="build for a device profile (`edgeship devices` lists them), with the runtime releases it has "
+        "(default --target: its first runtime)",
+    )
     pk.add_argument("--calibration", help="validation/calibration data: " + "; ".join(CALIBRATION_FORMATS))
     pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
     pk.add_argument(
@@ -293,6 +318,13 @@ def _add_package_parser(sub: Any) -> None:
 def _package_defaults(args: argparse.Namespace) -> None:
     """Fill `package`'s unset --target / --precision with the defaults, remembering which were unset."""
     args.target_default, args.precision_default = args.target is None, args.precision is None
+    if args.target is None and (args.for_runtime or args.device):
+        from sdk.profiles import get_profile, parse_runtime_spec
+
+        if args.for_runtime:
+            args.target = parse_runtime_spec(args.for_runtime).target
+        else:
+            args.target = next(iter(get_profile(args.device).runtimes))
     args.target = args.target or _DEFAULT_TARGET
     args.precision = args.precision or _DEFAULT_PRECISION
 
@@ -340,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tg = sub.add_parser("targets", help="print each target's capabilities")
     tg.set_defaults(func=_cmd_targets)
+
+    dv = sub.add_parser("devices", help="list the device profiles `package --device` builds for")
+    dv.add_argument("--json", action="store_true", help="print every field of every profile as JSON")
+    dv.set_defaults(func=_cmd_devices)
 
     br = sub.add_parser("broker", help="run an embedded MQTT broker (amqtt) for local use")
     br.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

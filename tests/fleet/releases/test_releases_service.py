@@ -270,3 +270,27 @@ def test_deploy_payload_is_a_command_the_device_accepts(
     assert not command.allow_downgrade
     again = deploy_payload("x", url, bundle.sha256, bundle.size, bundle.version, allow_downgrade=True)
     assert again["allow_downgrade"] is True
+
+
+def test_a_device_on_an_older_onnxruntime_gets_the_bundle_built_for_it(
+    db: Database, store: ArtifactStore, make_bundle: BundleMaker, fleet_keys: FleetKeys
+) -> None:
+    """`package --for onnxruntime==1.17` stamps min_version 1.17.0: one version rule on host, fleet and device."""
+    from sdk.profiles import get_profile
+
+    def put(precision: str, min_version: str) -> Bundle:
+        runtime = {"package": "onnxruntime", "min_version": min_version, "arch": ["any"]}
+        return upload(db, make_bundle(version=13, precision=precision, runtime=runtime), fleet_keys.trust, store,
+                      now=NOW).bundle  # fmt: skip
+
+    for_117 = put("int8", "1.17.0")
+    newer = put("fp16", "1.20.0")
+    with db.session() as session:
+        old = choose_bundle(session, "mlp", 13, {**X86, "runtimes": {"onnxruntime": "1.17.3"}})
+        assert old.bundle is not None and old.bundle.sha256 == for_117.sha256
+        assert "needs onnxruntime >= 1.20.0" in old.reasons[newer.sha256]
+        current = choose_bundle(session, "mlp", 13, X86)  # onnxruntime 1.20.1 runs both
+        assert {c.sha256 for c in current.candidates} == {for_117.sha256, newer.sha256} and not current.reasons
+        # a Jetson on its vendor onnxruntime-gpu 1.20.0 (the profile's own capabilities) takes either
+        jetson = choose_bundle(session, "mlp", 13, get_profile("jetson-orin-jetpack6").capabilities())
+        assert jetson.bundle is not None and not jetson.reasons
