@@ -200,15 +200,21 @@ _TELEMETRY_COLUMNS = (
 )  # fmt: skip
 
 
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _telemetry_row(message: Incoming) -> tuple[Any, ...]:
-    """One telemetry row, in ``_TELEMETRY_COLUMNS`` order."""
+    """One telemetry row, in ``_TELEMETRY_COLUMNS`` order, each value of its column's Python type (JSON
+    gives ``3`` where a float column wants ``3.0``; PostgreSQL's binary arrays below need one type)."""
     t = message.payload
     latency = t["latency_ms"]
     model = t.get("model") or {}
     return (
-        message.device_id, t["seq"], float(t["ts"]), t.get("window_s"), t["count"], t["errors"], latency["p50"],
-        latency["p95"], latency["p99"], model.get("name"), model.get("version"), model.get("sha256"),
-        t.get("rss_mb"), t.get("cpu_pct"), t.get("temperature_c"), t["dropped"], message.received_at,
+        message.device_id, t["seq"], float(t["ts"]), _float(t.get("window_s")), t["count"], t["errors"],
+        _float(latency["p50"]), _float(latency["p95"]), _float(latency["p99"]), model.get("name"),
+        model.get("version"), model.get("sha256"), _float(t.get("rss_mb")), _float(t.get("cpu_pct")),
+        _float(t.get("temperature_c")), t["dropped"], float(message.received_at),
     )  # fmt: skip
 
 
@@ -217,14 +223,14 @@ _ON_CONFLICT = "ON CONFLICT (device_id, seq) DO NOTHING"
 
 def _insert_telemetry(session: Session, rows: list[tuple[Any, ...]]) -> None:
     """``INSERT .. ON CONFLICT (device_id, seq) DO NOTHING`` of ``rows``: on SQLite one driver
-    ``executemany``; on PostgreSQL one statement over a column array each (``unnest``), so the server plans
-    and runs one insert for the batch instead of one per row."""
+    ``executemany``; on PostgreSQL one statement over a column array each (``unnest``, sent in binary), so
+    the server plans and runs one insert for the batch instead of one per row."""
     table = Telemetry.__table__
     assert isinstance(table, Table) and tuple(table.columns.keys()) == _TELEMETRY_COLUMNS, "schema and rows differ"
     dialect = session.get_bind().dialect
     columns = ", ".join(_TELEMETRY_COLUMNS)
     if dialect.name == "postgresql":
-        arrays = ", ".join(f"%s::{table.c[c].type.compile(dialect=dialect)}[]" for c in _TELEMETRY_COLUMNS)
+        arrays = ", ".join(f"%b::{table.c[c].type.compile(dialect=dialect)}[]" for c in _TELEMETRY_COLUMNS)
         sql = f"INSERT INTO {table.name} ({columns}) SELECT * FROM unnest({arrays}) {_ON_CONFLICT}"
         session.connection().exec_driver_sql(sql, tuple(list(column) for column in zip(*rows, strict=True)))
     else:

@@ -251,3 +251,22 @@ def test_last_seen_moves_at_its_resolution_and_what_the_ingest_remembers_is_not_
 def last_seen_of(db: Database, device_id: str) -> float:
     with db.session() as s:
         return last_seen(s, [device_id])[device_id]
+
+
+def test_telemetry_batches_of_nulls_and_integers_in_float_columns_are_stored_as_sent(db: Database) -> None:
+    # PostgreSQL gets a batch as one array per column: an all-null column, integers where floats go and
+    # the largest integer the contract lets through must all arrive as sent.
+    rows = [
+        incoming("d1", "telemetry", telemetry(1, p=(None, None, None), model=None, window_s=10, rss_mb=None), at=1.0),
+        incoming("d1", "telemetry", telemetry(2, p=(1, 2, 3), model=None, count=2**63 - 1), at=2.0),
+    ]
+    with db.session() as s:
+        assert record_messages(s, rows).telemetry == 2
+    with db.session() as s:
+        columns = (Telemetry.seq, Telemetry.p50_ms, Telemetry.p99_ms, Telemetry.model_name, Telemetry.window_s,
+                   Telemetry.rss_mb, Telemetry.count)  # fmt: skip
+        got = s.execute(select(*columns).order_by(Telemetry.seq)).all()
+    assert [tuple(r) for r in got] == [
+        (1, None, None, None, 10.0, None, 100),
+        (2, 1.0, 3.0, None, 10.0, 100.0, 2**63 - 1),
+    ]
