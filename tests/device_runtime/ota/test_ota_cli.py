@@ -36,8 +36,8 @@ def test_device_run_end_to_end(
         fleet.send(deploy_cmd(http_server.url, v2, "cli-1"))
         fleet.wait_phase("cli-1", "active", 30)
         fleet.wait_status(lambda s: s["model"]["version"] == 2, 10, "v2")
-        wait_for(lambda: len(fleet.telemetry()) >= 1, 10, "telemetry at the 1 s interval")
-        assert fleet.telemetry()[-1]["model"]["version"] == 2
+        # telemetry at the 1 s interval names v2 (a window that closed before the swap may still name v1)
+        wait_for(lambda: (fleet.telemetry() or [{}])[-1].get("model", {}).get("version") == 2, 10, "v2 telemetry")
         assert agent.terminate() == 0, agent.tail()
         fleet.wait_status(lambda s: s["state"] == "offline", 10, "offline after SIGTERM")
         pointer = json.loads((tmp_path / "state" / "pointer.json").read_text())
