@@ -32,7 +32,7 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
-        process_group=0,
+        start_new_session=True,  # its own process group (3.10 has no process_group=0)
     )
 
 
