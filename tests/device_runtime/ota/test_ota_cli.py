@@ -61,6 +61,10 @@ def test_device_run_usage_errors(tmp_path: Path, keys: Keys, capsys: pytest.Capt
     assert device_main([*base, "--broker", "mqtts://x:8883"]) == 1
     assert "--tls-ca" in capsys.readouterr().err
     assert device_main([*base, "--broker", "mqtt://x:1", "--device-id", "a/b"]) == 1
+    serve_beyond_loopback = [*base, "--broker", "mqtt://x:1", "--serve", "--serve-host", "0.0.0.0"]
+    assert device_main(serve_beyond_loopback) == 1  # before anything starts
+    err = capsys.readouterr().err
+    assert "--serve-token-file" in err and "--serve-insecure-no-auth" in err
     assert device_main(["run", "--state-dir", "x"]) == 2
 
 
