@@ -4,11 +4,17 @@
                             --image FILE ...) [--top-k K] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
     edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
-                            [--max-body-bytes N] [--state-dir DIR]
+                            [--max-body-bytes N] [--max-connections N] [--token-file F] [--allow-host NAME ...]
+                            [--insecure-no-auth] [--state-dir DIR]
     edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
                             --trust PUB [--trust PUB ...] [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
-                            [--serve [--serve-host 127.0.0.1] [--serve-port N]]
+                            [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-token-file F]
+                            [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
+
+The HTTP API's token comes from the token file or ``EDGESHIP_SERVE_TOKEN``; binding beyond loopback
+without one is refused unless ``--insecure-no-auth``. SIGINT (Ctrl-C) and SIGTERM stop ``serve`` and
+``run`` cleanly (exit 0; ``run`` publishes its ``offline`` status).
 
 Results go to stdout as JSON, in the shape ``edgeship predict`` and the HTTP API answer with
 (``device_runtime.results``). An expected failure (any ``EdgeshipError``) prints one ``error: ...``
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-body-bytes", type=int, default=16 * 2**20, metavar="N", help="request body cap (default 16 MiB)"
     )
+    serve.add_argument(
+        "--max-connections", type=int, default=32, metavar="N", help="connections served at once (default 32)"
+    )
+    _auth_args(serve, "")
 
     run = sub.add_parser("run", help="run the device agent: serve the model, talk to the fleet, apply updates")
     run.add_argument("--state-dir", required=True, type=Path, help="the agent's state directory")
@@ -92,7 +103,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
+    _auth_args(run, "serve-")
     return parser
+
+
+def _auth_args(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument(
+        f"--{prefix}token-file", type=Path, metavar="F",
+        help="file holding the HTTP API's bearer token (default: $EDGESHIP_SERVE_TOKEN); needed beyond loopback",
+    )  # fmt: skip
+    parser.add_argument(
+        f"--{prefix}allow-host", action="append", default=[], metavar="NAME",
+        help="a host name clients may use in the Host header besides addresses and localhost (repeat; * any)",
+    )  # fmt: skip
+    parser.add_argument(
+        f"--{prefix}insecure-no-auth", action="store_true", help="serve beyond loopback without a token"
+    )
+
+
+def _serve_token(path: Path | None) -> str | None:
+    """The token from ``path``, else ``$EDGESHIP_SERVE_TOKEN``, else None.
+
+    Raises:
+        InputError: the file cannot be read or is empty.
+    """
+    if path is None:
+        return os.environ.get("EDGESHIP_SERVE_TOKEN") or None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise InputError(f"cannot read the token file {path}: {e.strerror or e}") from e
+    if not token:
+        raise InputError(f"the token file {path} is empty")
+    return token
 
 
 def _load(args: argparse.Namespace) -> Model:
@@ -124,11 +167,20 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from device_runtime.serve import ModelServer
+    from device_runtime.serve import ModelServer, check_exposure
 
+    token = _serve_token(args.token_file)
+    try:
+        check_exposure(args.host, token, args.insecure_no_auth)  # before the bundle is loaded
+    except ValueError as e:
+        raise InputError(str(e)) from e
     with _load(args) as model:
         try:
-            server = ModelServer(model, args.host, args.port, max_body_bytes=args.max_body_bytes)
+            server = ModelServer(
+                model, args.host, args.port, max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections, token=token, allow_hosts=args.allow_host,
+                insecure_no_auth=args.insecure_no_auth,
+            )  # fmt: skip
         except ValueError as e:
             raise InputError(str(e)) from e
         server.start()
@@ -162,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     # imports never load it (nor paho-mqtt, the ``device`` extra).
     from device_runtime.agent import Agent, AgentConfig
     from device_runtime.agent.mqtt import MqttSettings
+    from device_runtime.serve import check_exposure
     from sdk.signing import TrustedKeys
 
     logging.basicConfig(
@@ -183,6 +236,12 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as e:
         raise InputError(str(e)) from e
+    serve_token = _serve_token(args.serve_token_file) if args.serve else None
+    if args.serve:
+        try:
+            check_exposure(args.serve_host, serve_token, args.serve_insecure_no_auth)
+        except ValueError as e:
+            raise InputError(str(e).replace("--", "--serve-")) from e
     runtimes = None
     if args.runtimes is not None:
         runtimes = tuple(t.strip() for t in args.runtimes.split(",") if t.strip())
@@ -200,6 +259,9 @@ def _run(args: argparse.Namespace) -> int:
         serve=args.serve,
         serve_host=args.serve_host,
         serve_port=args.serve_port,
+        serve_token=serve_token,
+        serve_allow_hosts=tuple(args.serve_allow_host),
+        serve_insecure_no_auth=args.serve_insecure_no_auth,
         runtimes=runtimes,
     )
     stop = threading.Event()

@@ -17,9 +17,21 @@ Routes (the full reference, with curl examples: ``docs/serving.md``):
 - ``GET /metrics``: Prometheus text format 0.0.4: the model's metrics and the HTTP status counts.
 
 Every error is JSON ``{"error": {"type", "message"}}``: 400 for a malformed body or inputs that do
-not fit the model, 404 unknown route, 405 wrong method, 411 no ``Content-Length``, 413 body over the
-cap, 415 unknown content type, 503 no model; 500 only for a runtime failure or a bug. Request errors
-are counted in the model's ``metrics`` by kind, every response in the HTTP status counts.
+not fit the model, 401 no or wrong token, 403 a Host or Origin not allowed, 404 unknown route, 405 wrong
+method, 408 a request not received within ``read_timeout_s``, 411 no ``Content-Length``, 413 body over
+the cap, 415 unknown content type, 503 no model or every worker busy; 500 only for a runtime failure or a
+bug. Request errors are counted in the model's ``metrics`` by kind, every response in the HTTP status
+counts.
+
+Hostile and careless clients: ``max_connections`` worker threads serve the connections (the others wait
+in a bounded queue; an idle keep-alive connection gives its worker up when one waits), a request must
+arrive whole within ``read_timeout_s`` (a client sending a byte at a time is dropped), JSON bodies are
+capped at ``max_json_bytes`` (parsing costs many times the body in memory), the listen backlog is
+``LISTEN_BACKLOG``. Browsers are kept out: the Host header must be an IP address, ``localhost`` or a name
+in ``allow_hosts`` (DNS rebinding), a request whose ``Origin`` is not the server's own is refused before
+its body is read (cross-origin POSTs, even CORS-"simple" ones), and JSON is only ``application/json``.
+With ``token`` every request needs ``Authorization: Bearer TOKEN``; binding beyond loopback without one
+is refused unless ``insecure_no_auth``.
 
 The server asks ``model_provider`` for the model on each request, so the OTA agent can swap models
 under it: a request that started on the old model finishes on it (``Model.close`` waits for it), and
@@ -28,16 +40,20 @@ one that finds the old model already closed is retried once on the new one.
 
 from __future__ import annotations
 
+import hmac
 import io
+import ipaddress
 import json
 import logging
+import queue
+import socket
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -47,13 +63,27 @@ from device_runtime.model import Model
 from device_runtime.results import image_answer, tensor_answer, text_answer
 from sdk.errors import BackendError, EdgeshipError, InputError, TransportError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ModelServer"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_JSON_BYTES",
+    "LISTEN_BACKLOG",
+    "ModelServer",
+    "check_exposure",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # bytes; also the cap on the arrays an .npz body expands to
+# bytes of a JSON body: json.loads costs up to ~14x the body in Python objects (a 16 MiB body of
+# small floats took ~220 MiB), so tensors bigger than this go as .npy / .npz
+DEFAULT_MAX_JSON_BYTES = 4 * 2**20
+DEFAULT_MAX_CONNECTIONS = 32  # connections served at once (worker threads)
+DEFAULT_READ_TIMEOUT_S = 30.0  # seconds a request (line, headers, body) may take to arrive, from its first byte
 DEFAULT_HEALTH_TTL_S = 5.0  # seconds a health check result is served from cache
-_IDLE_TIMEOUT_S = 30.0  # seconds a keep-alive connection may sit idle or stall mid-request
+LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (the kernel caps it at net.core.somaxconn)
+_IDLE_TIMEOUT_S = 30.0  # seconds a keep-alive connection may sit idle between requests
+_PENDING_PER_WORKER = 4  # accepted connections waiting for a worker, per worker, before 503
 _POLL_S = 0.1  # seconds between the accept loop's checks for stop(): how long stop() takes at most
 _JSON = "application/json"
 _NPY = "application/x-npy"
@@ -61,6 +91,8 @@ _NPZ = "application/x-npz"
 _NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 # What clients send when they name no type: curl --data-binary's default, and the generic one.
 _UNTYPED = ("", "application/x-www-form-urlencoded", "application/octet-stream")
+_JSON_TYPES = (_JSON, "text/json")
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/predict": ("POST",),
     "/v1/text": ("POST",),
@@ -82,6 +114,12 @@ class _HTTPError(Exception):
 
 
 ModelProvider = Callable[[], Model]
+
+
+class _Headers(Protocol):
+    def get(self, name: str) -> str | None: ...
+
+
 _R = TypeVar("_R")
 
 
@@ -95,8 +133,19 @@ class ModelServer:
         port: TCP port; 0 picks a free one (read ``.port`` after ``start``).
         max_body_bytes: request bodies larger than this are refused with 413.
         health_ttl_s: how long a ``/healthz`` result is reused before the check runs again.
+        max_json_bytes: JSON bodies larger than this are refused with 413 (at most ``max_body_bytes``).
+        max_connections: connections served at once (worker threads); more wait, a few per worker, then 503.
+        read_timeout_s: a request must arrive whole (line, headers, body) within this, from its first byte.
+        token: when set, every request needs ``Authorization: Bearer <token>`` (401 otherwise).
+        allow_hosts: host names accepted in the Host header besides IP addresses and ``localhost``
+            (``"*"``: any).
+        insecure_no_auth: allow binding beyond loopback without a token.
 
     Use ``start()`` / ``stop()`` (or a ``with`` block) to serve from a background thread.
+
+    Raises:
+        ValueError: a bad limit, an empty token, or a non-loopback ``host`` without a token or
+            ``insecure_no_auth``.
     """
 
     def __init__(
@@ -107,19 +156,39 @@ class ModelServer:
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         health_ttl_s: float = DEFAULT_HEALTH_TTL_S,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        token: str | None = None,
+        allow_hosts: Sequence[str] = (),
+        insecure_no_auth: bool = False,
     ) -> None:
         if isinstance(model_provider, Model):
             fixed = model_provider
             self._provider: ModelProvider = lambda: fixed
         else:
             self._provider = model_provider
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes <= 0:
-            raise ValueError(f"max_body_bytes must be an int > 0, got {max_body_bytes!r}")
+        for name, value in (
+            ("max_body_bytes", max_body_bytes), ("max_json_bytes", max_json_bytes),
+            ("max_connections", max_connections),
+        ):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be an int > 0, got {value!r}")
+        if not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s!r}")
+        if token is not None and not token.strip():
+            raise ValueError("the token is empty")
+        check_exposure(host, token, insecure_no_auth)
         self.host = host
         self._requested_port = port
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = min(max_json_bytes, max_body_bytes)
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
         self.health_ttl_s = health_ttl_s
-        self._httpd: ThreadingHTTPServer | None = None
+        self._token = None if token is None else token.strip().encode()
+        self._allow_hosts = frozenset(h.lower().strip("[]") for h in (*allow_hosts, host)) | _LOCAL_NAMES
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _status_counts
         self._status_counts: dict[int, int] = {}
@@ -148,7 +217,7 @@ class ModelServer:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         try:
-            httpd = _Server((self.host, self._requested_port), _Handler)
+            httpd = _Server((self.host, self._requested_port), self.max_connections)
         except OSError as e:
             raise TransportError(f"cannot listen on {self.host}:{self._requested_port}: {e}") from e
         httpd.app = self
@@ -177,6 +246,32 @@ class ModelServer:
         self.stop()
 
     # ---- pieces the handler uses ---------------------------------------------------------------
+    def admit(self, headers: _Headers) -> None:
+        """Refuse a request from a browser on another origin or by a rebound name, or without the token.
+
+        Raises:
+            _HTTPError: 400 no Host, 403 a Host or Origin not allowed, 401 no or a wrong token.
+        """
+        host_header = headers.get("Host")
+        if not host_header:
+            raise _HTTPError(400, "bad_request", "a request needs a Host header")
+        host = _host_name(host_header)
+        if host is None or not (_is_ip(host) or host in self._allow_hosts or "*" in self._allow_hosts):
+            raise _HTTPError(
+                403, "forbidden_host", f"Host {host_header!r} is not an address of this server, localhost or "
+                "a name allowed by --allow-host", "Forbidden",
+            )  # fmt: skip
+        origin = headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host_header.lower():
+            raise _HTTPError(
+                403, "forbidden_origin", f"requests from web pages of other origins ({origin!r}) are refused",
+                "Forbidden",
+            )  # fmt: skip
+        if self._token is not None:
+            scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+                raise _HTTPError(401, "unauthorized", "this server needs Authorization: Bearer <token>", "Unauthorized")
+
     def model(self) -> Model:
         """The model to serve right now.
 
@@ -271,18 +366,222 @@ class ModelServer:
         return text + "\n".join(lines) + "\n"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # an idle keep-alive connection must not keep the process alive
+def check_exposure(host: str, token: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond loopback without a token, unless told so.
+
+    Raises:
+        ValueError: ``host`` is not a loopback address or ``localhost``, no token, no ``insecure_no_auth``.
+    """
+    if token or insecure_no_auth:
+        return
+    name = host.lower().strip("[]")
+    if name in _LOCAL_NAMES or (_is_ip(name) and ipaddress.ip_address(name).is_loopback):
+        return
+    raise ValueError(
+        f"binding {host} exposes the model beyond this machine: give a token (--token-file or "
+        "EDGESHIP_SERVE_TOKEN) or say --insecure-no-auth"
+    )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(host_header: str) -> str | None:
+    """The name in a Host header (``name``, ``name:port``, ``[v6]:port``), lower case; None if malformed."""
+    try:
+        name = urlsplit(f"//{host_header.strip()}").hostname
+    except ValueError:
+        return None
+    return name.rstrip(".") if name else None
+
+
+class _Server(HTTPServer):
+    """``max_connections`` worker threads take accepted connections from a bounded queue; an idle keep-alive
+    connection gives its worker up when a connection waits (see ``_Reader``)."""
+
+    request_queue_size = LISTEN_BACKLOG
     app: ModelServer
+
+    def __init__(self, address: tuple[str, int], workers: int) -> None:
+        self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(workers * _PENDING_PER_WORKER)
+        self._idle_lock = threading.Lock()
+        self._idle: dict[socket.socket, None] = {}  # keep-alive connections waiting for a request, oldest first
+        self._free = 0  # workers waiting for a connection
+        self._workers: list[threading.Thread] = []
+        super().__init__(address, _Handler)  # binds (OSError: no worker started)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"edgeship-serve-{i}", daemon=True) for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def others_waiting(self) -> bool:
+        """A connection waits for a worker: keep-alive connections should make room."""
+        return not self._pending.empty()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self._pending.put_nowait((request, client_address))
+        except queue.Full:
+            self._refuse(request)
+            return
+        with self._idle_lock:
+            evict = next(iter(self._idle), None) if self._free == 0 else None
+            if evict is not None:
+                del self._idle[evict]
+        if evict is not None:  # its worker's recv returns b"": it closes that connection and takes this one
+            try:
+                evict.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = json.dumps({"error": {"type": "Unavailable", "message": "every worker is busy; try again"}}).encode()
+        head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + b"Retry-After: 1\r\nConnection: close\r\n\r\n" + body)
+        except OSError:
+            pass
+        self.app.count_status(503)
+        self.shutdown_request(request)
+
+    def idle(self, sock: socket.socket, waiting: bool) -> bool:
+        """Mark a keep-alive connection idle (``waiting``) or busy again; False if it was chosen to make room."""
+        with self._idle_lock:
+            if waiting:
+                self._idle[sock] = None
+                return True
+            return self._idle.pop(sock, 0) is None
+
+    def _work(self) -> None:
+        while True:
+            with self._idle_lock:
+                self._free += 1
+            item = self._pending.get()
+            with self._idle_lock:
+                self._free -= 1
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        super().server_close()
+        while True:  # connections still waiting for a worker: closed
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.shutdown_request(item[0])
+        for _ in self._workers:
+            self._pending.put(None)
+
+
+class _Reader(io.RawIOBase):
+    """The handler's socket reads, under the request's deadline.
+
+    Between requests (``wait``) it waits for the first byte: up to ``read_timeout_s`` on a new connection,
+    up to the keep-alive idle timeout after that, unless the server hands the worker to a waiting
+    connection. From the first byte, the whole request must arrive by ``read_timeout_s`` later, however
+    slowly it trickles in: each ``recv`` gets only the time left."""
+
+    def __init__(self, sock: socket.socket, server: _Server, read_timeout_s: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._server = server
+        self._read_timeout_s = read_timeout_s
+        self._waiting = False
+        self._first = True
+        self._closed = False  # end of stream: the client closed, or the server chose to close
+        self._deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """The next read is the first byte of a request."""
+        self._waiting = True
+
+    def begin(self) -> None:
+        """The request's first bytes are in (they may have come with the previous one): its deadline runs."""
+        if self._waiting:
+            self._waiting = False
+            self._deadline = time.monotonic() + self._read_timeout_s
+
+    def done(self) -> None:
+        """The request is read: no deadline until the next one."""
+        self._deadline = None
+        self._sock.settimeout(self._read_timeout_s)  # for writing the answer to a slow reader
+
+    def readinto(self, buffer: Any) -> int:
+        if self._closed:
+            return 0
+        if self._waiting:
+            return self._first_byte(buffer)
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the request did not arrive within {self._read_timeout_s:g} s")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+    def _first_byte(self, buffer: Any) -> int:
+        first, self._first = self._first, False
+        if not first:
+            if self._server.others_waiting:
+                self._closed = True  # an idle keep-alive connection: closed, its worker serves a waiting one
+                return 0
+            self._server.idle(self._sock, True)
+        self._sock.settimeout(self._read_timeout_s if first else _IDLE_TIMEOUT_S)
+        try:
+            n = self._sock.recv_into(buffer)
+        except TimeoutError:
+            n = 0  # closed quietly, as an idle connection
+        if not first and not self._server.idle(self._sock, False):
+            n = 0  # chosen to make room (a byte that came at that moment is dropped: the client retries)
+        self._closed = n == 0
+        self.begin()
+        return n
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
     server_version = "edgeship-device"
     sys_version = ""
-    timeout = _IDLE_TIMEOUT_S
+    timeout = None  # the deadlines are _Reader's
     disable_nagle_algorithm = True  # small responses go out at once
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self._reader = _Reader(self.connection, self.server, self.server.app.read_timeout_s)
+        self._buffered = io.BufferedReader(self._reader)
+        self.rfile = self._buffered
+
+    def handle_one_request(self) -> None:
+        self._reader.wait()
+        self._buffered.peek(1)  # waits for the request's first byte (unless it came with the previous request)
+        self._reader.begin()
+        super().handle_one_request()
+        if self.server.others_waiting:  # keep-alive gives way: the client reconnects, behind the waiting
+            self.close_connection = True
 
     # Every method goes through one dispatcher, so a known route answers 405 to the wrong one.
     def do_GET(self) -> None:
@@ -319,10 +618,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         arrived = time.perf_counter()
         app = self.server.app
+        self._body_read = False
         self._extra_headers: dict[str, str] = {}  # the handler serves every request of a keep-alive connection
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
+            app.admit(self.headers)
             allowed = _ROUTES.get(url.path)
             if allowed is None:
                 raise _HTTPError(404, "not_found", f"no route {url.path!r}; routes: {', '.join(_ROUTES)}", "NotFound")
@@ -349,6 +650,10 @@ class _Handler(BaseHTTPRequestHandler):
         except _HTTPError as e:
             if e.status == 405:
                 self._extra_headers = {"Allow": ", ".join(_ROUTES[url.path])}
+            elif e.status == 401:
+                self._extra_headers = {"WWW-Authenticate": 'Bearer realm="edgeship-device"'}
+            if e.status in (400, 401, 403, 413) and self.command == "POST" and not self._body_read:
+                self.close_connection = True  # its body stays unread: this connection cannot be reused
             if e.kind not in ("unavailable", "closed"):
                 app.count_error(e.kind)
             self._send_error_json(e.status, e.type, str(e))
@@ -364,11 +669,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error_json(500, "InternalError", f"{type(e).__name__}: {e}")
 
     def _predict(self, app: ModelServer, query: dict[str, str], arrived: float) -> None:
-        body = self._read_body(app.max_body_bytes)
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body = self._read_body(app.max_json_bytes if content_type in _JSON_TYPES else app.max_body_bytes)
         if content_type in _UNTYPED:  # no type named: tell .npy and .npz apart by their magic bytes, else JSON
             content_type = _NPY if body.startswith(_NPY_MAGIC) else _NPZ if body.startswith(_ZIP_MAGIC) else _JSON
-        if content_type in (_JSON, "text/json", "text/plain"):
+            if content_type == _JSON:
+                _check_json_size(len(body), app.max_json_bytes)
+        if content_type in _JSON_TYPES:
             raw = _parse_json_inputs(body)
 
             def inputs_of(model: Model) -> Mapping[str, Any]:
@@ -396,7 +703,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(
                 415,
                 "unsupported_media_type",
-                f"Content-Type {content_type!r} is not one of {_JSON}, {_NPY}, {_NPZ}",
+                f"Content-Type {content_type!r} is not one of {_JSON}, {_NPY}, {_NPZ} (or none: told apart "
+                "by its first bytes)",
                 "UnsupportedMediaType",
             )
         model, outputs = app.predict(inputs_of, arrived)
@@ -415,14 +723,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, tensor_answer(model, outputs))
 
     def _text(self, app: ModelServer) -> None:
-        body = self._read_body(app.max_body_bytes)
         content_type = (self.headers.get("Content-Type") or _JSON).split(";")[0].strip().lower()
+        body = self._read_body(app.max_json_bytes if content_type in _JSON_TYPES else app.max_body_bytes)
         if content_type == "text/plain":  # one text, as is
             try:
                 request: dict[str, Any] = {"text": body.decode("utf-8")}
             except UnicodeDecodeError as e:
                 raise _HTTPError(400, "bad_request", f"text/plain body is not UTF-8: {e}") from None
-        elif content_type in (_JSON, "text/json"):
+        elif content_type in _JSON_TYPES:
             request = _parse_json_object(body, '{"text": "..." or ["...", ...], "top_k": K}')
         else:
             raise _HTTPError(
@@ -464,13 +772,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(400, "bad_request", f"bad Content-Length {length_text!r}") from None
         if length > cap:
             self.close_connection = True  # the body stays unread: this connection cannot be reused
+            what = "JSON body" if cap == self.server.app.max_json_bytes < self.server.app.max_body_bytes else "body"
+            hint = " (send large tensors as .npy or .npz)" if what == "JSON body" else ""
             raise _HTTPError(
-                413, "too_large", f"body of {length} bytes is over the {cap}-byte limit", "PayloadTooLarge"
+                413, "too_large", f"{what} of {length} bytes is over the {cap}-byte limit{hint}", "PayloadTooLarge"
             )
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as e:
+            self.close_connection = True
+            raise _HTTPError(408, "timeout", str(e), "RequestTimeout") from None
         if len(body) != length:
             self.close_connection = True
             raise _HTTPError(400, "bad_request", f"body ended after {len(body)} of {length} bytes")
+        self._body_read = True
+        self._reader.done()
         return body
 
     # ---- responses -------------------------------------------------------------------------------
@@ -482,6 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, content_type: str, payload: bytes) -> None:
         self.server.app.count_status(status)
+        self._reader.done()
         head = [f"{self.protocol_version} {status} {HTTPStatus(status).phrase}"]
         head += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}", "Cache-Control: no-store"]
         head += [f"{k}: {v}" for k, v in getattr(self, "_extra_headers", {}).items()]
@@ -496,11 +813,19 @@ class _Handler(BaseHTTPRequestHandler):
 def _parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _HTTPError(400, "bad_request", f"body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
+        raise _HTTPError(400, "bad_request", f"body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(document, dict):
         raise _HTTPError(400, "bad_request", f"body must be a JSON object {expected}")
     return document
+
+
+def _check_json_size(length: int, cap: int) -> None:
+    if length > cap:
+        raise _HTTPError(
+            413, "too_large", f"JSON body of {length} bytes is over the {cap}-byte limit (send large tensors "
+            "as .npy or .npz)", "PayloadTooLarge",
+        )  # fmt: skip
 
 
 def _parse_json_inputs(body: bytes) -> Mapping[str, Any]:
@@ -533,9 +858,13 @@ def _read_npy(data: bytes, what: str) -> np.ndarray:
         raise _HTTPError(400, "bad_request", f"{what} is not a .npy array: {e}") from None
     if dtype.hasobject or dtype.kind not in "biuf":
         raise _HTTPError(400, "bad_request", f"{what} holds {dtype} values; only numbers and booleans are accepted")
+    if any(not isinstance(dim, int) or dim < 0 for dim in shape):
+        raise _HTTPError(400, "bad_request", f"{what}: the header's shape {list(shape)} has a negative dimension")
     count = 1
     for dim in shape:
         count *= dim
+    if any(dim > len(data) for dim in shape) and count == 0:  # (0, 10**20): no data, a shape numpy refuses
+        raise _HTTPError(400, "bad_request", f"{what}: the header's shape {list(shape)} is too large")
     offset = stream.tell()
     if len(data) - offset != count * dtype.itemsize:
         raise _HTTPError(

@@ -17,7 +17,9 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
     """``python -m module PARENT_PID args...`` with pipes on stdin and stdout (stderr inherited: its log).
 
     On Linux the child is killed when the *thread* that spawned it ends (``PR_SET_PDEATHSIG``): spawn it
-    from a thread that lives as long as the child should.
+    from a thread that lives as long as the child should. It runs in its own process group, so a Ctrl-C at
+    the terminal (SIGINT to the foreground group) reaches the agent alone, which then stops its children in
+    order: the link publishes its clean ``offline`` status instead of dying with a traceback.
 
     Raises:
         OSError: it cannot be started.
@@ -30,11 +32,18 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
+        start_new_session=True,  # its own process group (3.10 has no process_group=0)
     )
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """End this process when its parent ends: at once on Linux, within half a second elsewhere."""
+    """End this process when its parent ends: at once on Linux, within half a second elsewhere.
+
+    SIGINT and SIGTERM are ignored from here on: the parent decides when a helper stops (it says so on the
+    pipe), also when a signal reached every process of the group or of the service (systemd's SIGTERM).
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
 

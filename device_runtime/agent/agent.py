@@ -160,7 +160,10 @@ class Agent:
         record = self._deployer.read_record()
         self._deployer.boot(record)
         if self.config.serve:
-            server = ModelServer(self._current_model, self.config.serve_host, self.config.serve_port)
+            server = ModelServer(
+                self._current_model, self.config.serve_host, self.config.serve_port, token=self.config.serve_token,
+                allow_hosts=self.config.serve_allow_hosts, insecure_no_auth=self.config.serve_insecure_no_auth,
+            )  # fmt: skip
             try:
                 server.start()
             except TransportError:

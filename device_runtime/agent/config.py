@@ -38,6 +38,9 @@ class AgentConfig:
             model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
+        serve_token: the HTTP API's bearer token (needed to bind beyond loopback).
+        serve_allow_hosts: host names its Host header may carry besides addresses and ``localhost``.
+        serve_insecure_no_auth: bind beyond loopback without a token.
         staging_process: download, verify and install new bundles in a helper process
             (``device_runtime.agent.staging``), away from the serving process's GIL; False: on the agent's
             OTA thread (also the fallback when the helper cannot be started).
@@ -67,6 +70,9 @@ class AgentConfig:
     serve: bool = False
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
+    serve_token: str | None = field(default=None, repr=False)
+    serve_allow_hosts: tuple[str, ...] = ()
+    serve_insecure_no_auth: bool = False
     staging_process: bool = True
     link_process: bool = True
     runtimes: tuple[str, ...] | None = None  # bundle targets; None: every runtime installed

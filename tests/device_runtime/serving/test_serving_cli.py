@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from runtime_bundles import Keys
 from serving_parts import linear_reference, request
 
@@ -62,3 +64,42 @@ def test_serve_on_a_busy_port_prints_one_line(bundle_factory: Callable[..., Path
         code = main(["serve", "--bundle", str(bundle_factory()), "--trust", str(keys.public), "--port", str(port)])
     assert code == 1
     assert "cannot listen" in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
+def test_serve_beyond_loopback_without_a_token_is_refused_in_one_line(
+    bundle_factory: Callable[..., Path], keys: Keys, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGESHIP_SERVE_TOKEN", raising=False)
+    code = main(["serve", "--bundle", str(bundle_factory()), "--trust", str(keys.public), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--token-file" in err and "--insecure-no-auth" in err
+
+
+@pytest.mark.parametrize("from_env", [True, False])
+def test_serve_with_a_token_answers_only_with_it(
+    bundle_factory: Callable[..., Path], keys: Keys, tmp_path: Path, from_env: bool
+) -> None:
+    command = [
+        sys.executable, "-m", "device_runtime.cli", "serve", "--bundle", str(bundle_factory()),
+        "--trust", str(keys.public), "--host", "0.0.0.0", "--port", "0", "--allow-host", "device.local",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "EDGESHIP_SERVE_TOKEN"}
+    if from_env:
+        env["EDGESHIP_SERVE_TOKEN"] = "tok-123"
+    else:
+        (tmp_path / "token").write_text("tok-123\n")
+        command += ["--token-file", str(tmp_path / "token")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        port = int(json.loads(process.stdout.readline())["url"].rsplit(":", 1)[1])
+        assert request(port, "GET", "/v1/model").status == 401
+        ok = {"Authorization": "Bearer tok-123", "Host": f"device.local:{port}"}
+        assert request(port, "GET", "/v1/model", None, ok).status == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None and "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
