@@ -25,6 +25,7 @@ __all__ = [
     "LITERT_FIRST_RELEASE_COVERS_TF",
     "ORT_CONTRIB_OPS",
     "ORT_RELEASES",
+    "OPENVINO_BASE_TYPES",
     "OPENVINO_IR_VERSIONS",
     "OPENVINO_OPSETS",
     "OrtRelease",
@@ -180,14 +181,22 @@ OPENVINO_OPSETS: dict[int, str] = {
 # IR v10 came with opset1 (2020.1); IR v11 with OpenVINO's API 2.0 (2022.1, "OpenVINO IR v11" in its
 # release notes): an IR v11 file needs 2022.1 or later.
 OPENVINO_IR_VERSIONS: dict[int, str] = {10: "2020.1.0", 11: "2022.1.0"}
+# Element types every IR v10/v11 reader knows (the IR v10 specification's precisions); newer ones
+# (u4/i4/nf4 weights, the f8 and f4 types) came in later releases and get the build host's release.
+OPENVINO_BASE_TYPES = frozenset(
+    {"f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u64", "u32", "u16", "u8", "u1", "boolean"}
+)
 
 
-def openvino_min_version(ir_version: int, layer_opsets: Iterable[str], host: str | None = None) -> Requirement:
+def openvino_min_version(
+    ir_version: int, layer_opsets: Iterable[str], element_types: Iterable[str] = (), host: str | None = None
+) -> Requirement:
     """The first OpenVINO release that reads an IR of ``ir_version`` whose layers use ``layer_opsets``.
 
     Args:
         ir_version: the ``version`` attribute of the IR's ``<net>``.
         layer_opsets: the layers' ``version`` attributes (``"opset1"``, ``"opset13"``, extension names).
+        element_types: the ``element_type`` attributes of the layers' data (``"f32"``, ``"u4"``, ...).
         host: the build host's OpenVINO version, for anything the tables do not know.
 
     Raises:
@@ -207,6 +216,7 @@ def openvino_min_version(ir_version: int, layer_opsets: Iterable[str], host: str
             found.append((OPENVINO_OPSETS[number], f"{name} -> openvino {OPENVINO_OPSETS[number]}"))
         else:
             unknown.append(f"operation set {name!r}")
+    unknown.extend(f"element type {t}" for t in sorted(set(element_types) - OPENVINO_BASE_TYPES))
     return _highest(found, host, unknown)
 
 
