@@ -203,7 +203,8 @@ class Runtime(Section):
 
     # every target
     package: str | None = None  # the runtime package: onnxruntime, openvino, ai-edge-litert, coremltools
-    min_version: str | None = None  # lowest version of package the model was built for
+    min_version: str | None = None  # lowest version of package the model needs (sdk.runtime_versions)
+    built_with: dict[str, str] | None = None  # provenance: package -> the version the build host ran
     arch: tuple[str, ...] | None = None  # CPU architectures, or ("any",)
     format: str | None = None  # onnx, ort, mlprogram, ...
     opset: int | None = None  # ONNX opset of the export

@@ -20,7 +20,7 @@ import numpy as np
 from sdk.errors import BackendError, EdgeshipError
 from sdk.manifest import Manifest
 
-__all__ = ["Backend", "BackendOptions", "install_hint"]
+__all__ = ["Backend", "BackendOptions", "import_failure", "install_hint"]
 
 
 def install_hint(extra: str) -> str:
@@ -31,6 +31,62 @@ def install_hint(extra: str) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def _installed(distributions: tuple[str, ...]) -> list[tuple[str, str]]:
+    from importlib import metadata
+
+    found = []
+    for dist in distributions:
+        try:
+            found.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+_NUMPY_ABI = ("compiled using NumPy 1.x", "numpy.core.multiarray failed to import", "_ARRAY_API not found",
+              "numpy.core._multiarray_umath")  # fmt: skip
+# Runtimes whose wheels before this release were built against numpy 1.x only (None: every release).
+# Their import fails beside numpy 2 with an empty ImportError; numpy prints the reason on stderr.
+# Sources: onnxruntime 1.19.0 release notes ("support for numpy 2.0"); tflite-runtime's last release, 2.14.
+_NUMPY1_ONLY_BEFORE: dict[str, str | None] = {"onnxruntime": "1.19.0", "onnxruntime-gpu": "1.19.0",
+                                               "tflite-runtime": None}  # fmt: skip
+
+
+def _numpy1_build(dist: str, version: str) -> bool:
+    from sdk.compat import version_at_least
+
+    if dist not in _NUMPY1_ONLY_BEFORE:
+        return False
+    first_numpy2 = _NUMPY1_ONLY_BEFORE[dist]
+    return first_numpy2 is None or not version_at_least(version, first_numpy2)
+
+
+def import_failure(target: str, module: str, error: BaseException, extra: str) -> str:
+    """Why ``module`` (the runtime of ``target`` bundles) did not import, and what to do about it.
+
+    A runtime that is not installed is told apart from one that is installed but broken: a wheel built
+    for numpy 1.x beside numpy 2 (onnxruntime before 1.19, tflite-runtime), a missing shared library.
+    """
+    from sdk.compat import RUNTIME_PACKAGES
+
+    distributions = tuple(d for d, t in RUNTIME_PACKAGES.items() if t == target) or (module,)
+    installed = _installed(distributions)
+    if not installed:
+        return (f"bundle target {target!r} needs the {module} package, which is not installed; "
+                f"install it with: {install_hint(extra)}")  # fmt: skip
+    what = ", ".join(f"{d} {v}" for d, v in installed)
+    cause = f"{type(error).__name__}: {_first_line(error)}"
+    chain = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
+    numpy1 = any(marker in chain for marker in _NUMPY_ABI) or any(_numpy1_build(d, v) for d, v in installed)
+    if numpy1 and int(np.__version__.split(".")[0]) >= 2:
+        advice = (f"it was built for numpy 1.x and numpy {np.__version__} is installed: pip install 'numpy<2' "
+                  f"(or a release of {installed[0][0]} built for numpy 2)")  # fmt: skip
+    else:
+        dist, version = installed[0]
+        advice = f"reinstall it (pip install --force-reinstall '{dist}=={version}') or install another release"
+    return f"bundle target {target!r}: {what} is installed but failed to import ({cause}); {advice}"
 
 
 @dataclass(frozen=True)
@@ -72,15 +128,13 @@ class Backend(abc.ABC):
         """Import the runtime package.
 
         Raises:
-            BackendError: it is not installed (the message names the extra to install).
+            BackendError: it is not installed (the message names the extra to install), or it is installed
+                and fails to import (the message says what failed and what to do).
         """
         try:
             return importlib.import_module(cls.package)
-        except ImportError as e:
-            raise BackendError(
-                f"bundle target {cls.name!r} needs the {cls.package} package, which is not installed; "
-                f"install it with: {install_hint(cls.extra)}"
-            ) from e
+        except Exception as e:  # ImportError, or a broken build's AttributeError/RuntimeError (numpy ABI)
+            raise BackendError(import_failure(cls.name, cls.package, e, cls.extra)) from e
 
     def load(self, model_path: Path, manifest: Manifest, options: BackendOptions) -> None:
         """Load the verified model file.

@@ -45,10 +45,11 @@ import numpy as np
 
 from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner, version_floor
+from packagers.registry import BuiltModel, Runner
 from packagers.validation import ValidationUnavailable
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
+from sdk.runtime_versions import COREML_SPEC_OS, coreml_min_version, coreml_os_versions
 
 if TYPE_CHECKING:
     from packagers.sources.base import Source
@@ -118,10 +119,6 @@ def import_coremltools() -> Any:
                 if name in sys.modules and sys.modules[name] is None:
                     del sys.modules[name]
     return ct
-
-
-def _version(ct: Any) -> str:
-    return version_floor(str(ct.__version__))
 
 
 class _Settings:
@@ -404,9 +401,15 @@ class CoreMlPackager:
         if not structure["passed"]:
             raise PackagingError("the Core ML package failed its structural check: " + "; ".join(structure["problems"]))
         recipe["structure"] = structure
+        spec = int(structure["specification_version"])
+        need = coreml_min_version(spec, host=str(ct.__version__))
+        os_versions = coreml_os_versions(spec) if spec in COREML_SPEC_OS else None
+        recipe["runtime_requirement"] = {"min_version": need.version, "reasons": list(need.reasons),
+                                         "os_versions": os_versions}  # fmt: skip
         runtime: dict[str, Any] = {
             "package": "coremltools",
-            "min_version": _version(ct),
+            "min_version": need.version,
+            "built_with": {"coremltools": str(ct.__version__)},
             "arch": ["aarch64", "x86_64"],  # Apple silicon (and iOS devices), Intel Macs
             "platforms": ["macOS", "iOS"],
             "format": "mlprogram",

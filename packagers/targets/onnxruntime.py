@@ -25,6 +25,7 @@ below resolves to the real package: imports are absolute).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,11 +38,12 @@ from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
+from sdk.runtime_versions import Requirement, onnxruntime_min_version
 
 if TYPE_CHECKING:
     from packagers.sources.base import Source
 
-__all__ = ["CAPABILITIES", "OnnxRuntimePackager", "runtime_min_version"]
+__all__ = ["CAPABILITIES", "OnnxRuntimePackager", "model_requirement", "runtime_min_version", "strip_unused_opsets"]
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4),
@@ -54,10 +56,90 @@ DEFAULT_INT4_BLOCK_SIZE = 32
 
 
 def runtime_min_version() -> str:
-    """The installed onnxruntime as ``major.minor.0`` (what the built graphs were validated with)."""
+    """The installed onnxruntime as ``major.minor.0``: what the build host validated with (``.ort`` files need it)."""
     import onnxruntime as ort
 
     return version_floor(ort.__version__)
+
+
+def _host_versions() -> dict[str, str]:
+    """Provenance for ``runtime.built_with``: the build host's onnxruntime and onnx."""
+    import onnx
+    import onnxruntime as ort
+
+    return {"onnxruntime": str(ort.__version__), "onnx": str(onnx.__version__)}
+
+
+def _used_domains(model: Any) -> set[str]:
+    """Every domain a node uses: the main graph, its subgraphs (If/Loop/Scan bodies) and local functions."""
+    from onnx import AttributeProto
+
+    used: set[str] = set()
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    used.update(f.domain for f in model.functions)
+    while graphs or nodes:
+        if graphs:
+            nodes.extend(graphs.pop().node)
+            continue
+        node = nodes.pop()
+        used.add(node.domain)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                graphs.append(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                graphs.extend(attr.graphs)
+    return {"" if d == "ai.onnx" else d for d in used}
+
+
+def strip_unused_opsets(src: Path, dst: Path) -> tuple[Path, list[str]]:
+    """Drop the opset imports no node uses (``quant_pre_process`` stamps every domain at the host's newest).
+
+    An import the graph does not use still makes an older runtime refuse the model (onnxruntime 1.17
+    refuses ``ai.onnx.ml`` opset 5). The default domain is always kept. ``src`` is never modified: when
+    something is dropped the graph is written to ``dst``.
+
+    Returns:
+        The model to use (``src`` when nothing was dropped, else ``dst``) and the dropped ``domain:version``.
+    """
+    import onnx
+
+    model = onnx.load(str(src))
+    used = _used_domains(model)
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    dropped = [f"{o.domain}:{o.version}" for o in model.opset_import if o not in keep]
+    if not dropped:
+        return src, []
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst), save_as_external_data=False)
+    return dst, dropped
+
+
+def model_requirement(path: Path, host: str | None = None) -> Requirement:
+    """The first onnxruntime release that loads the ``.onnx`` at ``path`` (its opsets, IR version, contrib ops).
+
+    Raises:
+        ValueError: the model uses something the tables do not know and no ``host`` version was given.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opsets = {o.domain: int(o.version) for o in model.opset_import}
+    contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    return onnxruntime_min_version(opsets, int(model.ir_version), contrib, host=host)
+
+
+def _with_requirement(built: BuiltModel, workdir: Path) -> BuiltModel:
+    """``built`` with unused opset imports stripped and ``runtime.min_version`` derived from the graph."""
+    host = _host_versions()
+    path, dropped = strip_unused_opsets(built.path, workdir / f"opsets-{built.candidate}" / MODEL_MEMBER)
+    need = model_requirement(path, host=host["onnxruntime"])
+    runtime = {**built.runtime, "min_version": need.version, "built_with": host}
+    recipe = {**built.recipe, "runtime_requirement": {"min_version": need.version, "reasons": list(need.reasons),
+                                                      "stripped_opsets": dropped}}  # fmt: skip
+    return dataclasses.replace(built, path=path, runtime=runtime, recipe=recipe)
 
 
 def _symbolic_shapes_complete(src: Path) -> tuple[bool, str]:
@@ -130,7 +212,6 @@ class OnnxRuntimePackager:
     def _runtime(self, opset: int, exporter: str) -> dict[str, Any]:
         return {
             "package": "onnxruntime",
-            "min_version": runtime_min_version(),
             "arch": ["any"],
             "providers": ["CPUExecutionProvider"],
             "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -172,6 +253,7 @@ class OnnxRuntimePackager:
             built = self._int8_static(exported.path, workdir, runtime, export_info, source, options, progress)
         else:
             built = self._int4(exported.path, workdir, runtime, export_info, options, progress)
+        built = [_with_requirement(b, workdir) for b in built]
         if ort_format:
             built = [self._to_ort(b, workdir, progress) for b in built]
         return built
@@ -284,7 +366,9 @@ class OnnxRuntimePackager:
         progress(f"onnxruntime: converting the {built.candidate} graph to ORT format")
         path, info = to_ort_format(built.path, workdir / f"ort-{built.candidate}")
         # The graph is optimised at conversion; the device loads it as it is (a level is still recorded).
-        rt = {**built.runtime, "format": "ort", "graph_optimization_level": "ORT_ENABLE_ALL"}
+        # An ORT-format file is read by the converting release and later ones only: the host's release.
+        rt = {**built.runtime, "format": "ort", "graph_optimization_level": "ORT_ENABLE_ALL",
+              "min_version": runtime_min_version()}  # fmt: skip
         recipe = {**built.recipe, "ort_format": info}
         return BuiltModel(path, ORT_MEMBER, rt, recipe, built.candidate)
 

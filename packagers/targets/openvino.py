@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +41,19 @@ from packagers.options import Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.precision import PrecisionChoice, choose_hint
+from sdk.runtime_versions import Requirement, openvino_min_version
 
 if TYPE_CHECKING:
     from packagers.sources.base import Source
 
-__all__ = ["CAPABILITIES", "OpenVinoPackager", "compile_for_validation", "runtime_min_version", "validation_precision"]
+__all__ = [
+    "CAPABILITIES",
+    "OpenVinoPackager",
+    "compile_for_validation",
+    "model_requirement",
+    "runtime_min_version",
+    "validation_precision",
+]
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_WEIGHTS, Precision.INT4),
@@ -67,10 +76,29 @@ _THROUGH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueez
 
 
 def runtime_min_version() -> str:
-    """The installed OpenVINO as ``major.minor.0`` (what the IR was validated with)."""
+    """The installed OpenVINO as ``major.minor.0`` (what the build host validated the IR with)."""
     import openvino as ov
 
     return version_floor(ov.__version__)
+
+
+def model_requirement(path: Path, host: str | None = None) -> Requirement:
+    """The first OpenVINO release that reads the IR ``.xml`` at ``path``: its IR version and its layers' operation sets.
+
+    Raises:
+        PackagingError: the file is not an OpenVINO IR.
+        ValueError: the IR uses something the tables do not know and no ``host`` version was given.
+    """
+    import xml.etree.ElementTree as ET  # the IR is our own output, written by ov.save_model
+
+    try:
+        net = ET.parse(path).getroot()
+        ir_version = int(net.get("version", "0"))
+    except (ET.ParseError, ValueError) as e:
+        raise PackagingError(f"{path.name} is not an OpenVINO IR: {e}") from e
+    opsets = {layer.get("version", "") for layer in net.iter("layer")}
+    types = {data.get("element_type", "") for data in net.iter("data")}
+    return openvino_min_version(ir_version, opsets - {""}, types - {""}, host=host)
 
 
 def validation_precision(requested: str) -> PrecisionChoice:
@@ -197,7 +225,6 @@ class OpenVinoPackager:
         recipe["validation_precision"] = {"hint": hint, "validated": validated.expected, "forced": validated.forced}
         runtime: dict[str, Any] = {
             "package": "openvino",
-            "min_version": runtime_min_version(),
             "arch": list(ARCH),
             "devices": ["CPU"],
             "performance_hint": "LATENCY",
@@ -224,6 +251,11 @@ class OpenVinoPackager:
         out = workdir / MODEL_MEMBER
         # compress_to_fp16 only touches fp32 constants; quantized weights keep their int types.
         ov.save_model(model, str(out), compress_to_fp16=precision is Precision.FP16)
+        host = metadata.version("openvino")
+        need = model_requirement(out, host=host)
+        runtime["min_version"] = need.version
+        runtime["built_with"] = {"openvino": host}
+        recipe["runtime_requirement"] = {"min_version": need.version, "reasons": list(need.reasons)}
         # Counted on the saved IR: fp16 compression happens while saving.
         saved = weight_precisions(ov.Core().read_model(str(out)))
         recipe["ir"] = {"weights": saved, "compress_to_fp16": precision is Precision.FP16}

@@ -32,14 +32,17 @@ import numpy as np
 
 from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner, version_floor
+from packagers.registry import BuiltModel, Runner
+from packagers.targets._tflite_flatbuffer import read_facts
+from sdk.compat import version_at_least
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
+from sdk.runtime_versions import Requirement, litert_min_version
 
 if TYPE_CHECKING:
     from packagers.sources.base import Source
 
-__all__ = ["CAPABILITIES", "MODEL_MEMBER", "TfLitePackager", "inspect_model"]
+__all__ = ["CAPABILITIES", "MODEL_MEMBER", "TfLitePackager", "inspect_model", "model_requirement"]
 
 CAPABILITIES = Capabilities(
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8),
@@ -58,8 +61,25 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _min_version() -> str:
-    return version_floor(_version("ai-edge-litert"))
+def model_requirement(model: Path | bytes, host: str | None = None) -> Requirement:
+    """The first ai-edge-litert release that runs this .tflite: from the ``min_runtime_version`` its converter
+    wrote (the TFLite runtime its op versions need); custom ops need the build host's release.
+
+    Raises:
+        PackagingError: not a readable .tflite.
+        ValueError: the model needs something the tables do not know and no ``host`` was given.
+    """
+    try:
+        facts = read_facts(model.read_bytes() if isinstance(model, Path) else model)
+    except ValueError as e:
+        raise PackagingError(f"the built TFLite model cannot be read: {e}") from e
+    need = litert_min_version(facts.min_runtime_version, host=host)
+    custom = sorted({c for _, _, c in facts.operators if c})
+    if custom:  # a custom op (Flex, ...) is not versioned by the table: only the host is known to run it
+        extra = litert_min_version(None, host=host)
+        reasons = (*need.reasons, f"custom ops {', '.join(custom)} -> the build host's {extra.version}")
+        need = Requirement(need.version if version_at_least(need.version, extra.version) else extra.version, reasons)
+    return need
 
 
 def _interpreter(model: Path | bytes) -> Any:
@@ -138,10 +158,13 @@ class TfLitePackager:
             converter, recipe = self._from_torch(source, precision, int8_io, batch, workdir, out, progress)
         recipe["seconds"] = round(time.perf_counter() - start, 3)
         details = inspect_model(out)
+        need = model_requirement(out, host=_version("ai-edge-litert"))
+        recipe["runtime_requirement"] = {"min_version": need.version, "reasons": list(need.reasons)}
         inputs, outputs, tensor_map = _specs(source, details)
         runtime: dict[str, Any] = {
             "package": "ai-edge-litert",
-            "min_version": _min_version(),
+            "min_version": need.version,
+            "built_with": {"ai-edge-litert": _version("ai-edge-litert")},
             "fallbacks": ["tflite-runtime", "tensorflow"],
             "arch": ["any"],
             "delegates": ["xnnpack"],
