@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from sdk.errors import PackagingError
 from sdk.manifest import Manifest
-from sdk.runtime_support import DEFAULT_OPSET
+from sdk.runtime_versions import DEFAULT_OPSET
 
 __all__ = [
     "CALIBRATION_METHODS",

@@ -4,8 +4,9 @@
 that runtime cannot run (a target the device has no runtime for, a precision or export opset newer than
 the release, an ORT-format file for an older ONNX Runtime, a Core ML precision the OS lacks), naming why.
 ``apply_plans`` returns the options the build then uses (the export opset, Core ML's deployment target),
-and ``fit_built`` checks each built ONNX graph against the release and writes the bundle's
-``runtime.min_version`` as that release, so a device running it (``sdk.compat.why_incompatible``) takes it.
+and ``fit_built`` checks each built model against the release: its ``runtime.min_version``, derived from
+the model by the target (``sdk.runtime_versions``), must not be newer, so a device running that release
+(``sdk.compat.why_incompatible``) takes it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from packagers.options import PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, version_floor
+from packagers.registry import BuiltModel
 from sdk.compat import version_at_least
 from sdk.errors import EdgeshipError, PackagingError
 from sdk.profiles import DeviceProfile, get_profile, parse_runtime_spec
-from sdk.runtime_support import COREML_MIN_OS, COREML_ML_PROGRAM_MIN_OS, DEFAULT_OPSET, ORT_OPSETS, ORT_PRECISION_SINCE
+from sdk.runtime_versions import (
+    COREML_MIN_OS,
+    COREML_ML_PROGRAM_MIN_OS,
+    DEFAULT_OPSET,
+    ORT_PRECISION_SINCE,
+    ORT_RELEASES,
+    ort_limits,
+)
 
-__all__ = ["RuntimePlan", "apply_plans", "fit_built", "ort_limits", "plan_runtimes"]
+__all__ = ["RuntimePlan", "apply_plans", "fit_built", "plan_runtimes"]
 
 _COREML_OS = re.compile(r"(?i)(ios|macos)(\d+)")
 
@@ -40,14 +48,6 @@ class RuntimePlan:
     def label(self) -> str:
         what = f"{self.package or self.target.value}" + (f" {self.version}" if self.version else "")
         return f"{what} (device {self.device})" if self.device else what
-
-
-def ort_limits(version: str) -> tuple[int, int] | None:
-    """The highest ONNX opset and IR version ONNX Runtime ``version`` runs; None: older than the table."""
-    for release, opset, ir in ORT_OPSETS:  # newest first: a newer release than the table is held to its top row
-        if version_at_least(version, release):
-            return opset, ir
-    return None
 
 
 def _coreml_os(plan_version: str | None, profile: DeviceProfile | None) -> tuple[str, int] | None:
@@ -90,7 +90,7 @@ def _refuse(plan: RuntimePlan, precision: Precision, options: PackageOptions) ->
     if plan.target is Target.ONNXRUNTIME and plan.version is not None:
         limits = ort_limits(plan.version)
         if limits is None:
-            oldest = ORT_OPSETS[-1][0]
+            oldest = ORT_RELEASES[0].version
             return [f"{plan.label()}: releases before {oldest} are not supported (no opset table)"]
         since = ORT_PRECISION_SINCE.get(precision.value)
         if since is not None and not version_at_least(plan.version, since):
@@ -174,36 +174,35 @@ def _graph_versions(path: Any) -> tuple[int, int]:
 
 
 def fit_built(built: BuiltModel, plan: RuntimePlan) -> BuiltModel:
-    """Check a built model against ``plan``'s release and stamp the bundle's ``min_version`` with it.
+    """Check a built model against ``plan``'s release.
 
-    ONNX graphs are read back (opset, IR version) and compared with what the release runs; the bundle's
-    ``runtime.min_version`` becomes the release's ``major.minor.0``, so a device that reports it (e.g.
-    onnxruntime 1.17.3) takes the bundle. Other targets keep the release this host built with, which
-    must not be newer than the one asked for.
+    The target derived the bundle's ``runtime.min_version`` from the model itself (``sdk.runtime_versions``);
+    it must not be newer than the release asked for. ONNX graphs are also read back (opset, IR version)
+    for a refusal that names what the release lacks. The minimum stays the model's own, so a device on
+    the release asked for, or any later one, takes the bundle.
 
     Raises:
         PackagingError: the built model needs a newer release than ``plan`` names.
     """
     if plan.version is None or plan.target is Target.COREML:
         return built
-    host_version = built.runtime.get("min_version")  # the host's runtime release the target wrote
-    recipe = {**built.recipe, "built_for": {"runtime": plan.label(), "built_with": host_version}}
-    if plan.target is not Target.ONNXRUNTIME or built.member.endswith(".ort"):
-        current = host_version
-        if current is not None and not version_at_least(plan.version, str(current)):
+    needed = built.runtime.get("min_version")
+    recipe = {**built.recipe, "built_for": {"runtime": plan.label(), "min_version": needed,
+                                            "built_with": built.runtime.get("built_with")}}  # fmt: skip
+    if plan.target is Target.ONNXRUNTIME and not built.member.endswith(".ort"):
+        limits = ort_limits(plan.version)
+        assert limits is not None  # plan_runtimes refused releases older than the table
+        opset, ir = _graph_versions(built.path)
+        if opset > limits[0] or ir > limits[1]:
             raise PackagingError(
-                f"{plan.label()}: this host builds {plan.target.value} bundles with {current}, which "
-                f"{plan.package or plan.target.value} {plan.version} may not load; build on a host with that release"
+                f"{plan.label()} runs ONNX opset <= {limits[0]} and IR version <= {limits[1]}; the "
+                f"{built.candidate} model has opset {opset}, IR version {ir}"
             )
-        return replace(built, recipe=recipe)
-    limits = ort_limits(plan.version)
-    assert limits is not None  # plan_runtimes refused releases older than the table
-    opset, ir = _graph_versions(built.path)
-    if opset > limits[0] or ir > limits[1]:
+        recipe["built_for"].update(opset=opset, ir_version=ir, max_opset=limits[0], max_ir_version=limits[1])
+    if needed is not None and not version_at_least(plan.version, str(needed)):
+        reasons = "; ".join((built.recipe.get("runtime_requirement") or {}).get("reasons") or []) or "the model"
         raise PackagingError(
-            f"{plan.label()} runs ONNX opset <= {limits[0]} and IR version <= {limits[1]}; the {built.candidate} "
-            f"model has opset {opset}, IR version {ir}"
+            f"{plan.label()}: the {built.candidate} model needs {plan.package or plan.target.value} >= {needed} "
+            f"({reasons}); build another precision or for a newer release"
         )
-    recipe["built_for"].update(opset=opset, ir_version=ir, max_opset=limits[0], max_ir_version=limits[1])
-    runtime = {**built.runtime, "min_version": version_floor(plan.version)}
-    return replace(built, runtime=runtime, recipe=recipe)
+    return replace(built, recipe=recipe)

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdk.compat import RUNTIME_PACKAGES, version_at_least
 from sdk.errors import InputError
-from sdk.runtime_support import ORT_NUMPY2_SINCE
+from sdk.runtime_versions import ORT_NUMPY2_SINCE
 
 __all__ = [
     "OS_NAMES",

@@ -19,7 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "COREML_MIN_OS",
+    "COREML_ML_PROGRAM_MIN_OS",
     "COREML_SPEC_COREMLTOOLS",
+    "DEFAULT_OPSET",
+    "ORT_NUMPY2_SINCE",
+    "ORT_PRECISION_SINCE",
     "COREML_SPEC_OS",
     "LITERT_FIRST_RELEASE",
     "LITERT_FIRST_RELEASE_COVERS_TF",
@@ -35,6 +40,7 @@ __all__ = [
     "coreml_spec_for_os",
     "litert_min_version",
     "onnxruntime_min_version",
+    "ort_limits",
     "openvino_min_version",
     "release_floor",
 ]
@@ -95,9 +101,10 @@ class OrtRelease:
 # (formerly docs/Versioning.md in microsoft/onnxruntime), joined with onnx's own release table
 # (onnx/docs/Versioning.md, "Released Versions": ONNX 1.12 -> opset 17 / ML 3 / IR 8, 1.14 -> 19 / 3 / 9,
 # 1.15 -> 20 / 4 / 9, 1.16 -> 21 / 5 / 10). Where the two copies of the matrix disagree, the later
-# release is kept (a device is refused needlessly rather than sent a model it cannot load). Checked
-# here: onnxruntime 1.17.3 loads an opset 17 / IR 8 graph and refuses ai.onnx.ml opset 5.
-# Releases after 1.21 are not listed: a model that needs more gets the build host's release.
+# release is kept (a device is refused needlessly rather than sent a model it cannot load): IR 8 from
+# 1.10, IR 9 from 1.16. Checked here: onnxruntime 1.17.3 loads an opset 17 / IR 8 graph and refuses
+# ai.onnx.ml opset 5. Each row is the first release with its maxima; ``ort_limits`` reads it per release.
+# The compatibility table ends at 1.20 (opset 21): a model that needs more gets the build host's release.
 ORT_RELEASES: tuple[OrtRelease, ...] = (
     OrtRelease("1.0.0", 11, 2, 6),
     OrtRelease("1.3.0", 12, 2, 6),
@@ -108,16 +115,33 @@ ORT_RELEASES: tuple[OrtRelease, ...] = (
     OrtRelease("1.11.0", 16, 2, 8),
     OrtRelease("1.12.0", 17, 3, 8),
     OrtRelease("1.14.0", 18, 3, 8),
-    OrtRelease("1.15.0", 19, 3, 9),
+    OrtRelease("1.15.0", 19, 3, 8),
+    OrtRelease("1.16.0", 19, 3, 9),
     OrtRelease("1.17.0", 20, 4, 9),
     OrtRelease("1.18.0", 21, 4, 10),
-    OrtRelease("1.21.0", 22, 4, 10),
 )
 # com.microsoft contrib ops edgeship's quantizers write -> the first release with a CPU kernel.
 # Source: onnxruntime docs/ContribOperators.md and the 1.17.0 release notes (MatMulNBits, 4-bit
 # blockwise weights, first shipped in 1.17). Other contrib ops get the host's release.
 ORT_CONTRIB_OPS: dict[str, str] = {"MatMulNBits": "1.17.0"}
 _ORT_FLOOR = "1.0.0"  # every release runs opsets 7 and up (ONNX Runtime's backwards-compatibility note)
+
+
+DEFAULT_OPSET = 17  # the export opset when neither the user nor a target runtime asks for another
+# Precisions whose graph needs a newer ONNX Runtime than the opset alone says: int4 is MatMulNBits.
+ORT_PRECISION_SINCE: dict[str, str] = {"int4": ORT_CONTRIB_OPS["MatMulNBits"]}
+# numpy 2 support arrived in ONNX Runtime 1.19 (its release notes); older wheels need numpy<2 on the device.
+ORT_NUMPY2_SINCE = "1.19"
+
+
+def ort_limits(version: str) -> tuple[int, int] | None:
+    """The highest ai.onnx opset and IR version onnxruntime ``version`` runs (a release newer than the
+    table is held to its last row); None: older than the table."""
+    found: tuple[int, int] | None = None
+    for release in ORT_RELEASES:
+        if _key(version) + (0,) * 3 >= _key(release.version):
+            found = (release.opset, release.ir_version)
+    return found
 
 
 def _first_ort(what: str, needed: int, column: str) -> tuple[str, str] | None:
@@ -274,6 +298,15 @@ COREML_SPEC_OS: dict[int, dict[str, str]] = {
 COREML_SPEC_COREMLTOOLS: dict[int, str] = {
     4: "4.0.0", 5: "4.0.0", 6: "5.0.0", 7: "6.0.0", 8: "7.0.0", 9: "8.0.0", 10: "9.0.0",
 }  # fmt: skip
+
+
+# What edgeship builds for Core ML: ML programs need iOS 15 / macOS 12; the compressed precisions need
+# iOS 16 / macOS 13 (coremltools' ``ct.target`` and packagers.targets.coreml). Keys: "ios", "darwin".
+COREML_ML_PROGRAM_MIN_OS: dict[str, int] = {"ios": 15, "darwin": 12}
+COREML_MIN_OS: dict[str, dict[str, int]] = {
+    "int8-weights": {"ios": 16, "darwin": 13},
+    "int4-palette": {"ios": 16, "darwin": 13},
+}
 
 
 def coreml_os_versions(specification_version: int) -> dict[str, str]:

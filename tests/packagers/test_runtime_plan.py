@@ -11,9 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers import PackageOptions, package
 from packagers.options import Precision, Target
-from packagers.runtime_plan import RuntimePlan, apply_plans, ort_limits, plan_runtimes
+from packagers.runtime_plan import RuntimePlan, apply_plans, plan_runtimes
 from sdk.compat import RuntimeFacts, why_incompatible
 from sdk.errors import PackagingError
+from sdk.runtime_versions import ort_limits
 
 
 def _plan(targets: list[str], precisions: list[str], **options: object) -> dict[Target, RuntimePlan]:
@@ -29,7 +30,8 @@ def test_ort_limits_follow_the_compatibility_table() -> None:
     assert ort_limits("1.20.0") == (21, 10)
     assert ort_limits("1.32.0") == (21, 10)  # newer than the table: held to its top row
     assert ort_limits("1.11") == (16, 8)
-    assert ort_limits("1.5") is None
+    assert ort_limits("1.5") == (12, 6)
+    assert ort_limits("0.5") is None
 
 
 def test_no_request_no_plan() -> None:
@@ -41,7 +43,7 @@ def test_no_request_no_plan() -> None:
     [
         (["onnxruntime"], ["int4"], {"for_runtime": "onnxruntime==1.16"}, "it needs onnxruntime >= 1.17"),
         (["onnxruntime"], ["fp32"], {"for_runtime": "onnxruntime==1.17", "opset": 21}, "runs ONNX opsets up to 20"),
-        (["onnxruntime"], ["fp32"], {"for_runtime": "onnxruntime==1.5"}, "releases before 1.6 are not supported"),
+        (["onnxruntime"], ["fp32"], {"for_runtime": "onnxruntime==0.5"}, "releases before 1.0.0 are not supported"),
         (["onnxruntime"], ["fp32"], {"for_runtime": "onnxruntime==1.17", "extra": {"ort_format": True}},
          "drop extra ort_format"),
         (["openvino"], ["fp32"], {"for_runtime": "onnxruntime==1.17"}, "builds onnxruntime bundles, not openvino"),
@@ -113,11 +115,12 @@ def test_for_onnxruntime_1_17_builds_a_bundle_a_1_17_3_device_takes(tmp_path: Pa
         progress=lines.append,
     )  # fmt: skip
     runtime = result.manifest.runtime
-    assert runtime.min_version == "1.17.0" and runtime.opset == 17
+    assert runtime.min_version == "1.12.0" and runtime.opset == 17  # what the model needs, not the release asked
     assert any("building for onnxruntime 1.17 (ONNX opset 17)" in line for line in lines)
     device = {"arch": "aarch64", "os": "linux", "runtimes": {"onnxruntime": "1.17.3"}}
     assert why_incompatible(result.manifest, device) is None
-    older = {**device, "runtimes": {"onnxruntime": "1.16.3"}}
+    assert why_incompatible(result.manifest, {**device, "runtimes": {"onnxruntime": "1.16.3"}}) is None
+    older = {**device, "runtimes": {"onnxruntime": "1.11.1"}}
     assert why_incompatible(RuntimeFacts.from_manifest(result.manifest), older) == (
-        "the bundle needs onnxruntime >= 1.17.0; this device has {'onnxruntime': '1.16.3'}"
+        "the bundle needs onnxruntime >= 1.12.0; this device has {'onnxruntime': '1.11.1'}"
     )
