@@ -358,8 +358,9 @@ def parse_status(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_telemetry(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Check a ``telemetry`` payload: ``seq`` (durable per device, the fleet's de-duplication key),
-    ``dropped``, ``window_s``, ``count``, ``errors``, ``latency_ms`` (``p50``/``p95``/``p99``, null when
-    nothing ran), ``rss_mb``, ``cpu_pct``, ``temperature_c`` (null where unreadable), ``model``.
+    ``dropped``, ``dead_letters`` (optional), ``window_s``, ``count``, ``errors``, ``latency_ms``
+    (``p50``/``p95``/``p99``, null when nothing ran), ``rss_mb``, ``cpu_pct``, ``temperature_c`` (null where
+    unreadable), ``model``.
 
     Raises:
         ContractError: a key missing, ill-typed or out of bounds.
@@ -383,6 +384,9 @@ def parse_telemetry(payload: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None and type(value) is not int and not (type(value) is float and math.isfinite(value)):
             raise ContractError("telemetry.latency_ms must be an object with p50, p95 and p99 (numbers or null)")
     _check_model(telemetry.get("model"), "telemetry.model")
+    dead_letters = telemetry.get("dead_letters", 0)  # optional: agents before issue 14 do not send it
+    if type(dead_letters) is not int or dead_letters < 0:
+        raise ContractError("telemetry.dead_letters must be an integer >= 0")
     if "error_kinds" in telemetry and not isinstance(telemetry["error_kinds"], dict):
         raise ContractError("telemetry.error_kinds must be an object")
     return telemetry
