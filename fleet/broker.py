@@ -34,9 +34,24 @@ def _config(host: str, port: int) -> dict[str, Any]:
 def _import_broker() -> Any:
     try:
         from amqtt.broker import Broker
+        from amqtt.session import Session
     except ImportError as e:
         raise TransportError("the embedded broker needs amqtt: pip install amqtt") from e
-    return Broker
+
+    class _Broker(Broker):  # type: ignore[misc]  # amqtt is untyped
+        """amqtt 0.12 sends a connecting client the retained messages of every subscription on the broker,
+        anyone's (``client_connected`` loops over all of them): device pi-19 got pi-17's retained ``cmd``
+        and every device every retained ``status``. MQTT sends a retained message to a subscription that
+        matches it, of the session that holds it: that is checked here."""
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Session
+        ) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if any(held.client_id == session.client_id for held, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return _Broker
 
 
 class EmbeddedBroker:

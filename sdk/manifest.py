@@ -8,6 +8,7 @@ disk or network, and no constructor mutates what it is given.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -81,8 +82,17 @@ def _reject_constant(name: str) -> None:
     raise ManifestError(f"JSON constant {name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is infinity: as refused as the Infinity constant
+        raise ManifestError(f"JSON number {text[:40]} is out of range")
+    return value
+
+
 # One decoder (json.loads builds a new one per call when given hooks; the fleet's ingest parses thousands a second).
-_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+)
 
 
 def strict_json_loads(data: bytes, what: str) -> Any:
@@ -92,8 +102,8 @@ def strict_json_loads(data: bytes, what: str) -> Any:
         return _STRICT_DECODER.decode(text)
     except ManifestError as e:
         raise ManifestError(f"{what}: {e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ManifestError(f"{what} is not valid UTF-8 JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: an int of over 4300 digits too
+        raise ManifestError(f"{what} is not valid UTF-8 JSON: {str(e)[:200]}") from e
 
 
 def format_time(t: datetime) -> str:

@@ -36,7 +36,12 @@ __all__ = [
     "LEAVES",
     "LOG_LEVELS",
     "MAX_COMMAND_ID_CHARS",
+    "MAX_DEPTH",
+    "MAX_EVENT_BYTES",
+    "MAX_MESSAGE_CHARS",
     "MAX_PAYLOAD_BYTES",
+    "MAX_TEXT_CHARS",
+    "MAX_URL_CHARS",
     "QOS",
     "SCHEMA",
     "SLOTS",
@@ -48,7 +53,9 @@ __all__ = [
     "DeployCommand",
     "Topics",
     "check_segment",
+    "clip",
     "client_id",
+    "command_ref",
     "decode_payload",
     "encode_payload",
     "event_payload",
@@ -60,6 +67,7 @@ __all__ = [
     "parse_status",
     "parse_telemetry",
     "parse_topic",
+    "payload_depth",
 ]
 
 SCHEMA = 1  # the "schema" integer of every payload
@@ -68,6 +76,11 @@ LEAVES = ("status", "telemetry", "events", "cmd")  # the four topics of a device
 QOS = 1  # every publish and the cmd subscription; status is also retained
 MAX_PAYLOAD_BYTES = 256 * 1024  # bytes of one payload, any topic (real ones are under 4 KiB)
 MAX_COMMAND_ID_CHARS = 128  # characters in a command id
+MAX_URL_CHARS = 2048  # characters in a deploy URL
+MAX_DEPTH = 16  # nesting of objects and arrays in a payload (real ones have 4)
+MAX_MESSAGE_CHARS = 1024  # characters of an event's detail.message
+MAX_TEXT_CHARS = 256  # characters of any other string in an event's detail (longer ones are clipped)
+MAX_EVENT_BYTES = 8 * 1024  # bytes of an encoded event, whatever its detail (see event_payload)
 TELEMETRY_INTERVAL_S = (0.1, 86400.0)  # seconds, the range a config command may set
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 COMMAND_TYPES = ("deploy", "rollback", "config", "ping")
@@ -190,24 +203,64 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
     return data
 
 
+def payload_depth(data: bytes | bytearray) -> int:
+    """The deepest nesting of ``[``/``{`` outside JSON strings (0 for a scalar)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def decode_payload(data: bytes | bytearray) -> dict[str, Any]:
-    """A received payload as a dict: bounded, strict UTF-8 JSON (no duplicate keys, no NaN), an object.
+    """A received payload as a dict: bounded (``MAX_PAYLOAD_BYTES``, ``MAX_DEPTH``), strict UTF-8 JSON (no
+    duplicate keys, no NaN or out-of-range number, no lone surrogate), an object.
 
     The ``schema`` is checked by the parser of each kind (``parse_command`` answers a command of an
     unknown schema with a ``failed`` event instead of dropping it).
 
     Raises:
-        ContractError: any of these fails.
+        ContractError: any of these fails; nothing else, whatever the bytes.
     """
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ContractError(f"payload of {len(data)} bytes is over the contract's {MAX_PAYLOAD_BYTES}-byte bound")
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and payload_depth(data) > MAX_DEPTH:  # count: cheap
+        raise ContractError(f"payload is nested deeper than the contract's {MAX_DEPTH} levels")
     try:
         payload = strict_json_loads(bytes(data), "payload")
+        if _SURROGATE_ESCAPE.search(data):  # "\ud800" parses to a string that UTF-8 cannot encode
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except ManifestError as e:
         raise ContractError(str(e)) from e
+    except Exception as e:  # a reader must never be taken down by a payload (UnicodeEncodeError, MemoryError)
+        raise ContractError(f"payload cannot be decoded: {type(e).__name__}") from e
     if not isinstance(payload, dict):
         raise ContractError(f"a payload is a JSON object, got {type(payload).__name__}")
     return payload
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters (``limit`` >= 40), ending in a marker when cut."""
+    if len(text) <= limit:
+        return text
+    marker = f"...[cut: {len(text)} chars]"
+    return text[: max(0, limit - len(marker))] + marker
 
 
 # ---- field checks (shared by the validators) ------------------------------------------------------
@@ -305,8 +358,9 @@ def parse_status(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_telemetry(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Check a ``telemetry`` payload: ``seq`` (durable per device, the fleet's de-duplication key),
-    ``dropped``, ``window_s``, ``count``, ``errors``, ``latency_ms`` (``p50``/``p95``/``p99``, null when
-    nothing ran), ``rss_mb``, ``cpu_pct``, ``temperature_c`` (null where unreadable), ``model``.
+    ``dropped``, ``dead_letters`` (optional), ``window_s``, ``count``, ``errors``, ``latency_ms``
+    (``p50``/``p95``/``p99``, null when nothing ran), ``rss_mb``, ``cpu_pct``, ``temperature_c`` (null where
+    unreadable), ``model``.
 
     Raises:
         ContractError: a key missing, ill-typed or out of bounds.
@@ -330,20 +384,63 @@ def parse_telemetry(payload: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None and type(value) is not int and not (type(value) is float and math.isfinite(value)):
             raise ContractError("telemetry.latency_ms must be an object with p50, p95 and p99 (numbers or null)")
     _check_model(telemetry.get("model"), "telemetry.model")
+    dead_letters = telemetry.get("dead_letters", 0)  # optional: agents before issue 14 do not send it
+    if type(dead_letters) is not int or dead_letters < 0:
+        raise ContractError("telemetry.dead_letters must be an integer >= 0")
     if "error_kinds" in telemetry and not isinstance(telemetry["error_kinds"], dict):
         raise ContractError("telemetry.error_kinds must be an object")
     return telemetry
 
 
 def event_payload(cmd_id: str | None, phase: str, message: str, ts: float, **detail: Any) -> dict[str, Any]:
-    """One step of a command (``cmd_id`` null for what the device did by itself).
+    """One step of a command (``cmd_id`` null for what the device did by itself), bounded.
+
+    Encoded, an event is at most ``MAX_EVENT_BYTES``: ``cmd_id`` longer than ``MAX_COMMAND_ID_CHARS``
+    becomes null, ``message`` is clipped to ``MAX_MESSAGE_CHARS``; if it is still too large, every string
+    in ``detail`` is clipped to ``MAX_TEXT_CHARS``, and if even that is too large (or not JSON) ``detail``
+    keeps only ``message``, ``error`` and ``truncated: true``. A cut string ends in ``...[cut: N chars]``.
 
     Raises:
         ValueError: ``phase`` is not one of ``EVENT_PHASES``.
     """
     if phase not in EVENT_PHASES:
         raise ValueError(f"event phase {phase!r} is not one of {EVENT_PHASES}")
-    return {"schema": SCHEMA, "cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": ts}
+    if cmd_id is not None and not (isinstance(cmd_id, str) and len(cmd_id) <= MAX_COMMAND_ID_CHARS):
+        cmd_id = None
+    full = str(message)
+    message = clip(full, MAX_MESSAGE_CHARS)
+    event = {"schema": SCHEMA, "cmd_id": cmd_id, "phase": phase, "detail": {"message": message, **detail}, "ts": ts}
+    if _encoded_size(event) <= MAX_EVENT_BYTES:
+        return event
+    event["detail"] = {"message": message, **_clip_strings(detail), "truncated": True}
+    if _encoded_size(event) <= MAX_EVENT_BYTES:
+        return event
+    error = detail.get("error")
+    short = {"message": clip(full, MAX_TEXT_CHARS), "truncated": True}
+    if isinstance(error, str):
+        short["error"] = clip(error, MAX_TEXT_CHARS)
+    event["detail"] = short  # two strings of MAX_TEXT_CHARS, 12 bytes a char at worst escaped: under the bound
+    return event
+
+
+def _encoded_size(payload: Mapping[str, Any]) -> int:
+    try:
+        return len(encode_payload(payload))
+    except (ValueError, TypeError, RecursionError):  # not JSON: the smallest form is taken
+        return MAX_PAYLOAD_BYTES + 1
+
+
+def _clip_strings(value: Any, depth: int = 0) -> Any:
+    """``value`` with every string (keys too) clipped to ``MAX_TEXT_CHARS``, nested up to ``MAX_DEPTH``."""
+    if isinstance(value, str):
+        return clip(value, MAX_TEXT_CHARS)
+    if depth >= MAX_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        return {clip(str(k), MAX_TEXT_CHARS): _clip_strings(v, depth + 1) for k, v in list(value.items())[:64]}
+    if isinstance(value, (list, tuple)):
+        return [_clip_strings(v, depth + 1) for v in value[:64]]
+    return value
 
 
 def parse_event(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -377,12 +474,19 @@ def parse_command(cmd: Mapping[str, Any]) -> tuple[str, str]:
     ok_id = isinstance(cmd_id, str) and 0 < len(cmd_id) <= MAX_COMMAND_ID_CHARS
     _require(ok_id, f"command id must be 1-{MAX_COMMAND_ID_CHARS} characters", CommandError)
     kind = cmd.get("type")
-    _require(
-        kind in COMMAND_TYPES, f"command type must be one of {', '.join(COMMAND_TYPES)}, got {kind!r}", CommandError
-    )
+    got = clip(repr(kind), 64)  # what the fleet sent is echoed bounded, never whole
+    _require(kind in COMMAND_TYPES, f"command type must be one of {', '.join(COMMAND_TYPES)}, got {got}", CommandError)
     schema = cmd.get("schema", SCHEMA)
-    _require(_is_int(schema) and schema == SCHEMA, f"command schema {schema!r} is not supported", CommandError)
+    ok_schema = _is_int(schema) and schema == SCHEMA
+    _require(ok_schema, f"command schema {clip(repr(schema), 64)} is not supported", CommandError)
     return str(cmd_id), str(kind)
+
+
+def command_ref(cmd: Any) -> str | None:
+    """The ``cmd_id`` to answer a command with: its ``id`` when that is a valid one, else None (an invalid
+    id is never echoed: it may be of any length or type)."""
+    cmd_id = cmd.get("id") if isinstance(cmd, Mapping) else None
+    return cmd_id if isinstance(cmd_id, str) and 0 < len(cmd_id) <= MAX_COMMAND_ID_CHARS else None
 
 
 @dataclass(frozen=True)
@@ -424,8 +528,8 @@ def parse_deploy(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> DeployComm
     cmd_id, kind = parse_command(cmd)
     _require(kind == "deploy", f"command {cmd_id} is a {kind}, not a deploy", CommandError)
     url = cmd.get("url")
-    ok_url = isinstance(url, str) and url.startswith(("http://", "https://"))
-    _require(ok_url, "deploy.url must be an http(s) URL", CommandError)
+    ok_url = isinstance(url, str) and url.startswith(("http://", "https://")) and len(url) <= MAX_URL_CHARS
+    _require(ok_url, f"deploy.url must be an http(s) URL of at most {MAX_URL_CHARS} characters", CommandError)
     sha = cmd.get("sha256")
     _require(isinstance(sha, str) and _is_sha256(sha.lower()), "deploy.sha256 must be 64 hex digits", CommandError)
     size = cmd.get("size")
@@ -456,7 +560,8 @@ def parse_config(cmd: Mapping[str, Any]) -> dict[str, Any]:
     """
     settings = {k: v for k, v in cmd.items() if k not in _ENVELOPE_KEYS}
     unknown = sorted(set(settings) - set(_CONFIG_KEYS))
-    _require(not unknown, f"config: unknown settings {unknown}; known: {sorted(_CONFIG_KEYS)}", CommandError)
+    names = clip(repr(unknown), 200)
+    _require(not unknown, f"config: unknown settings {names}; known: {sorted(_CONFIG_KEYS)}", CommandError)
     _require(bool(settings), f"config: nothing to change; known settings: {sorted(_CONFIG_KEYS)}", CommandError)
     if "telemetry_interval_s" in settings:
         value = settings["telemetry_interval_s"]

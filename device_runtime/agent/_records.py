@@ -88,13 +88,16 @@ class Journal:
             StateError: the file cannot be written.
         """
         with self._lock:
-            entry = self._entries.pop(cmd_id, {"id": cmd_id})
-            entry.update(fields)
-            self._entries[cmd_id] = entry  # most recent last
-            finished = [k for k, e in self._entries.items() if e.get("state") == "done"]
+            # Changed in a copy, kept only once written: an entry the file cannot hold (NaN, a lone
+            # surrogate) must not stay in memory and fail every later record.
+            entries = dict(self._entries)
+            entry = {**entries.pop(cmd_id, {"id": cmd_id}), **fields}
+            entries[cmd_id] = entry  # most recent last
+            finished = [k for k, e in entries.items() if e.get("state") == "done"]
             for old in finished[: max(0, len(finished) - _KEEP_COMMANDS)]:
-                del self._entries[old]
-            write_json(self._path, {"schema": 1, "entries": list(self._entries.values())}, durable=durable)
+                del entries[old]
+            write_json(self._path, {"schema": 1, "entries": list(entries.values())}, durable=durable)
+            self._entries = entries
 
     def flush(self) -> None:
         """Put the last ``record(durable=False)`` on disk.

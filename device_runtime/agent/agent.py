@@ -60,7 +60,7 @@ from device_runtime.metrics import Metrics
 from device_runtime.model import Model
 from device_runtime.serve import ModelServer
 from sdk.errors import EdgeshipError, TransportError
-from sdk.mqtt_contract import CommandError, event_payload, parse_command, parse_config
+from sdk.mqtt_contract import CommandError, command_ref, event_payload, parse_command, parse_config
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
 
@@ -384,12 +384,21 @@ class Agent:
                 log.exception("event %s %s could not be queued", item.get("cmd_id"), item.get("phase"))
 
     def _on_command(self, cmd: dict[str, Any]) -> None:
-        """Runs on the link's dispatcher thread, one command at a time, in arrival order."""
+        """Runs on the link's dispatcher thread, one command at a time, in arrival order; returns (and the
+        link acknowledges the command) whatever the command holds, after one ``failed`` event if it could
+        not be handled."""
+        try:
+            self._handle_command(cmd)
+        except Exception as e:  # a command the journal cannot store, a full disk, a bug
+            log.exception("command %r could not be handled", command_ref(cmd))
+            message = f"the command could not be handled: {type(e).__name__}: {e}"
+            self._event(command_ref(cmd), "failed", message, error=type(e).__name__)
+
+    def _handle_command(self, cmd: dict[str, Any]) -> None:
         try:
             cmd_id, kind = parse_command(cmd)
         except CommandError as e:
-            raw_id = cmd.get("id")
-            self._event(raw_id if isinstance(raw_id, str) else None, "failed", str(e), error="CommandError")
+            self._event(command_ref(cmd), "failed", str(e), error="CommandError")  # an invalid id is not echoed
             return
         seen = self._journal.get(cmd_id)
         if seen is not None:  # redelivered (or resent by the fleet): acknowledge, do not run again

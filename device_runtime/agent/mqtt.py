@@ -14,13 +14,22 @@ What ``DeviceLink`` guarantees:
   message from the outbox only when its PUBACK arrives, so a broker restart, a dropped link or an agent
   restart loses nothing; the fleet removes duplicates by ``(device, seq)``.
 - **Commands.** ``cmd`` is subscribed at QoS 1 on a persistent session (MQTT 3.1.1, ``clean_session=False``,
-  fixed client id), so commands sent while the device was offline arrive on reconnect. Each payload that
-  ``mqtt_contract.decode_payload`` accepts (a bounded, strict JSON object) is handed to ``on_command`` on a
-  dispatcher thread, in order; anything else is logged and counted in ``malformed_cmds``. A command's
-  PUBACK is sent only after ``on_command`` returned (paho's ``manual_ack``), so a handler that records
-  the command durably closes the window in which a crash after the PUBACK loses it: a command killed
-  before its PUBACK is redelivered by the broker, and the agent de-duplicates by ``id``. An ack
-  for a connection that has since dropped is not sent (the broker redelivers on the new session).
+  fixed client id), so commands sent while the device was offline arrive on reconnect. Only messages on
+  the device's own ``cmd`` topic are commands (a broker may hand out others: counted in ``foreign_msgs``).
+  Each payload that ``mqtt_contract.decode_payload`` accepts (a bounded, strict JSON object) is handed to
+  ``on_command`` on a dispatcher thread, in order; anything else is logged and counted in
+  ``malformed_cmds``. A command's PUBACK is sent only after ``on_command`` returned (paho's
+  ``manual_ack``), so a handler that records the command durably closes the window in which a crash
+  after the PUBACK loses it: a command killed before its PUBACK is redelivered by the broker, and the
+  agent de-duplicates by ``id``. An ack for a connection that has since dropped is not sent (the broker
+  redelivers on the new session). Every message is acknowledged, whatever it holds: one that cannot be
+  handled must not come back on every reconnect; a handler that raises is answered with one bounded
+  ``failed`` event.
+- **A message the broker refuses is set aside.** A broker closes the connection on a packet it will not
+  take (Mosquitto's ``max_packet_size``), on every try. When a connection drops with outbox messages
+  unacknowledged, the oldest of them is suspect: it is sent alone on the next connections; if the
+  connection drops with it alone in flight ``dead_letter_after`` times in a row, it is moved out of the
+  queue (``Outbox.dead_letter``, counted in ``dead_letters`` and in telemetry) and the rest flows.
 - **Reconnects** run forever with full-jitter exponential backoff (``_backoff.Backoff``), from this
   module's own network thread; paho's un-jittered automatic reconnect is never used. A broker that is
   down at start is fine.
@@ -53,8 +62,11 @@ from sdk.mqtt_contract import (
     Topics,
     check_segment,
     client_id,
+    clip,
+    command_ref,
     decode_payload,
     encode_payload,
+    event_payload,
     offline_status,
 )
 
@@ -88,6 +100,8 @@ class MqttSettings:
         stop_timeout_s: how long ``stop()`` waits for the offline status's PUBACK and for threads.
         persistent_session: keep the MQTT session (``clean_session=False``) so the broker queues QoS 1
             commands while the device is offline. Turn off only for throw-away test clients.
+        dead_letter_after: connections lost in a row with one outbox message alone in flight before it is
+            set aside as one the broker refuses.
     """
 
     host: str
@@ -107,6 +121,7 @@ class MqttSettings:
     max_inflight: int = 20  # messages
     stop_timeout_s: float = 5.0  # seconds
     persistent_session: bool = True
+    dead_letter_after: int = 3  # connections lost
 
     def __post_init__(self) -> None:
         check_segment("device_id", self.device_id)
@@ -115,6 +130,8 @@ class MqttSettings:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.dead_letter_after < 1:
+            raise ValueError(f"dead_letter_after must be >= 1, got {self.dead_letter_after}")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
 
@@ -137,7 +154,9 @@ class LinkCounters:
         commands: valid commands received.
         malformed_cmds: ``cmd`` payloads that ``mqtt_contract.decode_payload`` refused (not a bounded UTF-8
             JSON object).
-        command_errors: commands whose ``on_command`` raised.
+        command_errors: commands whose ``on_command`` raised (each answered with a ``failed`` event).
+        foreign_msgs: messages on a topic other than the device's ``cmd`` (acknowledged, not handled).
+        dead_letters: outbox messages set aside because the broker refused them (``Outbox.dead_letter``).
     """
 
     published: int = 0
@@ -148,6 +167,8 @@ class LinkCounters:
     commands: int = 0
     malformed_cmds: int = 0
     command_errors: int = 0
+    foreign_msgs: int = 0
+    dead_letters: int = 0
 
 
 StatusBuilder = Callable[[], Mapping[str, Any]]
@@ -199,7 +220,12 @@ class DeviceLink:
         self._commands: queue.SimpleQueue[tuple[dict[str, Any], tuple[int, int, int]] | None] = queue.SimpleQueue()
         self._connection = 0  # bumped on every CONNACK: acks of older connections are not sent
         self._subscribe_mid: int | None = None
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the drain thread only
+        # paho mid -> outbox id, under _inflight_lock: the drain publishes, the network thread forgets them
+        # when a connection ends (with _suspect, the message sent alone until it is acknowledged)
+        self._inflight: dict[int, int] = {}
+        self._inflight_lock = threading.Lock()
+        self._suspect: int | None = None  # outbox id of a message that may be one the broker refuses
+        self._strikes = 0  # connections lost in a row with _suspect alone in flight
         self._counters = LinkCounters()
         self._counter_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -276,8 +302,9 @@ class DeviceLink:
     def publish_telemetry(self, payload: Mapping[str, Any]) -> int:
         """Queue a telemetry message durably and return its ``seq``.
 
-        Sets ``schema`` and ``ts`` unless given, and always ``seq`` (from the outbox's durable counter)
-        and ``dropped`` (messages the full outbox has dropped so far, in total).
+        Sets ``schema`` and ``ts`` unless given, and always ``seq`` (from the outbox's durable counter),
+        ``dropped`` (messages the full outbox has dropped so far, in total) and ``dead_letters`` (messages
+        set aside because the broker refused them, in total).
 
         Raises:
             ValueError: the payload is not JSON-serialisable (NaN and infinity included) or over the
@@ -286,8 +313,10 @@ class DeviceLink:
         """
         base = self._stamp(payload)
 
+        dead_letters = self._outbox.dead_letters
+
         def build(seq: int, dropped: int) -> bytes:
-            return encode_payload({**base, "seq": seq, "dropped": dropped})
+            return encode_payload({**base, "seq": seq, "dropped": dropped, "dead_letters": dead_letters})
 
         encode_payload(base)  # fail on bad payloads before a seq is taken
         _, seq = self._outbox.append_sequenced(self.topics.telemetry, build, qos=1, stream="telemetry")
@@ -377,15 +406,24 @@ class DeviceLink:
         self._wake_drain.set()
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        # Nothing a message holds may escape: paho would end the loop, the link reconnect, and the broker
+        # send the same message again, forever. What is not handed over is acknowledged here.
         try:
-            command = decode_payload(message.payload)
+            if message.topic == self.topics.cmd:
+                command = decode_payload(message.payload)
+                self._count(commands=1)
+                self._commands.put((command, (message.mid, message.qos, self._connection)))
+                return
+            # A broker that hands out other devices' messages (amqtt's retained ones did): never acted on.
+            log.warning("ignoring a message on %s: not this device's cmd topic", clip(message.topic, 300))
+            self._count(foreign_msgs=1)
         except ContractError as e:
-            log.warning("malformed command on %s (%d bytes): %s", message.topic, len(message.payload), e)
+            log.warning("malformed command (%d bytes): %s", len(message.payload), clip(str(e), 300))
             self._count(malformed_cmds=1)
-            client.ack(message.mid, message.qos)  # never useful: a redelivery would be just as malformed
-            return
-        self._count(commands=1)
-        self._commands.put((command, (message.mid, message.qos, self._connection)))
+        except Exception:
+            log.exception("unreadable message (%d bytes)", len(message.payload))
+            self._count(malformed_cmds=1)
+        client.ack(message.mid, message.qos)  # never useful: a redelivery would be just as bad
 
     def _publish_online(self) -> None:
         try:
@@ -419,6 +457,7 @@ class DeviceLink:
                 self._connected.clear()
                 self._client.disconnect()
             if not self._stop.is_set():
+                self._connection_lost()
                 self._sleep_backoff()
         self._shutdown()
 
@@ -480,9 +519,10 @@ class DeviceLink:
             self._wake_drain.wait(timeout=0.5)
             self._wake_drain.clear()
             try:
-                self._ack_arrived()
-                if self.connected and not self._stop.is_set():
-                    self._publish_pending()
+                with self._inflight_lock:
+                    self._ack_arrived()
+                    if self.connected and not self._stop.is_set():
+                        self._publish_pending()
             except Exception:  # a full disk must not kill the thread; retry on the next wake
                 log.exception("outbox drain failed")
                 self._stop.wait(1.0)
@@ -500,23 +540,28 @@ class DeviceLink:
         if ids:
             self._outbox.ack(ids)
             self._count(acked=len(ids))
+            if self._suspect in ids:
+                self._suspect, self._strikes = None, 0
 
     def _publish_pending(self) -> None:
-        room = self.settings.max_inflight - len(self._inflight)
+        window = 1 if self._suspect is not None else self.settings.max_inflight
+        room = window - len(self._inflight)
         if room <= 0:
             return
-        # Messages in flight stay in paho's queue across reconnects (it resends them); skip them here.
+        # Messages in flight stay in paho's queue while connected (it resends them); skip them here.
         sent = set(self._inflight.values())
         for msg in self._outbox.pending(limit=room + len(sent)):
             if msg.id in sent:
                 continue
+            if self._suspect is not None and msg.id != self._suspect:  # it went (acked, or dropped when full)
+                self._suspect, self._strikes = None, 0
             if not self.connected or self._stop.is_set():
                 return
             try:
                 info = self._client.publish(msg.topic, msg.payload, qos=msg.qos)
-            except ValueError as e:  # a topic or payload paho rejects will never succeed: drop it
-                log.error("dropping outbox message %d that cannot be published: %s", msg.id, e)
-                self._outbox.ack([msg.id])
+            except ValueError as e:  # a topic or payload paho rejects will never succeed: set it aside
+                log.error("setting aside outbox message %d that cannot be published: %s", msg.id, e)
+                self._set_aside(msg.id)
                 continue
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 # NO_CONN still queues the message in paho, which sends it on reconnect.
@@ -527,6 +572,51 @@ class DeviceLink:
             if msg.qos == 0:  # no PUBACK will come
                 self._acked_mids.put(info.mid)
 
+    def _connection_lost(self) -> None:
+        """On the network thread once a connection has ended: find a message the broker refuses, and
+        forget what was in flight (the drain publishes it again from the outbox, in order).
+
+        A broker closes the connection on a packet it will not take, on every try: the oldest message
+        unacknowledged is suspect, sent alone from then on; lost connections with it alone in flight
+        count, and ``dead_letter_after`` of them in a row set it aside so the rest flows.
+        """
+        with self._inflight_lock:
+            self._ack_arrived()  # the PUBACKs that did arrive
+            if self._inflight:
+                head = min(self._inflight.values())
+                if head != self._suspect:
+                    self._suspect, self._strikes = head, 0
+                elif len(self._inflight) == 1:
+                    self._strikes += 1
+                    if self._strikes >= self.settings.dead_letter_after:
+                        log.error(
+                            "the connection was lost %d times in a row with outbox message %d alone in flight: "
+                            "the broker refuses it (over its maximum packet size?)",
+                            self._strikes,
+                            head,
+                        )
+                        self._set_aside(head)
+                        self._suspect, self._strikes = None, 0
+            # paho would resend its own copies on the next connection, all at once and before the drain
+            # can hold back the suspect: the outbox is the one queue. (paho has no public way to do this.)
+            with self._client._out_message_mutex:
+                self._client._out_messages.clear()
+            self._inflight.clear()
+            while True:  # PUBACKs of this connection's mids are void now
+                try:
+                    self._acked_mids.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _set_aside(self, msg_id: int) -> None:
+        msg = self._outbox.dead_letter(msg_id)
+        if msg is not None:
+            log.error(
+                "outbox message %d (%s, %d bytes) set aside; %d in all", msg.id, msg.topic, len(msg.payload),
+                self._outbox.dead_letters,
+            )  # fmt: skip
+            self._count(dead_letters=1)
+
     def _run_commands(self) -> None:
         while True:
             item = self._commands.get()
@@ -536,13 +626,24 @@ class DeviceLink:
             try:
                 if self._on_command is not None:
                     self._on_command(command)
-            except Exception:
-                log.exception("command handler failed on command %r", command.get("id"))
+            except Exception as e:
+                log.exception("command handler failed on command %r", command_ref(command))
                 self._count(command_errors=1)
+                self._answer_failed(command, e)
             # Acked even when the handler failed: the broker would hold it (and block its in-flight
             # window) until the next session, to fail the same way.
             if connection == self._connection:
                 self._client.ack(mid, qos)
+
+    def _answer_failed(self, command: Mapping[str, Any], error: Exception) -> None:
+        """One bounded ``failed`` event for a command whose handler raised."""
+        message = f"the command could not be handled: {type(error).__name__}: {error}"
+        try:
+            self.publish_event(
+                event_payload(command_ref(command), "failed", message, self._wall_clock(), error=type(error).__name__)
+            )
+        except Exception:  # the outbox cannot take it (full disk): logged, the command is acknowledged anyway
+            log.exception("the failed event of command %r could not be queued", command_ref(command))
 
     # -- helpers ---------------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 One SQLite file (WAL journal, ``synchronous=FULL``) so a message survives a broker outage, an agent
 restart and a power cut once ``append`` has returned. The outbox is bounded: past ``max_messages`` the
-oldest messages are dropped and counted in ``dropped``, which persists and is reported to the fleet.
+oldest messages are dropped and counted in ``dropped``, which persists and is reported to the fleet. A
+message the broker refuses (the link finds out, ``DeviceLink``) is moved out of the queue with
+``dead_letter``: counted in ``dead_letters`` (reported too), the last ``KEEP_DEAD_LETTERS`` kept for a look.
 
 Sequence numbers (``next_seq``) are durable counters in the same file: a number handed out is committed
 before it is returned, so it is never handed out twice, even if the process dies before publishing
@@ -29,7 +31,7 @@ from typing import Any, Literal
 
 from device_runtime.errors import StateError
 
-__all__ = ["Outbox", "OutboxCorruptError", "OutboxMessage"]
+__all__ = ["KEEP_DEAD_LETTERS", "Outbox", "OutboxCorruptError", "OutboxMessage"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,18 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    created REAL NOT NULL,
+    set_aside REAL NOT NULL
+);
 """
 _DROPPED = "dropped"
+_DEAD = "dead_letters"
+KEEP_DEAD_LETTERS = 16  # messages set aside that are kept (the newest); the count covers them all
 
 
 class OutboxCorruptError(StateError):
@@ -226,6 +238,29 @@ class Outbox:
             self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in id_list])
             self._count -= self._db.total_changes - before
 
+    def dead_letter(self, msg_id: int) -> OutboxMessage | None:
+        """Move a message the broker refuses out of the queue, count it, and return it (None if unknown).
+
+        Raises:
+            OutboxCorruptError: the database became unreadable.
+            StateError: the write failed.
+        """
+        with self._lock, self._transaction():
+            rows = self._query("SELECT id, topic, payload, qos, created FROM messages WHERE id = ?", (msg_id,))
+            if not rows:
+                return None
+            self._db.execute("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)", (*rows[0], self._clock()))
+            self._db.execute(
+                "DELETE FROM dead_letters WHERE id NOT IN (SELECT id FROM dead_letters ORDER BY id DESC LIMIT ?)",
+                (KEEP_DEAD_LETTERS,),
+            )
+            self._db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+            self._bump(_DEAD, 1)
+        with self._lock:
+            self._count -= 1
+        r = rows[0]
+        return OutboxMessage(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]), float(r[4]))
+
     # -- reading -----------------------------------------------------------------------------------
 
     def pending(self, limit: int = 100, *, after_id: int = 0) -> list[OutboxMessage]:
@@ -250,6 +285,12 @@ class Outbox:
         """Messages dropped because the outbox was full, in total since the file was created."""
         with self._lock:
             return self._counter(_DROPPED)
+
+    @property
+    def dead_letters(self) -> int:
+        """Messages set aside with ``dead_letter``, in total since the file was created."""
+        with self._lock:
+            return self._counter(_DEAD)
 
     def close(self) -> None:
         """Close the database; later calls raise ``StateError``. Closing twice is harmless."""

@@ -14,6 +14,7 @@ from typing import Any
 from fleet.devices import Incoming
 from fleet.devices.tables import MAX_DEVICE_ID_CHARS, MAX_NAME_CHARS
 from sdk.mqtt_contract import (
+    MAX_DEPTH,
     MAX_PAYLOAD_BYTES,
     SCHEMA,
     ContractError,
@@ -22,11 +23,11 @@ from sdk.mqtt_contract import (
     parse_status,
     parse_telemetry,
     parse_topic,
+    payload_depth,
 )
 
-__all__ = ["DROP_REASONS", "MAX_DEPTH", "classify"]
+__all__ = ["DROP_REASONS", "MAX_DEPTH", "classify"]  # MAX_DEPTH: the contract's, named here too
 
-MAX_DEPTH = 16  # nesting of objects and arrays in a payload (real ones have 4)
 _MAX_INT = 2**63 - 1  # the database's BIGINT
 # Why a message is dropped (each is a counter ``dropped_<reason>``):
 DROP_REASONS = (
@@ -42,28 +43,6 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "telemetry": parse_telemetry,
     "events": parse_event,
 }
-
-
-def _depth(data: bytes) -> int:
-    """The deepest nesting of ``[``/``{`` outside strings (only run when a quick count says it may be deep)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 def _fits_database(leaf: str, payload: Mapping[str, Any]) -> bool:
@@ -122,7 +101,7 @@ def classify(topic: str, payload: bytes, fleet: str, received_at: float) -> Inco
     device_id, leaf = found
     if len(payload) > MAX_PAYLOAD_BYTES:
         return "oversized"
-    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _depth(payload) > MAX_DEPTH:
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and payload_depth(payload) > MAX_DEPTH:
         return "too_deep"
     try:
         document = decode_payload(payload)

@@ -23,6 +23,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
+from device_runtime.agent.mqtt import DeviceLink, MqttSettings
+from device_runtime.agent.outbox import Outbox
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "mosquitto"
@@ -144,6 +147,49 @@ class BrokerPool:
     def stop_all(self) -> None:
         for broker in self.brokers:
             broker.stop()
+
+
+# -- the device link under test ------------------------------------------------------------------
+
+
+STATUS = {
+    "model": {"name": "clf", "version": 3, "target": "onnxruntime", "sha256": "ab" * 32},
+    "runtime": "onnxruntime 1.17.0",
+    "capabilities": {"arch": "x86_64", "runtimes": {"onnxruntime": "1.17.0"}, "accelerators": []},
+}
+LinkMaker = Callable[..., DeviceLink]
+
+
+@pytest.fixture
+def make_link(tmp_path: Path) -> Iterator[LinkMaker]:
+    """``make_link(broker, device_id, outbox=None, on_command=None, max_messages=10_000) -> DeviceLink`` (started)."""
+    links: list[DeviceLink] = []
+    outboxes: list[Outbox] = []
+
+    def make(
+        broker: Broker,
+        device_id: str,
+        *,
+        outbox: Outbox | None = None,
+        on_command: Callable[[dict[str, Any]], None] | None = None,
+        max_messages: int = 10_000,
+    ) -> DeviceLink:
+        if outbox is None:
+            outbox = Outbox(tmp_path / f"{device_id}-{len(outboxes)}.db", max_messages=max_messages)
+            outboxes.append(outbox)
+        settings = MqttSettings(
+            "127.0.0.1", broker.port, device_id, keepalive_s=5, backoff_base_s=0.05, backoff_cap_s=0.3
+        )
+        link = DeviceLink(settings, outbox, status=lambda: STATUS, on_command=on_command)
+        links.append(link)
+        link.start()
+        return link
+
+    yield make
+    for link in links:
+        link.stop()
+    for outbox in outboxes:
+        outbox.close()
 
 
 # -- an MQTT subscriber standing in for the fleet ---------------------------------------------------

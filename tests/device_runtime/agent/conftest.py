@@ -9,7 +9,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from agent_parts import Broker, Received, Subscriber, broker, broker_factory, http_server  # noqa: F401  (shared fixtures)
+from agent_parts import (  # noqa: F401  (shared fixtures)
+    Broker,
+    Received,
+    Subscriber,
+    broker,
+    broker_factory,
+    http_server,
+    make_link,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 

@@ -99,7 +99,7 @@ def test_bad_messages_are_counted_and_dropped_while_good_ones_flow(
         ("unknown_schema", "status", b'{"state": "online", "ts": 1}'),
         ("invalid", "telemetry", json.dumps({k: v for k, v in telemetry(98).items() if k != "seq"}).encode()),
         ("invalid", "telemetry", json.dumps(telemetry(2**64)).encode()),  # past the database's BIGINT
-        ("invalid", "events", json.dumps(event("c" * 300, "received")).encode()),  # an overlong command id
+        ("invalid", "events", json.dumps(event("c", "received") | {"cmd_id": "c" * 300}).encode()),  # overlong id
         ("invalid", "status", json.dumps(status(slot="C")).encode()),
     ]
     for seq, (_, leaf, payload) in enumerate(bad, start=1):
