@@ -9,6 +9,7 @@
                             --trust PUB [--trust PUB ...] [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
                             [--serve [--serve-host 127.0.0.1] [--serve-port N]]
+                            [--allow-host HOST ...] [--only-allowed-hosts]
 
 Results go to stdout as JSON, in the shape ``edgeship predict`` and the HTTP API answer with
 (``device_runtime.results``). An expected failure (any ``EdgeshipError``) prints one ``error: ...``
@@ -92,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
+    run.add_argument(
+        "--allow-host", action="append", default=[], metavar="HOST",
+        help="a host name, IP address or CIDR network deploy URLs may reach besides public addresses and the "
+        "broker's host (repeatable; loopback, link-local and private addresses are refused otherwise)",
+    )  # fmt: skip
+    run.add_argument(
+        "--only-allowed-hosts", action="store_true",
+        help="deploy URLs may reach only --allow-host hosts and the broker's host, not any public address",
+    )  # fmt: skip
     return parser
 
 
@@ -201,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         serve_host=args.serve_host,
         serve_port=args.serve_port,
         runtimes=runtimes,
+        allow_hosts=tuple(args.allow_host),
+        public_hosts=not args.only_allowed_hosts,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,6 +124,7 @@ class Deployer:
         self._flush_reports = flush_reports
         self._publish_status = publish_status
         self._deployment: Deployment | None = None  # what deploy.json holds, for the status
+        self._allowed_hosts: tuple[str, ...] | None = None  # _download_hosts(), resolved once
         # Threads for fsyncs that run beside a deployment's other steps (started in start(): a thread
         # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io")
@@ -358,6 +360,9 @@ class Deployer:
             deadline_s=self.config.download_deadline_s,
             read_timeout_s=self.config.download_read_timeout_s,
             attempts=self.config.download_attempts,
+            allow_hosts=self._download_hosts(),
+            public_hosts=self.config.public_hosts,
+            reserve_bytes=self.config.download_reserve_bytes,
         )
 
         def report(phase: str) -> None:  # "verifying": the download is complete
@@ -377,6 +382,19 @@ class Deployer:
             if self._stop.is_set():
                 raise _Interrupted from e
             raise _Failed(f"{e}; the next deployment starts a new one", error="StagingDied") from e
+
+    def _download_hosts(self) -> tuple[str, ...]:
+        """``allow_hosts`` plus the broker's host and the addresses it resolves to now (the fleet serves
+        artifacts next to its broker, often on the same private address)."""
+        if self._allowed_hosts is None:
+            host = self.config.mqtt.host
+            try:
+                found = {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+            except OSError as e:
+                log.warning("cannot resolve the broker's host %s (%s); allowing it by name only", host, e)
+                found = set()
+            self._allowed_hosts = (*self.config.allow_hosts, host, *sorted(found))
+        return self._allowed_hosts
 
     def _trial(self, verified: VerifiedBundle, slot: str, *, hooks: bool = True) -> tuple[Active, dict[str, Any]]:
         """Load a bundle beside the serving model and health-check it.
