@@ -72,6 +72,7 @@ DEPLOY_FILE = "deploy.json"
 DOWNLOADS = "downloads"
 _BAD_FILE = "bad.json"
 _T = TypeVar("_T")
+_MAX_MESSAGE_CHARS = 500  # characters of a failed event's message
 _IO_THREADS = 8  # fsyncs a deployment issues at once (the slot's files and folders, its record)
 
 
@@ -270,6 +271,10 @@ class Deployer:
             self._finish_failed(self._deployment or dep, str(f), bad=f.bad, trial=f.trial, error=f.error)
         except _Interrupted:
             log.info("deployment %s interrupted by stop(); the next start resumes it", dep.cmd_id)
+        except Exception as e:  # a bug or an unforeseen I/O error: never leave the deployment hanging
+            log.exception("deployment %s failed unexpectedly", dep.cmd_id)
+            self._finish_failed(self._deployment or dep, f"{type(e).__name__}: {e}", bad=False, trial=False,
+                                error=type(e).__name__)  # fmt: skip
 
     # -- deploy: stage -> trial -> health -> commit ------------------------------------------------
 
@@ -537,13 +542,18 @@ class Deployer:
     def _finish_failed(self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "") -> None:
         if bad and dep.sha256:
             self._bad.add(dep.sha256, dep.cmd_id, message)
+        message = message[:_MAX_MESSAGE_CHARS]  # bounded: it may quote a URL or a server's words
         final = "rolled_back" if trial else "failed"
-        dep = self._save_final(dep.at(final))
+        try:
+            dep = self._save_final(dep.at(final))
+        except StateError as e:  # a full or read-only disk: report anyway (a restart may run it again)
+            log.error("the failed deployment %s could not be recorded: %s", dep.cmd_id, e)
+            dep = dep.at(final)
+            self._deployment = dep
         self._report(dep.cmd_id, "failed", message, error=error, bad=bad, model=self.active_model)
         if trial:
             self._report(dep.cmd_id, "rolled_back", "kept the previous model", model=self.active_model)
-        self._slots.clean_unlisted(self._slots.read_pointer())
-        self._forget(dep, final)
+        self._forget(dep, final)  # (cleans the slot folders the pointer does not list)
         self._publish_status()
 
     def _forget(self, dep: Deployment, outcome: str) -> None:
@@ -552,12 +562,18 @@ class Deployer:
         Its final events must be in the outbox first: after the record is gone nothing reports them again.
         """
         self._flush_reports()
-        self._record_flushed()
-        self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
-        (self.state_dir / DEPLOY_FILE).unlink(missing_ok=True)
+        try:
+            self._record_flushed()
+            self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
+            (self.state_dir / DEPLOY_FILE).unlink(missing_ok=True)
+        except (StateError, OSError) as e:  # a full or read-only disk: a restart reports it again
+            log.error("deployment %s ended (%s) but could not be marked done: %s", dep.cmd_id, outcome, e)
         self._deployment = None
         shutil.rmtree(self.state_dir / DOWNLOADS, ignore_errors=True)
-        (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+        try:
+            (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+        except OSError as e:
+            log.error("cannot create %s: %s", self.state_dir / DOWNLOADS, e)
         self._slots.clean_incoming()
         try:  # the folder a commit replaced, or the one a failed deployment staged
             self._slots.clean_unlisted(self._slots.read_pointer())

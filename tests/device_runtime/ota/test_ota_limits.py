@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from agent_parts import Broker, HttpServer
+from agent_parts import Broker, HttpServer, wait_for
 from ota_parts import Fleet, assert_serves_v, deploy_cmd, serve
 
 import device_runtime.agent._records as records_module
@@ -125,3 +125,43 @@ def test_a_read_only_state_dir_still_serves_and_reports(
     assert failed["detail"]["error"] == "StateError" and "could not be recorded" in failed["detail"]["message"]
     assert http_server.state.requests == []
     assert_serves_v(agent, 1)
+
+
+# -- item 6 ----------------------------------------------------------------------------------------------
+
+
+def test_a_queued_deploy_can_be_cancelled_and_the_queue_is_bounded(
+    online: Callable[..., tuple[Agent, Fleet]], http_server: HttpServer, v2: Path
+) -> None:
+    agent, fleet = online(max_queued_commands=1)
+    serve(http_server, v2, "trickle")  # the first deployment downloads for a long time
+    fleet.send(deploy_cmd(http_server.url, v2, "slow"))
+    fleet.wait_phase("slow", "downloading", 20)
+    fleet.send(deploy_cmd(http_server.url, v2, "waiting"))
+    fleet.wait_phase("waiting", "received")
+    fleet.send(deploy_cmd(http_server.url, v2, "one-too-many"))
+    assert fleet.wait_phase("one-too-many", "failed")["detail"]["error"] == "QueueFull"
+    fleet.send({"schema": 1, "id": "cancel-1", "type": "cancel", "target": "waiting"})
+    assert fleet.wait_phase("waiting", "failed")["detail"]["error"] == "Cancelled"
+    assert fleet.wait_phase("cancel-1", "applied")["detail"]["cancelled"] == "waiting"
+    fleet.send({"schema": 1, "id": "cancel-2", "type": "cancel", "target": "slow"})  # running: too late
+    assert fleet.wait_phase("cancel-2", "failed")["detail"]["error"] == "NotCancellable"
+    fleet.send(deploy_cmd(http_server.url, v2, "waiting"))  # the cancelled id is done, not run again
+    wait_for(lambda: any(e["detail"].get("duplicate") for e in fleet.events("waiting")), 10, "a duplicate")
+    assert_serves_v(agent, 1)
+
+
+def test_old_and_expired_commands_are_refused(running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path) -> None:
+    import time
+
+    agent, fleet = running
+    now = time.time()
+    fleet.send({"schema": 1, "id": "old-ping", "type": "ping", "issued_at": now - 8 * 86400})
+    assert fleet.wait_phase("old-ping", "failed")["detail"]["error"] == "Replay"
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "late", issued_at=now - 60, expires_at=now - 1))
+    assert fleet.wait_phase("late", "failed")["detail"]["error"] == "Expired"
+    fleet.send(deploy_cmd(http_server.url, v2, "fresh", issued_at=now, expires_at=now + 600))
+    fleet.wait_phase("fresh", "active", 30)
+    assert http_server.state.requests and len(http_server.state.requests) == 1
+    assert_serves_v(agent, 2)
