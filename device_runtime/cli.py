@@ -11,6 +11,7 @@
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
                             [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-token-file F]
                             [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
+                            [--allow-host HOST ...] [--only-allowed-hosts]
 
 The HTTP API's token comes from the token file or ``EDGESHIP_SERVE_TOKEN``; binding beyond loopback
 without one is refused unless ``--insecure-no-auth``. SIGINT (Ctrl-C) and SIGTERM stop ``serve`` and
@@ -104,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
     _auth_args(run, "serve-")
+    run.add_argument(
+        "--allow-host", action="append", default=[], metavar="HOST",
+        help="a host name, IP address or CIDR network deploy URLs may reach besides public addresses and the "
+        "broker's host (repeatable; loopback, link-local and private addresses are refused otherwise)",
+    )  # fmt: skip
+    run.add_argument(
+        "--only-allowed-hosts", action="store_true",
+        help="deploy URLs may reach only --allow-host hosts and the broker's host, not any public address",
+    )  # fmt: skip
     return parser
 
 
@@ -263,6 +273,8 @@ def _run(args: argparse.Namespace) -> int:
         serve_allow_hosts=tuple(args.serve_allow_host),
         serve_insecure_no_auth=args.serve_insecure_no_auth,
         runtimes=runtimes,
+        allow_hosts=tuple(args.allow_host),
+        public_hosts=not args.only_allowed_hosts,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -49,6 +49,7 @@ __all__ = [
     "TELEMETRY_INTERVAL_S",
     "TOPIC_PREFIX",
     "CommandError",
+    "CommandTimes",
     "ContractError",
     "DeployCommand",
     "Topics",
@@ -60,7 +61,9 @@ __all__ = [
     "encode_payload",
     "event_payload",
     "offline_status",
+    "parse_cancel",
     "parse_command",
+    "parse_command_times",
     "parse_config",
     "parse_deploy",
     "parse_event",
@@ -83,7 +86,7 @@ MAX_TEXT_CHARS = 256  # characters of any other string in an event's detail (lon
 MAX_EVENT_BYTES = 8 * 1024  # bytes of an encoded event, whatever its detail (see event_payload)
 TELEMETRY_INTERVAL_S = (0.1, 86400.0)  # seconds, the range a config command may set
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-COMMAND_TYPES = ("deploy", "rollback", "config", "ping")
+COMMAND_TYPES = ("deploy", "rollback", "config", "ping", "cancel")
 STATUS_STATES = ("online", "offline")
 SLOTS = ("A", "B")
 # Phases of the OTA operation in progress, as the status's ``deployment.phase`` shows them. ``switching``
@@ -105,7 +108,7 @@ EVENT_PHASES = (*(p for p in DEPLOYMENT_PHASES if p != "switching"), "pong", "ap
 _FORBIDDEN_IN_SEGMENT = frozenset("/+#\x00")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONFIG_KEYS = ("telemetry_interval_s", "log_level")
-_ENVELOPE_KEYS = ("schema", "id", "type", "ts")
+_ENVELOPE_KEYS = ("schema", "id", "type", "ts", "issued_at", "expires_at")
 
 
 class ContractError(InputError):
@@ -490,6 +493,48 @@ def command_ref(cmd: Any) -> str | None:
 
 
 @dataclass(frozen=True)
+class CommandTimes:
+    """When a command was issued and until when it may run (Unix seconds; the fleet's clock issues, the
+    device's clock judges). Optional on every command; a device may refuse commands without
+    ``issued_at`` (docs/mqtt.md, "Replay")."""
+
+    issued_at: float | None = None
+    expires_at: float | None = None
+
+
+def parse_command_times(cmd: Mapping[str, Any]) -> CommandTimes:
+    """The optional ``issued_at`` and ``expires_at`` of any command.
+
+    Raises:
+        CommandError: not a finite number >= 0, or an expiry before the issue time.
+    """
+    times: dict[str, float | None] = {}
+    for key in ("issued_at", "expires_at"):
+        value = cmd.get(key)
+        ok = value is None or (_is_number(value) and math.isfinite(value) and value >= 0)
+        _require(ok, f"command.{key} must be Unix seconds (a number >= 0)", CommandError)
+        times[key] = None if value is None else float(value)
+    issued, expires = times["issued_at"], times["expires_at"]
+    ok_order = issued is None or expires is None or expires >= issued
+    _require(ok_order, "command.expires_at is before command.issued_at", CommandError)
+    return CommandTimes(issued, expires)
+
+
+def parse_cancel(cmd: Mapping[str, Any]) -> str:
+    """The id of the queued deploy or rollback a ``cancel`` command withdraws (``target``).
+
+    Raises:
+        CommandError: not a cancel, or no usable ``target``.
+    """
+    cmd_id, kind = parse_command(cmd)
+    _require(kind == "cancel", f"command {cmd_id} is a {kind}, not a cancel", CommandError)
+    target = cmd.get("target")
+    ok = isinstance(target, str) and 0 < len(target) <= MAX_COMMAND_ID_CHARS
+    _require(ok, f"cancel.target must be a command id of 1-{MAX_COMMAND_ID_CHARS} characters", CommandError)
+    return str(target)
+
+
+@dataclass(frozen=True)
 class DeployCommand:
     """A checked ``deploy`` command.
 
@@ -501,6 +546,8 @@ class DeployCommand:
         version: the version the fleet announces (informational: the signed manifest decides).
         allow_downgrade: accept a version below the device's floor for the bundle's name.
         retry_bad: try a bundle this device marked bad.
+        issued_at: Unix seconds when the fleet issued it (``CommandTimes``).
+        expires_at: Unix seconds after which the device must not start it.
     """
 
     id: str
@@ -510,12 +557,16 @@ class DeployCommand:
     version: int | None = None
     allow_downgrade: bool = False
     retry_bad: bool = False
+    issued_at: float | None = None  # Unix seconds
+    expires_at: float | None = None  # Unix seconds
 
     def to_payload(self) -> dict[str, Any]:
         """The command as the fleet publishes it on ``cmd``."""
         payload: dict[str, Any] = {"schema": SCHEMA, "id": self.id, "type": "deploy", "url": self.url}
         payload.update(sha256=self.sha256, allow_downgrade=self.allow_downgrade, retry_bad=self.retry_bad)
-        payload.update({k: v for k, v in (("size", self.size), ("version", self.version)) if v is not None})
+        optional: tuple[tuple[str, float | None], ...] = (("size", self.size), ("version", self.version))
+        optional += (("issued_at", self.issued_at), ("expires_at", self.expires_at))
+        payload.update({k: v for k, v in optional if v is not None})
         return payload
 
 
@@ -540,6 +591,7 @@ def parse_deploy(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> DeployComm
     _require(ok_version, "deploy.version must be an integer >= 0", CommandError)
     for flag in ("allow_downgrade", "retry_bad"):
         _require(isinstance(cmd.get(flag, False), bool), f"deploy.{flag} must be true or false", CommandError)
+    times = parse_command_times(cmd)
     return DeployCommand(
         id=cmd_id,
         url=str(url),
@@ -548,6 +600,8 @@ def parse_deploy(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> DeployComm
         version=version,
         allow_downgrade=bool(cmd.get("allow_downgrade", False)),
         retry_bad=bool(cmd.get("retry_bad", False)),
+        issued_at=times.issued_at,
+        expires_at=times.expires_at,
     )
 
 

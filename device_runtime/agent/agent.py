@@ -9,7 +9,7 @@ One ``Agent`` owns one state directory::
     STATE_DIR/pointer.json          which A/B slot is active (device_runtime.agent.slots)
     STATE_DIR/slots/{A,B}/          the installed bundles
     STATE_DIR/deploy.json           the OTA operation in progress (device_runtime.agent.ota.Deployment)
-    STATE_DIR/commands.json         command ids seen, for de-duplication, and OTA commands not yet run
+    STATE_DIR/commands.jsonl        command ids seen (de-duplication, replay), OTA commands not yet run
     STATE_DIR/bad.json              sha256 of bundles that failed verification, load or health check
     STATE_DIR/config.json           settings changed by ``config`` commands
     STATE_DIR/downloads/            the bundle being downloaded (``.part`` resumed after a restart)
@@ -32,6 +32,7 @@ describes each).
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import queue
@@ -53,20 +54,29 @@ from device_runtime.agent.deployer import DOWNLOADS, Deployer
 from device_runtime.agent.link import Link
 from device_runtime.agent.linkproc import LinkProcess
 from device_runtime.agent.mqtt import DeviceLink
-from device_runtime.agent.ota import deployment_from_command
+from device_runtime.agent.ota import command_refusal, deployment_from_command
 from device_runtime.agent.outbox import Outbox
 from device_runtime.errors import StateError
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model
 from device_runtime.serve import ModelServer
 from sdk.errors import EdgeshipError, TransportError
-from sdk.mqtt_contract import CommandError, command_ref, event_payload, parse_command, parse_config
+from sdk.mqtt_contract import (
+    CommandError,
+    command_ref,
+    event_payload,
+    parse_cancel,
+    parse_command,
+    parse_command_times,
+    parse_config,
+)
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
 
-_COMMANDS_FILE = "commands.json"
+_COMMANDS_FILE = "commands.json"  # the journal of older agents, migrated to _JOURNAL_FILE
+_JOURNAL_FILE = "commands.jsonl"
 _CONFIG_FILE = "config.json"
 _OUTBOX = "outbox.sqlite"
 
@@ -84,11 +94,21 @@ class Agent:
         self._clock = clock
         self._started_at = clock()
         self.state_dir = Path(config.state_dir).absolute()
+        # What keeps the state directory from being written (a full or read-only disk): the agent still
+        # serves the model it has and reports this once connected (``start``); deployments fail.
+        self._state_problem: str | None = None
         try:
             (self.state_dir / DOWNLOADS).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StateError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
-        self._journal = Journal(self.state_dir / _COMMANDS_FILE)
+            if not self.state_dir.is_dir():  # nothing installed to serve: nothing to keep going for
+                raise StateError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
+            self._state_problem = f"cannot create {self.state_dir / DOWNLOADS}: {e.strerror or e}"
+        self._journal = Journal(
+            self.state_dir / _JOURNAL_FILE,
+            legacy=self.state_dir / _COMMANDS_FILE,
+            max_done=config.max_remembered_commands,
+            max_age_s=config.max_command_age_s,
+        )
         self._settings: dict[str, Any] = {"telemetry_interval_s": config.telemetry_interval_s, "log_level": None}
         saved = read_json(self.state_dir / _CONFIG_FILE, {})
         if isinstance(saved, dict):
@@ -97,7 +117,7 @@ class Agent:
         # alike, across swaps (a health check is not counted).
         self._metrics = Metrics()
         self._serving = Serving()
-        self._ota_queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._ota_queue = _OtaQueue()
         self._stop = threading.Event()
         self._wake_telemetry = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -171,6 +191,7 @@ class Agent:
                 raise
             self.server = server
         self.link.start()
+        self._check_state_dir()
         self._ota_queue.put(self._deployer.start_stager)  # before any deployment, while the agent comes up
         for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -181,7 +202,7 @@ class Agent:
             self._ota_queue.put(lambda: self._deployer.resume(found))
         for entry in self._journal.unfinished():  # OTA commands received but not started before a restart
             if record is None or entry["id"] != record.cmd_id:
-                self._ota_queue.put(functools.partial(self._deployer.run_command, entry.get("cmd") or {}))
+                self._ota_queue.put(functools.partial(self._run_command, entry.get("cmd") or {}), entry["id"])
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the threads, publish ``offline``, and close the model and the outbox.
@@ -208,6 +229,22 @@ class Agent:
         if self._outbox is not None:
             self._outbox.close()
 
+    def _check_state_dir(self) -> None:
+        """Report (a ``failed`` event without a command) when the state directory cannot be written."""
+        probe = self.state_dir / ".write-check"
+        try:
+            write_json(probe, {}, durable=False)
+            probe.unlink(missing_ok=True)
+        except (StateError, OSError) as e:
+            self._state_problem = self._state_problem or str(e)
+        if self._state_problem is not None:
+            log.error("the state directory cannot be written: %s", self._state_problem)
+            self._event(
+                None, "failed", f"the state directory cannot be written ({self._state_problem}); serving the "
+                "installed model, commands that need the journal are refused", error="StateError",
+                model=self.active_model,
+            )  # fmt: skip
+
     def _use_device_link(self, events: list[dict[str, Any]]) -> None:
         """Run the link on this process's threads: a ``DeviceLink`` over the outbox, ``events`` queued in it
         first (what a link process that could not start had been given).
@@ -215,7 +252,12 @@ class Agent:
         Raises:
             StateError: the outbox cannot be used.
         """
-        self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=self.config.outbox_max_messages)
+        try:
+            self._outbox = Outbox(self.state_dir / _OUTBOX, max_messages=self.config.outbox_max_messages)
+        except StateError as e:  # a read-only or full state directory: report from memory, keep serving
+            log.error("%s; keeping telemetry and events in memory only (lost at a restart)", e)
+            self._state_problem = self._state_problem or str(e)
+            self._outbox = Outbox(":memory:", max_messages=self.config.outbox_max_messages)
         self.link = DeviceLink(self.config.mqtt, self._outbox, status=self._status, on_command=self._on_command)
         for payload in events:
             self.link.publish_event(payload)
@@ -397,6 +439,7 @@ class Agent:
     def _handle_command(self, cmd: dict[str, Any]) -> None:
         try:
             cmd_id, kind = parse_command(cmd)
+            times = parse_command_times(cmd)
         except CommandError as e:
             self._event(command_ref(cmd), "failed", str(e), error="CommandError")  # an invalid id is not echoed
             return
@@ -408,41 +451,113 @@ class Agent:
                 duplicate=True, type=seen.get("type"), state=seen.get("state"), outcome=seen.get("outcome"),
             )  # fmt: skip
             return
+        why = command_refusal(
+            times, time.time(), horizon=self._journal.horizon, max_age_s=self._journal.max_age_s,
+            require_issued_at=self.config.require_issued_at,
+        )  # fmt: skip
+        if why is not None:  # not recorded: it is refused the same way each time it comes
+            self._event(cmd_id, "failed", f"refused: {why}", error="Expired" if "expired" in why else "Replay")
+            return
+        issued = {"issued_at": times.issued_at}
         if kind == "ping":
-            self._journal.record(cmd_id, type=kind, state="done", outcome="pong")
+            self._record(cmd_id, type=kind, state="done", outcome="pong", **issued)  # answered either way
             self._event(
                 cmd_id, "pong", "pong", model=self.active_model, uptime_s=round(self._clock() - self._started_at, 1)
             )
             self.link.publish_status()
             return
         if kind == "config":
-            self._configure(cmd_id, cmd)
+            self._configure(cmd_id, cmd, issued)
+            return
+        if kind == "cancel":
+            self._cancel(cmd_id, cmd, issued)
             return
         try:
             deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)  # refuse early
         except CommandError as e:
-            self._journal.record(cmd_id, type=kind, state="done", outcome="failed")
-            self._event(cmd_id, "failed", str(e), error="CommandError")
+            if self._record(cmd_id, type=kind, state="done", outcome="failed", **issued):
+                self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        waiting = self._ota_queue.commands()
+        if waiting >= self.config.max_queued_commands:  # not recorded: the fleet may send it again later
+            self._event(
+                cmd_id, "failed", f"{waiting} deploy/rollback commands are already waiting; send it again later",
+                error="QueueFull", bad=False, model=self.active_model,
+            )  # fmt: skip
             return
         # Recorded before it is queued (a restart runs it from the journal), flushed before this returns
         # and the link acknowledges it; the OTA worker starts meanwhile (a kill -9 keeps the page cache).
-        self._journal.record(cmd_id, type=kind, state="queued", cmd=cmd, durable=False)
+        if not self._record(cmd_id, type=kind, state="queued", cmd=cmd, durable=False, **issued):
+            return
         self._event(cmd_id, "received", f"{kind} queued")
-        self._ota_queue.put(lambda: self._deployer.run_command(cmd))
-        self._journal.flush()
+        self._ota_queue.put(lambda: self._run_command(cmd), cmd_id)
+        try:
+            self._journal.flush()
+        except StateError as e:
+            log.error("command %s is queued but its journal entry is not on disk: %s", cmd_id, e)
 
-    def _configure(self, cmd_id: str, cmd: Mapping[str, Any]) -> None:
+    def _record(self, cmd_id: str, **fields: Any) -> bool:
+        """Journal a command; on failure report ``failed`` (the command is not run) and return False."""
+        try:
+            self._journal.record(cmd_id, **fields)
+        except StateError as e:
+            self._event(
+                cmd_id, "failed", f"not run: the command could not be recorded ({e})",
+                error="StateError", bad=False, model=self.active_model,
+            )  # fmt: skip
+            return False
+        return True
+
+    def _run_command(self, cmd: Mapping[str, Any]) -> None:
+        """On the OTA thread: a queued deploy or rollback, unless it expired while it waited."""
+        cmd_id = str(cmd.get("id"))
+        try:
+            expires = parse_command_times(cmd).expires_at
+        except CommandError:
+            expires = None
+        if expires is not None and expires < time.time():
+            self._event(cmd_id, "failed", "expired while queued", error="Expired", bad=False, model=self.active_model)
+            self._record(cmd_id, state="done", outcome="failed", cmd=None)
+            return
+        self._deployer.run_command(cmd)
+
+    def _cancel(self, cmd_id: str, cmd: Mapping[str, Any], issued: Mapping[str, Any]) -> None:
+        """Withdraw a queued deploy or rollback (one that has started runs to its end)."""
+        try:
+            target = parse_cancel(cmd)
+        except CommandError as e:
+            if self._record(cmd_id, type="cancel", state="done", outcome="failed", **issued):
+                self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        if not self._record(cmd_id, type="cancel", state="done", outcome="applied", **issued):
+            return
+        if self._ota_queue.cancel(target):
+            self._record(target, state="done", outcome="cancelled", cmd=None)
+            model = self.active_model
+            self._event(target, "failed", f"cancelled by {cmd_id}", error="Cancelled", bad=False, model=model)
+            self._event(cmd_id, "applied", f"cancelled {target}", cancelled=target)
+            return
+        seen = self._journal.get(target)
+        why = "unknown" if seen is None else "already started" if seen.get("state") != "done" else "already finished"
+        self._record(cmd_id, state="done", outcome="failed")
+        self._event(cmd_id, "failed", f"{target} cannot be cancelled: {why}", error="NotCancellable")
+
+    def _configure(self, cmd_id: str, cmd: Mapping[str, Any], issued: Mapping[str, Any]) -> None:
         try:
             changes = parse_config(cmd)
         except CommandError as e:
-            self._journal.record(cmd_id, type="config", state="done", outcome="failed")
-            self._event(cmd_id, "failed", str(e), error="CommandError")
+            if self._record(cmd_id, type="config", state="done", outcome="failed", **issued):
+                self._event(cmd_id, "failed", str(e), error="CommandError")
+            return
+        if not self._record(cmd_id, type="config", state="done", outcome="applied", **issued):
             return
         self._settings.update(changes)
-        write_json(self.state_dir / _CONFIG_FILE, self._settings)
+        try:
+            write_json(self.state_dir / _CONFIG_FILE, self._settings)
+        except StateError as e:  # applied now, lost at the next restart
+            log.error("configuration applied but not saved: %s", e)
         self._apply_log_level()
         self._wake_telemetry.set()
-        self._journal.record(cmd_id, type="config", state="done", outcome="applied")
         self._event(cmd_id, "applied", "configuration changed", settings=dict(self._settings))
 
     def _apply_log_level(self) -> None:
@@ -461,6 +576,40 @@ class Agent:
                 task()
             except Exception:  # a bug must not end the worker: the next command still runs
                 log.exception("OTA task failed")
+
+
+class _OtaQueue:
+    """The OTA thread's work in arrival order: plain tasks (start-up, resume, ``wait_idle``; None ends
+    the thread) and commands by id, which can be counted (the bound) and withdrawn (``cancel``)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[str | None, Callable[[], None] | None]] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, task: Callable[[], None] | None, cmd_id: str | None = None) -> None:
+        with self._cond:
+            self._items.append((cmd_id, task))
+            self._cond.notify()
+
+    def get(self) -> Callable[[], None] | None:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._items.popleft()[1]
+
+    def commands(self) -> int:
+        """Commands waiting (not the one running)."""
+        with self._cond:
+            return sum(1 for cmd_id, _ in self._items if cmd_id is not None)
+
+    def cancel(self, cmd_id: str) -> bool:
+        """Remove a waiting command; False when it is not waiting (unknown, running or done)."""
+        with self._cond:
+            for item in self._items:
+                if item[0] == cmd_id:
+                    self._items.remove(item)
+                    return True
+            return False
 
 
 def _edgeship_version() -> str:

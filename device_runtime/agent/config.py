@@ -26,11 +26,23 @@ class AgentConfig:
         download_deadline_s: a whole download, retries included, must finish within this.
         download_read_timeout_s: the longest silence tolerated on the connection (also the connect timeout).
         download_attempts: tries in a row without progress before a download fails.
+        download_reserve_bytes: free space a download must leave on the state directory's file system
+            (checked against the announced size before any byte is written).
+        allow_hosts: host names, IP addresses or CIDR networks a deploy URL (and each redirect) may reach
+            besides public addresses; the broker's host (and its addresses) is always allowed.
+        public_hosts: also allow hosts whose every address is public; False: only ``allow_hosts`` and
+            the broker's host.
         health_timeout_s: a trial health check that has not returned by then fails (the check "hangs").
         health_latency_budget_ms: the golden run must take at most this, unless the bundle's
             ``golden.latency_budget_ms`` says otherwise.
         check_slots_on_start: re-hash the active slot's files at start (catches on-disk corruption).
         limits: how often an interrupted deployment is resumed before it is abandoned.
+        max_queued_commands: deploys and rollbacks waiting behind the one running; more are refused with
+            a ``failed`` event (``QueueFull``).
+        max_command_age_s: a command issued longer ago than this (``issued_at``, device clock) is refused;
+            finished ids are remembered this long (at most ``max_remembered_commands`` of them).
+        max_remembered_commands: finished command ids kept for de-duplication.
+        require_issued_at: refuse commands without ``issued_at`` (older fleets do not send it).
         outbox_max_messages: telemetry and events kept while the broker is unreachable.
         intra_op_threads: threads inside one operator (None: the runtime's choice).
         providers: execution providers to use instead of the bundle's.
@@ -60,10 +72,17 @@ class AgentConfig:
     download_deadline_s: float = 600.0  # seconds
     download_read_timeout_s: float = 30.0  # seconds
     download_attempts: int = 5
+    download_reserve_bytes: int = 64 * 2**20  # bytes
+    allow_hosts: tuple[str, ...] = ()
+    public_hosts: bool = True
     health_timeout_s: float = 30.0  # seconds
     health_latency_budget_ms: float = 2000.0  # milliseconds
     check_slots_on_start: bool = True
     limits: Limits = field(default_factory=Limits)
+    max_queued_commands: int = 16  # commands
+    max_command_age_s: float = 7 * 86400.0  # seconds
+    max_remembered_commands: int = 4096  # command ids
+    require_issued_at: bool = False
     outbox_max_messages: int = 10_000  # messages
     intra_op_threads: int | None = None
     providers: tuple[str, ...] | None = None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,7 @@ DEPLOY_FILE = "deploy.json"
 DOWNLOADS = "downloads"
 _BAD_FILE = "bad.json"
 _T = TypeVar("_T")
+_MAX_MESSAGE_CHARS = 500  # characters of a failed event's message
 _IO_THREADS = 8  # fsyncs a deployment issues at once (the slot's files and folders, its record)
 
 
@@ -123,6 +125,7 @@ class Deployer:
         self._flush_reports = flush_reports
         self._publish_status = publish_status
         self._deployment: Deployment | None = None  # what deploy.json holds, for the status
+        self._allowed_hosts: tuple[str, ...] | None = None  # _download_hosts(), resolved once
         # Threads for fsyncs that run beside a deployment's other steps (started in start(): a thread
         # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="edgeship-io")
@@ -268,6 +271,10 @@ class Deployer:
             self._finish_failed(self._deployment or dep, str(f), bad=f.bad, trial=f.trial, error=f.error)
         except _Interrupted:
             log.info("deployment %s interrupted by stop(); the next start resumes it", dep.cmd_id)
+        except Exception as e:  # a bug or an unforeseen I/O error: never leave the deployment hanging
+            log.exception("deployment %s failed unexpectedly", dep.cmd_id)
+            self._finish_failed(self._deployment or dep, f"{type(e).__name__}: {e}", bad=False, trial=False,
+                                error=type(e).__name__)  # fmt: skip
 
     # -- deploy: stage -> trial -> health -> commit ------------------------------------------------
 
@@ -358,6 +365,9 @@ class Deployer:
             deadline_s=self.config.download_deadline_s,
             read_timeout_s=self.config.download_read_timeout_s,
             attempts=self.config.download_attempts,
+            allow_hosts=self._download_hosts(),
+            public_hosts=self.config.public_hosts,
+            reserve_bytes=self.config.download_reserve_bytes,
         )
 
         def report(phase: str) -> None:  # "verifying": the download is complete
@@ -377,6 +387,19 @@ class Deployer:
             if self._stop.is_set():
                 raise _Interrupted from e
             raise _Failed(f"{e}; the next deployment starts a new one", error="StagingDied") from e
+
+    def _download_hosts(self) -> tuple[str, ...]:
+        """``allow_hosts`` plus the broker's host and the addresses it resolves to now (the fleet serves
+        artifacts next to its broker, often on the same private address)."""
+        if self._allowed_hosts is None:
+            host = self.config.mqtt.host
+            try:
+                found = {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+            except OSError as e:
+                log.warning("cannot resolve the broker's host %s (%s); allowing it by name only", host, e)
+                found = set()
+            self._allowed_hosts = (*self.config.allow_hosts, host, *sorted(found))
+        return self._allowed_hosts
 
     def _trial(self, verified: VerifiedBundle, slot: str, *, hooks: bool = True) -> tuple[Active, dict[str, Any]]:
         """Load a bundle beside the serving model and health-check it.
@@ -519,13 +542,18 @@ class Deployer:
     def _finish_failed(self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "") -> None:
         if bad and dep.sha256:
             self._bad.add(dep.sha256, dep.cmd_id, message)
+        message = message[:_MAX_MESSAGE_CHARS]  # bounded: it may quote a URL or a server's words
         final = "rolled_back" if trial else "failed"
-        dep = self._save_final(dep.at(final))
+        try:
+            dep = self._save_final(dep.at(final))
+        except StateError as e:  # a full or read-only disk: report anyway (a restart may run it again)
+            log.error("the failed deployment %s could not be recorded: %s", dep.cmd_id, e)
+            dep = dep.at(final)
+            self._deployment = dep
         self._report(dep.cmd_id, "failed", message, error=error, bad=bad, model=self.active_model)
         if trial:
             self._report(dep.cmd_id, "rolled_back", "kept the previous model", model=self.active_model)
-        self._slots.clean_unlisted(self._slots.read_pointer())
-        self._forget(dep, final)
+        self._forget(dep, final)  # (cleans the slot folders the pointer does not list)
         self._publish_status()
 
     def _forget(self, dep: Deployment, outcome: str) -> None:
@@ -534,12 +562,18 @@ class Deployer:
         Its final events must be in the outbox first: after the record is gone nothing reports them again.
         """
         self._flush_reports()
-        self._record_flushed()
-        self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
-        (self.state_dir / DEPLOY_FILE).unlink(missing_ok=True)
+        try:
+            self._record_flushed()
+            self._journal.record(dep.cmd_id, type=dep.kind, state="done", outcome=outcome, cmd=None)
+            (self.state_dir / DEPLOY_FILE).unlink(missing_ok=True)
+        except (StateError, OSError) as e:  # a full or read-only disk: a restart reports it again
+            log.error("deployment %s ended (%s) but could not be marked done: %s", dep.cmd_id, outcome, e)
         self._deployment = None
         shutil.rmtree(self.state_dir / DOWNLOADS, ignore_errors=True)
-        (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+        try:
+            (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+        except OSError as e:
+            log.error("cannot create %s: %s", self.state_dir / DOWNLOADS, e)
         self._slots.clean_incoming()
         try:  # the folder a commit replaced, or the one a failed deployment staged
             self._slots.clean_unlisted(self._slots.read_pointer())

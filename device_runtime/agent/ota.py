@@ -23,13 +23,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from sdk.mqtt_contract import DEPLOYMENT_PHASES, parse_command, parse_deploy
+from sdk.mqtt_contract import DEPLOYMENT_PHASES, CommandTimes, parse_command, parse_deploy
 
 __all__ = [
     "PHASES",
     "Deployment",
     "Limits",
     "Recovery",
+    "command_refusal",
     "deployment_from_command",
     "recover",
 ]
@@ -118,6 +119,32 @@ def deployment_from_command(cmd: Mapping[str, Any], *, max_bundle_bytes: int) ->
         allow_downgrade=deploy.allow_downgrade,
         retry_bad=deploy.retry_bad,
     )
+
+
+def command_refusal(
+    times: CommandTimes, now: float, *, horizon: float, max_age_s: float, require_issued_at: bool
+) -> str | None:
+    """Why a command not seen before (its id unknown to the journal) must not run, or None. Pure.
+
+    - ``expires_at`` passed (the device's clock decides);
+    - no ``issued_at`` when the device requires one;
+    - ``issued_at`` more than ``max_age_s`` before now: the journal no longer remembers ids that old, so
+      an old command captured and sent again would look new;
+    - ``issued_at`` at or before the journal's ``horizon`` (the issue time of the newest id it forgot to
+      stay bounded): the same, for ids forgotten because there were too many.
+
+    A command without ``issued_at`` (fleets before it, hand-written ones) is de-duplicated by id only,
+    while the journal remembers the id.
+    """
+    if times.expires_at is not None and times.expires_at < now:
+        return f"the command expired at {times.expires_at:.0f} (device clock {now:.0f})"
+    if times.issued_at is None:
+        return "the command has no issued_at, which this device requires" if require_issued_at else None
+    if times.issued_at < now - max_age_s:
+        return f"the command was issued more than {max_age_s:.0f} s ago (a possible replay)"
+    if times.issued_at <= horizon:
+        return "the command was issued before the oldest command this device remembers (a possible replay)"
+    return None
 
 
 @dataclass(frozen=True)

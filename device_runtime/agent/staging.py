@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from device_runtime.agent._child import die_with_parent, spawn
 from device_runtime.agent.crash import crash_point, download_hook, kill_agent_too
-from device_runtime.agent.download import FetchResponse, HttpDownloader
+from device_runtime.agent.download import FetchResponse, HostPolicy, HttpDownloader
 from device_runtime.agent.slots import SlotStore
 from device_runtime.backends import BACKENDS
 from device_runtime.errors import StateError
@@ -70,17 +70,25 @@ _NICE = 10  # the helper's scheduling priority below the agent's (a nice value: 
 _START_TIMEOUT_S = 60.0  # the helper's imports on a slow device
 
 
-def _downloader(attempts: int, read_timeout_s: float) -> HttpDownloader:
+def _downloader(
+    attempts: int, read_timeout_s: float, hosts: HostPolicy = HostPolicy(), reserve_bytes: int = 0
+) -> HttpDownloader:
     """The downloader for these settings (with the crash test hook only when the environment asks)."""
-    return _cached_downloader(attempts, read_timeout_s, download_hook())
+    return _cached_downloader(attempts, read_timeout_s, hosts, reserve_bytes, download_hook())
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_downloader(
-    attempts: int, read_timeout_s: float, hook: Callable[[FetchResponse], FetchResponse] | None
+    attempts: int,
+    read_timeout_s: float,
+    hosts: HostPolicy,
+    reserve_bytes: int,
+    hook: Callable[[FetchResponse], FetchResponse] | None,
 ) -> HttpDownloader:
     """One per setting, kept: building one loads the CA store (milliseconds)."""
-    return HttpDownloader(attempts=attempts, read_timeout_s=read_timeout_s, response_hook=hook)
+    return HttpDownloader(
+        attempts=attempts, read_timeout_s=read_timeout_s, response_hook=hook, hosts=hosts, reserve_bytes=reserve_bytes
+    )
 
 
 # ---- the job and its result --------------------------------------------------------------------
@@ -117,6 +125,9 @@ class StageJob:
     deadline_s: float  # the whole download
     read_timeout_s: float
     attempts: int
+    allow_hosts: tuple[str, ...] = ()  # HostPolicy.allow: names, addresses, networks
+    public_hosts: bool = True  # HostPolicy.public
+    reserve_bytes: int = 0  # free space the download must leave
 
     @staticmethod
     def encode_trust(trust: TrustedKeys) -> tuple[tuple[str, ...], int]:
@@ -134,6 +145,7 @@ class StageJob:
     def from_json(cls, raw: Mapping[str, Any]) -> StageJob:
         fields = {k: raw[k] for k in cls.__dataclass_fields__}
         fields["trusted_keys"] = tuple(fields["trusted_keys"])
+        fields["allow_hosts"] = tuple(fields["allow_hosts"])
         return cls(**fields)
 
 
@@ -203,8 +215,9 @@ def stage(
     store = SlotStore(job.state_dir)
     bundle_path = Path(job.bundle_path)
     if not bundle_path.exists():
+        hosts = HostPolicy(job.allow_hosts, job.public_hosts)
         try:
-            _downloader(job.attempts, job.read_timeout_s).download_file(
+            _downloader(job.attempts, job.read_timeout_s, hosts, job.reserve_bytes).download_file(
                 job.url,
                 bundle_path,
                 max_length=job.max_bytes,
@@ -212,6 +225,8 @@ def stage(
                 expected_sha256=job.sha256,
                 deadline_s=job.deadline_s,
             )
+        except StateError as e:  # this device's disk: full, read-only (the part file is gone)
+            raise StageFailure(f"download failed: {e}", error="StateError") from e
         except (TransportError, BundleError) as e:  # IntegrityError: wrong bytes from the server
             raise StageFailure(f"download failed: {e}", error=type(e).__name__) from e
     report("verifying")
@@ -220,7 +235,7 @@ def stage(
         if on_staged is not None:
             on_staged(staged)
         return staged, store.start_flush(staged.folder, executor)
-    except StateError as e:
+    except (StateError, OSError) as e:  # a full disk while extracting or writing the slot
         store.clean_incoming()
         raise StageFailure(f"cannot stage: {e}", error="StateError") from e
 

@@ -88,21 +88,31 @@ def combine_stats(parts: Sequence[ModelStats]) -> ModelStats:
 
 
 def deploy_payload(
-    cmd_id: str, url: str, sha256: str, size: int | None, version: int, *, allow_downgrade: bool = False
+    cmd_id: str,
+    url: str,
+    sha256: str,
+    size: int | None,
+    version: int,
+    *,
+    allow_downgrade: bool = False,
+    issued_at: float | None = None,
 ) -> dict[str, Any]:
     """The ``deploy`` command a device gets, through the contract's ``DeployCommand``.
 
     ``size`` is exact (the device's download cap for it), ``sha256`` the archive's (the device checks the
-    download against it), ``version`` informational (the signed manifest decides).
+    download against it), ``version`` informational (the signed manifest decides). ``issued_at`` (Unix
+    seconds, now when None) lets the device refuse a replay of an old command (docs/mqtt.md, "Replay").
     """
     command = DeployCommand(
-        id=cmd_id, url=url, sha256=sha256, size=size, version=version, allow_downgrade=allow_downgrade
-    )
+        id=cmd_id, url=url, sha256=sha256, size=size, version=version, allow_downgrade=allow_downgrade,
+        issued_at=time.time() if issued_at is None else issued_at,
+    )  # fmt: skip
     return command.to_payload()
 
 
-def rollback_payload(cmd_id: str) -> dict[str, Any]:
-    payload = {"schema": SCHEMA, "id": cmd_id, "type": "rollback"}
+def rollback_payload(cmd_id: str, issued_at: float | None = None) -> dict[str, Any]:
+    issued = time.time() if issued_at is None else issued_at
+    payload = {"schema": SCHEMA, "id": cmd_id, "type": "rollback", "issued_at": issued}
     parse_command(payload)  # the contract's bounds on the id
     return payload
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import socket
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from agent_parts import HttpServer
 
-from device_runtime.agent.download import Downloader, FetchResponse, HttpDownloader
-from sdk.errors import IntegrityError, TransportError
+from device_runtime.agent.download import Downloader, FetchResponse, HostPolicy, HttpDownloader
+from sdk.errors import IntegrityError, StateError, TransportError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,6 +28,7 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 def downloader(**kwargs: object) -> HttpDownloader:
     options: dict[str, object] = {"backoff_base_s": 0.01, "backoff_cap_s": 0.05, "read_timeout_s": 5.0}
+    options["hosts"] = HostPolicy(allow=("127.0.0.1",), public=False)  # the test servers' address
     options.update(kwargs)
     return HttpDownloader(**options)  # type: ignore[arg-type]
 
@@ -194,3 +202,156 @@ def test_downloader_seam_works_without_a_network(tmp_path: Path) -> None:
     fetcher = MemoryDownloader(BODY)
     fetcher.download_file("mem://bundle", dest, max_length=len(BODY), expected_sha256=SHA)
     assert dest.read_bytes() == BODY and fetcher.offsets == [10]
+
+
+# -- issue 14, item 5: what a deploy URL may reach; item 8: a full disk ------------------------------------
+
+
+class _Listener:
+    """A bare TCP listener that records whether anything connected to it (an FTP server stand-in)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connected = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.connected.set()
+        conn.sendall(b"220 ftp ready\r\n")
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _redirecting_server(location: str) -> tuple[str, Callable[[], None]]:
+    """An HTTP server answering every GET with a 302 to ``location``; returns its URL and a stop function."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return f"http://127.0.0.1:{server.server_address[1]}/bundle", stop
+
+
+def test_redirect_to_ftp_is_refused_without_connecting(tmp_path: Path) -> None:
+    listener = _Listener()
+    url, stop = _redirecting_server(f"ftp://127.0.0.1:{listener.port}/bundle")
+    try:
+        with pytest.raises(TransportError, match="redirect"):
+            downloader(attempts=3).download_file(url, tmp_path / "b", max_length=10)
+        assert not listener.connected.wait(0.3), "the FTP listener was reached through a redirect"
+    finally:
+        stop()
+        listener.close()
+
+
+def test_redirect_to_another_scheme_is_refused(server: HttpServer, tmp_path: Path) -> None:
+    url, stop = _redirecting_server(server.url.replace("http://", "https://"))
+    try:
+        with pytest.raises(TransportError, match="redirect"):
+            downloader().download_file(url, tmp_path / "b", max_length=len(BODY))
+    finally:
+        stop()
+
+
+def test_redirect_within_the_scheme_and_allowed_hosts_is_followed(server: HttpServer, tmp_path: Path) -> None:
+    url, stop = _redirecting_server(server.url)
+    try:
+        got = downloader().download_file(url, tmp_path / "b", max_length=len(BODY), expected_sha256=SHA)
+        assert got.read_bytes() == BODY
+    finally:
+        stop()
+
+
+def test_loopback_host_is_refused_unless_allowed(server: HttpServer, tmp_path: Path) -> None:
+    from agent_parts import free_port
+
+    public_only = HostPolicy(allow=(), public=True)
+    with pytest.raises(TransportError, match="not allowed") as refused_open:
+        downloader(hosts=public_only, attempts=3).download_file(server.url, tmp_path / "b", max_length=len(BODY))
+    assert server.state.requests == [], "a refused host must not be connected to"
+    assert not part_of(tmp_path / "b").exists()
+    # The same answer for a closed port: no oracle for which ports listen there.
+    closed = server.url.rsplit(":", 1)[0] + f":{free_port()}/bundle"
+    with pytest.raises(TransportError, match="not allowed") as refused_closed:
+        downloader(hosts=public_only).download_file(closed, tmp_path / "b", max_length=10)
+    assert str(refused_open.value).replace(server.url, "URL") == str(refused_closed.value).replace(closed, "URL")
+    by_network = HostPolicy(allow=("127.0.0.0/8",), public=False)
+    got = downloader(hosts=by_network).download_file(server.url, tmp_path / "b", max_length=len(BODY))
+    assert got.read_bytes() == BODY
+
+
+def test_redirect_from_an_allowed_host_to_a_refused_one_is_refused(server: HttpServer, tmp_path: Path) -> None:
+    url, stop = _redirecting_server(server.url)  # to 127.0.0.1, which only the name "localhost" may reach
+    try:
+        only_the_name = HostPolicy(allow=("localhost",), public=False)
+        with pytest.raises(TransportError, match="not allowed"):
+            downloader(hosts=only_the_name).download_file(
+                url.replace("127.0.0.1", "localhost"), tmp_path / "b", max_length=len(BODY)
+            )
+        assert server.state.requests == []
+    finally:
+        stop()
+
+
+def test_host_policy_rules() -> None:
+    policy = HostPolicy(allow=("fleet.lan", "10.1.0.0/16"), public=True)
+    assert policy.refusal("example.org", ["93.184.216.34"]) is None
+    assert policy.refusal("fleet.lan", ["192.168.1.5"]) is None  # named: whatever it resolves to
+    assert policy.refusal("x", ["10.1.2.3"]) is None
+    for address in ("127.0.0.1", "169.254.169.254", "192.168.1.5", "::1", "fe80::1", "0.0.0.0", "10.2.0.1"):
+        assert policy.refusal("x", [address]) is not None, address
+    assert policy.refusal("x", ["93.184.216.34", "127.0.0.1"]) is not None  # every address must pass
+    assert HostPolicy(allow=(), public=False).refusal("example.org", ["93.184.216.34"]) is not None
+
+
+def test_free_space_is_checked_before_anything_is_written(server: HttpServer, tmp_path: Path) -> None:
+    dest = tmp_path / "b"
+    tight = downloader(free_space=lambda path: len(BODY) + 1000, reserve_bytes=4096)
+    with pytest.raises(StateError, match="free"):
+        tight.download_file(server.url, dest, max_length=len(BODY), expected_size=len(BODY))
+    assert server.state.requests == [] and not part_of(dest).exists()
+    # Without an announced size, the server's Content-Length is checked before the body is read.
+    with pytest.raises(StateError, match="free"):
+        tight.download_file(server.url, dest, max_length=2 * len(BODY))
+    assert not part_of(dest).exists()
+    roomy = downloader(free_space=lambda path: 10 * len(BODY), reserve_bytes=4096)
+    assert roomy.download_file(server.url, dest, max_length=len(BODY), expected_size=len(BODY)).exists()
+
+
+def test_a_write_error_deletes_the_part_file_and_is_a_state_error(
+    server: HttpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FullDisk(io.BytesIO):
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_part(self: Downloader, path: Path, mode: str) -> BinaryIO:
+        open(path, mode).close()  # the file exists, as a real open leaves it
+        return FullDisk()
+
+    monkeypatch.setattr(Downloader, "_open_part", open_part)
+    dest = tmp_path / "b"
+    with pytest.raises(StateError, match="No space left"):
+        downloader().download_file(server.url, dest, max_length=len(BODY))
+    assert not part_of(dest).exists() and not dest.exists()
