@@ -60,7 +60,7 @@ def test_registered() -> None:
 @pytest.mark.skipif(sys.platform == "darwin", reason="the platform error is for hosts other than macOS")
 def test_load_off_macos_names_the_platform(bundle_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     # refused before importing Core ML: an unimportable coremltools changes nothing
-    monkeypatch.setitem(sys.modules, "coremltools", None)  # type: ignore[arg-type]
+    _as_if_not_installed(monkeypatch, "coremltools")
     with pytest.raises(BackendError, match=r"Core ML bundles run only on macOS/iOS; this is Linux"):
         device_runtime.load(bundle_path, keys.public)
 
@@ -70,7 +70,7 @@ def test_missing_coremltools_on_macos_names_the_extra(
 ) -> None:
     verified = read_bundle(bundle_path, TrustedKeys((load_public_key(keys.public),)), tmp_path / "x")
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setitem(sys.modules, "coremltools", None)  # type: ignore[arg-type]  # import fails
+    _as_if_not_installed(monkeypatch, "coremltools")
     backend = CoreMlBackend()
     with pytest.raises(BackendError, match=r"pip install 'edgeship\[coreml\]'"):
         backend.load(verified.path(verified.manifest.model), verified.manifest, BackendOptions())
@@ -96,3 +96,18 @@ def test_inputs_cast_to_the_package_dtypes() -> None:
     assert backend._cast("input_ids", IDS).dtype == np.int32
     with pytest.raises(InputError, match="outside int32"):
         backend._cast("input_ids", np.array([[2**40]], dtype=np.int64))
+
+
+def _as_if_not_installed(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """``import module`` fails and no distribution of it is installed (the package's metadata is hidden)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        if dist.startswith(module):  # onnxruntime, onnxruntime-gpu, ...; openvino; coremltools
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(importlib.metadata, "version", version)

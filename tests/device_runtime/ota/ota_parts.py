@@ -224,17 +224,32 @@ class AgentProcess:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
+def journal_entries(state_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """The agent's command journal (``commands.jsonl``: one JSON line per change of an entry) folded into
+    its entries by id; None while it cannot be read whole; {} when there is none."""
+    try:
+        data = (state_dir / "commands.jsonl").read_bytes()
+    except FileNotFoundError:
+        return {}
+    entries: dict[str, dict[str, Any]] = {}
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None  # a line being written
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            entries.setdefault(record["id"], {}).update(record)
+    return entries
+
+
 def settled(state_dir: Path) -> bool:
     """No deployment in progress and no OTA command waiting, according to the agent's durable files."""
     if (state_dir / "deploy.json").exists():
         return False
-    try:
-        journal = json.loads((state_dir / "commands.json").read_bytes())
-    except FileNotFoundError:
-        return True
-    except ValueError:
-        return False
-    return not any(e.get("state") in ("queued", "running") for e in journal.get("entries", []))
+    entries = journal_entries(state_dir)
+    return entries is not None and not any(e.get("state") in ("queued", "running") for e in entries.values())
 
 
 def check_one_good_model(state_dir: Path) -> dict[str, Any]:

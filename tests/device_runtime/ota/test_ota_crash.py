@@ -7,7 +7,6 @@ fleet must hear what happened.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from agent_parts import Broker, HttpServer, wait_for
-from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, helper_processes, settled
+from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, helper_processes, journal_entries, settled
 from runtime_bundles import BundleMaker, Keys
 
 from device_runtime.agent import CRASH_POINTS
@@ -167,8 +166,4 @@ def test_random_kills_during_a_deploy_loop(
 
 
 def _in_journal(state_dir: Path, cmd_id: str) -> bool:
-    try:
-        entries = json.loads((state_dir / "commands.json").read_bytes())["entries"]
-    except (FileNotFoundError, ValueError):
-        return False
-    return any(e["id"] == cmd_id for e in entries)
+    return cmd_id in (journal_entries(state_dir) or {})
