@@ -22,6 +22,7 @@ from packagers.runtime_envs import RegistryUnreachable, RuntimeEnv, ensure_env
 from packagers.targets.onnxruntime import strip_unused_opsets
 from sdk.bundle import read_bundle
 from sdk.compat import version_at_least
+from sdk.errors import PackagingError
 from sdk.signing import TrustedKeys
 
 
@@ -132,3 +133,29 @@ def test_bundles_built_here_load_in_the_old_runtimes(name: str, mlp_bundles: dic
     assert run.returncode == 0, run.stderr[-2000:]
     version = run.stdout.split()[0]
     assert version_at_least(version, bundle.manifest.runtime.min_version or "0"), (version, bundle.manifest.runtime)
+
+
+@pytest.mark.slow
+def test_built_for_1_17_validates_in_1_17_3(mlp: torch.nn.Module, digits: Digits, key: Ed25519PrivateKey,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    from packagers.options import PackageOptions
+
+    _old_runtime("onnxruntime")
+    x = digits.x_val
+    (result,) = package(mlp, name="mlp", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                        precision="fp32", example_inputs=(torch.from_numpy(x[:2]),), calibration={"input": x[:64]},
+                        options=PackageOptions(for_runtime="onnxruntime==1.17", validate_on="onnxruntime==1.17.3",
+                                               benchmark_runs=3))  # fmt: skip
+    on = result.manifest.validation.on_runtime
+    assert on is not None and on["version"] == "1.17.3" and on["numpy"].startswith("1.")
+    assert on["passed"] and on["health"] == "ok" and on["metrics"]["output"]["cosine_min"] > 0.9999, on
+
+
+def test_validate_on_refuses_before_work(mlp: torch.nn.Module, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    from packagers.options import PackageOptions
+
+    for spec, words in (("openvino==2024.0.0", "validates openvino bundles"), ("onnxruntime>=1.17", "exact")):
+        with pytest.raises(PackagingError, match=words):
+            package(mlp, name="mlp", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                    example_inputs=(torch.zeros(2, 64),), options=PackageOptions(validate_on=spec))  # fmt: skip
+    assert not list(tmp_path.iterdir())
