@@ -192,6 +192,7 @@ class PackageOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)  # target-specific settings, recorded in the report
     for_runtime: str | None = None  # build for this runtime release: "onnxruntime==1.17", "coreml==iOS17"
     device: str | None = None  # build for this device profile (sdk/profiles.json, `edgeship devices`)
+    validate_on: str | None = None  # also validate in this exact release, in a cached venv: "onnxruntime==1.17.3"
 
     def __post_init__(self) -> None:
         if self.exporter not in ("auto", "torchscript", "dynamo"):
@@ -206,7 +207,7 @@ class PackageOptions:
             )
         if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 25):
             raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")
-        for name in ("for_runtime", "device"):
+        for name in ("for_runtime", "device", "validate_on"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise PackagingError(f"option {name} must be a non-empty string, got {value!r}")

@@ -16,7 +16,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from packagers.registry import BuiltModel, Packager, Runner, get_packager
 from packagers.report import write_reports
 from packagers.runtime_plan import apply_plans, fit_built, plan_runtimes
 from packagers.sources import Source, detect_input_kind, load_source
+from packagers.validate_on import ValidateOn, validate_bundle
+from packagers.validate_on import prepare as prepare_validate_on
 from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
 from sdk.bundle import bundle_filename, write_bundle
 from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
@@ -240,6 +242,7 @@ def package(
     label_array = _check_labels(labels, calibration)
     keys = _load_keys(key)
     out = Path(out_dir)
+    validate_on = prepare_validate_on(opts.validate_on, targets, say) if opts.validate_on else None
 
     with tempfile.TemporaryDirectory(prefix="edgeship-package-") as tmp_name:
         tmp = Path(tmp_name)
@@ -286,7 +289,7 @@ def package(
             results = [
                 _write(plan, source=source, inputs=inputs, n=n, name=name, version=version, label=label,
                        expires=expires_text, keys=keys, out=out, options=opts, accept_drift=accept_drift,
-                       labels=label_array, say=say, started=start)
+                       labels=label_array, say=say, started=start, reference=reference, validate_on=validate_on)
                 for plan in plans
             ]  # fmt: skip
             say("benchmarking the original model on the host CPU (batch 1) for the report")
@@ -344,6 +347,7 @@ def _write(
     plan: _Plan, *, source: Source, inputs: Mapping[str, np.ndarray], n: int, name: str, version: int,
     label: str | None, expires: str | None, keys: list[Ed25519PrivateKey], out: Path, options: PackageOptions,
     accept_drift: bool, labels: np.ndarray | None, say: Callable[[str], None], started: float,
+    reference: Mapping[str, np.ndarray], validate_on: ValidateOn | None = None,
 ) -> PackageResult:  # fmt: skip
     tag = f"{plan.target.value} {plan.precision.value}"
     in_specs = plan.built.inputs or source.inputs
@@ -419,6 +423,22 @@ def _write(
         final = write_bundle(bundle_path, manifest, members, keys)
     except ManifestError as e:  # a member path the format refuses
         raise PackagingError(f"cannot write {bundle_path.name}: {e}") from e
+    if validate_on is not None and validate_on.target is plan.target:
+        say(f"{tag}: validating in {validate_on.label}")
+        on_runtime = validate_bundle(validate_on, bundle_path, keys[0], source.outputs, inputs, reference,
+                                     plan.tolerances)  # fmt: skip
+        say(f"{tag}: {validate_on.label} " + ("passed" if on_runtime["passed"] else "FAILED: "
+                                             + "; ".join(on_runtime["failures"])))  # fmt: skip
+        if not on_runtime["passed"] and not accept_drift:
+            bundle_path.unlink()
+            raise DriftError(f"{tag}: validation in {validate_on.label} failed, not signed: "
+                             + "; ".join(on_runtime["failures"]) + " (sign anyway with --accept-drift)")  # fmt: skip
+        validation = replace(validation, on_runtime=on_runtime,
+                             accepted_drift=bool(validation.accepted_drift or not on_runtime["passed"]))  # fmt: skip
+        manifest = replace(manifest, validation=validation)
+        report["validation"] = validation.to_dict()
+        members["report.json"] = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+        final = write_bundle(bundle_path, manifest, members, keys)  # re-signed with the target runtime's numbers
     size = bundle_path.stat().st_size
     say(f"{tag}: wrote {bundle_path} ({size} bytes, p50 {bench.get('p50', 'n/a')} ms)")
     latency: dict[str, Any] = {k: bench[k] for k in ("p50", "p95", "mean", "runs") if k in bench}

@@ -368,3 +368,4 @@ class Validation(Section):
     benchmark: dict[str, Any] | None = None  # host latency figures
     numeric: dict[str, Any] | None = None  # {"ran": false, "reason"} when the host could not run it
     structure: dict[str, Any] | None = None  # what was checked without running it
+    on_runtime: dict[str, Any] | None = None  # --validate-on: health and metrics in that release, which it names

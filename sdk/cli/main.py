@@ -82,7 +82,10 @@ def _cmd_package(args: argparse.Namespace) -> int:
         precision=_split_list(args.precision),
         calibration=args.calibration,
         options=PackageOptions(
-            calibration_method=args.calibration_method, for_runtime=args.for_runtime, device=args.device
+            calibration_method=args.calibration_method,
+            for_runtime=args.for_runtime,
+            device=args.device,
+            validate_on=args.validate_on,
         ),
         labels=labels,
         task=args.task,
@@ -290,6 +293,13 @@ def _add_package_parser(sub: Any) -> None:
         metavar="NAME",
         help="build for a device profile (`edgeship devices` lists them), with the runtime releases it has "
         "(default --target: its first runtime)",
+    )
+    pk.add_argument(
+        "--validate-on",
+        metavar="PKG==VER",
+        help="also validate in this exact runtime release (onnxruntime==1.17.3, ai-edge-litert==1.4.0, "
+        "openvino==2024.0.0), in a cached virtual environment ($EDGESHIP_RUNTIME_ENVS); the numbers go into the "
+        "manifest's validation.on_runtime",
     )
     pk.add_argument("--calibration", help="validation/calibration data: " + "; ".join(CALIBRATION_FORMATS))
     pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")

@@ -1,17 +1,13 @@
 """runtime.min_version says what the model needs, not what the build host had (issue 13).
 
 The last test loads the bundles built here in onnxruntime 1.17.3 (a Jetson's JetPack release) and
-ai-edge-litert 1.4.0 (the newest aarch64 wheel for a Raspberry Pi), each in a throwaway virtual
-environment from PyPI: it skips only where PyPI cannot be reached.
+ai-edge-litert 1.4.0 (the newest aarch64 wheel for a Raspberry Pi), each in a cached virtual
+environment (``packagers.runtime_envs``): it skips only where PyPI cannot be reached.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
-import venv
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packager_checks import Digits
 
 from packagers import PackageResult, package
+from packagers.runtime_envs import RegistryUnreachable, RuntimeEnv, ensure_env
 from packagers.targets.onnxruntime import strip_unused_opsets
 from sdk.bundle import read_bundle
 from sdk.compat import version_at_least
+from sdk.errors import PackagingError
 from sdk.signing import TrustedKeys
 
 
@@ -110,37 +108,54 @@ else:
     out = runner(**{name: next(iter(feeds.values()))[:1].astype(np.float32)})
     print(metadata.version("ai-edge-litert"), [v.shape for v in out.values()])
 """
-_OLD = {"onnxruntime": ["onnxruntime==1.17.3", "numpy<2"], "tflite": ["ai-edge-litert==1.4.0", "numpy<2"]}
+_OLD = {"onnxruntime": "onnxruntime==1.17.3", "tflite": "ai-edge-litert==1.4.0"}
 
 
-def _old_runtime(kind: str) -> Path:
-    """A cached throwaway venv with the old runtime; skips when PyPI cannot be reached."""
-    root = Path(os.environ.get("EDGESHIP_OLD_RUNTIMES", Path(tempfile.gettempdir()) / "edgeship-old-runtimes"))
-    env = root / kind
-    python = env / "bin" / "python"
-    if not (env / "ok").exists():
-        venv.create(env, with_pip=True, clear=True)
-        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *_OLD[kind]], capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
-        if pip.returncode != 0:
-            if any(w in pip.stderr for w in ("NewConnectionError", "Temporary failure in name resolution",
-                                             "No matching distribution", "Network is unreachable")):  # fmt: skip
-                pytest.skip(f"PyPI is not reachable: {pip.stderr.strip().splitlines()[-1][:200]}")
-            raise AssertionError(pip.stderr)
-        (env / "ok").touch()
-    return python
+def _old_runtime(kind: str) -> RuntimeEnv:
+    """The cached venv with the old runtime (packagers.runtime_envs); skips when PyPI cannot be reached."""
+    try:
+        return ensure_env(_OLD[kind])
+    except RegistryUnreachable as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["onnxruntime:fp32", "onnxruntime:int8-dynamic", "tflite:int8-dynamic"])
 def test_bundles_built_here_load_in_the_old_runtimes(name: str, mlp_bundles: dict[str, PackageResult],
                                                       trust: TrustedKeys, tmp_path: Path) -> None:  # fmt: skip
-    python = _old_runtime(name.split(":")[0])
+    env = _old_runtime(name.split(":")[0])
     bundle = read_bundle(mlp_bundles[name].bundle_path, trust, tmp_path / "b")
     golden: Any = bundle.manifest.golden.inputs or {}
     inputs = {k: str(bundle.path(v)) for k, v in golden.items()}
-    run = subprocess.run([str(python), "-c", _CHECK, name.split(":")[0], str(bundle.path(bundle.manifest.model)),
-                          json.dumps(inputs)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = env.run(
+        ["-c", _CHECK, name.split(":")[0], str(bundle.path(bundle.manifest.model)), json.dumps(inputs)], timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     version = run.stdout.split()[0]
     assert version_at_least(version, bundle.manifest.runtime.min_version or "0"), (version, bundle.manifest.runtime)
+
+
+@pytest.mark.slow
+def test_built_for_1_17_validates_in_1_17_3(mlp: torch.nn.Module, digits: Digits, key: Ed25519PrivateKey,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    from packagers.options import PackageOptions
+
+    _old_runtime("onnxruntime")
+    x = digits.x_val
+    (result,) = package(mlp, name="mlp", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                        precision="fp32", example_inputs=(torch.from_numpy(x[:2]),), calibration={"input": x[:64]},
+                        options=PackageOptions(for_runtime="onnxruntime==1.17", validate_on="onnxruntime==1.17.3",
+                                               benchmark_runs=3))  # fmt: skip
+    on = result.manifest.validation.on_runtime
+    assert on is not None and on["version"] == "1.17.3" and on["numpy"].startswith("1.")
+    assert on["passed"] and on["health"] == "ok" and on["metrics"]["output"]["cosine_min"] > 0.9999, on
+
+
+def test_validate_on_refuses_before_work(mlp: torch.nn.Module, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    from packagers.options import PackageOptions
+
+    for spec, words in (("openvino==2024.0.0", "validates openvino bundles"), ("onnxruntime>=1.17", "exact")):
+        with pytest.raises(PackagingError, match=words):
+            package(mlp, name="mlp", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                    example_inputs=(torch.zeros(2, 64),), options=PackageOptions(validate_on=spec))  # fmt: skip
+    assert not list(tmp_path.iterdir())
