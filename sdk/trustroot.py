@@ -295,10 +295,11 @@ def _check_threshold(signed: Mapping[str, Any], signatures: Sequence[Mapping[str
              f"{len(valid)} valid signature(s) of {what}'s root keys, {role.threshold} required")  # fmt: skip
 
 
-def load_root(data: bytes | Mapping[str, Any], *, now: datetime) -> TrustRoot:
+def load_root(data: bytes | Mapping[str, Any], *, now: datetime | None) -> TrustRoot:
     """Parse a root document and check that a threshold of its own root keys signed it, unexpired.
 
-    The first root of a device (``--trust-root FILE``, from its image) is accepted this way.
+    The first root of a device (``--trust-root FILE``, from its image) is accepted this way. ``now=None``
+    skips the expiry (the root a device already holds: an expired one is reported, not dropped).
 
     Raises:
         TrustRootError: malformed, below its own threshold, or expired at ``now``.
@@ -306,7 +307,7 @@ def load_root(data: bytes | Mapping[str, Any], *, now: datetime) -> TrustRoot:
     signed, signatures = _parse(data)
     root = TrustRoot.from_json(signed)
     _check_threshold(signed, signatures, root, "the new root")
-    _require(not root.expired(now), f"root v{root.version} expired at {root.expires}")
+    _require(now is None or not root.expired(now), f"root v{root.version} expired at {root.expires}")
     return root
 
 

@@ -110,14 +110,14 @@ def test_malformed_roots_are_refused(mutate: object) -> None:
     signed = json.loads(sign_root(_root(1, r, b), r))["signed"]
     mutate(signed)  # type: ignore[operator]
     # signed again over the altered content: the parser, not the signature, must refuse it
-    from sdk.trustroot import _sign_signed  # noqa: PLC0415  (test-only access)
+    from sdk.trustroot import _sign_signed
 
     with pytest.raises(TrustRootError):
         load_root(_sign_signed(signed, r), now=NOW)
 
 
 def test_implicit_root_from_trusted_keys() -> None:
-    from sdk.signing import TrustedKeys  # noqa: PLC0415
+    from sdk.signing import TrustedKeys
 
     b = _keys(2)
     implicit = TrustRoot.implicit(TrustedKeys(tuple(k.public_key() for k in b), threshold=2))
