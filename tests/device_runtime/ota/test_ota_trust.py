@@ -219,3 +219,35 @@ def test_rollback_to_an_expired_slot_is_refused(
     _settle(agent)
     assert _trusted_state(agent) == before
     assert_serves_v(agent, 2)
+
+
+def test_host_cli_root_and_an_agent_started_from_it(
+    broker: Broker, agent_factory: Callable[..., Agent], make_bundle: BundleMaker, keys: Keys, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from sdk.cli.main import main
+    from sdk.signing import generate_keypair
+
+    old_key, old_pub = generate_keypair(tmp_path / "k", "root-old")
+    new_key, new_pub = generate_keypair(tmp_path / "k", "root-new")
+    v1, v2 = tmp_path / "root-1.json", tmp_path / "root-2.json"
+    base = ["--bundle-key", str(keys.public), "--pin", "linear"]
+    assert main(["keys", "root", "create", "--root-key", str(old_pub), *base, "--sign", str(old_key),
+                 "--out", str(v1)]) == 0  # fmt: skip
+    assert main(["keys", "root", "rotate", "--current", str(v1), "--root-key", str(new_pub), *base,
+                 "--sign", str(new_key), "--out", str(v2)]) == 0  # fmt: skip
+    assert "not yet valid" in capsys.readouterr().out  # only the new key signed
+    assert main(["keys", "root", "sign", str(v2), "--sign", str(old_key)]) == 0
+    assert "valid root v2" in capsys.readouterr().out
+
+    state = tmp_path / "state-root"
+    agent = agent_factory(broker.port, make_bundle(version=1), state_dir=state, trust=None, trust_root=v1)
+    assert agent.trust_root.version == 1 and agent.active_model is not None
+    agent.stop()
+    # a newer root file at start is applied by the rotation rule; the stored root then outranks the file
+    again = agent_factory(broker.port, state_dir=state, trust_root=v2)
+    assert again.trust_root.version == 2
+    again.stop()
+    third = agent_factory(broker.port, state_dir=state, trust_root=v1)  # an older image's file
+    assert third.trust_root.version == 2
+    assert_serves_v(third, 1)
