@@ -7,7 +7,8 @@
                             [--max-body-bytes N] [--max-connections N] [--token-file F] [--allow-host NAME ...]
                             [--insecure-no-auth] [--state-dir DIR]
     edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
-                            --trust PUB [--trust PUB ...] [--bundle FILE] [--telemetry-interval S]
+                            (--trust PUB [--trust PUB ...] [--threshold N] | --trust-root FILE)
+                            [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
                             [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-token-file F]
                             [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
@@ -84,7 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     run.add_argument("--device-id", required=True, help="this device's id (one MQTT topic segment)")
     run.add_argument("--fleet", default="default", help="fleet name (default: default)")
-    run.add_argument("--trust", required=True, action="append", type=Path, metavar="PUB", help="trusted public key")
+    run.add_argument(
+        "--trust", action="append", type=Path, metavar="PUB", help="trusted public key (the implicit root, version 0)"
+    )
+    run.add_argument("--threshold", type=int, default=1, metavar="N", help="--trust signatures a bundle needs (1)")
+    run.add_argument(
+        "--trust-root",
+        type=Path,
+        metavar="FILE",
+        help="signed trust root (root.json) when the state holds none or older",
+    )
     run.add_argument("--bundle", type=Path, help="initial bundle, installed when no model is active yet")
     run.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S", help="seconds (default 10)")
     run.add_argument("--tls-ca", help="CA file to verify the broker (turns TLS on)")
@@ -230,6 +240,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if not args.trust and args.trust_root is None:
+        raise InputError("give --trust PUB (and --threshold N) or --trust-root FILE")
     host, port, tls = _broker_address(args.broker)
     if tls and not args.tls_ca:
         raise InputError("mqtts:// needs --tls-ca (the CA that signed the broker's certificate)")
@@ -262,7 +274,8 @@ def _run(args: argparse.Namespace) -> int:
     config = AgentConfig(
         state_dir=args.state_dir,
         mqtt=settings,
-        trust=TrustedKeys.from_files(args.trust),
+        trust=TrustedKeys.from_files(args.trust, args.threshold) if args.trust else None,
+        trust_root=args.trust_root,
         initial_bundle=args.bundle,
         telemetry_interval_s=args.telemetry_interval,
         intra_op_threads=args.threads,

@@ -28,6 +28,7 @@ __all__ = [
     "SignatureError",
     "StateError",
     "TransportError",
+    "TrustRootError",
     "UnsafeArchiveError",
 ]
 
@@ -106,3 +107,8 @@ class ModelClosedError(EdgeshipError):
 
 class StateError(EdgeshipError):
     """The device's state directory is unreadable, corrupt or cannot be written."""
+
+
+class TrustRootError(EdgeshipError):
+    """A trust root document is malformed, expired, not signed by a threshold of its root keys (and of the
+    current root's, for an update), or not newer than the current root; the current root stays."""

@@ -65,6 +65,7 @@ __all__ = [
     "parse_command",
     "parse_command_times",
     "parse_config",
+    "parse_trust",
     "parse_deploy",
     "parse_event",
     "parse_status",
@@ -86,7 +87,7 @@ MAX_TEXT_CHARS = 256  # characters of any other string in an event's detail (lon
 MAX_EVENT_BYTES = 8 * 1024  # bytes of an encoded event, whatever its detail (see event_payload)
 TELEMETRY_INTERVAL_S = (0.1, 86400.0)  # seconds, the range a config command may set
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-COMMAND_TYPES = ("deploy", "rollback", "config", "ping", "cancel")
+COMMAND_TYPES = ("deploy", "rollback", "config", "ping", "cancel", "trust")
 STATUS_STATES = ("online", "offline")
 SLOTS = ("A", "B")
 # Phases of the OTA operation in progress, as the status's ``deployment.phase`` shows them. ``switching``
@@ -603,6 +604,23 @@ def parse_deploy(cmd: Mapping[str, Any], *, max_bundle_bytes: int) -> DeployComm
         issued_at=times.issued_at,
         expires_at=times.expires_at,
     )
+
+
+def parse_trust(cmd: Mapping[str, Any]) -> dict[str, Any]:
+    """The signed root document a ``trust`` command carries (``root``: ``{"signed", "signatures"}``).
+
+    Only its shape is checked here; the device checks its signatures (``sdk.trustroot.update_root``):
+    the transport does not decide, so any sender may carry it.
+
+    Raises:
+        CommandError: no ``root`` object, or another key.
+    """
+    unknown = sorted(set(cmd) - {*_ENVELOPE_KEYS, "root"})
+    _require(not unknown, f"trust: unknown keys {clip(repr(unknown), 200)}", CommandError)
+    root = cmd.get("root")
+    ok = isinstance(root, dict) and set(root) == {"signed", "signatures"}
+    _require(ok, 'trust.root must be a signed root document {"signed": {...}, "signatures": [...]}', CommandError)
+    return dict(root)  # type: ignore[arg-type]
 
 
 def parse_config(cmd: Mapping[str, Any]) -> dict[str, Any]:

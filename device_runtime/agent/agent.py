@@ -39,6 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,12 @@ from device_runtime.agent.linkproc import LinkProcess
 from device_runtime.agent.mqtt import DeviceLink
 from device_runtime.agent.ota import command_refusal, deployment_from_command
 from device_runtime.agent.outbox import Outbox
+from device_runtime.agent.trust import TrustStore
 from device_runtime.errors import StateError
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model
 from device_runtime.serve import ModelServer
-from sdk.errors import EdgeshipError, TransportError
+from sdk.errors import EdgeshipError, TransportError, TrustRootError
 from sdk.mqtt_contract import (
     CommandError,
     command_ref,
@@ -69,7 +71,9 @@ from sdk.mqtt_contract import (
     parse_command,
     parse_command_times,
     parse_config,
+    parse_trust,
 )
+from sdk.trustroot import TrustRoot
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "Agent", "AgentConfig"]
 
@@ -137,6 +141,7 @@ class Agent:
             )
         else:
             self._use_device_link([])
+        self._trust = TrustStore(self.state_dir, config.trust, config.trust_root, datetime.now(timezone.utc))
         self._deployer = Deployer(
             config,
             self.state_dir,
@@ -148,6 +153,7 @@ class Agent:
             report=self._event,
             flush_reports=self._flush_events,
             publish_status=lambda: self.link.publish_status(),  # the link may change in start()
+            trust=lambda: self._trust.root,
         )
         self._apply_log_level()
 
@@ -338,6 +344,27 @@ class Agent:
             "uptime_s": round(self._clock() - self._started_at, 1),
             "system_uptime_s": _sysinfo.system_uptime_s(),
             "deployment": None if deployment is None else {"cmd_id": deployment.cmd_id, "phase": deployment.phase},
+            "trust": self.trust_status(),
+        }
+
+    @property
+    def trust_root(self) -> TrustRoot:
+        """The trust root in force (bundle keys, pins, signed downgrades)."""
+        return self._trust.root
+
+    def trust_status(self) -> dict[str, Any]:
+        """What the status reports about trust and freshness (device clock): the root's version and expiry,
+        and whether the model served now is past its bundle's ``expires`` (it keeps serving: a device is
+        never left with nothing; the fleet sees it and deploys a fresh bundle)."""
+        now = datetime.now(timezone.utc)
+        root = self._trust.root
+        active = self._serving.active
+        expires = None if active is None else active.model.manifest.expires_at()
+        return {
+            "root_version": root.version,
+            "root_expires": root.expires,
+            "root_expired": root.expired(now),
+            "model_expired": expires is not None and expires <= now,
         }
 
     def _run_telemetry(self) -> None:
@@ -472,6 +499,9 @@ class Agent:
         if kind == "cancel":
             self._cancel(cmd_id, cmd, issued)
             return
+        if kind == "trust":
+            self._accept_root(cmd_id, cmd, issued)
+            return
         try:
             deployment_from_command(cmd, max_bundle_bytes=self.config.max_bundle_bytes)  # refuse early
         except CommandError as e:
@@ -541,6 +571,20 @@ class Agent:
         why = "unknown" if seen is None else "already started" if seen.get("state") != "done" else "already finished"
         self._record(cmd_id, state="done", outcome="failed")
         self._event(cmd_id, "failed", f"{target} cannot be cancelled: {why}", error="NotCancellable")
+
+    def _accept_root(self, cmd_id: str, cmd: Mapping[str, Any], issued: Mapping[str, Any]) -> None:
+        """A new trust root: accepted only by the current root's rule (signed, newer), whoever sent it."""
+        try:
+            root = self._trust.update(parse_trust(cmd), datetime.now(timezone.utc))
+        except (CommandError, TrustRootError, StateError) as e:
+            if self._record(cmd_id, type="trust", state="done", outcome="failed", **issued):
+                error = "CommandError" if isinstance(e, CommandError) else type(e).__name__
+                self._event(cmd_id, "failed", f"trust root refused: {e}", error=error)
+            return
+        self._record(cmd_id, type="trust", state="done", outcome="applied", **issued)
+        log.info("trust root v%d accepted (%s)", root.version, cmd_id)
+        self._event(cmd_id, "applied", f"trust root v{root.version}", root_version=root.version)
+        self.link.publish_status()
 
     def _configure(self, cmd_id: str, cmd: Mapping[str, Any], issued: Mapping[str, Any]) -> None:
         try:

@@ -19,7 +19,11 @@ class AgentConfig:
     Attributes:
         state_dir: the agent's folder (created if missing).
         mqtt: broker address, identity and TLS.
-        trust: public keys (and threshold) bundles must be signed with.
+        trust: public keys (and threshold) bundles must be signed with: the implicit trust root (version
+            0), used until a signed root is installed (``trust_root`` or a ``trust`` command; see
+            ``device_runtime.agent.trust``). None: ``trust_root`` must be given.
+        trust_root: a signed root document (``root.json``) to start from, when the state directory holds
+            none (or an older one).
         initial_bundle: installed into slot A when no slot is active yet (a factory image).
         telemetry_interval_s: seconds between telemetry messages (a ``config`` command may change it).
         max_bundle_bytes: the download cap when a deploy command gives no ``size``.
@@ -65,7 +69,8 @@ class AgentConfig:
 
     state_dir: Path
     mqtt: MqttSettings
-    trust: TrustedKeys
+    trust: TrustedKeys | None
+    trust_root: Path | None = None
     initial_bundle: Path | None = None
     telemetry_interval_s: float = 10.0  # seconds
     max_bundle_bytes: int = 2 * 2**30  # bytes

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -63,6 +64,7 @@ from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import EdgeshipError
+from sdk.trustroot import TrustRoot
 
 __all__ = ["DEPLOY_FILE", "DOWNLOADS", "Deployer", "Report"]
 
@@ -96,6 +98,7 @@ class Deployer:
         report: reports a step (an event); it must not raise.
         flush_reports: waits until the steps reported so far are durable (before a record is forgotten).
         publish_status: publishes the device's status (after a deployment ends).
+        trust: returns the current trust root (bundle keys, pins, signed downgrades).
     """
 
     def __init__(
@@ -111,8 +114,10 @@ class Deployer:
         report: Report,
         flush_reports: Callable[[], None],
         publish_status: Callable[[], None],
+        trust: Callable[[], TrustRoot],
     ) -> None:
         self.config = config
+        self._trust = trust  # the current trust root (a ``trust`` command may replace it meanwhile)
         self.state_dir = state_dir
         self._slots = SlotStore(state_dir)
         self._journal = journal
@@ -245,7 +250,11 @@ class Deployer:
         """Verify, check and activate the factory bundle into slot A."""
         try:
             self._slots.clean_incoming()
-            verified = read_bundle(path, self.config.trust, self._slots.incoming / "bundle")
+            root = self._trust()
+            verified = read_bundle(
+                path, root.bundle_keys(), self._slots.incoming / "bundle",
+                installed_version=lambda name: root.effective_floor(name, None, None),  # the root's pins
+            )  # fmt: skip
             check_compatible(verified.manifest, self._capabilities)
             self._slots.write_pointer(Pointer())
             staged = self._slots.install("A", verified)
@@ -349,14 +358,15 @@ class Deployer:
             _Failed: it was refused or could not be staged.
             _Interrupted: ``stop()`` was called meanwhile.
         """
-        keys, threshold = StageJob.encode_trust(self.config.trust)
+        root = self._trust()
+        trust = root.bundle_keys()
+        keys, threshold = StageJob.encode_trust(trust)
         job = StageJob(
             cmd_id=dep.cmd_id,
             url=dep.url,
             sha256=dep.sha256,
             size=dep.size,
             max_bytes=dep.size or self.config.max_bundle_bytes,
-            allow_downgrade=dep.allow_downgrade,
             state_dir=str(self.state_dir),
             bundle_path=str(bundle_path),
             trusted_keys=keys,
@@ -368,6 +378,8 @@ class Deployer:
             allow_hosts=self._download_hosts(),
             public_hosts=self.config.public_hosts,
             reserve_bytes=self.config.download_reserve_bytes,
+            pins=root.pins,  # the command's allow_downgrade has no say: only the signed root's rules
+            downgrades=dict(root.downgrades),
         )
 
         def report(phase: str) -> None:  # "verifying": the download is complete
@@ -380,7 +392,7 @@ class Deployer:
         try:
             if self._stager is not None:
                 return self._stager.run(job, report)
-            return stage(job, trust=self.config.trust, executor=self._io, report=report)
+            return stage(job, trust=trust, executor=self._io, report=report)
         except StageFailure as e:
             raise _Failed(str(e), bad=e.bad, error=e.error) from e
         except StagingDied as e:
@@ -531,6 +543,12 @@ class Deployer:
             verified = self._slots.open_slot(slot, info)
         except EdgeshipError as e:
             raise _Failed(f"slot {slot} is damaged: {e}", error=type(e).__name__) from e
+        expires = verified.manifest.expires_at()
+        if expires is not None and expires <= datetime.now(timezone.utc):  # not started again once expired
+            raise _Failed(
+                f"the previous model {info.name} v{info.version} expired at {verified.manifest.expires}",
+                error="ExpiredError",
+            )
         try:
             trial, metrics = self._trial(verified, slot)
         except _Failed as f:

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -51,6 +51,7 @@ from sdk.compat import why_incompatible
 from sdk.errors import BackendError, BundleError, RollbackError, TransportError
 from sdk.manifest import Manifest
 from sdk.signing import TrustedKeys
+from sdk.trustroot import Role, TrustRoot
 
 __all__ = [
     "Flush",
@@ -116,7 +117,6 @@ class StageJob:
     sha256: str  # of the whole archive, as announced
     size: int | None  # exact size in bytes, when announced
     max_bytes: int  # the download cap
-    allow_downgrade: bool
     state_dir: str
     bundle_path: str  # the download's final file (skipped when it exists: a resumed deployment)
     trusted_keys: tuple[str, ...]  # raw Ed25519 public keys, hex
@@ -128,6 +128,14 @@ class StageJob:
     allow_hosts: tuple[str, ...] = ()  # HostPolicy.allow: names, addresses, networks
     public_hosts: bool = True  # HostPolicy.public
     reserve_bytes: int = 0  # free space the download must leave
+    pins: tuple[str, ...] | None = None  # the trust root's pins (None: the running model's name)
+    downgrades: Mapping[str, int] = field(default_factory=dict)  # the trust root's signed downgrades
+
+    def admission(self) -> TrustRoot:
+        """The trust root's rules for this job (pins, downgrades), with its bundle keys."""
+        trust = self.trust()
+        role = Role(tuple(sorted(trust.by_id())), trust.threshold)
+        return TrustRoot(0, None, trust.by_id(), {"root": role, "bundles": role}, self.pins, dict(self.downgrades))
 
     @staticmethod
     def encode_trust(trust: TrustedKeys) -> tuple[tuple[str, ...], int]:
@@ -146,6 +154,7 @@ class StageJob:
         fields = {k: raw[k] for k in cls.__dataclass_fields__}
         fields["trusted_keys"] = tuple(fields["trusted_keys"])
         fields["allow_hosts"] = tuple(fields["allow_hosts"])
+        fields["pins"] = None if fields["pins"] is None else tuple(fields["pins"])
         return cls(**fields)
 
 
@@ -243,14 +252,16 @@ def stage(
 def _verify_and_install(job: StageJob, store: SlotStore, path: Path, trust: TrustedKeys) -> Staged:
     store.clean_incoming()
     pointer = store.read_pointer()
+    running = pointer.active_info.name if pointer.active_info is not None else None
+    rules = job.admission()
+
+    def floor(name: str) -> int | None:
+        # The floor of the verified name, lowered only by a downgrade the trust root signed; a name the
+        # root's pins (or the running model) exclude is refused here, before anything is extracted.
+        return rules.effective_floor(name, pointer.floor(name), running)
+
     try:
-        verified = read_bundle(
-            path,
-            trust,
-            store.incoming / "bundle",
-            installed_version=pointer.floor,  # the anti-rollback floor of the bundle's name
-            allow_downgrade=job.allow_downgrade,
-        )
+        verified = read_bundle(path, trust, store.incoming / "bundle", installed_version=floor)
         if verified.sha256 != job.sha256:
             raise BundleError(f"the bundle's sha256 {verified.sha256} is not the announced {job.sha256}")
     except RollbackError as e:  # the command's fault, not the bundle's: a downgrade may be allowed later

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.cli.fleet import add_parsers as add_fleet_parsers
+from sdk.cli.root import add_parser as add_root_parser
 from sdk.cli.tables import human_size
 from sdk.cli.tables import print_table as _print_table
 from sdk.errors import EdgeshipError, InputError
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="folder for the key files")
     gen.add_argument("--name", default="edgeship", help="file name stem (default: edgeship)")
     gen.set_defaults(func=_cmd_keys_generate)
+    add_root_parser(keys)
 
     _add_package_parser(sub)
 

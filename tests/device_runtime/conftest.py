@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from runtime_bundles import (
     CREATED,
     GOLDEN_X,
@@ -53,6 +54,8 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> BundleM
         tolerance: Mapping[str, float] | None = None,
         runtime: Mapping[str, Any] | None = None,
         inputs: tuple[TensorSpec, ...] | None = None,
+        expires: str | None = None,
+        signers: Sequence[Ed25519PrivateKey] | None = None,
     ) -> Path:
         golden_in: dict[str, np.ndarray]
         golden_out: dict[str, np.ndarray]
@@ -90,9 +93,10 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> BundleM
             created=format_time(CREATED),
             runtime=dict(runtime or {"package": "onnxruntime", "providers": ["CPUExecutionProvider"]}),
             golden=golden,
+            expires=expires,
         )
         out = folder / f"{name}-{version}-{target}-{next(counter)}.edgebundle"
-        write_bundle(out, manifest, members, [keys.private])
+        write_bundle(out, manifest, members, list(signers) if signers is not None else [keys.private])
         return out
 
     return make

@@ -65,7 +65,7 @@ def agent_factory(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Agent]]:
         config = AgentConfig(
             state_dir=overrides.pop("state_dir", tmp_path / f"state-{device_id}"),
             mqtt=settings,
-            trust=TrustedKeys.from_files([keys.public]),
+            trust=overrides.pop("trust", TrustedKeys.from_files([keys.public])),
             initial_bundle=bundle,
             telemetry_interval_s=overrides.pop("telemetry_interval_s", 60.0),
             download_read_timeout_s=overrides.pop("download_read_timeout_s", 5.0),
