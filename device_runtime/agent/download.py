@@ -43,7 +43,7 @@ __all__ = ["Downloader", "FetchResponse", "HostPolicy", "HttpDownloader"]
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.IGNORECASE)
 
 
 @dataclass
@@ -396,7 +396,7 @@ class Downloader(abc.ABC):
         if status == 200:
             start = 0  # a server that ignores Range sends everything: never append it to the part
         else:
-            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if match is None or int(match.group(1)) != offset:
                 raise _RestartFromZero(
                     f"{url}: asked for bytes {offset}-, got Content-Range {response.headers.get('content-range')!r}"

@@ -54,7 +54,7 @@ _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
 _SLOT_META = "slot.json"
 _CHUNK = 1 << 20  # bytes
-_FOLDER_RE = re.compile(r"^[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?$")
+_FOLDER_RE = re.compile(r"[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?")
 _FLUSH_THREADS = 8  # fsyncs issued at once by flush_tree
 
 
@@ -84,7 +84,7 @@ class SlotInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlotInfo:
         folder = str(d.get("folder", ""))
-        if folder and not _FOLDER_RE.match(folder):
+        if folder and not _FOLDER_RE.fullmatch(folder):
             raise ValueError(f"slot folder {folder!r} is not a slot folder name")
         return cls(
             str(d["name"]), int(d["version"]), str(d["target"]), str(d["sha256"]), tuple(d.get("keyids", ())), folder
@@ -95,7 +95,7 @@ class SlotInfo:
         """The entry of a bundle installed by ``SlotStore.install`` (its folder from its root)."""
         m = verified.manifest
         folder = verified.root.parent.name
-        folder = folder if verified.root.name == _BUNDLE and _FOLDER_RE.match(folder) else ""
+        folder = folder if verified.root.name == _BUNDLE and _FOLDER_RE.fullmatch(folder) else ""
         return cls(m.name, m.version, m.target, verified.sha256, verified.keyids, folder)
 
 
@@ -192,7 +192,7 @@ class SlotStore:
 
     def folder(self, name: str) -> Path:
         """A slot folder by name (``SlotInfo.folder``, or ``A``/``B`` for pointers of older agents)."""
-        if not _FOLDER_RE.match(name):
+        if not _FOLDER_RE.fullmatch(name):
             raise StateError(f"{name!r} is not a slot folder name")
         return self.slots_dir / name
 
