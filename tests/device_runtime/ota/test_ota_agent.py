@@ -292,6 +292,15 @@ def test_download_refused(running: tuple[Agent, Fleet], http_server: HttpServer,
     assert_serves_v(agent, 1)
 
 
+def test_events_do_not_carry_url_credentials(running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path) -> None:
+    agent, fleet = running
+    serve(http_server, v2, "not_found")
+    fleet.send(deploy_cmd(http_server.url + "?X-Amz-Signature=s3cr3t&v=1", v2, "dl"))
+    fleet.wait_phase("dl", "failed", 30)
+    events = json.dumps(fleet.events("dl"))
+    assert "s3cr3t" not in events and "X-Amz-Signature=REDACTED&v=1" in events
+
+
 def test_wrong_body_is_refused(
     running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path, make_bundle: BundleMaker
 ) -> None:
