@@ -35,7 +35,7 @@ from sdk.errors import (
     RollbackError,
     UnsafeArchiveError,
 )
-from sdk.fsutil import fsync_dir
+from sdk.fsutil import PRIVATE_DIR_MODE, fsync_dir, open_private
 from sdk.manifest import FileEntry, Manifest, check_member_path, strict_json_loads
 from sdk.signing import TrustedKeys, sign_manifest, verify_signatures
 
@@ -448,9 +448,10 @@ def read_bundle(
             if info.size != entry.size:
                 raise IntegrityError(f"member {info.name!r} is {info.size} bytes, manifest says {entry.size}")
             target = staging / info.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            for folder in reversed(Path(info.name).parents[:-1]):  # golden/, then golden/inputs/: each 0700
+                (staging / folder).mkdir(exist_ok=True, mode=PRIVATE_DIR_MODE)
             h = hashlib.sha256()
-            with open(target, "xb") as out:
+            with open_private(target, "xb") as out:
                 for chunk in reader.stream(info):
                     h.update(chunk)
                     out.write(chunk)

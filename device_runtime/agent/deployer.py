@@ -63,6 +63,7 @@ from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import EdgeshipError
+from sdk.fsutil import make_private_dir
 from sdk.redact import redact_url
 
 __all__ = ["DEPLOY_FILE", "DOWNLOADS", "Deployer", "Report"]
@@ -573,7 +574,7 @@ class Deployer:
         self._deployment = None
         shutil.rmtree(self.state_dir / DOWNLOADS, ignore_errors=True)
         try:
-            (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+            make_private_dir(self.state_dir / DOWNLOADS)
         except OSError as e:
             log.error("cannot create %s: %s", self.state_dir / DOWNLOADS, e)
         self._slots.clean_incoming()

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from device_runtime.agent._backoff import Backoff
 from sdk.errors import IntegrityError, StateError, TransportError
-from sdk.fsutil import fsync_dir, fsync_file
+from sdk.fsutil import fsync_dir, fsync_file, open_private
 from sdk.redact import redact_url
 
 __all__ = ["Downloader", "FetchResponse", "HostPolicy", "HttpDownloader"]
@@ -230,7 +230,7 @@ class Downloader(abc.ABC):
 
     def _open_part(self, path: Path, mode: str) -> BinaryIO:
         """Open the part file (a seam: tests make writes fail as on a full disk)."""
-        return open(path, mode)  # type: ignore[return-value]  # a binary mode
+        return open_private(path, mode)  # 0600: a bundle being downloaded is no one else's
 
     def _check_space(self, folder: Path, needed: int) -> None:
         """Refuse a download that would leave less than ``reserve_bytes`` free.

@@ -40,7 +40,7 @@ from device_runtime.errors import StateError
 from device_runtime.floors import VersionFloors
 from sdk.bundle import VerifiedBundle
 from sdk.errors import IntegrityError, ManifestError
-from sdk.fsutil import atomic_write_bytes, fsync_dir
+from sdk.fsutil import PRIVATE_DIR_MODE, atomic_write_bytes, fsync_dir, make_private_dir, open_private
 from sdk.manifest import Manifest, canonical_json
 
 __all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "TreeFlush", "flush_tree", "other_slot"]
@@ -177,7 +177,8 @@ class SlotStore:
         self.root = Path(state_dir).absolute()
         self.slots_dir = self.root / SLOTS_DIR
         try:
-            self.slots_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.root)
+            make_private_dir(self.slots_dir)
         except OSError as e:
             raise StateError(f"cannot create {self.slots_dir}: {e.strerror or e}") from e
 
@@ -254,8 +255,10 @@ class SlotStore:
             raise StateError(f"cannot stage {self.incoming}: {e.strerror or e}") from e
 
     def _write_meta(self, verified: VerifiedBundle) -> None:
-        (self.incoming / _MANIFEST).write_bytes(verified.manifest.to_bytes())
-        (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
+        for name, data in ((_MANIFEST, verified.manifest.to_bytes()),
+                           (_SLOT_META, canonical_json(SlotInfo.of(verified).to_dict()))):  # fmt: skip
+            with open_private(self.incoming / name, "wb") as f:
+                f.write(data)
 
     def install(self, slot: str, verified: VerifiedBundle, *, flush: bool = True) -> VerifiedBundle:
         """Move a bundle verified into ``incoming / "bundle"`` into a new folder for ``slot``, flushed.
@@ -282,6 +285,7 @@ class SlotStore:
             if not (self.incoming / _SLOT_META).exists():  # no write_meta() before
                 self._write_meta(verified)
             os.replace(self.incoming, target)
+            os.chmod(target, PRIVATE_DIR_MODE)  # read_bundle made ``incoming`` with the umask's mode
         except OSError as e:
             raise StateError(f"cannot install into slot {slot}: {e.strerror or e}") from e
         if flush:
