@@ -16,6 +16,7 @@ KEY = Ed25519PrivateKey.generate()
 TRUST = TrustedKeys((KEY.public_key(),))
 MANIFEST = b'{"name":"m"}'
 GOOD = sign_manifest(MANIFEST, [KEY])
+FIELD = st.text(max_size=100) | st.integers() | st.none()
 
 
 @budget(300)
@@ -43,8 +44,7 @@ def test_mutated_signature_document(data: st.DataObject) -> None:
 
 
 @budget(200)
-@given(st.lists(st.dictionaries(st.sampled_from(["keyid", "sig", "alg", "x"]),
-                                st.text(max_size=100) | st.integers() | st.none(), max_size=4), max_size=5))  # fmt: skip
+@given(st.lists(st.dictionaries(st.sampled_from(["keyid", "sig", "alg", "x"]), FIELD, max_size=4), max_size=5))
 def test_signature_entries_of_any_shape(entries: list[dict[str, object]]) -> None:
     for doc in (entries, {"signatures": entries}):
         with bound():
