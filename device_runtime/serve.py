@@ -884,7 +884,7 @@ def _read_npz(data: bytes, cap: int) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as e:  # "zip file version 6.4"
         raise _HTTPError(400, "bad_request", f"body is not a .npz archive: {e}") from None
     expanded = sum(m.file_size for m in members)
     if expanded > cap:  # a small compressed body must not expand past the body cap

@@ -277,7 +277,8 @@ class _ArchiveReader:
                 self._tar = tarfile.open(fileobj=fileobj, mode="r|gz", tarinfo=strict)
             else:
                 self._tar = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=strict)
-        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
+        # TypeError: a gzip header cut short (tarfile's stream calls ord() on an empty read)
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError, TypeError) as e:
             raise UnsafeArchiveError(f"not a bundle archive (tar): {e}") from e
         self._iter = iter(self._tar)
         self.count = 0

@@ -55,7 +55,7 @@ def open_private(path: str | os.PathLike[str], mode: str = "xb") -> BinaryIO:
     if mode not in _FLAGS:
         raise ValueError(f"open_private mode must be one of {', '.join(_FLAGS)}, got {mode!r}")
     fd = os.open(path, _FLAGS[mode] | getattr(os, "O_BINARY", 0), PRIVATE_FILE_MODE)
-    return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode)  # type: ignore[return-value]  # a binary mode (checked above)
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

@@ -33,3 +33,15 @@ def test_npz_member_with_corrupt_deflate_data_is_a_400() -> None:
     with pytest.raises(_HTTPError) as caught:
         _read_npz(bytes(data), 1 << 20)
     assert caught.value.status == 400
+
+
+def test_npz_of_an_unsupported_zip_version_is_a_400() -> None:
+    # A central directory naming zip version 6.4: zipfile.ZipFile raised NotImplementedError.
+    data = (
+        b"PK\x01\x02\x00\x00@"
+        + bytes(44)
+        + b"PK\x05\x06\x00\x00\x00\x00\x00\x00\x00\x003\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    )
+    with pytest.raises(_HTTPError) as caught:
+        _read_npz(data, 1 << 20)
+    assert caught.value.status == 400
