@@ -45,11 +45,14 @@ import io
 import ipaddress
 import json
 import logging
+import lzma
 import queue
 import socket
 import threading
 import time
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -854,7 +857,7 @@ def _read_npy(data: bytes, what: str) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    except (ValueError, TypeError, SyntaxError, EOFError) as e:
+    except (ValueError, TypeError, SyntaxError, EOFError, tokenize.TokenError) as e:  # numpy tokenizes 1.0 headers
         raise _HTTPError(400, "bad_request", f"{what} is not a .npy array: {e}") from None
     if dtype.hasobject or dtype.kind not in "biuf":
         raise _HTTPError(400, "bad_request", f"{what} holds {dtype} values; only numbers and booleans are accepted")
@@ -881,7 +884,7 @@ def _read_npz(data: bytes, cap: int) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as e:  # "zip file version 6.4"
         raise _HTTPError(400, "bad_request", f"body is not a .npz archive: {e}") from None
     expanded = sum(m.file_size for m in members)
     if expanded > cap:  # a small compressed body must not expand past the body cap
@@ -894,7 +897,9 @@ def _read_npz(data: bytes, cap: int) -> dict[str, np.ndarray]:
             raise _HTTPError(400, "bad_request", f".npz member {member.filename!r} is not an .npy array")
         try:
             raw = archive.read(member)
-        except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as e:
+        # A corrupt member: zlib/lzma errors, EOFError (cut short), RuntimeError (encrypted)
+        except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError, zlib.error, lzma.LZMAError,
+                EOFError, RuntimeError) as e:  # fmt: skip
             raise _HTTPError(400, "bad_request", f".npz member {member.filename!r} is unreadable: {e}") from None
         arrays[member.filename[: -len(".npy")]] = _read_npy(raw, f".npz member {member.filename!r}")
     return arrays

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from sdk.errors import InputError
 from sdk.mqtt_contract import check_segment
+from sdk.redact import redact_url
 
 __all__ = ["ENV_PREFIX", "FleetSettings", "default_holder_id", "default_state_dir", "parse_broker"]
 
@@ -121,7 +122,7 @@ class FleetSettings:
         positive = ("db_wait_s", "telemetry_retention_s", "lease_s", "command_resend_s", "max_upload_bytes")
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
         if self.artifact_base_url is not None and urlsplit(self.artifact_base_url).scheme not in ("http", "https"):
-            out.append(f"artifact_base_url must be an http(s) URL, got {self.artifact_base_url!r}")
+            out.append(f"artifact_base_url must be an http(s) URL, got {redact_url(self.artifact_base_url)!r}")
         if (self.broker_cert_file is None) != (self.broker_key_file is None):
             out.append("broker_cert_file and broker_key_file go together (mutual TLS needs both)")
         tls_files = [n for n in ("broker_ca_file", "broker_cert_file", "broker_key_file") if getattr(self, n)]

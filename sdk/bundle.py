@@ -35,7 +35,7 @@ from sdk.errors import (
     RollbackError,
     UnsafeArchiveError,
 )
-from sdk.fsutil import fsync_dir
+from sdk.fsutil import PRIVATE_DIR_MODE, fsync_dir, open_private
 from sdk.manifest import FileEntry, Manifest, check_member_path, strict_json_loads
 from sdk.signing import TrustedKeys, sign_manifest, verify_signatures
 
@@ -277,7 +277,8 @@ class _ArchiveReader:
                 self._tar = tarfile.open(fileobj=fileobj, mode="r|gz", tarinfo=strict)
             else:
                 self._tar = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=strict)
-        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
+        # TypeError: a gzip header cut short (tarfile's stream calls ord() on an empty read)
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError, TypeError) as e:
             raise UnsafeArchiveError(f"not a bundle archive (tar): {e}") from e
         self._iter = iter(self._tar)
         self.count = 0
@@ -448,9 +449,10 @@ def read_bundle(
             if info.size != entry.size:
                 raise IntegrityError(f"member {info.name!r} is {info.size} bytes, manifest says {entry.size}")
             target = staging / info.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            for folder in reversed(Path(info.name).parents[:-1]):  # golden/, then golden/inputs/: each 0700
+                (staging / folder).mkdir(exist_ok=True, mode=PRIVATE_DIR_MODE)
             h = hashlib.sha256()
-            with open(target, "xb") as out:
+            with open_private(target, "xb") as out:
                 for chunk in reader.stream(info):
                     h.update(chunk)
                     out.write(chunk)

@@ -48,9 +48,9 @@ DTYPES = (
 )  # fmt: skip
 RESERVED_MEMBERS = ("manifest.json", "signatures.json")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_DIM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DIM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _MAX_INT = 2**63 - 1  # versions and sizes fit a signed 64-bit int in every reader
 _SECTIONS: dict[str, type[Section]] = {
@@ -173,7 +173,7 @@ class TensorSpec:
         object.__setattr__(self, "shape", tuple(self.shape))
         for dim in self.shape:
             if isinstance(dim, str):
-                ok = _DIM_RE.match(dim) is not None
+                ok = _DIM_RE.fullmatch(dim) is not None
             else:
                 ok = _is_int(dim) and dim >= 0
             _require(ok, f"tensor {self.name!r}: dimension {dim!r} must be a non-negative int or a name")
@@ -199,7 +199,7 @@ class FileEntry:
     def __post_init__(self) -> None:
         why = check_member_path(self.path)
         _require(why is None, f"file entry {self.path!r}: {why}")
-        _require(isinstance(self.sha256, str) and _SHA256_RE.match(self.sha256) is not None,
+        _require(isinstance(self.sha256, str) and _SHA256_RE.fullmatch(self.sha256) is not None,
                  f"file entry {self.path!r}: sha256 must be 64 lowercase hex digits")  # fmt: skip
         _require(_is_int(self.size) and 0 <= self.size <= _MAX_INT,
                  f"file entry {self.path!r}: size must be an int from 0 to 2**63-1")  # fmt: skip
@@ -245,7 +245,7 @@ class Manifest:
         _require(_is_int(self.schema), "schema must be an integer")
         _require(1 <= self.schema <= SCHEMA_VERSION,
                  f"manifest schema {self.schema} is not supported (edgeship reads up to {SCHEMA_VERSION})")  # fmt: skip
-        _require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
+        _require(isinstance(self.name, str) and _NAME_RE.fullmatch(self.name) is not None,
                  f"name {self.name!r} must be 1-128 of letters, digits, '.', '_', '-'")  # fmt: skip
         _require(_is_int(self.version) and 0 <= self.version <= _MAX_INT,
                  f"version must be an integer from 0 to 2**63-1, got {self.version!r}")  # fmt: skip

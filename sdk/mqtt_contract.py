@@ -107,7 +107,7 @@ DEPLOYMENT_PHASES = (
 EVENT_PHASES = (*(p for p in DEPLOYMENT_PHASES if p != "switching"), "pong", "applied")
 
 _FORBIDDEN_IN_SEGMENT = frozenset("/+#\x00")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONFIG_KEYS = ("telemetry_interval_s", "log_level")
 _ENVELOPE_KEYS = ("schema", "id", "type", "ts", "issued_at", "expires_at")
 
@@ -284,7 +284,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and _SHA256_RE.match(value) is not None
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
 def _check_model(value: Any, where: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.errors import StateError
-from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from sdk.fsutil import atomic_write_bytes, fsync_dir, fsync_file, open_private
 from sdk.manifest import canonical_json
 
 __all__ = ["BadBundles", "Journal", "flush_json", "read_json", "write_json"]
@@ -209,7 +209,7 @@ class Journal:
         line = canonical_json(fields) + b"\n"
         created = not self._path.exists()
         try:
-            with open(self._path, "ab") as f:
+            with open_private(self._path, "ab") as f:  # 0600: commands may hold URL tokens
                 if f.tell() != self._size:  # a torn line from a failed append: cut it off
                     f.truncate(self._size)
                     f.seek(self._size)

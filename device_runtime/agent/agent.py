@@ -63,6 +63,7 @@ from device_runtime.metrics import Metrics
 from device_runtime.model import Model
 from device_runtime.serve import ModelServer
 from sdk.errors import EdgeshipError, TransportError, TrustRootError
+from sdk.fsutil import make_private_dir
 from sdk.mqtt_contract import (
     CommandError,
     command_ref,
@@ -102,7 +103,8 @@ class Agent:
         # serves the model it has and reports this once connected (``start``); deployments fail.
         self._state_problem: str | None = None
         try:
-            (self.state_dir / DOWNLOADS).mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.state_dir)  # slots, outbox, journal: the owner's alone (0700)
+            make_private_dir(self.state_dir / DOWNLOADS)
         except OSError as e:
             if not self.state_dir.is_dir():  # nothing installed to serve: nothing to keep going for
                 raise StateError(f"cannot create {self.state_dir}: {e.strerror or e}") from e

@@ -64,6 +64,8 @@ from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from sdk.bundle import VerifiedBundle, read_bundle
 from sdk.errors import EdgeshipError
+from sdk.fsutil import make_private_dir
+from sdk.redact import redact_url
 from sdk.trustroot import TrustRoot
 
 __all__ = ["DEPLOY_FILE", "DOWNLOADS", "Deployer", "Report"]
@@ -307,7 +309,8 @@ class Deployer:
             # after its sha256 matched, flushed by the downloader) is not fetched again.
             dep = self._save(dep.at("downloading"))
             if not bundle_path.exists():
-                self._report(dep.cmd_id, "downloading", f"downloading {dep.url}", url=dep.url, size=dep.size)
+                shown = redact_url(dep.url)  # events and logs never carry a URL's credentials
+                self._report(dep.cmd_id, "downloading", f"downloading {shown}", url=shown, size=dep.size)
             staged, flush = self._stage(dep, bundle_path)
             verified = staged.verified
             dep = self._note(dep.at("staged", slot=staged.slot, folder=staged.folder))
@@ -589,7 +592,7 @@ class Deployer:
         self._deployment = None
         shutil.rmtree(self.state_dir / DOWNLOADS, ignore_errors=True)
         try:
-            (self.state_dir / DOWNLOADS).mkdir(exist_ok=True)
+            make_private_dir(self.state_dir / DOWNLOADS)
         except OSError as e:
             log.error("cannot create %s: %s", self.state_dir / DOWNLOADS, e)
         self._slots.clean_incoming()

@@ -37,13 +37,14 @@ from typing import Any, BinaryIO
 
 from device_runtime.agent._backoff import Backoff
 from sdk.errors import IntegrityError, StateError, TransportError
-from sdk.fsutil import fsync_dir, fsync_file
+from sdk.fsutil import fsync_dir, fsync_file, open_private
+from sdk.redact import redact_url
 
 __all__ = ["Downloader", "FetchResponse", "HostPolicy", "HttpDownloader"]
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.IGNORECASE)
 
 
 @dataclass
@@ -229,7 +230,7 @@ class Downloader(abc.ABC):
 
     def _open_part(self, path: Path, mode: str) -> BinaryIO:
         """Open the part file (a seam: tests make writes fail as on a full disk)."""
-        return open(path, mode)  # type: ignore[return-value]  # a binary mode
+        return open_private(path, mode)  # 0600: a bundle being downloaded is no one else's
 
     def _check_space(self, folder: Path, needed: int) -> None:
         """Refuse a download that would leave less than ``reserve_bytes`` free.
@@ -309,7 +310,7 @@ class Downloader(abc.ABC):
         inherited = part.exists() and part.stat().st_size > 0
         while True:
             if self._clock() >= deadline:
-                raise TransportError(f"download of {url} passed its {deadline_s:.0f} s deadline")
+                raise TransportError(f"download of {redact_url(url)} passed its {deadline_s:.0f} s deadline")
             try:
                 self._attempt(url, part, limit, deadline, deadline_s)
                 if expected_size is not None and part.stat().st_size < expected_size:
@@ -320,9 +321,9 @@ class Downloader(abc.ABC):
                     _unlink(part)
                 failures = 0 if e.progressed else failures + 1
                 if failures >= self.attempts:
-                    raise TransportError(f"download of {url} failed after {failures} attempts: {e}") from e
+                    raise TransportError(f"download of {redact_url(url)} failed after {failures} attempts: {e}") from e
                 delay = min(backoff.next_delay(), max(0.0, deadline - self._clock()))
-                log.info("download of %s: %s; retrying in %.2f s", url, e, delay)
+                log.info("download of %s: %s; retrying in %.2f s", redact_url(url), e, delay)
                 self._sleep(delay)
                 continue
             except (_Refused, StateError) as e:
@@ -334,16 +335,20 @@ class Downloader(abc.ABC):
             size = part.stat().st_size
             if expected_size is not None and size != expected_size:
                 _unlink(part)
-                raise IntegrityError(f"{url}: got {size} bytes, expected {expected_size}")
+                raise IntegrityError(f"{redact_url(url)}: got {size} bytes, expected {expected_size}")
             if expected_sha256 is not None:
                 digest = _sha256(part)
                 if digest != expected_sha256.lower():
                     _unlink(part)
                     if inherited:
-                        log.warning("resumed part file of %s had the wrong hash; downloading from zero", url)
+                        log.warning(
+                            "resumed part file of %s had the wrong hash; downloading from zero", redact_url(url)
+                        )
                         inherited = False
                         continue
-                    raise IntegrityError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
+                    raise IntegrityError(
+                        f"{redact_url(url)}: sha256 {digest} does not match the expected {expected_sha256}"
+                    )
             fsync_file(part)
             os.replace(part, dest)
             fsync_dir(dest.parent)
@@ -373,7 +378,7 @@ class Downloader(abc.ABC):
         try:
             start = self._check_response(url, response, offset, limit)
             if start == 0 and offset > 0:
-                log.info("%s: the server sent the whole file instead of a range; restarting from zero", url)
+                log.info("%s: the server sent the whole file instead of a range; restarting from zero", redact_url(url))
             length = _int_header(response.headers, "content-length")
             if length is not None:
                 self._check_space(part.parent, length)
@@ -385,27 +390,30 @@ class Downloader(abc.ABC):
         """Return the offset the body starts at (0 or ``offset``)."""
         status = response.status
         if status == 416 and offset > 0:  # our range starts at or past the end: the part is stale
-            raise _RestartFromZero(f"{url}: HTTP 416 for a resume at byte {offset}")
+            raise _RestartFromZero(f"{redact_url(url)}: HTTP 416 for a resume at byte {offset}")
         if 400 <= status < 500:
-            raise _Refused(f"{url}: HTTP {status}")
+            raise _Refused(f"{redact_url(url)}: HTTP {status}")
         if status >= 500:
             raise _Retry(f"HTTP {status}")
         if status not in (200, 206):
-            raise _Refused(f"{url}: unexpected HTTP {status}")
+            raise _Refused(f"{redact_url(url)}: unexpected HTTP {status}")
         length = _int_header(response.headers, "content-length")
         if status == 200:
             start = 0  # a server that ignores Range sends everything: never append it to the part
         else:
-            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if match is None or int(match.group(1)) != offset:
                 raise _RestartFromZero(
-                    f"{url}: asked for bytes {offset}-, got Content-Range {response.headers.get('content-range')!r}"
+                    f"{redact_url(url)}: asked for bytes {offset}-,"
+                    f" got Content-Range {response.headers.get('content-range')!r}"
                 )
             start = offset
             if match.group(3) != "*" and int(match.group(3)) > limit:
-                raise _Refused(f"{url}: the file is {match.group(3)} bytes, more than the {limit} allowed")
+                raise _Refused(f"{redact_url(url)}: the file is {match.group(3)} bytes, more than the {limit} allowed")
         if length is not None and start + length > limit:
-            raise _Refused(f"{url}: the server announces {start + length} bytes, more than the {limit} allowed")
+            raise _Refused(
+                f"{redact_url(url)}: the server announces {start + length} bytes, more than the {limit} allowed"
+            )
         return start
 
     def _stream(
@@ -427,7 +435,7 @@ class Downloader(abc.ABC):
             out.truncate()
             while True:
                 if self._clock() >= deadline:
-                    raise TransportError(f"download of {url} passed its {deadline_s:.0f} s deadline")
+                    raise TransportError(f"download of {redact_url(url)} passed its {deadline_s:.0f} s deadline")
                 try:
                     chunk = read(self.chunk_size)
                 except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
@@ -436,7 +444,7 @@ class Downloader(abc.ABC):
                     break
                 received += len(chunk)
                 if start + received > limit:
-                    raise _Refused(f"{url}: the body passed the {limit}-byte limit")
+                    raise _Refused(f"{redact_url(url)}: the body passed the {limit}-byte limit")
                 out.write(chunk)
             out.flush()
         if announced is not None and received < announced:
@@ -476,7 +484,7 @@ class HttpDownloader(Downloader):
     def _check_url(self, url: str) -> None:
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in ("http", "https"):
-            raise TransportError(f"unsupported URL scheme {scheme!r} in {url!r}; use http or https")
+            raise TransportError(f"unsupported URL scheme {scheme!r} in {redact_url(url)!r}; use http or https")
 
     def _fetch(self, url: str, offset: int, timeout_s: float) -> FetchResponse:
         request = urllib.request.Request(url, headers={"Accept-Encoding": "identity"})
@@ -488,10 +496,10 @@ class HttpDownloader(Downloader):
             return FetchResponse(e.code, _lower(e.headers), e)  # type: ignore[arg-type]
         except urllib.error.URLError as e:
             if isinstance(e.reason, _HostRefused):  # nothing was connected: not worth another try
-                raise _Refused(f"cannot fetch {url}: {e.reason}") from e
-            raise TransportError(f"cannot fetch {url}: {e.reason}") from e
+                raise _Refused(f"cannot fetch {redact_url(url)}: {e.reason}") from e
+            raise TransportError(f"cannot fetch {redact_url(url)}: {e.reason}") from e
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, TLS
-            raise TransportError(f"cannot fetch {url}: {e}") from e
+            raise TransportError(f"cannot fetch {redact_url(url)}: {e}") from e
         return FetchResponse(response.status, _lower(response.headers), response)
 
 
@@ -545,7 +553,7 @@ class _SameSchemeRedirect(urllib.request.HTTPRedirectHandler):
         new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
         if new != old or new not in ("http", "https"):
             fp.close()
-            raise _Refused(f"{req.full_url}: refused a redirect from {old} to {new or 'no scheme'}")
+            raise _Refused(f"{redact_url(req.full_url)}: refused a redirect from {old} to {new or 'no scheme'}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from device_runtime.errors import StateError
+from sdk.fsutil import PRIVATE_FILE_MODE
 
 __all__ = ["KEEP_DEAD_LETTERS", "Outbox", "OutboxCorruptError", "OutboxMessage"]
 
@@ -125,8 +126,9 @@ class Outbox:
 
     def _open(self) -> sqlite3.Connection:
         try:
+            _make_private(self.path)
             db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StateError(f"cannot open outbox {self.path}: {e}") from e
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -388,3 +390,18 @@ def _convert(e: sqlite3.Error, path: Path) -> StateError:
     if isinstance(e, sqlite3.DatabaseError) and _looks_corrupt(e):
         return OutboxCorruptError(f"outbox {path} is corrupt: {e}")
     return StateError(f"outbox {path}: {e}")
+
+
+def _make_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its ``-wal`` and ``-shm`` files copy the mode);
+    narrow one an older release left readable. Events may repeat what commands said."""
+    if str(path) == ":memory:" or os.name != "posix":
+        return
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+        return
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, PRIVATE_FILE_MODE)
+    except OSError as e:  # a read-only disk: SQLite says what it can do with the file
+        log.warning("cannot make outbox %s private: %s", path, e)

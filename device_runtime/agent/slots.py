@@ -40,7 +40,7 @@ from device_runtime.errors import StateError
 from device_runtime.floors import VersionFloors
 from sdk.bundle import VerifiedBundle
 from sdk.errors import IntegrityError, ManifestError
-from sdk.fsutil import atomic_write_bytes, fsync_dir
+from sdk.fsutil import PRIVATE_DIR_MODE, atomic_write_bytes, fsync_dir, make_private_dir, open_private
 from sdk.manifest import Manifest, canonical_json
 
 __all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "TreeFlush", "flush_tree", "other_slot"]
@@ -54,7 +54,7 @@ _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
 _SLOT_META = "slot.json"
 _CHUNK = 1 << 20  # bytes
-_FOLDER_RE = re.compile(r"^[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?$")
+_FOLDER_RE = re.compile(r"[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?")
 _FLUSH_THREADS = 8  # fsyncs issued at once by flush_tree
 
 
@@ -84,7 +84,7 @@ class SlotInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlotInfo:
         folder = str(d.get("folder", ""))
-        if folder and not _FOLDER_RE.match(folder):
+        if folder and not _FOLDER_RE.fullmatch(folder):
             raise ValueError(f"slot folder {folder!r} is not a slot folder name")
         return cls(
             str(d["name"]), int(d["version"]), str(d["target"]), str(d["sha256"]), tuple(d.get("keyids", ())), folder
@@ -95,7 +95,7 @@ class SlotInfo:
         """The entry of a bundle installed by ``SlotStore.install`` (its folder from its root)."""
         m = verified.manifest
         folder = verified.root.parent.name
-        folder = folder if verified.root.name == _BUNDLE and _FOLDER_RE.match(folder) else ""
+        folder = folder if verified.root.name == _BUNDLE and _FOLDER_RE.fullmatch(folder) else ""
         return cls(m.name, m.version, m.target, verified.sha256, verified.keyids, folder)
 
 
@@ -177,7 +177,8 @@ class SlotStore:
         self.root = Path(state_dir).absolute()
         self.slots_dir = self.root / SLOTS_DIR
         try:
-            self.slots_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.root)
+            make_private_dir(self.slots_dir)
         except OSError as e:
             raise StateError(f"cannot create {self.slots_dir}: {e.strerror or e}") from e
 
@@ -192,7 +193,7 @@ class SlotStore:
 
     def folder(self, name: str) -> Path:
         """A slot folder by name (``SlotInfo.folder``, or ``A``/``B`` for pointers of older agents)."""
-        if not _FOLDER_RE.match(name):
+        if not _FOLDER_RE.fullmatch(name):
             raise StateError(f"{name!r} is not a slot folder name")
         return self.slots_dir / name
 
@@ -254,8 +255,10 @@ class SlotStore:
             raise StateError(f"cannot stage {self.incoming}: {e.strerror or e}") from e
 
     def _write_meta(self, verified: VerifiedBundle) -> None:
-        (self.incoming / _MANIFEST).write_bytes(verified.manifest.to_bytes())
-        (self.incoming / _SLOT_META).write_bytes(canonical_json(SlotInfo.of(verified).to_dict()))
+        for name, data in ((_MANIFEST, verified.manifest.to_bytes()),
+                           (_SLOT_META, canonical_json(SlotInfo.of(verified).to_dict()))):  # fmt: skip
+            with open_private(self.incoming / name, "wb") as f:
+                f.write(data)
 
     def install(self, slot: str, verified: VerifiedBundle, *, flush: bool = True) -> VerifiedBundle:
         """Move a bundle verified into ``incoming / "bundle"`` into a new folder for ``slot``, flushed.
@@ -282,6 +285,7 @@ class SlotStore:
             if not (self.incoming / _SLOT_META).exists():  # no write_meta() before
                 self._write_meta(verified)
             os.replace(self.incoming, target)
+            os.chmod(target, PRIVATE_DIR_MODE)  # read_bundle made ``incoming`` with the umask's mode
         except OSError as e:
             raise StateError(f"cannot install into slot {slot}: {e.strerror or e}") from e
         if flush:

@@ -22,12 +22,12 @@ from sdk.fsutil import fsync_dir, fsync_file
 
 __all__ = ["ArtifactStore", "TooLarge", "is_sha256"]
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def is_sha256(text: str) -> bool:
     """64 lowercase hex digits: the only names the store knows (no path can be smuggled in)."""
-    return _SHA256_RE.match(text) is not None
+    return _SHA256_RE.fullmatch(text) is not None
 
 
 class TooLarge(Exception):

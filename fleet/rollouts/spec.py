@@ -42,9 +42,9 @@ GATE_METRICS: Mapping[str, tuple[tuple[str, ...], str]] = {
     "silence": (("=",), "how long an updated device may send nothing, e.g. =5m"),
 }
 _UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_GATE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>|=)\s*(.*?)\s*$")
-_NUMBER_RE = re.compile(r"^\d+(?:\.\d+)?$")
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_GATE_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>|=)\s*(.*?)\s*")
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 MAX_WAVES = 20
 MAX_RATE_PER_S = 10_000.0  # deploy commands per second
 MAX_BASELINE_S = 7 * 86400.0  # seconds: a longer baseline is stale data, and a slow query every wave
@@ -56,7 +56,7 @@ def parse_duration(text: str, what: str = "duration") -> float:
     Raises:
         InputError: anything else, or a negative value.
     """
-    match = _DURATION_RE.match(str(text))
+    match = _DURATION_RE.fullmatch(str(text))
     if match is None:
         units = ", ".join(_UNITS_S)
         raise InputError(f"{what} {text!r} is not a duration: write a number with one of {units}, e.g. 5m")
@@ -104,7 +104,7 @@ def parse_waves(text: str) -> tuple[Wave, ...]:
     for i, item in enumerate(items, 1):
         if not item:
             raise InputError(f"wave {i} of {text!r} is empty: write counts or percentages, e.g. 1,10%,50%,100%")
-        if item.endswith("%") and _NUMBER_RE.match(item[:-1].strip()):
+        if item.endswith("%") and _NUMBER_RE.fullmatch(item[:-1].strip()):
             percent = float(item[:-1])
             if not 0 < percent <= 100:
                 raise InputError(f"wave {i} ({item}) must be a percentage above 0% and at most 100%")
@@ -151,7 +151,7 @@ def _gate_number(metric: str, raw: str, text: str) -> tuple[float, bool]:
         return float(raw), False
     if metric == "error_rate":
         number, percent = (raw[:-1].strip(), True) if raw.endswith("%") else (raw, False)
-        if not _NUMBER_RE.match(number):
+        if not _NUMBER_RE.fullmatch(number):
             raise InputError(f"gate {text!r}: error_rate takes a percentage (1%) or a fraction (0.01)")
         value = float(number) / 100.0 if percent else float(number)
         if value > 1:
@@ -160,7 +160,7 @@ def _gate_number(metric: str, raw: str, text: str) -> tuple[float, bool]:
     # p95_latency
     for suffix, relative, scale in (("x", True, 1.0), ("ms", False, 1.0), ("s", False, 1000.0)):
         number = raw[: -len(suffix)].strip() if raw.endswith(suffix) else ""
-        if _NUMBER_RE.match(number):
+        if _NUMBER_RE.fullmatch(number):
             return float(number) * scale, relative
     raise InputError(f"gate {text!r}: p95_latency takes a ratio to the previous version (1.2x) or a time (50ms)")
 
@@ -172,7 +172,7 @@ def parse_gate(text: str) -> Gate:
         InputError: an unknown metric, an operator the metric does not take, or a bad number; the message
             lists the valid choices.
     """
-    match = _GATE_RE.match(str(text))
+    match = _GATE_RE.fullmatch(str(text))
     if match is None:
         raise InputError(f"gate {text!r} must be METRIC<=VALUE or METRIC=VALUE; metrics: {', '.join(GATE_METRICS)}")
     metric, op, raw = match.groups()

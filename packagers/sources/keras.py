@@ -32,7 +32,7 @@ __all__ = ["SIGNATURE", "is_keras_model", "is_keras_path", "keras_source"]
 
 SIGNATURE = "serving_default"
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-_OUTPUT_INDEX = re.compile(r"^output_(\d+)$")
+_OUTPUT_INDEX = re.compile(r"output_(\d+)")
 
 
 def is_keras_path(path: Path) -> bool:
@@ -56,7 +56,7 @@ def _sorted_outputs(names: Sequence[str]) -> list[str]:
     """Signature output names in the model's order (``output_0``, ``output_1``, ... sort by index)."""
 
     def key(name: str) -> tuple[int, str]:
-        match = _OUTPUT_INDEX.match(name)
+        match = _OUTPUT_INDEX.fullmatch(name)
         return (int(match.group(1)) if match else 1 << 30, name)
 
     return sorted(names, key=key)

@@ -24,11 +24,11 @@ from sdk.manifest import TensorSpec
 
 __all__ = ["onnx_source"]
 
-_DIM_OK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_DIM_OK = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _dim_name(raw: str, tensor: str, index: int) -> str:
-    if raw and _DIM_OK.match(raw):
+    if raw and _DIM_OK.fullmatch(raw):
         return raw
     cleaned = re.sub(r"[^A-Za-z0-9_]", "_", raw or f"{tensor}_dim{index}")
     if not cleaned or not (cleaned[0].isalpha() or cleaned[0] == "_"):

@@ -79,3 +79,11 @@ def test_mutations_refused_or_harmless(tmp_path: Path, keys, seed: int, compress
     assert time.monotonic() - started < 20
     # The fuzzer must reach the interesting paths, not only "not a tar file".
     assert outcomes.get("IntegrityError", 0) + outcomes.get("SignatureError", 0) >= 10, outcomes
+
+
+def test_gzip_header_cut_short_is_refused(tmp_path: Path, keys) -> None:
+    # Found by tests/fuzz/test_fuzz_archive.py: tarfile raised TypeError (ord() of an empty read).
+    path = tmp_path / "b.edgebundle"
+    path.write_bytes(b"\x1f\x8b\x08")
+    with pytest.raises(BundleError):
+        read_bundle(path, keys.trust, tmp_path / "out", now=NOW)

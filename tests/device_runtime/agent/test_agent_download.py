@@ -355,3 +355,15 @@ def test_a_write_error_deletes_the_part_file_and_is_a_state_error(
     with pytest.raises(StateError, match="No space left"):
         downloader().download_file(server.url, dest, max_length=len(BODY))
     assert not part_of(dest).exists() and not dest.exists()
+
+
+def test_error_messages_do_not_show_url_credentials(server: HttpServer, tmp_path: Path) -> None:
+    with pytest.raises(IntegrityError) as caught:
+        downloader().download_file(
+            server.url + "?X-Amz-Signature=s3cr3t&token=t0k3n",
+            tmp_path / "b",
+            max_length=10**6,
+            expected_sha256="0" * 64,
+        )
+    assert "s3cr3t" not in str(caught.value) and "t0k3n" not in str(caught.value)
+    assert "X-Amz-Signature=REDACTED" in str(caught.value)

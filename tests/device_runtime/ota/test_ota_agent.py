@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 import threading
@@ -290,6 +291,30 @@ def test_download_refused(running: tuple[Agent, Fleet], http_server: HttpServer,
     failed = fleet.wait_phase("dl", "failed", 30)
     assert failed["detail"]["error"] == "TransportError" and failed["detail"]["bad"] is False
     assert_serves_v(agent, 1)
+
+
+def test_events_do_not_carry_url_credentials(running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path) -> None:
+    _agent, fleet = running
+    serve(http_server, v2, "not_found")
+    fleet.send(deploy_cmd(http_server.url + "?X-Amz-Signature=s3cr3t&v=1", v2, "dl"))
+    fleet.wait_phase("dl", "failed", 30)
+    events = json.dumps(fleet.events("dl"))
+    assert "s3cr3t" not in events and "X-Amz-Signature=REDACTED&v=1" in events
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_state_is_private(running: tuple[Agent, Fleet], http_server: HttpServer, v2: Path) -> None:
+    agent, fleet = running
+    serve(http_server, v2)
+    fleet.send(deploy_cmd(http_server.url, v2, "d1", version=2))
+    fleet.wait_phase("d1", "active", 30)
+    state = agent.state_dir
+    folders = [state, *(p for p in state.rglob("*") if p.is_dir())]
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert {"outbox.sqlite", "commands.jsonl", "pointer.json"} <= {p.name for p in files}
+    assert any(p.suffix == ".onnx" for p in files)  # the slot's model
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o077} == {}
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o077} == {}
 
 
 def test_wrong_body_is_refused(

@@ -17,7 +17,7 @@ from device_runtime._sysinfo import (
     version_at_least,
 )
 from device_runtime.agent.ota import Deployment, Limits, deployment_from_command, recover
-from device_runtime.agent.slots import Pointer, SlotInfo, SlotStore
+from device_runtime.agent.slots import _FOLDER_RE, Pointer, SlotInfo, SlotStore
 from device_runtime.errors import StateError
 from sdk.bundle import read_bundle
 from sdk.errors import IntegrityError
@@ -172,3 +172,9 @@ def test_pointer_with_a_foreign_folder_is_refused(folder: str) -> None:
     raw["slots"]["A"]["folder"] = folder
     with pytest.raises(StateError):
         Pointer.from_bytes(json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("name", ["A\n", "B.0123456789ab.01234567\n"])
+def test_slot_folder_refuses_trailing_newline(name: str) -> None:
+    assert _FOLDER_RE.fullmatch(name.rstrip("\n"))
+    assert not _FOLDER_RE.fullmatch(name)

@@ -23,6 +23,7 @@ from fleet.releases import (
     retire,
     upload,
 )
+from fleet.releases.store import is_sha256
 from fleet.rollouts.driver import deploy_payload
 from sdk.bundle import file_sha256
 from sdk.errors import ExpiredError, IntegrityError, SignatureError, UnsafeArchiveError
@@ -294,3 +295,8 @@ def test_a_device_on_an_older_onnxruntime_gets_the_bundle_built_for_it(
         # a Jetson on its vendor onnxruntime-gpu 1.20.0 (the profile's own capabilities) takes either
         jetson = choose_bundle(session, "mlp", 13, get_profile("jetson-orin-jetpack6").capabilities())
         assert jetson.bundle is not None and not jetson.reasons
+
+
+def test_fleet_store_name_refuses_trailing_newline() -> None:
+    assert is_sha256("ab" * 32)
+    assert not is_sha256("ab" * 32 + "\n")
