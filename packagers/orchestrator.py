@@ -38,11 +38,11 @@ from sdk.errors import DriftError, KeyFileError, ManifestError, PackagingError
 from sdk.golden import check_golden
 from sdk.manifest import Manifest, TensorSpec, format_time
 from sdk.sections import Golden, InputPolicy, Preprocessing, Runtime, Validation
-from sdk.signing import load_private_key
+from sdk.signing import KeySigner, Signer, as_signer
 
 __all__ = ["package"]
 
-KeyLike = str | os.PathLike[str] | Ed25519PrivateKey
+KeyLike = str | os.PathLike[str] | Ed25519PrivateKey | Signer
 
 
 @dataclass
@@ -72,11 +72,16 @@ def _as_list(value: Any, parse: Callable[[Any], Any]) -> list[Any]:
     return out
 
 
-def _load_keys(key: KeyLike | Sequence[KeyLike]) -> list[Ed25519PrivateKey]:
-    items = [key] if isinstance(key, (str, os.PathLike, Ed25519PrivateKey)) else list(key)
+def _load_keys(key: KeyLike | Sequence[KeyLike]) -> list[Signer]:
+    items: list[KeyLike]
+    if isinstance(key, (str, os.PathLike, Ed25519PrivateKey, Signer)):
+        items = [key]
+    else:
+        items = list(key)
     if not items:
         raise KeyFileError("at least one signing key is needed")
-    return [k if isinstance(k, Ed25519PrivateKey) else load_private_key(k) for k in items]
+    # A path is decrypted with $EDGESHIP_KEY_PASSPHRASE if it is encrypted; else pass a KeySigner.
+    return [KeySigner.from_file(k) if isinstance(k, (str, os.PathLike)) else as_signer(k) for k in items]
 
 
 def _check_identity(name: str, version: int, label: str | None, expires: datetime | None) -> str | None:
@@ -200,7 +205,9 @@ def package(
         model: a torch.nn.Module, a transformers model folder, or an .onnx file.
         name: bundle name (letters, digits, ``.``, ``_``, ``-``).
         version: monotonic integer version of ``name``.
-        key: Ed25519 private key file path or key object, or a list of them (all sign).
+        key: what signs, or a list of them (all sign): an ``sdk.signing.Signer`` (a ``KeySigner``, an
+            HSM or KMS adapter), an ``Ed25519PrivateKey``, or a key file path (an encrypted one is
+            decrypted with ``$EDGESHIP_KEY_PASSPHRASE``; else pass ``KeySigner.from_file(path, passphrase)``).
         out_dir: folder the bundles are written into.
         target: target name(s): a string (comma-separated allowed), a Target, or a sequence.
         precision: precision name(s), same forms; "fp32" and "int8-dynamic" for onnxruntime.
@@ -223,7 +230,8 @@ def package(
             run (before any work), a built model newer than that runtime, a model or data that
             cannot be loaded, or a failed export/quantization.
         DriftError: validation failed and ``accept_drift`` is False; no bundle is written.
-        KeyFileError: a signing key cannot be loaded.
+        KeyFileError: a signing key cannot be loaded (or is encrypted with no passphrase), or a signer
+            failed or returned a signature its public key does not verify.
     """
     say = progress or (lambda _line: None)
     opts = options or PackageOptions()
@@ -345,7 +353,7 @@ def _check_own_golden(
 
 def _write(
     plan: _Plan, *, source: Source, inputs: Mapping[str, np.ndarray], n: int, name: str, version: int,
-    label: str | None, expires: str | None, keys: list[Ed25519PrivateKey], out: Path, options: PackageOptions,
+    label: str | None, expires: str | None, keys: list[Signer], out: Path, options: PackageOptions,
     accept_drift: bool, labels: np.ndarray | None, say: Callable[[str], None], started: float,
     reference: Mapping[str, np.ndarray], validate_on: ValidateOn | None = None,
 ) -> PackageResult:  # fmt: skip
@@ -425,7 +433,7 @@ def _write(
         raise PackagingError(f"cannot write {bundle_path.name}: {e}") from e
     if validate_on is not None and validate_on.target is plan.target:
         say(f"{tag}: validating in {validate_on.label}")
-        on_runtime = validate_bundle(validate_on, bundle_path, keys[0], source.outputs, inputs, reference,
+        on_runtime = validate_bundle(validate_on, bundle_path, keys[0].public_key, source.outputs, inputs, reference,
                                      plan.tolerances)  # fmt: skip
         say(f"{tag}: {validate_on.label} " + ("passed" if on_runtime["passed"] else "FAILED: "
                                              + "; ".join(on_runtime["failures"])))  # fmt: skip

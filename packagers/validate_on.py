@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from packagers.options import Target, Tolerances
 from packagers.runtime_envs import RuntimeEnv, check_wheel, ensure_env, parse_pinned
@@ -65,12 +65,12 @@ def prepare(spec: str, targets: Sequence[Target], say: Callable[[str], None]) ->
 _savez: Any = np.savez  # numpy's stub types **arrays as its allow_pickle flag
 
 
-def _public_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def validate_bundle(
-    on: ValidateOn, bundle: Path, key: Ed25519PrivateKey, specs: Sequence[TensorSpec],
+    on: ValidateOn, bundle: Path, key: Ed25519PublicKey, specs: Sequence[TensorSpec],
     inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tol: Tolerances,
 ) -> dict[str, Any]:  # fmt: skip
     """Load ``bundle`` in ``on``'s release, health-check it and compare it with ``reference``.

@@ -25,8 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from sdk.errors import (
     BundleError,
     ExpiredError,
@@ -37,7 +35,7 @@ from sdk.errors import (
 )
 from sdk.fsutil import PRIVATE_DIR_MODE, fsync_dir, open_private
 from sdk.manifest import FileEntry, Manifest, check_member_path, strict_json_loads
-from sdk.signing import TrustedKeys, sign_manifest, verify_signatures
+from sdk.signing import SigningKey, TrustedKeys, sign_manifest, verify_signatures
 
 __all__ = [
     "BUNDLE_SUFFIX",
@@ -112,7 +110,7 @@ def write_bundle(
     out_path: str | os.PathLike[str],
     manifest: Manifest,
     members: Mapping[str, str | os.PathLike[str] | bytes],
-    keys: Sequence[Ed25519PrivateKey],
+    keys: Sequence[SigningKey],
 ) -> Manifest:
     """Hash ``members``, complete the manifest's ``files``, sign it and write the archive atomically.
 
@@ -120,13 +118,15 @@ def write_bundle(
         out_path: the bundle file to write (replaced atomically if it exists).
         manifest: the manifest; its ``files`` are replaced by the entries computed here.
         members: archive path -> source file path or bytes.
-        keys: Ed25519 private keys to sign with (at least one).
+        keys: what signs (at least one): ``sdk.signing.Signer`` objects (an HSM, a ``KeySigner``) or
+            Ed25519 private keys.
 
     Returns:
         The manifest as written, with ``files`` filled in.
 
     Raises:
         ManifestError: a member path is unsafe, or the manifest's model/golden files are missing.
+        KeyFileError: a signer failed (``sdk.signing.sign_entries``).
     """
     entries: list[FileEntry] = []
     for path, src in members.items():

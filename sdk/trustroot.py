@@ -27,12 +27,12 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sdk.errors import ManifestError, RollbackError, TrustRootError
 from sdk.manifest import canonical_json, parse_time, strict_json_loads
-from sdk.signing import TrustedKeys, key_id
+from sdk.signing import SigningKey, TrustedKeys, key_id, sign_entries
 
 __all__ = [
     "ROLES",
@@ -236,16 +236,21 @@ def _message(signed: Mapping[str, Any]) -> bytes:
         raise TrustRootError(str(e)) from e
 
 
-def _sign_signed(signed: Mapping[str, Any], keys: Sequence[Ed25519PrivateKey], existing: Sequence[Any] = ()) -> bytes:
+def _sign_signed(signed: Mapping[str, Any], keys: Sequence[SigningKey], existing: Sequence[Any] = ()) -> bytes:
     message = _message(signed)
     entries = {e["keyid"]: e["sig"] for e in existing}
-    entries.update({key_id(k.public_key()): k.sign(message).hex() for k in keys})
+    entries.update(sign_entries(message, keys))
     signatures = [{"keyid": kid, "sig": sig} for kid, sig in sorted(entries.items())]
     return canonical_json({"signed": signed, "signatures": signatures})
 
 
-def sign_root(root: TrustRoot, keys: Sequence[Ed25519PrivateKey]) -> bytes:
-    """The canonical root document, signed by each key."""
+def sign_root(root: TrustRoot, keys: Sequence[SigningKey]) -> bytes:
+    """The canonical root document, signed by each key (a ``Signer`` or an ``Ed25519PrivateKey``).
+
+    Raises:
+        TrustRootError: no key.
+        KeyFileError: a signer failed (``sdk.signing.sign_entries``).
+    """
     _require(bool(keys), "at least one key must sign a root")
     return _sign_signed(root.to_json(), keys)
 
@@ -270,7 +275,7 @@ def _parse(data: bytes | Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[s
     return doc["signed"], signatures
 
 
-def add_signatures(data: bytes, keys: Sequence[Ed25519PrivateKey]) -> bytes:
+def add_signatures(data: bytes, keys: Sequence[SigningKey]) -> bytes:
     """``data`` (a root document) with signatures of ``keys`` added (``edgeship keys root sign``)."""
     signed, existing = _parse(data)
     TrustRoot.from_json(signed)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.cli.fleet import add_parsers as add_fleet_parsers
+from sdk.cli.keys import add_passphrase_argument, load_signers, new_key_passphrase
 from sdk.cli.root import add_parser as add_root_parser
 from sdk.cli.tables import human_size
 from sdk.cli.tables import print_table as _print_table
@@ -47,8 +48,10 @@ def _split_list(value: str) -> list[str]:
 def _cmd_keys_generate(args: argparse.Namespace) -> int:
     from sdk.signing import generate_keypair, key_id, load_public_key
 
-    private_path, public_path = generate_keypair(args.out, args.name)
-    print(f"private key: {private_path} (mode 0600, keep it secret)")
+    passphrase = new_key_passphrase(args.passphrase_file)
+    private_path, public_path = generate_keypair(args.out, args.name, passphrase=passphrase)
+    how = "encrypted with the passphrase" if passphrase else "unencrypted"
+    print(f"private key: {private_path} (mode 0600, {how}, keep it secret)")
     print(f"public key:  {public_path} (give this to devices with --trust)")
     print(f"key id:      {key_id(load_public_key(public_path))}")
     return 0
@@ -73,11 +76,12 @@ def _cmd_package(args: argparse.Namespace) -> int:
             raise InputError(f"cannot read labels {args.labels}: {e}") from e
     if args.target_default or args.precision_default:
         progress(f"building {args.target} {args.precision} (the default; choose with --target and --precision)")
+    signers = load_signers([args.key], args.passphrase_file)
     results = package(
         args.model,
         name=args.name,
         version=args.version,
-        key=args.key,
+        key=signers,
         out_dir=args.out,
         target=_split_list(args.target),
         precision=_split_list(args.precision),
@@ -317,6 +321,7 @@ def _add_package_parser(sub: Any) -> None:
         help="the task of a transformers folder (default: from its config's architecture): " + ", ".join(TASKS),
     )
     pk.add_argument("--key", required=True, help="Ed25519 private key file (mode 0600)")
+    add_passphrase_argument(pk, "the passphrase of an encrypted --key")
     pk.add_argument("--name", required=True, help="bundle name")
     pk.add_argument("--version", required=True, type=int, help="monotonic integer version")
     pk.add_argument("--label", help="human version label, e.g. 2026.11-rc1")
@@ -349,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = keys.add_parser("generate", help="create an Ed25519 key pair (NAME.key 0600, NAME.pub)")
     gen.add_argument("--out", required=True, help="folder for the key files")
     gen.add_argument("--name", default="edgeship", help="file name stem (default: edgeship)")
+    add_passphrase_argument(gen, "encrypt NAME.key with this passphrase (PKCS#8)")
     gen.set_defaults(func=_cmd_keys_generate)
     add_root_parser(keys)
 

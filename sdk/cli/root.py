@@ -2,13 +2,14 @@
 
     edgeship keys root create --root-key PUB ... --bundle-key PUB ... [--root-threshold N] [--threshold N]
                               [--expires-days D] [--pin NAME ...] [--downgrade NAME=VERSION ...]
-                              [--version V] --sign KEY ... --out FILE
-    edgeship keys root sign   FILE --sign KEY ...              (adds signatures, in place)
+                              [--version V] --sign KEY ... [--passphrase-file F] --out FILE
+    edgeship keys root sign   FILE --sign KEY ... [--passphrase-file F]    (adds signatures, in place)
     edgeship keys root rotate --current FILE [the create options] --sign OLD.key --sign NEW.key --out FILE
 
 ``rotate`` makes version current+1 and checks it against the current root as a device will: signed by a
 threshold of the current root keys and of its own. Short of signatures, it says what is missing (add
-them with ``sign``, on the machines that hold the other keys).
+them with ``sign``, on the machines that hold the other keys). An encrypted ``--sign`` key is decrypted
+with ``--passphrase-file`` or ``$EDGESHIP_KEY_PASSPHRASE`` (one passphrase for every key of a command).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from sdk.cli.keys import add_passphrase_argument, load_signers
 from sdk.errors import InputError, TrustRootError
 from sdk.manifest import format_time
-from sdk.signing import load_private_key, load_public_key
+from sdk.signing import load_public_key
 from sdk.trustroot import TrustRoot, add_signatures, load_root, make_root, sign_root, update_root
 
 __all__ = ["add_parser"]
@@ -59,7 +61,7 @@ def _check(data: bytes, current: TrustRoot | None) -> str:
 
 
 def _create(args: argparse.Namespace) -> int:
-    data = sign_root(_root_from(args, args.version), [load_private_key(k) for k in args.sign])
+    data = sign_root(_root_from(args, args.version), load_signers(args.sign, args.passphrase_file))
     _write(args.out, data)
     print(f"{args.out}: {_check(data, None)}")
     return 0
@@ -67,14 +69,14 @@ def _create(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     current = load_root(args.current.read_bytes(), now=None)
-    data = sign_root(_root_from(args, current.version + 1), [load_private_key(k) for k in args.sign])
+    data = sign_root(_root_from(args, current.version + 1), load_signers(args.sign, args.passphrase_file))
     _write(args.out, data)
     print(f"{args.out}: {_check(data, current)}")
     return 0
 
 
 def _sign(args: argparse.Namespace) -> int:
-    data = add_signatures(args.file.read_bytes(), [load_private_key(k) for k in args.sign])
+    data = add_signatures(args.file.read_bytes(), load_signers(args.sign, args.passphrase_file))
     _write(args.file, data)
     print(f"{args.file}: {_check(data, None)}")
     return 0
@@ -99,9 +101,11 @@ def add_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--pin", action="append", metavar="NAME", help="a model name devices may run")
         p.add_argument("--downgrade", action="append", metavar="NAME=VERSION", help="allow below the floor")
         p.add_argument("--sign", required=True, action="append", type=Path, metavar="KEY")
+        add_passphrase_argument(p, "the passphrase of encrypted --sign keys")
         p.add_argument("--out", required=True, type=Path)
         p.set_defaults(func=func)
     s = root.add_parser("sign", help="add signatures to a root document")
     s.add_argument("file", type=Path)
     s.add_argument("--sign", required=True, action="append", type=Path, metavar="KEY")
+    add_passphrase_argument(s, "the passphrase of encrypted --sign keys")
     s.set_defaults(func=_sign)
