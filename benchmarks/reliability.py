@@ -235,8 +235,8 @@ def fuzz(args: argparse.Namespace, tmp: Path) -> list[Row]:
     for line in out.stdout.splitlines():
         if m := re.match(r"(tests/fuzz/\S+?\.py)::", line.strip()):
             module = Path(m.group(1)).name
-        elif (m := re.search(r"(\d+) passing examples", line)) and module is not None:
-            examples[module] = examples.get(module, 0) + int(m.group(1))
+        elif (m := re.search(r"(\d+) passing(?: examples)?, (\d+) failing", line)) and module is not None:
+            examples[module] = examples.get(module, 0) + int(m.group(1)) + int(m.group(2))
     failed: dict[str, int] = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         if any(child.tag in ("failure", "error") for child in case):
@@ -591,6 +591,30 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+PREFIXES = {"attacks": "attacks", "fuzz": "fuzz", "kill": "kill points", "broker": "broker restarts",
+            "swaps": "requests failed", "slow": "serving under", "storm": "reconnect storm"}  # fmt: skip
+
+
+def merge(rows: list[Row], only: list[str]) -> list[Row]:
+    """The rows of a partial run (``--only``) in place of theirs in the docs' table; the others kept."""
+    doc = DOC.read_text()
+    if BEGIN not in doc or set(only) == set(MEASUREMENTS):
+        return rows
+    fresh = tuple(PREFIXES[name] for name in only)
+    merged: list[Row] = []
+    inserted = False
+    for line in doc[doc.index(BEGIN) : doc.index(END)].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) != 3 or cells[0] == "figure":
+            continue
+        if not cells[0].startswith(fresh):
+            merged.append((cells[0], cells[1], cells[2]))
+        elif not inserted:  # the new rows where the old ones were
+            merged += rows
+            inserted = True
+    return merged if inserted else merged + rows
+
+
 def write_docs(text: str) -> None:
     doc = DOC.read_text()
     section = f"{BEGIN}\n{text}\n{END}"
@@ -640,10 +664,12 @@ def main() -> int:
     wall = time.monotonic() - started
     footer = (f"{cpu_line()}; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
               f"{wall:.0f} s (`reliability.py --scale {args.scale} --fuzz-scale {args.fuzz_scale}`)")  # fmt: skip
-    text = table(rows) + f"\n\n{footer}"
-    print(text)
+    print(table(rows) + f"\n\n{footer}")
     if args.write_docs:
-        write_docs(text)
+        if set(args.only) != set(MEASUREMENTS) and BEGIN in DOC.read_text():
+            previous = DOC.read_text().split(END)[0].rstrip().rsplit("\n", 1)[-1]  # the last footer line
+            footer = f"{previous}\n\nRerun of {', '.join(args.only)}: {footer}"
+        write_docs(table(merge(rows, args.only)) + f"\n\n{footer}")
     return 1 if any(value == "NOT MEASURED" for _, value, _ in rows) else 0
 
 
