@@ -24,7 +24,12 @@ What a device does is what ``device_runtime.agent`` does on the wire, with the p
   deployed, so a latency gate can breach), answers ``rollback`` (``received``, ``health_check``,
   ``rolled_back``), ``ping`` (``pong``) and ``config`` (``applied``; a new telemetry interval takes effect),
   and de-duplicates commands by id (a known id gets ``received`` with ``duplicate: true``);
-- at the end publishes the retained ``offline`` status itself (a clean disconnect suppresses the will).
+- at the end publishes the retained ``offline`` status itself (a clean disconnect suppresses the will);
+- when the link drops (the broker restarted), reconnects after a delay from the agent's own rule:
+  full-jitter exponential backoff (``device_runtime.agent._backoff.Backoff``) with the agent's defaults
+  (``MqttSettings.backoff_base_s`` 0.5 s, ``backoff_cap_s`` 60 s), the counter reset on each connect, then
+  re-subscribes and re-announces; every CONNACK's time is kept (``Simulator.connect_times``) to measure a
+  reconnect storm (``benchmarks/reliability.py``). ``SimConfig.reconnect=False`` ends the device instead.
 
 Nothing is downloaded: the simulation covers the fleet's side of the conversation, not the device's OTA.
 Device ids are deterministic (``sim-00001``, ...), so a rollout can select them by id.
@@ -38,6 +43,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import resource
 import signal
 import sys
@@ -51,6 +57,9 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `sdk` as a script
 
+# The agent's reconnect rule itself, so a simulated fleet reconnects as a real one would (light: no numpy).
+from device_runtime.agent._backoff import Backoff
+from device_runtime.agent.mqtt import MqttSettings
 from sdk.mqtt_contract import (
     QOS,
     CommandError,
@@ -145,6 +154,10 @@ class SimConfig:
     connect_timeout_s: float = 60.0
     keepalive_s: int = 60
     record: bool = False  # keep every message published (topic, payload) in the report
+    reconnect: bool = True  # a dropped link is retried with the agent's backoff; False: the device ends
+    backoff_base_s: float = MqttSettings.backoff_base_s  # seconds, the agent's default
+    backoff_cap_s: float = MqttSettings.backoff_cap_s  # seconds, the agent's default
+    seed: int | None = None  # of the backoff jitter (None: unseeded, as on real devices)
 
     def ids(self) -> list[str]:
         return [device_id(i) for i in range(self.first, self.first + self.devices)]
@@ -158,6 +171,7 @@ class SimReport:
     devices: int = 0
     connected: int = 0
     errors: list[str] = field(default_factory=list)  # devices that failed to connect or lost their link
+    reconnects: int = 0  # connections made again after a dropped link
     telemetry_acked: int = 0
     telemetry_failed: int = 0
     events_acked: int = 0
@@ -201,6 +215,7 @@ class _Device:
         self.started = time.monotonic()
         self.client: aiomqtt.Client | None = None
         self.announced = False  # connected, subscribed and online status acknowledged
+        self.counted = False  # told the simulator its telemetry is done
 
     # -- publishing --------------------------------------------------------------------------------
 
@@ -277,7 +292,9 @@ class _Device:
             report.telemetry_acked += 1
             report.last_telemetry_ack = time.time()
             report.last_seq[self.id] = payload["seq"]
-        self.sim.telemetry_done()
+        if not self.counted:  # once, though a reconnect runs this again
+            self.counted = True
+            self.sim.telemetry_done()
 
     async def run_commands(self) -> None:
         """Read ``cmd``: answer ping/config at once, queue deploy/rollback for the OTA worker."""
@@ -379,7 +396,20 @@ class _Device:
         return "rolled_back"
 
     async def run(self, stop: asyncio.Event, connected: Callable[[], None]) -> None:
-        """Connect, announce, then serve commands and publish telemetry until ``stop``."""
+        """Connect, announce, then serve commands and publish telemetry until ``stop``; a dropped link is
+        retried after a full-jitter delay (``SimConfig.reconnect``), as the agent does."""
+        backoff = Backoff(self.cfg.backoff_base_s, self.cfg.backoff_cap_s, self.sim.rng)
+        while True:
+            try:
+                if await self.session(stop, connected, backoff):
+                    return
+            except (aiomqtt.MqttError, asyncio.TimeoutError, OSError):
+                if not (self.cfg.reconnect and self.announced) or stop.is_set():
+                    raise
+            await asyncio.sleep(backoff.next_delay())
+
+    async def session(self, stop: asyncio.Event, connected: Callable[[], None], backoff: Backoff) -> bool:
+        """One connection: True when the run ended (``stop``); raises when the link dropped."""
         will = aiomqtt.Will(self.topics.status, encode_payload(offline_status(time.time())), qos=QOS, retain=True)
         client = aiomqtt.Client(
             self.cfg.host,
@@ -391,21 +421,35 @@ class _Device:
             timeout=self.cfg.connect_timeout_s,
         )
         async with client:
+            self.sim.connect_times.append(time.monotonic())
+            backoff.reset()
             self.client = client
             await client.subscribe(self.topics.cmd, qos=QOS)
             await self.publish(self.topics.status, self.status(), retain=True)
-            self.announced = True
-            connected()
-            tasks = [asyncio.create_task(self.run_commands()), asyncio.create_task(self.run_ota())]
+            if self.announced:
+                self.sim.report.reconnects += 1
+            else:
+                self.announced = True
+                connected()
+            commands = asyncio.create_task(self.run_commands())
+            tasks = [asyncio.create_task(self.run_ota()), asyncio.create_task(self.work(stop))]
             try:
-                await self.sim.go.wait()
-                await self.run_telemetry(stop)
-                await stop.wait()
+                # run_commands ends only when the link drops (its exception is re-raised here)
+                await asyncio.wait([commands, tasks[1]], return_when=asyncio.FIRST_COMPLETED)
+                if commands.done():
+                    commands.result()
+                    raise aiomqtt.MqttError("the command stream ended")
             finally:
-                for task in tasks:
+                for task in (commands, *tasks):
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(commands, *tasks, return_exceptions=True)
             await self.publish(self.topics.status, offline_status(time.time()), retain=True)
+        return True
+
+    async def work(self, stop: asyncio.Event) -> None:
+        await self.sim.go.wait()
+        await self.run_telemetry(stop)
+        await stop.wait()
 
 
 class Simulator:
@@ -418,6 +462,8 @@ class Simulator:
         self._finished = 0  # devices that sent their telemetry count
         self.go = asyncio.Event()
         self.ready = asyncio.Event()  # every device connected (or failed to)
+        self.connect_times: list[float] = []  # time.monotonic() of every CONNACK, reconnects included
+        self.rng = random.Random(config.seed)  # the backoff jitter of every device
 
     def telemetry_done(self) -> None:
         """A device sent its ``count``: the run ends when every connected device has."""
