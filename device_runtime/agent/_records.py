@@ -238,7 +238,9 @@ class Journal:
             old = isinstance(issued, (int, float)) and issued < oldest_kept
             if i < excess or old:
                 del self._entries[cmd_id]
-                if isinstance(issued, (int, float)) and not old:
+                # Also for an id forgotten by age: refused by age only while the wall clock does not go
+                # back; a clock set a week ahead, then corrected, would reopen the replay window.
+                if isinstance(issued, (int, float)):
                     self._horizon = max(self._horizon, float(issued))
 
     def _compact(self) -> None:

@@ -94,9 +94,19 @@ class Agent:
         TransportError: the TLS files cannot be read.
     """
 
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock``: monotonic seconds (intervals, uptime); ``wall_clock``: Unix seconds, the device's
+        clock, which may jump (command ``issued_at``/``expires_at`` checks, the journal's horizon, the
+        events' ``ts``). No timeout is measured on the wall clock."""
         self.config = config
         self._clock = clock
+        self._wall_clock = wall_clock
         self._started_at = clock()
         self.state_dir = Path(config.state_dir).absolute()
         # What keeps the state directory from being written (a full or read-only disk): the agent still
@@ -114,6 +124,7 @@ class Agent:
             legacy=self.state_dir / _COMMANDS_FILE,
             max_done=config.max_remembered_commands,
             max_age_s=config.max_command_age_s,
+            clock=wall_clock,
         )
         self._settings: dict[str, Any] = {"telemetry_interval_s": config.telemetry_interval_s, "log_level": None}
         saved = read_json(self.state_dir / _CONFIG_FILE, {})
@@ -417,7 +428,7 @@ class Agent:
         be durable before a state change calls ``_flush_events`` first.
         """
         log.info("event %s %s: %s", cmd_id, phase, message)
-        payload = event_payload(cmd_id, phase, message, time.time(), **detail)
+        payload = event_payload(cmd_id, phase, message, self._wall_clock(), **detail)
         if self._event_writer is not None:
             self._events.put(payload)
             return
@@ -481,7 +492,7 @@ class Agent:
             )  # fmt: skip
             return
         why = command_refusal(
-            times, time.time(), horizon=self._journal.horizon, max_age_s=self._journal.max_age_s,
+            times, self._wall_clock(), horizon=self._journal.horizon, max_age_s=self._journal.max_age_s,
             require_issued_at=self.config.require_issued_at,
         )  # fmt: skip
         if why is not None:  # not recorded: it is refused the same way each time it comes
@@ -547,7 +558,7 @@ class Agent:
             expires = parse_command_times(cmd).expires_at
         except CommandError:
             expires = None
-        if expires is not None and expires < time.time():
+        if expires is not None and expires < self._wall_clock():
             self._event(cmd_id, "failed", "expired while queued", error="Expired", bad=False, model=self.active_model)
             self._record(cmd_id, state="done", outcome="failed", cmd=None)
             return

@@ -17,12 +17,28 @@ from typing import Any
 
 from device_runtime.agent.download import FetchResponse
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "crash_point", "download_hook", "kill_agent_too"]
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "DEPLOY_CRASH_POINTS",
+    "FAILURE_CRASH_POINTS",
+    "ROLLBACK_CRASH_POINTS",
+    "crash_point",
+    "download_hook",
+    "kill_agent_too",
+]
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "EDGESHIP_AGENT_CRASH_AT"
-CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
+# The steps a successful deployment passes, in order.
+DEPLOY_CRASH_POINTS = ("downloading", "verifying", "slot_write", "load", "health_check", "pointer_written")
+# The steps a ``rollback`` command passes (its trial of the other slot, then its commit).
+ROLLBACK_CRASH_POINTS = ("load", "health_check", "pointer_written")
+# A failed deployment (the automatic rollback after a failed trial, among others): its terminal record
+# (``failed`` / ``rolled_back``) written, before it is reported.
+FAILURE_CRASH_POINTS = ("failure_recorded",)
+CRASH_POINTS = (*DEPLOY_CRASH_POINTS, *FAILURE_CRASH_POINTS)
 
 _agent_pid: int | None = None  # set in a helper process: the agent it serves, killed with it
 

@@ -202,7 +202,7 @@ class Deployer:
         elif decision.action == "abandon":
             trial = record.kind == "deploy" and record.phase in ("health_check", "switching")
             self._finish_failed(
-                record, f"abandoned: {decision.reason}", bad=decision.bad, trial=trial, error="Interrupted"
+                record, f"abandoned: {decision.reason}", bad=decision.bad, trial=trial, error="Interrupted", **detail
             )
         else:
             assert decision.resume_at is not None
@@ -560,7 +560,10 @@ class Deployer:
 
     # -- the end of a deployment: failed, or forgotten once reported -------------------------------
 
-    def _finish_failed(self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "") -> None:
+    def _finish_failed(
+        self, dep: Deployment, message: str, *, bad: bool, trial: bool, error: str = "", **detail: Any
+    ) -> None:
+        """Record, report (``detail`` added to the events) and forget a deployment that failed."""
         if bad and dep.sha256:
             self._bad.add(dep.sha256, dep.cmd_id, message)
         message = message[:_MAX_MESSAGE_CHARS]  # bounded: it may quote a URL or a server's words
@@ -571,9 +574,10 @@ class Deployer:
             log.error("the failed deployment %s could not be recorded: %s", dep.cmd_id, e)
             dep = dep.at(final)
             self._deployment = dep
-        self._report(dep.cmd_id, "failed", message, error=error, bad=bad, model=self.active_model)
+        crash_point("failure_recorded")
+        self._report(dep.cmd_id, "failed", message, error=error, bad=bad, model=self.active_model, **detail)
         if trial:
-            self._report(dep.cmd_id, "rolled_back", "kept the previous model", model=self.active_model)
+            self._report(dep.cmd_id, "rolled_back", "kept the previous model", model=self.active_model, **detail)
         self._forget(dep, final)  # (cleans the slot folders the pointer does not list)
         self._publish_status()
 

@@ -237,6 +237,7 @@ class CommandRecorder:
 
     client: paho.Client
     commands: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # the devices' events, likewise
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -251,12 +252,13 @@ class CommandRecorder:
         subscribed = threading.Event()
 
         def on_connect(c: paho.Client, u: object, flags: Any, reason: Any, props: Any) -> None:
-            c.subscribe(f"edgeship/v1/{FLEET}/+/cmd", qos=1)
+            c.subscribe([(f"edgeship/v1/{FLEET}/+/cmd", 1), (f"edgeship/v1/{FLEET}/+/events", 1)])
 
         def on_message(c: paho.Client, u: object, msg: paho.MQTTMessage) -> None:
             device = msg.topic.split("/")[3]
             with recorder.lock:
-                recorder.commands.append((device, json.loads(msg.payload)))
+                kept = recorder.events if msg.topic.endswith("/events") else recorder.commands
+                kept.append((device, json.loads(msg.payload)))
 
         client.on_connect = on_connect
         client.on_subscribe = lambda *a: subscribed.set()
@@ -273,6 +275,19 @@ class CommandRecorder:
                 for d, c in self.commands
                 if (device_id is None or d == device_id) and (kind is None or c.get("type") == kind)
             ]
+
+    def runs(self, device_id: str, cmd_id: str, phase: str) -> int:
+        """How many times the device reported ``phase`` for ``cmd_id``, not counting the broker's
+        redeliveries of one event (QoS 1: same ``ts``) nor the ``received`` of a duplicate command."""
+        with self.lock:
+            return len(
+                {
+                    e["ts"]
+                    for d, e in self.events
+                    if d == device_id and e.get("cmd_id") == cmd_id and e.get("phase") == phase
+                    and not e.get("detail", {}).get("duplicate")
+                }
+            )  # fmt: skip
 
     def devices(self, kind: str) -> set[str]:
         with self.lock:

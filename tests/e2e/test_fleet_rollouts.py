@@ -92,10 +92,14 @@ def _actions(rows: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
 
 
 def _one_deploy_id_each(recorder: CommandRecorder, rollout_id: int, ids: list[str]) -> None:
-    """Every device got deploys of exactly one command id (resends reuse it), the rollout's own."""
+    """Every device got deploys of exactly one command id (resends reuse it), the rollout's own, and ran it
+    at most once: one ``received`` that queued it, one ``active`` (a resend is answered as a duplicate)."""
     for device_id in ids:
         deploy_ids = {c["id"] for c in recorder.of(device_id, "deploy")}
-        assert deploy_ids == {f"ro{rollout_id}-{device_id}-deploy"}, (device_id, deploy_ids)
+        cmd_id = f"ro{rollout_id}-{device_id}-deploy"
+        assert deploy_ids == {cmd_id}, (device_id, deploy_ids)
+        runs = {phase: recorder.runs(device_id, cmd_id, phase) for phase in ("received", "active")}
+        assert runs["received"] <= 1 and runs["active"] <= 1, (device_id, runs, len(recorder.of(device_id)))
 
 
 class _Stopper:
@@ -273,6 +277,8 @@ def test_the_fleet_server_killed_mid_rollout_resumes_it(
     assert len(_actions(rows, "AdvanceWave")) == 3 and len(_actions(rows, "Complete")) == 1
     assert not _actions(rows, "Pause")
     _one_deploy_id_each(recorder, rollout_id, ids)
+    # the recorder was connected throughout: each device reported its one run
+    assert all(recorder.runs(d, f"ro{rollout_id}-{d}-deploy", "active") == 1 for d in ids)
     assert not recorder.of(kind="rollback")
 
 

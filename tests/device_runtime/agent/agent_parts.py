@@ -123,6 +123,14 @@ class Broker:
         self.stop()
         self.start()
 
+    def kill9(self) -> None:
+        """SIGKILL: no goodbye, only what the last autosave put on disk survives."""
+        if self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait(timeout=10)
+        self._proc = None
+
     @property
     def running(self) -> bool:
         return self._proc is not None

@@ -6,6 +6,7 @@ The broker and HTTP server are the transport tests' real parts (``../agent/agent
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,18 @@ def v2(make_bundle: BundleMaker) -> Path:
 
 @pytest.fixture
 def agent_factory(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Agent]]:
-    """``agent_factory(port, bundle=None, device_id="dev1", start=True, **config) -> Agent`` (stopped after)."""
+    """``agent_factory(port, bundle=None, device_id="dev1", start=True, wall_clock=time.time, **config) -> Agent``
+    (stopped after)."""
     agents: list[Agent] = []
 
     def make(
-        port: int, bundle: Path | None = None, *, device_id: str = "dev1", start: bool = True, **overrides: Any
+        port: int,
+        bundle: Path | None = None,
+        *,
+        device_id: str = "dev1",
+        start: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+        **overrides: Any,
     ) -> Agent:
         settings = MqttSettings(
             "127.0.0.1", port, device_id, fleet=FLEET, keepalive_s=5, backoff_base_s=0.05, backoff_cap_s=0.5,
@@ -75,7 +83,7 @@ def agent_factory(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Agent]]:
             limits=overrides.pop("limits", Limits()),
             **overrides,
         )
-        agent = Agent(config)
+        agent = Agent(config, wall_clock=wall_clock)
         agents.append(agent)
         if start:
             agent.start()

@@ -17,7 +17,7 @@ from agent_parts import Broker, HttpServer, wait_for
 from ota_parts import AgentProcess, Fleet, check_one_good_model, deploy_cmd, helper_processes, journal_entries, settled
 from runtime_bundles import BundleMaker, Keys
 
-from device_runtime.agent import CRASH_POINTS
+from device_runtime.agent.crash import DEPLOY_CRASH_POINTS
 
 pytestmark = pytest.mark.timeout(180)
 POLL_S = 0.05  # seconds between looks at the fleet and the state folder
@@ -42,7 +42,7 @@ def _online(fleet: Fleet, version: int) -> Callable[[dict[str, object]], bool]:
     return lambda s: s["state"] == "online" and isinstance(s.get("model"), dict) and s["model"]["version"] == version  # type: ignore[index]
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point", DEPLOY_CRASH_POINTS)
 def test_kill_at_each_step_then_restart(
     point: str,
     agent_process: Callable[..., AgentProcess],

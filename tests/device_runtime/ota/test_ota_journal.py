@@ -42,9 +42,26 @@ def test_finished_ids_are_bounded_and_forgetting_raises_the_horizon(tmp_path: Pa
     assert journal.get("q") is not None  # unfinished commands are never forgotten
     old = Journal(tmp_path / "k", max_done=10, max_age_s=3600, clock=lambda: NOW)
     old.record("ancient", type="ping", state="done", issued_at=NOW - 7200)
-    assert old.get("ancient") is None and old.horizon == 0.0  # older than the age limit: refused anyway
+    assert old.get("ancient") is None  # older than the age limit: forgotten, and the horizon keeps it
+    assert old.horizon == NOW - 7200  # refused by age, and by the horizon once the clock goes back
     reread = Journal(tmp_path / "j", max_done=10, max_age_s=3600, clock=lambda: NOW)
     assert reread.horizon == journal.horizon and len(reread) == 11
+
+
+def test_an_id_forgotten_while_the_clock_ran_ahead_is_not_replayable_after_it_is_corrected(tmp_path: Path) -> None:
+    """A wall clock set 8 days ahead forgets a fresh id by age; corrected back, the id's command would be
+    within the age limit again, with its id forgotten: the horizon must refuse it (it did not)."""
+    clock = [NOW]
+    journal = Journal(tmp_path / "j", max_age_s=7 * 86400, clock=lambda: clock[0])
+    journal.record("d1", type="deploy", state="done", outcome="active", issued_at=NOW)
+    clock[0] = NOW + 8 * 86400  # the clock jumps ahead; the next record evicts d1 by age
+    journal.record("p", type="ping", state="done", outcome="pong", issued_at=clock[0])
+    assert journal.get("d1") is None
+    clock[0] = NOW + 60  # corrected
+    why = command_refusal(
+        CommandTimes(NOW), clock[0], horizon=journal.horizon, max_age_s=7 * 86400, require_issued_at=False
+    )
+    assert why is not None and "replay" in why
 
 
 def test_a_torn_line_is_skipped_and_cut_off(tmp_path: Path) -> None:
