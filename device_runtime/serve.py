@@ -47,6 +47,7 @@ import json
 import logging
 import lzma
 import queue
+import selectors
 import socket
 import threading
 import time
@@ -83,10 +84,13 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # bytes; also the cap on the arrays an .npz
 DEFAULT_MAX_JSON_BYTES = 4 * 2**20
 DEFAULT_MAX_CONNECTIONS = 32  # connections served at once (worker threads)
 DEFAULT_READ_TIMEOUT_S = 30.0  # seconds a request (line, headers, body) may take to arrive, from its first byte
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # seconds a connection may take to send its request head, from accept
 DEFAULT_HEALTH_TTL_S = 5.0  # seconds a health check result is served from cache
 LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (the kernel caps it at net.core.somaxconn)
 _IDLE_TIMEOUT_S = 30.0  # seconds a keep-alive connection may sit idle between requests
 _PENDING_PER_WORKER = 4  # accepted connections waiting for a worker, per worker, before 503
+_MAX_HEADS = 1024  # connections held while their request head arrives; over it the oldest is dropped
+_MAX_HEAD_BYTES = 65537  # a head not whole by then goes to a worker as is (http.server answers 414 / 431)
 _POLL_S = 0.1  # seconds between the accept loop's checks for stop(): how long stop() takes at most
 _JSON = "application/json"
 _NPY = "application/x-npy"
@@ -139,6 +143,8 @@ class ModelServer:
         max_json_bytes: JSON bodies larger than this are refused with 413 (at most ``max_body_bytes``).
         max_connections: connections served at once (worker threads); more wait, a few per worker, then 503.
         read_timeout_s: a request must arrive whole (line, headers, body) within this, from its first byte.
+        header_timeout_s: a connection must send its request head (line, headers) within this, from accept
+            (or from its first byte, between keep-alive requests); only then does it get a worker.
         token: when set, every request needs ``Authorization: Bearer <token>`` (401 otherwise).
         allow_hosts: host names accepted in the Host header besides IP addresses and ``localhost``
             (``"*"``: any).
@@ -162,6 +168,7 @@ class ModelServer:
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         token: str | None = None,
         allow_hosts: Sequence[str] = (),
         insecure_no_auth: bool = False,
@@ -179,6 +186,8 @@ class ModelServer:
                 raise ValueError(f"{name} must be an int > 0, got {value!r}")
         if not read_timeout_s > 0:
             raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s!r}")
+        if not header_timeout_s > 0:
+            raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s!r}")
         if token is not None and not token.strip():
             raise ValueError("the token is empty")
         check_exposure(host, token, insecure_no_auth)
@@ -188,6 +197,7 @@ class ModelServer:
         self.max_json_bytes = min(max_json_bytes, max_body_bytes)
         self.max_connections = max_connections
         self.read_timeout_s = read_timeout_s
+        self.header_timeout_s = header_timeout_s
         self.health_ttl_s = health_ttl_s
         self._token = None if token is None else token.strip().encode()
         self._allow_hosts = frozenset(h.lower().strip("[]") for h in (*allow_hosts, host)) | _LOCAL_NAMES
@@ -220,7 +230,9 @@ class ModelServer:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         try:
-            httpd = _Server((self.host, self._requested_port), self.max_connections)
+            httpd = _Server(
+                (self.host, self._requested_port), self.max_connections, self.header_timeout_s, self.read_timeout_s
+            )
         except OSError as e:
             raise TransportError(f"cannot listen on {self.host}:{self._requested_port}: {e}") from e
         httpd.app = self
@@ -403,18 +415,42 @@ def _host_name(host_header: str) -> str | None:
     return name.rstrip(".") if name else None
 
 
+class _Conn:
+    """A connection in the selector: its request head so far, and when it must be complete."""
+
+    __slots__ = ("address", "data", "deadline", "first_byte", "idle_until", "sock")
+
+    def __init__(self, sock: socket.socket, address: Any, data: bytes, deadline: float, idle_until: float) -> None:
+        self.sock = sock
+        self.address = address
+        self.data = bytearray(data)
+        self.deadline = deadline  # the head must be in by then (once its first byte came)
+        self.idle_until = idle_until  # a keep-alive connection may stay silent until then
+        self.first_byte: float | None = time.monotonic() if data else None
+
+
 class _Server(HTTPServer):
-    """``max_connections`` worker threads take accepted connections from a bounded queue; an idle keep-alive
-    connection gives its worker up when a connection waits (see ``_Reader``)."""
+    """One selector thread (``serve_forever``) accepts connections and reads each one's request head
+    (request line and headers); only a complete head gets a worker: ``max_connections`` worker threads take
+    them from a bounded queue (503 when it is full). A slow head costs a buffer in the selector, not a
+    worker. After an answer a keep-alive connection goes back to the selector for its next head."""
 
     request_queue_size = LISTEN_BACKLOG
     app: ModelServer
 
-    def __init__(self, address: tuple[str, int], workers: int) -> None:
-        self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(workers * _PENDING_PER_WORKER)
-        self._idle_lock = threading.Lock()
-        self._idle: dict[socket.socket, None] = {}  # keep-alive connections waiting for a request, oldest first
-        self._free = 0  # workers waiting for a connection
+    def __init__(self, address: tuple[str, int], workers: int, header_timeout_s: float, read_timeout_s: float) -> None:
+        self._pending: queue.Queue[tuple[socket.socket, Any, bytes, float] | None] = queue.Queue(
+            workers * _PENDING_PER_WORKER
+        )
+        self._header_timeout_s = header_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._heads: dict[socket.socket, _Conn] = {}  # the selector thread's alone; oldest first
+        self._back: queue.SimpleQueue[tuple[socket.socket, Any, bytes]] = queue.SimpleQueue()  # from workers
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._workers: list[threading.Thread] = []
         super().__init__(address, _Handler)  # binds (OSError: no worker started)
         self._workers = [
@@ -423,61 +459,160 @@ class _Server(HTTPServer):
         for worker in self._workers:
             worker.start()
 
-    @property
-    def others_waiting(self) -> bool:
-        """A connection waits for a worker: keep-alive connections should make room."""
-        return not self._pending.empty()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        try:
-            self._pending.put_nowait((request, client_address))
-        except queue.Full:
-            self._refuse(request)
-            return
-        with self._idle_lock:
-            evict = next(iter(self._idle), None) if self._free == 0 else None
-            if evict is not None:
-                del self._idle[evict]
-        if evict is not None:  # its worker's recv returns b"": it closes that connection and takes this one
+    # ---- the selector thread -------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = _POLL_S) -> None:
+        self._stopped.clear()
+        self.socket.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.socket, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
             try:
-                evict.shutdown(socket.SHUT_RD)
-            except OSError:
+                while not self._stop.is_set():
+                    for key, _ in sel.select(poll_interval):
+                        if key.fileobj is self.socket:
+                            self._accept(sel)
+                        elif key.fileobj is self._wake_r:
+                            self._drain_wake()
+                        else:
+                            self._read_head(sel, key.data)
+                    self._take_back(sel)
+                    self._expire(sel)
+            finally:
+                for conn in list(self._heads.values()):
+                    self._drop(sel, conn)
+                self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._stopped.wait()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already awake (buffer full) or closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
                 pass
+        except OSError:
+            pass
+
+    def _hold(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        while len(self._heads) >= _MAX_HEADS:  # over the cap: the oldest (slowest) goes first
+            self._drop(sel, next(iter(self._heads.values())))
+        conn.sock.setblocking(False)
+        self._heads[conn.sock] = conn
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+        if _head_end(conn.data) >= 0:  # a pipelined request that came with the previous one
+            self._ready(sel, conn)
+
+    def _drop(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        self._heads.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self.shutdown_request(conn.sock)
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        for _ in range(64):  # a burst, without starving the connections already held
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError:  # out of file descriptors: the oldest head makes room
+                if self._heads:
+                    self._drop(sel, next(iter(self._heads.values())))
+                return
+            now = time.monotonic()
+            self._hold(sel, _Conn(sock, address, b"", now + self._header_timeout_s, now + self._header_timeout_s))
+
+    def _read_head(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(sel, conn)
+            return
+        if conn.first_byte is None:
+            conn.first_byte = now = time.monotonic()
+            conn.deadline = min(conn.deadline, now + self._header_timeout_s)
+        conn.data += data
+        if _head_end(conn.data) >= 0 or len(conn.data) > _MAX_HEAD_BYTES:  # too long: the worker answers 414/431
+            self._ready(sel, conn)
+
+    def _ready(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+        """The head is in: the connection goes to a worker, or is refused (503) if the queue is full."""
+        self._heads.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        first = conn.first_byte if conn.first_byte is not None else time.monotonic()
+        try:
+            self._pending.put_nowait((conn.sock, conn.address, bytes(conn.data), first))
+        except queue.Full:
+            self._refuse(conn.sock)
+
+    def _take_back(self, sel: selectors.BaseSelector) -> None:
+        while True:
+            try:
+                sock, address, leftover = self._back.get_nowait()
+            except queue.Empty:
+                return
+            now = time.monotonic()
+            idle_until = now + _IDLE_TIMEOUT_S
+            self._hold(sel, _Conn(sock, address, leftover, now + self._header_timeout_s, idle_until))
+
+    def _expire(self, sel: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for conn in list(self._heads.values()):
+            if conn.first_byte is None:
+                late = now > conn.idle_until
+            else:  # the head within header_timeout_s, and never more than read_timeout_s, from its first byte
+                late = now > min(conn.deadline, conn.first_byte + self._read_timeout_s)
+            if late:
+                self._drop(sel, conn)
 
     def _refuse(self, request: socket.socket) -> None:
         body = json.dumps({"error": {"type": "Unavailable", "message": "every worker is busy; try again"}}).encode()
         head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
-        try:
-            request.settimeout(1.0)
-            request.sendall(head.encode() + b"Retry-After: 1\r\nConnection: close\r\n\r\n" + body)
+        try:  # non-blocking: a small answer fits the socket's buffer, and the selector never waits on a client
+            request.setblocking(False)
+            request.send(head.encode() + b"Retry-After: 1\r\nConnection: close\r\n\r\n" + body)
         except OSError:
             pass
         self.app.count_status(503)
         self.shutdown_request(request)
 
-    def idle(self, sock: socket.socket, waiting: bool) -> bool:
-        """Mark a keep-alive connection idle (``waiting``) or busy again; False if it was chosen to make room."""
-        with self._idle_lock:
-            if waiting:
-                self._idle[sock] = None
-                return True
-            return self._idle.pop(sock, 0) is None
+    # ---- the workers ---------------------------------------------------------------------------
+    def keep(self, sock: socket.socket, address: Any, leftover: bytes) -> None:
+        """A worker hands a keep-alive connection back to wait for its next request in the selector."""
+        self._back.put((sock, address, leftover))
+        self._wake()
 
     def _work(self) -> None:
         while True:
-            with self._idle_lock:
-                self._free += 1
             item = self._pending.get()
-            with self._idle_lock:
-                self._free -= 1
             if item is None:
                 return
-            request, client_address = item
+            request, client_address, head, first_byte = item
+            handler: _Handler | None = None
             try:
-                self.finish_request(request, client_address)
+                request.setblocking(True)
+                request.settimeout(self._read_timeout_s)
+                handler = _Handler(request, client_address, self, head=head, first_byte=first_byte)
             except Exception:
                 self.handle_error(request, client_address)
-            finally:
+            if handler is not None and handler.leftover is not None and not self._stop.is_set():
+                self.keep(request, client_address, handler.leftover)
+            else:
                 self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -492,51 +627,59 @@ class _Server(HTTPServer):
                 break
             if item is not None:
                 self.shutdown_request(item[0])
+        while True:
+            try:
+                self.shutdown_request(self._back.get_nowait()[0])
+            except queue.Empty:
+                break
         for _ in self._workers:
             self._pending.put(None)
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _head_end(data: bytes | bytearray) -> int:
+    """Where the request head ends (its blank line), or -1 while it has not come whole."""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else -1
 
 
 class _Reader(io.RawIOBase):
-    """The handler's socket reads, under the request's deadline.
+    """The handler's reads: the request head the selector read first, then the socket, under the request's
+    deadline: the whole request must arrive by ``read_timeout_s`` after its first byte, however slowly it
+    trickles in (each ``recv`` gets only the time left). ``end`` stops it: what is left unread (buffered)
+    belongs to the connection's next request."""
 
-    Between requests (``wait``) it waits for the first byte: up to ``read_timeout_s`` on a new connection,
-    up to the keep-alive idle timeout after that, unless the server hands the worker to a waiting
-    connection. From the first byte, the whole request must arrive by ``read_timeout_s`` later, however
-    slowly it trickles in: each ``recv`` gets only the time left."""
-
-    def __init__(self, sock: socket.socket, server: _Server, read_timeout_s: float) -> None:
+    def __init__(self, sock: socket.socket, head: bytes, deadline: float, read_timeout_s: float) -> None:
         super().__init__()
         self._sock = sock
-        self._server = server
+        self._head = memoryview(head)
         self._read_timeout_s = read_timeout_s
-        self._waiting = False
-        self._first = True
-        self._closed = False  # end of stream: the client closed, or the server chose to close
-        self._deadline: float | None = None
+        self._deadline: float | None = deadline
+        self._ended = False
 
     def readable(self) -> bool:
         return True
 
-    def wait(self) -> None:
-        """The next read is the first byte of a request."""
-        self._waiting = True
-
-    def begin(self) -> None:
-        """The request's first bytes are in (they may have come with the previous one): its deadline runs."""
-        if self._waiting:
-            self._waiting = False
-            self._deadline = time.monotonic() + self._read_timeout_s
-
     def done(self) -> None:
-        """The request is read: no deadline until the next one."""
+        """The request is read: no deadline for writing the answer but the socket's own."""
         self._deadline = None
         self._sock.settimeout(self._read_timeout_s)  # for writing the answer to a slow reader
 
+    def end(self) -> bytes:
+        """No more reads; the head bytes not read yet."""
+        self._ended = True
+        rest, self._head = bytes(self._head), memoryview(b"")
+        return rest
+
     def readinto(self, buffer: Any) -> int:
-        if self._closed:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        if self._ended:
             return 0
-        if self._waiting:
-            return self._first_byte(buffer)
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
@@ -544,47 +687,43 @@ class _Reader(io.RawIOBase):
             self._sock.settimeout(left)
         return self._sock.recv_into(buffer)
 
-    def _first_byte(self, buffer: Any) -> int:
-        first, self._first = self._first, False
-        if not first:
-            if self._server.others_waiting:
-                self._closed = True  # an idle keep-alive connection: closed, its worker serves a waiting one
-                return 0
-            self._server.idle(self._sock, True)
-        self._sock.settimeout(self._read_timeout_s if first else _IDLE_TIMEOUT_S)
-        try:
-            n = self._sock.recv_into(buffer)
-        except TimeoutError:
-            n = 0  # closed quietly, as an idle connection
-        if not first and not self._server.idle(self._sock, False):
-            n = 0  # chosen to make room (a byte that came at that moment is dropped: the client retries)
-        self._closed = n == 0
-        self.begin()
-        return n
-
 
 class _Handler(BaseHTTPRequestHandler):
+    """One request; the server hands a keep-alive connection back to its selector afterwards (``leftover``:
+    the bytes already read of the next request; None: close the connection)."""
+
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
     server_version = "edgeship-device"
     sys_version = ""
-    timeout = None  # the deadlines are _Reader's
+    timeout = None  # the deadlines are _Reader's and the selector's
     disable_nagle_algorithm = True  # small responses go out at once
     server: _Server
+
+    def __init__(
+        self, request: Any, client_address: Any, server: _Server, *, head: bytes = b"", first_byte: float | None = None
+    ) -> None:
+        self._head = head  # the request head, read by the selector
+        self._first_byte = time.monotonic() if first_byte is None else first_byte
+        self.leftover: bytes | None = None
+        super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         super().setup()
         self.rfile.close()
-        self._reader = _Reader(self.connection, self.server, self.server.app.read_timeout_s)
+        read_timeout_s = self.server.app.read_timeout_s
+        self._reader = _Reader(self.connection, self._head, self._first_byte + read_timeout_s, read_timeout_s)
         self._buffered = io.BufferedReader(self._reader)
         self.rfile = self._buffered
 
-    def handle_one_request(self) -> None:
-        self._reader.wait()
-        self._buffered.peek(1)  # waits for the request's first byte (unless it came with the previous request)
-        self._reader.begin()
-        super().handle_one_request()
-        if self.server.others_waiting:  # keep-alive gives way: the client reconnects, behind the waiting
-            self.close_connection = True
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self) -> None:
+        if not self.close_connection:
+            rest = self._reader.end()
+            self.leftover = self._buffered.read1(2**31) + rest if self._buffered.peek(1) else rest
+        super().finish()
 
     # Every method goes through one dispatcher, so a known route answers 405 to the wrong one.
     def do_GET(self) -> None:

@@ -3,6 +3,7 @@ read deadlines (slow clients), a JSON cap, browsers kept out (content types, Hos
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -186,6 +187,28 @@ def test_slow_clients_are_dropped_and_cannot_hold_every_worker(linear: Model, se
         stop.set()
         for thread in slow:
             thread.join(10)
+
+
+def test_slow_request_heads_do_not_starve_good_clients(linear: Model, serve: ServeFactory) -> None:
+    before = _serve_threads()
+    server = serve(linear, max_connections=4)
+    slow = []
+    try:
+        for _ in range(50):  # more slow heads than the pool and its queue (4 + 16) hold
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(sock)
+        time.sleep(0.3)
+        for sock in slow:
+            with contextlib.suppress(OSError):  # (before the fix most were refused 503)
+                sock.sendall(b"X")  # still coming, slowly
+        started = time.monotonic()
+        statuses = [request(server.port, "POST", "/v1/predict", X).status for _ in range(20)]
+        assert statuses == [200] * 20 and time.monotonic() - started < 5
+        assert _serve_threads() - before <= 4 + 1, [t.name for t in threading.enumerate()]
+    finally:
+        for sock in slow:
+            sock.close()
 
 
 def test_the_listen_backlog_holds_a_burst_of_clients(linear: Model, serve: ServeFactory) -> None:
