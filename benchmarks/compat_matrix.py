@@ -107,7 +107,7 @@ def run_matrix(work: Path, say: Any = print) -> dict[str, Any]:
                                         "version": env.version, "min_version": result.manifest.runtime.min_version,
                                         "oldest": env.version == OLDEST[target]}  # fmt: skip
                 try:
-                    got = validate_bundle(ValidateOn(Target.parse(target), env), result.bundle_path, key,
+                    got = validate_bundle(ValidateOn(Target.parse(target), env), result.bundle_path, key.public_key(),
                                           result.manifest.outputs, inputs, reference, tol)  # fmt: skip
                     cosine = min(m["cosine_min"] for m in got["metrics"].values())
                     compare = "ok" if got["passed"] else "; ".join(got["failures"])
