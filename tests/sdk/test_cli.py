@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_onnx import write_tiny_onnx
 
 from sdk.cli import main
 from sdk.manifest import Manifest
@@ -40,24 +41,7 @@ def _assert_one_line_error(code: int, err: str, contains: str = "") -> None:
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """y = softmax-free logits of a 4 -> 3 linear layer, batch dynamic."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "B")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])],
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    onnx.save(model, path)
-    return path
+    return write_tiny_onnx(tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")
