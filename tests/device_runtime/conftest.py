@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,23 @@ def linear_bundle(make_bundle: BundleMaker) -> Path:
 @pytest.fixture(scope="session")
 def masked_bundle(make_bundle: BundleMaker) -> Path:
     return make_bundle(name="masked", model="masked")
+
+
+@pytest.fixture
+def hide_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``hide_runtime("onnxruntime")``: ``import onnxruntime`` fails and no distribution of it is installed
+    (its metadata is hidden too, so the backend says "not installed", not "installed but failed to import")."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def hide(module: str) -> None:
+        def version(dist: str) -> str:
+            if dist.startswith(module):  # onnxruntime, onnxruntime-gpu, ...; openvino; coremltools
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return real(dist)
+
+        monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
+        monkeypatch.setattr(importlib.metadata, "version", version)
+
+    return hide

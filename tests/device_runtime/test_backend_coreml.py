@@ -8,6 +8,7 @@ the backend reads before it needs Core ML itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +59,23 @@ def test_registered() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="the platform error is for hosts other than macOS")
-def test_load_off_macos_names_the_platform(bundle_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_off_macos_names_the_platform(bundle_path: Path, keys: Keys, hide_runtime: Callable[[str], None]) -> None:
     # refused before importing Core ML: an unimportable coremltools changes nothing
-    _as_if_not_installed(monkeypatch, "coremltools")
+    hide_runtime("coremltools")
     with pytest.raises(BackendError, match=r"Core ML bundles run only on macOS/iOS; this is Linux"):
         device_runtime.load(bundle_path, keys.public)
 
 
 def test_missing_coremltools_on_macos_names_the_extra(
-    bundle_path: Path, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bundle_path: Path,
+    keys: Keys,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hide_runtime: Callable[[str], None],
 ) -> None:
     verified = read_bundle(bundle_path, TrustedKeys((load_public_key(keys.public),)), tmp_path / "x")
     monkeypatch.setattr(sys, "platform", "darwin")
-    _as_if_not_installed(monkeypatch, "coremltools")
+    hide_runtime("coremltools")
     backend = CoreMlBackend()
     with pytest.raises(BackendError, match=r"pip install 'edgeship\[coreml\]'"):
         backend.load(verified.path(verified.manifest.model), verified.manifest, BackendOptions())
@@ -96,18 +101,3 @@ def test_inputs_cast_to_the_package_dtypes() -> None:
     assert backend._cast("input_ids", IDS).dtype == np.int32
     with pytest.raises(InputError, match="outside int32"):
         backend._cast("input_ids", np.array([[2**40]], dtype=np.int64))
-
-
-def _as_if_not_installed(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
-    """``import module`` fails and no distribution of it is installed (the package's metadata is hidden)."""
-    import importlib.metadata
-
-    real = importlib.metadata.version
-
-    def version(dist: str) -> str:
-        if dist.startswith(module):  # onnxruntime, onnxruntime-gpu, ...; openvino; coremltools
-            raise importlib.metadata.PackageNotFoundError(dist)
-        return real(dist)
-
-    monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
-    monkeypatch.setattr(importlib.metadata, "version", version)

@@ -6,7 +6,6 @@ The IRs are converted here from the tiny ONNX models of runtime_bundles.py with 
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -236,23 +235,8 @@ def test_weights_outside_the_bundle_are_refused(ov_bundle: OvBundle, keys: Keys)
         device_runtime.load(ov_bundle(runtime={"weights": "other.bin"}), keys.public)
 
 
-def test_missing_openvino_names_the_extra(ov_bundle: OvBundle, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_openvino_names_the_extra(ov_bundle: OvBundle, keys: Keys, hide_runtime: Callable[[str], None]) -> None:
     path = ov_bundle()
-    _as_if_not_installed(monkeypatch, "openvino")
+    hide_runtime("openvino")
     with pytest.raises(BackendError, match=r"pip install 'edgeship\[openvino\]'"):
         device_runtime.load(path, keys.public)
-
-
-def _as_if_not_installed(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
-    """``import module`` fails and no distribution of it is installed (the package's metadata is hidden)."""
-    import importlib.metadata
-
-    real = importlib.metadata.version
-
-    def version(dist: str) -> str:
-        if dist.startswith(module):  # onnxruntime, onnxruntime-gpu, ...; openvino; coremltools
-            raise importlib.metadata.PackageNotFoundError(dist)
-        return real(dist)
-
-    monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
-    monkeypatch.setattr(importlib.metadata, "version", version)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +146,9 @@ def test_target_without_an_adapter_names_the_extra(
 
 
 def test_missing_runtime_package_names_the_extra(
-    linear_bundle: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+    linear_bundle: Path, keys: Keys, hide_runtime: Callable[[str], None]
 ) -> None:
-    _as_if_not_installed(monkeypatch, "onnxruntime")
+    hide_runtime("onnxruntime")
     with pytest.raises(BackendError, match=r"pip install 'edgeship\[onnxruntime\]'") as info:
         device_runtime.load(linear_bundle, [keys.public])
     assert "\n" not in str(info.value)
@@ -229,18 +229,3 @@ def test_a_runtime_failure_is_a_backend_error_and_the_next_call_works(make_bundl
             model.predict({"x": np.ones((3, 4), np.float32)})
         np.testing.assert_allclose(model.predict({"x": x * 2})["y"], linear_reference(x * 2), rtol=1e-5)
         assert model.metrics.snapshot()["errors"] == {"backend": 1}
-
-
-def _as_if_not_installed(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
-    """``import module`` fails and no distribution of it is installed (the package's metadata is hidden)."""
-    import importlib.metadata
-
-    real = importlib.metadata.version
-
-    def version(dist: str) -> str:
-        if dist.startswith(module):  # onnxruntime, onnxruntime-gpu, ...; openvino; coremltools
-            raise importlib.metadata.PackageNotFoundError(dist)
-        return real(dist)
-
-    monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
-    monkeypatch.setattr(importlib.metadata, "version", version)
