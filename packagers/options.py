@@ -193,6 +193,10 @@ class PackageOptions:
     for_runtime: str | None = None  # build for this runtime release: "onnxruntime==1.17", "coreml==iOS17"
     device: str | None = None  # build for this device profile (sdk/profiles.json, `edgeship devices`)
     validate_on: str | None = None  # also validate in this exact release, in a cached venv: "onnxruntime==1.17.3"
+    # Mixed precision (int8 targets): layers kept in float, by the target's own layer names (ONNX node names
+    # for onnxruntime, NNCF node names for openvino, op names for tflite); set by the user or by the search.
+    float_layers: tuple[str, ...] = ()
+    max_float_layers: float = 0.1  # search cap: a count (>= 1) or a share of the quantized layers (< 1)
 
     def __post_init__(self) -> None:
         if self.exporter not in ("auto", "torchscript", "dynamo"):

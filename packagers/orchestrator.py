@@ -280,7 +280,8 @@ def package(
                 for p in precisions:
                     say(f"{t.value} {p.value}: building")
                     tol = opts.tolerances_for(p)
-                    candidates = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
+                    tried = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
+                    candidates = [c for c in tried if isinstance(c, BuiltModel)]
                     if t in runtime_plans:
                         candidates = [fit_built(c, runtime_plans[t]) for c in candidates]
                     built, run, result, summary = _validate_candidates(packagers[t], candidates, source, inputs,

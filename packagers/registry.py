@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BuiltModel",
+    "CandidateFailed",
     "Packager",
     "Runner",
     "available_targets",
@@ -63,6 +64,19 @@ class BuiltModel:
     outputs: tuple[TensorSpec, ...] | None = None
 
 
+@dataclass(frozen=True)
+class CandidateFailed:
+    """A candidate a packager tried and could not build; ``build`` returns it beside the ones it built.
+
+    The orchestrator drops it with its reason (progress output and ``report.json``) and keeps the best
+    valid candidate; only when no candidate is valid does packaging fail, listing every reason.
+    """
+
+    candidate: str  # the label the candidate would have had
+    stage: str  # "build", "load", "run" or "validate"
+    reason: str  # short, one line
+
+
 class Packager(Protocol):
     """What every target module provides."""
 
@@ -70,8 +84,15 @@ class Packager(Protocol):
     capabilities: Capabilities
 
     def build(self, source: Source, precision: Precision, workdir: Path, options: PackageOptions,
-              progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
-        """Build one or more candidates; the caller validates them and keeps the best."""
+              progress: Callable[[str], None]) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
+        """Build one or more candidates; the caller validates them and keeps the best.
+
+        A recipe that fails is returned as a ``CandidateFailed`` (not raised) so the others still count.
+        Int8 precisions honour ``options.float_layers`` (those layers stay in float); a packager that
+        can keep layers in float also offers ``quantized_layers(built) -> list[str]``: the names of the
+        layers ``built`` quantized, in graph order (the names ``float_layers`` takes), which the
+        mixed-precision search uses.
+        """
         ...
 
     def runner(self, built: BuiltModel) -> Runner:
