@@ -20,6 +20,7 @@ from packagers.options import (
 )
 from packagers.orchestrator import package
 from packagers.registry import BuiltModel, Packager, available_targets, capabilities, capability_table, get_packager
+from packagers.requests import is_generated
 from packagers.sources import CALIBRATION_FORMATS, MODEL_PATHS, TASKS
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "capabilities",
     "capability_table",
     "get_packager",
+    "is_generated",
     "package",
 ]

@@ -16,11 +16,11 @@ from sdk.errors import PackagingError
 __all__ = ["cpu_session"]
 
 
-def cpu_session(path: Path | str, *, optimization: str = "ORT_ENABLE_ALL", what: str | None = None) -> Any:
+def cpu_session(path: Path | str | bytes, *, optimization: str = "ORT_ENABLE_ALL", what: str | None = None) -> Any:
     """An onnxruntime session of ``path`` on the CPU execution provider, logging errors only.
 
     Args:
-        path: the .onnx (or .ort) file.
+        path: the .onnx (or .ort) file, or a serialized model.
         optimization: a ``GraphOptimizationLevel`` name: ``ORT_ENABLE_ALL`` (what a device applies),
             ``ORT_ENABLE_BASIC`` (keeps requested intermediate outputs) or ``ORT_DISABLE_ALL`` (the graph
             as given, for a reference).
@@ -35,6 +35,8 @@ def cpu_session(path: Path | str, *, optimization: str = "ORT_ENABLE_ALL", what:
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own Fail / InvalidGraph / NotImplemented types
-        raise PackagingError(f"onnxruntime cannot load {what or path}: {str(e)[:300]}") from e
+        name = what or ("the model" if isinstance(path, bytes) else path)
+        raise PackagingError(f"onnxruntime cannot load {name}: {str(e)[:300]}") from e

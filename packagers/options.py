@@ -197,6 +197,11 @@ class PackageOptions:
     # for onnxruntime, NNCF node names for openvino, op names for tflite); set by the user or by the search.
     float_layers: tuple[str, ...] = ()
     max_float_layers: float = 0.1  # search cap: a count (>= 1) or a share of the quantized layers (< 1)
+    # Generated validation data: the full shape of an input, batch first ({"x": (1, 3, 640, 640)}); named dims
+    # take these values (the batch dim, if named, takes validation_samples).
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    allow_random_calibration: bool = False  # static int8 without calibration data: calibrate on generated data
+    overwrite: bool = False  # replace bundles of the same name, version, target and precision in out_dir
 
     def __post_init__(self) -> None:
         if self.exporter not in ("auto", "torchscript", "dynamo"):
@@ -211,6 +216,18 @@ class PackageOptions:
             )
         if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 25):
             raise PackagingError(f"option opset must be an integer between 7 and 25, got {self.opset!r}")
+        for tensor, shape in (self.input_shapes or {}).items():
+            if (
+                not isinstance(tensor, str)
+                or not tensor
+                or not isinstance(shape, (tuple, list))
+                or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            ):
+                raise PackagingError(
+                    f"input_shapes[{tensor!r}] must be a non-empty tuple of integers >= 1 (e.g. 1,3,640,640), "
+                    f"got {shape!r}"
+                )  # fmt: skip
         for name in ("for_runtime", "device", "validate_on"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
-from packagers.registry import BuiltModel, Packager, Runner, get_packager
+from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
+from packagers.requests import check_calibration, check_overwrite, is_generated, parse_pairs
 from packagers.runtime_plan import apply_plans, fit_built, plan_runtimes
 from packagers.sources import Source, detect_input_kind, load_source
+from packagers.sources.data import generated_hint
 from packagers.validate_on import ValidateOn, validate_bundle
 from packagers.validate_on import prepare as prepare_validate_on
 from packagers.validation import MASK_INPUT, ValidationUnavailable, compare_outputs, golden_tolerance, run_batched
@@ -57,19 +59,6 @@ class _Plan:
     tolerances: Tolerances
     validation: dict[str, Any]
     candidates: list[dict[str, Any]]
-
-
-def _as_list(value: Any, parse: Callable[[Any], Any]) -> list[Any]:
-    items = [value] if isinstance(value, (str, Target, Precision)) else list(value)
-    out: list[Any] = []
-    for item in items:
-        for part in str(item.value if isinstance(item, (Target, Precision)) else item).split(","):
-            parsed = parse(part)
-            if parsed not in out:
-                out.append(parsed)
-    if not out:
-        raise PackagingError("at least one target and one precision are needed")
-    return out
 
 
 def _load_keys(key: KeyLike | Sequence[KeyLike]) -> list[Signer]:
@@ -136,38 +125,63 @@ def _min_cosine(validation: Mapping[str, Any]) -> float:
     return min((v if v is not None else -2.0) for v in values) if values else -2.0
 
 
+def _failure(candidate: str, stage: str, reason: str) -> dict[str, Any]:
+    return {"candidate": candidate, "passed": False, "stage": stage, "reason": reason[:400]}
+
+
 def _validate_candidates(
-    packager: Packager, candidates: list[BuiltModel], source: Source, inputs: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray], tol: Tolerances, labels: np.ndarray | None, options: PackageOptions,
-) -> tuple[BuiltModel, Runner | None, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    packager: Packager, tried: Sequence[BuiltModel | CandidateFailed], source: Source,
+    inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tol: Tolerances,
+    labels: np.ndarray | None, options: PackageOptions, say: Callable[[str], None], tag: str,
+) -> tuple[tuple[BuiltModel, Runner | None, dict[str, Any]] | None, list[dict[str, Any]]]:  # fmt: skip
+    """The best candidate (passed first, then the highest worst-output cosine) and every candidate's outcome.
+
+    A candidate that failed to build, that the runtime cannot load, or that fails on the validation inputs
+    is dropped with its stage and reason (said, and kept for the report); None when none was left.
+    """
     best: tuple[BuiltModel, Runner, dict[str, Any]] | None = None
     summary: list[dict[str, Any]] = []
-    for built in candidates:
+    for built in tried:
+        if isinstance(built, CandidateFailed):
+            summary.append(_failure(built.candidate, built.stage, built.reason))
+            say(f"{tag}: candidate {built.candidate} dropped ({built.stage}: {built.reason[:200]})")
+            continue
         try:
             run = packager.runner(built)
         except ValidationUnavailable as e:  # nothing to compare candidates with here: keep the first
-            result = {"metrics": {}, "passed": True, "failures": [], "numeric": {"ran": False, "reason": e.reason},
-                      "structure": e.structure}  # fmt: skip
-            return built, None, result, [{"candidate": built.candidate, "passed": True, "numeric": False}]
+            numeric = {"ran": False, "reason": e.reason}
+            result: dict[str, Any] = {"metrics": {}, "passed": True, "failures": [], "numeric": numeric,
+                                      "structure": e.structure}  # fmt: skip
+            return (built, None, result), [*summary, {"candidate": built.candidate, "passed": True, "numeric": False}]
+        except Exception as e:  # PackagingError from the loader, or the runtime's own error types
+            summary.append(_failure(built.candidate, "load", str(e)))
+            say(f"{tag}: candidate {built.candidate} dropped (the runtime cannot load it: {str(e)[:200]})")
+            continue
         try:
             outputs = run_batched(run, inputs)
-        except PackagingError:
-            raise
-        except Exception as e:  # the runtime failed on valid inputs: the build is broken
-            raise PackagingError(
-                f"the built model ({built.candidate}) failed to run on {len(next(iter(inputs.values())))} samples: "
-                f"{str(e)[:300]} (a shape fixed at export time? trace with example inputs of batch >= 2)"
-            ) from e
+        except Exception as e:  # the runtime failed on valid inputs: this build is broken
+            reason = (f"failed to run on {len(next(iter(inputs.values())))} samples: {str(e)[:300]} "
+                      "(a shape fixed at export time? trace with example inputs of batch >= 2)")  # fmt: skip
+            summary.append(_failure(built.candidate, "run", reason))
+            say(f"{tag}: candidate {built.candidate} dropped ({reason[:200]})")
+            continue
         mask = inputs.get(MASK_INPUT) if any(s.name == MASK_INPUT for s in source.inputs) else None
         result = compare_outputs(source.outputs, reference, outputs, tol, labels=labels,
                                  labels_output=options.labels_output, mask=mask)  # fmt: skip
-        summary.append({"candidate": built.candidate, "passed": result["passed"], "min_cosine": _min_cosine(result)})
+        entry: dict[str, Any] = {"candidate": built.candidate, "passed": result["passed"],
+                                 "min_cosine": _min_cosine(result)}  # fmt: skip
+        if not result["passed"]:
+            entry.update(stage="validate", reason="; ".join(str(f) for f in result["failures"])[:400])
+        summary.append(entry)
         key = (result["passed"], _min_cosine(result))
         if best is None or key > (best[2]["passed"], _min_cosine(best[2])):
             best = (built, run, result)
-    if best is None:
-        raise PackagingError("the packager built nothing")
-    return best[0], best[1], best[2], summary
+    return best, summary
+
+
+def _no_candidate(tag: str, summary: Sequence[Mapping[str, Any]]) -> str:
+    reasons = "; ".join(f"{c['candidate']} ({c.get('stage', '?')}): {c.get('reason', '?')}" for c in summary)
+    return f"{tag}: no candidate could be built, loaded and run: {reasons or 'the packager built nothing'}"
 
 
 def _drift_message(failed: list[_Plan]) -> str:
@@ -188,7 +202,7 @@ def package(
     key: KeyLike | Sequence[KeyLike],
     out_dir: str | os.PathLike[str],
     target: str | Target | Sequence[str | Target] = "onnxruntime",
-    precision: str | Precision | Sequence[str | Precision] = "fp32",
+    precision: str | Precision | Sequence[str | Precision] | Mapping[str, Any] = "fp32",
     example_inputs: Any = None,
     calibration: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     labels: Any = None,
@@ -210,7 +224,10 @@ def package(
             decrypted with ``$EDGESHIP_KEY_PASSPHRASE``; else pass ``KeySigner.from_file(path, passphrase)``).
         out_dir: folder the bundles are written into.
         target: target name(s): a string (comma-separated allowed), a Target, or a sequence.
-        precision: precision name(s), same forms; "fp32" and "int8-dynamic" for onnxruntime.
+        precision: precision name(s), same forms, for every target; or per target, as a mapping target -> names
+            or strings ``"onnxruntime=fp32,int8-dynamic"``; ``"all-int8"``: every int8-family precision each
+            target supports (the others skipped with a note). Static ``int8`` needs ``calibration`` (or
+            ``options.allow_random_calibration``).
         example_inputs: torch modules only: a tuple of tensors/arrays or a dict name -> array, batch first.
         calibration: dict name -> array (batch N), an .npz file or a folder of NAME.npy; validation data.
         labels: int class label per calibration sample; adds task accuracy to the validation.
@@ -227,25 +244,30 @@ def package(
 
     Raises:
         PackagingError: unsupported target/precision/input kind, or one the requested device runtime cannot
-            run (before any work), a built model newer than that runtime, a model or data that
-            cannot be loaded, or a failed export/quantization.
+            run, static int8 without calibration data, a bundle of the same name, version, target and
+            precision already in ``out_dir`` without ``options.overwrite`` (all before any work), a built
+            model newer than that runtime, a model or data that cannot be loaded, or no (target, precision)
+            with a candidate that built, loaded and ran (each candidate's reason is listed). A pair whose
+            candidates all failed while others succeeded is skipped with a note (progress, report.json).
         DriftError: validation failed and ``accept_drift`` is False; no bundle is written.
         KeyFileError: a signing key cannot be loaded (or is encrypted with no passphrase), or a signer
             failed or returned a signature its public key does not verify.
     """
     say = progress or (lambda _line: None)
     opts = options or PackageOptions()
-    targets: list[Target] = _as_list(target, Target.parse)
-    precisions: list[Precision] = _as_list(precision, Precision.parse)
     kind = detect_input_kind(model)
+    targets, pairs, notes = parse_pairs(target, precision, kind)  # refuses what no target can build
     packagers = {t: get_packager(t) for t in targets}
-    refusals = [why for t in targets for p in precisions if (why := packagers[t].capabilities.refuse(t, p, kind))]
-    if refusals:
-        raise PackagingError("; ".join(refusals))
-    runtime_plans = plan_runtimes(opts, targets, precisions)  # refuses what the device's runtime cannot run
+    runtime_plans: dict[Target, Any] = {}
+    for t in targets:  # refuses what the device's runtime cannot run
+        runtime_plans.update(plan_runtimes(opts, [t], [p for tt, p in pairs if tt is t]))
     if runtime_plans:
         opts = apply_plans(opts, runtime_plans)
         say("building for " + ", ".join(p.label() for p in runtime_plans.values()) + f" (ONNX opset {opts.opset})")
+    for note in notes:
+        say(note)
+    check_calibration(pairs, calibration, opts.allow_random_calibration)
+    check_overwrite(Path(out_dir), name, version, pairs, opts.overwrite)
     expires_text = _check_identity(name, version, label, expires)
     label_array = _check_labels(labels, calibration)
     keys = _load_keys(key)
@@ -259,6 +281,7 @@ def package(
                              options=opts, progress=say)  # fmt: skip
         try:
             source.workdir = tmp / "source"
+            generated = is_generated(source.data_origin)
             if label_array is not None and len(label_array) != source.samples:
                 raise PackagingError(f"{len(label_array)} labels for {source.samples} calibration samples")
             n = min(source.samples, opts.max_validation_samples)
@@ -270,27 +293,36 @@ def package(
             except PackagingError:
                 raise
             except Exception as e:  # the user's model failed on the validation data
-                raise PackagingError(f"the reference model failed on the validation data: {e}") from e
+                guessed = source.info.get("guessed_dims")
+                hint = f" ({generated_hint(guessed, source.inputs, opts)})" if guessed else ""
+                raise PackagingError(f"the reference model failed on the validation data: {e}{hint}") from e
             for spec in source.outputs:
                 if not np.isfinite(reference[spec.name].astype(np.float64)).all():
                     raise PackagingError(f"the reference output {spec.name!r} has NaN or Inf on the validation data")
 
             plans: list[_Plan] = []
-            for t in targets:
-                for p in precisions:
-                    say(f"{t.value} {p.value}: building")
-                    tol = opts.tolerances_for(p)
-                    tried = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
-                    candidates = [c for c in tried if isinstance(c, BuiltModel)]
-                    if t in runtime_plans:
-                        candidates = [fit_built(c, runtime_plans[t]) for c in candidates]
-                    built, run, result, summary = _validate_candidates(packagers[t], candidates, source, inputs,
-                                                                       reference, tol, label_array, opts)  # fmt: skip
-                    status = "passed" if result["passed"] else "FAILED"
-                    detail = (f"min cosine {_min_cosine(result):.6f}" if result["metrics"]
-                              else f"structure only: {result['numeric']['reason']}")  # fmt: skip
-                    say(f"{t.value} {p.value}: validation {status} ({detail})")
-                    plans.append(_Plan(t, p, packagers[t], built, run, tol, result, summary))
+            skipped: list[str] = []
+            for t, p in pairs:
+                tag = f"{t.value} {p.value}"
+                say(f"{tag}: building")
+                tol = opts.tolerances_for(p)
+                tried = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
+                if t in runtime_plans:
+                    tried = [fit_built(c, runtime_plans[t]) if isinstance(c, BuiltModel) else c for c in tried]
+                best, summary = _validate_candidates(packagers[t], tried, source, inputs, reference, tol,
+                                                     label_array, opts, say, tag)  # fmt: skip
+                if best is None:  # this precision cannot apply here: the others are still written
+                    skipped.append(_no_candidate(tag, summary))
+                    say(f"{skipped[-1]}: skipped")
+                    continue
+                built, run, result = best
+                status = "passed" if result["passed"] else "FAILED"
+                detail = (f"min cosine {_min_cosine(result):.6f}" if result["metrics"]
+                          else f"structure only: {result['numeric']['reason']}")  # fmt: skip
+                say(f"{tag}: validation {status} ({detail})" + (" on generated data" if generated else ""))
+                plans.append(_Plan(t, p, packagers[t], built, run, tol, result, summary))
+            if not plans:
+                raise PackagingError("nothing was written: " + " | ".join(skipped))
             failed = [plan for plan in plans if not plan.validation["passed"]]
             if failed and not accept_drift:
                 raise DriftError(_drift_message(failed))
@@ -304,7 +336,7 @@ def package(
             say("benchmarking the original model on the host CPU (batch 1) for the report")
             original = _original_summary(source, inputs, results)
             json_path, _ = write_reports(out, name=name, version=version, samples=n, results=results,
-                                         original=original)  # fmt: skip
+                                         original=original, skipped=skipped)  # fmt: skip
             say(f"wrote {json_path} and report.html")
         finally:
             source.close()
@@ -422,6 +454,11 @@ def _write(
         "build": dict(plan.built.recipe),
         "candidates": plan.candidates,
         "chosen": plan.built.candidate,
+        "data": {
+            "origin": source.data_origin,
+            "generated": is_generated(source.data_origin),
+            "random_calibration": plan.precision is Precision.INT8 and is_generated(source.data_origin),
+        },
         "validation": validation.to_dict(),
         "benchmark": bench,
         "seconds": round(time.perf_counter() - started, 3),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from packagers.options import PackageResult
+from packagers.requests import is_generated
 from sdk.fsutil import atomic_write_bytes
 
 __all__ = ["PLOTLY_JS", "bundle_row", "plotly_js", "write_reports"]
@@ -45,6 +46,8 @@ def bundle_row(result: PackageResult) -> dict[str, Any]:
         "accuracy": accuracy.get("bundle"),
         "passed": bool(v.get("passed")),
         "accepted_drift": bool(v.get("accepted_drift")),
+        "data": v.get("data"),
+        "generated_data": is_generated(v.get("data")),
     }
 
 
@@ -148,11 +151,19 @@ def _html(doc: Mapping[str, Any], *, with_library: bool) -> str:
     ]  # fmt: skip
     for row in rows:
         status = "passed" if row["passed"] else ("drift accepted" if row["accepted_drift"] else "failed")
+        status += " (on generated data)" if row.get("generated_data") else ""
         cells = [row["file"], row["target"], row["precision"], f"{row['size_bytes'] / 1024:.1f}", _fmt(row["p50_ms"]),
                  _fmt(row["p95_ms"]), _fmt(row["cosine_mean"], 6), _fmt(row["cosine_min"], 6),
                  _fmt(row["top1_agreement"]), _fmt(row["accuracy"]), status]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     title = f"{doc['name']} v{doc['version']}: edgeship bundles"
+    notes = ""
+    if any(r.get("generated_data") for r in rows):
+        notes += (f"<p><strong>Validated on generated data</strong> ({html.escape(str(rows[0].get('data')))}), "
+                  "not yours: the numbers say the bundles match the model on made-up inputs. Pass --calibration "
+                  "with real inputs.</p>")  # fmt: skip
+    if doc.get("skipped"):
+        notes += "<p>Skipped: " + html.escape(" | ".join(doc["skipped"])) + "</p>"
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title>"
@@ -161,7 +172,7 @@ def _html(doc: Mapping[str, Any], *, with_library: bool) -> str:
         ".chart{width:100%;max-width:760px;height:460px}.scroll{overflow-x:auto}</style>"
         f"</head><body><h1>{html.escape(title)}</h1>"
         f"<p>Validated on {doc['samples']} samples against {html.escape(str(original.get('reference')))}; "
-        "latency is the host CPU at batch 1.</p>"
+        "latency is the host CPU at batch 1.</p>" + notes +
         "<div class=\"scroll\"><table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
         + "\n".join(body) + "</tbody></table></div>\n<h2>Latency against " + html.escape(y_label) + "</h2>\n"
         + _chart(points, y_label, with_library=with_library) + "\n</body></html>\n"
@@ -170,7 +181,7 @@ def _html(doc: Mapping[str, Any], *, with_library: bool) -> str:
 
 def write_reports(
     out_dir: Path, *, name: str, version: int, samples: int, results: Sequence[PackageResult],
-    original: Mapping[str, Any],
+    original: Mapping[str, Any], skipped: Sequence[str] = (),
 ) -> tuple[Path, Path]:  # fmt: skip
     """Write ``report.json`` and ``report.html`` into ``out_dir``, with ``plotly.min.js`` (the chart's library,
     from the ``plotly`` package) beside them; without that package the page has the table and no chart.
@@ -181,6 +192,7 @@ def write_reports(
         samples: validation samples.
         results: the bundles written.
         original: {"reference": str, "p50_ms", "p95_ms", "accuracy"} of the original model.
+        skipped: (target, precision) pairs that no candidate could be built for, with the reasons.
 
     Returns:
         The paths of the JSON and HTML reports.
@@ -191,6 +203,7 @@ def write_reports(
         "samples": samples,
         "original": dict(original),
         "bundles": [bundle_row(r) for r in results],
+        "skipped": list(skipped),
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     atomic_write_bytes(json_path, json.dumps(doc, indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))

@@ -28,8 +28,11 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "choose_validation",
     "fit_data",
+    "generated_hint",
+    "guessed_dims",
     "load_calibration",
     "raw_calibration",
+    "shape_dim_values",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -172,8 +175,8 @@ def choose_validation(
 
     Args:
         inputs: the source's input specs; the arrays are fitted to them.
-        options: ``validation_samples`` and ``seed`` for random samples; ``dim_values`` (else
-            ``sequence_length``) for the named dims other than the first (batch).
+        options: ``validation_samples`` and ``seed`` for random samples; ``input_shapes`` and ``dim_values``
+            (else ``sequence_length``) for the named dims other than the first (batch).
         data: the caller's calibration arrays by input name: used as they are when given.
         examples: the caller's example inputs: random samples take their shapes and value ranges.
         vocab: input name -> exclusive upper bound of the integer ids it takes (embedding rows).
@@ -187,7 +190,7 @@ def choose_validation(
         generated = _generated_like(examples, inputs, options.validation_samples, options.seed)
         return fit_data(generated, inputs), f"random, shaped like example_inputs (seed {options.seed})"
     rng = np.random.default_rng(options.seed)
-    dim_values = dict(options.dim_values or {})
+    dim_values = shape_dim_values(inputs, options)
     highs = dict(vocab or {})
     arrays: Arrays = {}
     for spec in inputs:
@@ -198,3 +201,62 @@ def choose_validation(
         )  # fmt: skip
         arrays[spec.name] = _random_like(spec, shape, rng, high=highs.get(spec.name, 2))
     return fit_data(arrays, inputs), f"random (seed {options.seed})"
+
+
+def shape_dim_values(inputs: Sequence[TensorSpec], options: PackageOptions) -> dict[str, int]:
+    """Named dim -> value for generated data: ``options.dim_values`` plus what ``options.input_shapes`` fixes.
+
+    Raises:
+        PackagingError: an input shape names an unknown input, has the wrong rank, contradicts a fixed dim
+            or gives one named dim two values.
+    """
+    values = {str(k): int(v) for k, v in (options.dim_values or {}).items()}
+    specs = {s.name: s for s in inputs}
+    for name, given in (options.input_shapes or {}).items():
+        if name not in specs:
+            raise PackagingError(f"--input-shape names {name!r}, which is not an input; inputs: {sorted(specs)}")
+        spec = specs[name]
+        if len(given) != len(spec.shape):
+            raise PackagingError(
+                f"--input-shape {name}={','.join(map(str, given))}: {len(given)} dims, the model's input has "
+                f"{len(spec.shape)} {list(spec.shape)}"
+            )
+        for i, (want, have) in enumerate(zip(spec.shape, given, strict=True)):
+            if isinstance(want, int) and want != have:
+                raise PackagingError(f"--input-shape {name}: dim {i} is fixed at {want} in the model, got {have}")
+            if isinstance(want, str) and i > 0:
+                if values.get(want, have) != have:
+                    raise PackagingError(f"dim {want!r} is given two values, {values[want]} and {have}")
+                values[want] = int(have)
+    return values
+
+
+def guessed_dims(inputs: Sequence[TensorSpec], options: PackageOptions) -> dict[str, list[str]]:
+    """Input -> "dim i 'name'" of its dynamic dims (not the batch) that generated data has to guess a value for.
+
+    Those take ``options.sequence_length``, a guess that suits token ids and may not suit an image: errors
+    about generated data name them with the flags that fix them (``--input-shape``, ``--calibration``).
+    """
+    known = shape_dim_values(inputs, options)
+    out: dict[str, list[str]] = {}
+    for spec in inputs:
+        dims = [f"dim {i} {d!r}" for i, d in enumerate(spec.shape) if i > 0 and isinstance(d, str) and d not in known]
+        if dims:
+            out[spec.name] = dims
+    return out
+
+
+def generated_hint(guessed: Mapping[str, Sequence[str]], inputs: Sequence[TensorSpec], options: PackageOptions) -> str:
+    """What to pass when generated inputs with guessed dims fail: ``--calibration`` or ``--input-shape``."""
+    dims = "; ".join(f"{name}: {', '.join(d)}" for name, d in guessed.items())
+
+    def example(spec: TensorSpec) -> str:
+        dims = ["1" if i == 0 and isinstance(d, str) else str(d) if isinstance(d, int) else "N"
+                for i, d in enumerate(spec.shape)]  # fmt: skip
+        return f"--input-shape {spec.name}={','.join(dims)}"
+
+    examples = " ".join(example(spec) for spec in inputs if spec.name in guessed)
+    return (
+        f"the inputs were generated with a guessed value ({options.sequence_length}) for the dynamic dims {dims}; "
+        f"pass real inputs with --calibration, or the shapes with {examples} (input_shapes=...)"
+    )

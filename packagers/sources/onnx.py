@@ -18,7 +18,7 @@ import numpy as np
 from packagers._ort_session import cpu_session
 from packagers.options import PackageOptions
 from packagers.sources.base import Arrays, OnnxExport, Source, dtype_name
-from packagers.sources.data import choose_validation
+from packagers.sources.data import choose_validation, generated_hint, guessed_dims
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
 
@@ -36,7 +36,13 @@ def _dim_name(raw: str, tensor: str, index: int) -> str:
     return cleaned[:64]
 
 
-def _onnx_specs(values: Sequence[Any]) -> tuple[TensorSpec, ...]:
+def _onnx_specs(values: Sequence[Any], ranks: Mapping[str, int] | None = None) -> tuple[TensorSpec, ...]:
+    """The specs of graph values as exporters write them.
+
+    A dim with neither value nor name, or with a value of -1 or 0 (written by several exporters for a
+    dynamic dim), is dynamic and gets a generated name (``x_dim2``). A value with no shape at all takes its
+    rank from ``ranks`` (all dims named); without one it is refused with the flags that give it.
+    """
     from onnx import helper
 
     specs = []
@@ -49,13 +55,59 @@ def _onnx_specs(values: Sequence[Any]) -> tuple[TensorSpec, ...]:
         except (KeyError, TypeError) as e:
             raise PackagingError(f"ONNX value {value.name!r} has an unsupported element type {ttype.elem_type}") from e
         dims: list[int | str] = []
+        if not ttype.HasField("shape"):
+            rank = (ranks or {}).get(value.name)
+            if rank is None:
+                raise PackagingError(
+                    f"ONNX input {value.name!r} has no shape in the graph: give its shape with --input-shape "
+                    f"{value.name}=1,... (input_shapes=...) or real inputs with --calibration"
+                )
+            dims = [_dim_name("", value.name, i) for i in range(rank)]
         for i, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(int(d.dim_value))
-            else:
+            else:  # a name, or -1 / 0 / nothing: dynamic
                 dims.append(_dim_name(d.dim_param, value.name, i))
         specs.append(TensorSpec(value.name, dtype, tuple(dims)))
     return tuple(specs)
+
+
+def _name_unset_dims(proto: Any) -> bool:
+    """Give every input/output dim stored as -1, 0 or nothing the name its spec has; True if one changed.
+
+    onnxruntime reads ``dim_value: 0`` as a fixed zero, so the graph itself is fixed up, not just the specs.
+    """
+    changed = False
+    initializers = {i.name for i in proto.graph.initializer}
+    for value in [*(v for v in proto.graph.input if v.name not in initializers), *proto.graph.output]:
+        for i, d in enumerate(value.type.tensor_type.shape.dim):
+            if not d.dim_param and not (d.HasField("dim_value") and d.dim_value > 0):
+                d.dim_param = _dim_name("", value.name, i)  # replaces the dim_value (a oneof)
+                changed = True
+    return changed
+
+
+def _unshaped(proto: Any) -> set[str]:
+    """Graph inputs and outputs that have no shape at all."""
+    values = [*proto.graph.input, *proto.graph.output]
+    return {v.name for v in values if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")}
+
+
+def _set_shapes(proto: Any, specs: Sequence[TensorSpec]) -> None:
+    """Write the specs' shapes into the graph's inputs/outputs that have none, and name the unset dims."""
+    by_name = {s.name: s for s in specs}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        spec = by_name.get(value.name)
+        if spec is not None and not value.type.tensor_type.HasField("shape"):
+            shape = value.type.tensor_type.shape
+            shape.SetInParent()
+            for d in spec.shape:
+                dim = shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                else:
+                    dim.dim_param = d
+    _name_unset_dims(proto)
 
 
 def _gather_vocab(graph: Any) -> dict[str, int]:
@@ -80,24 +132,47 @@ def onnx_source(
 
     progress(f"checking ONNX model {path}")
     try:
-        onnx.checker.check_model(str(path))
         proto = onnx.load(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            # A graph input/output without a shape (exporters write them; onnxruntime runs them) is named here.
+            if not ("'shape' of 'type' is required" in str(e) and _unshaped(proto)):
+                raise
     except Exception as e:  # DecodeError, ValidationError, OSError: all mean an unusable file
         raise PackagingError(f"{path} is not a valid ONNX model: {type(e).__name__}: {str(e)[:300]}") from e
     initializers = {i.name for i in proto.graph.initializer}
-    inputs = _onnx_specs([v for v in proto.graph.input if v.name not in initializers])
-    outputs = _onnx_specs(list(proto.graph.output))
+    graph_inputs = [v for v in proto.graph.input if v.name not in initializers]
+    ranks = {k: len(v) for k, v in (options.input_shapes or {}).items()}
+    ranks.update({k: np.asarray(v).ndim for k, v in (data or {}).items()})
+    inputs = _onnx_specs(graph_inputs, ranks)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     producer = f"{proto.producer_name} {proto.producer_version}".strip()
 
-    session = cpu_session(path, optimization="ORT_DISABLE_ALL")  # the graph as given is the reference
-    out_names = [o.name for o in outputs]
+    fixed = _name_unset_dims(proto)
+    # the graph as given is the reference (with unset dims named, when it had any)
+    session = cpu_session(proto.SerializeToString() if fixed else path, optimization="ORT_DISABLE_ALL")
+    out_names = [o.name for o in proto.graph.output]
 
     def reference(feeds: Mapping[str, np.ndarray]) -> Arrays:
         result = session.run(out_names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return {n: np.asarray(r) for n, r in zip(out_names, result, strict=True)}
 
+    guessed = guessed_dims(inputs, options) if data is None else {}
+    if guessed:
+        progress("generating validation inputs with guessed dynamic dims (" + generated_hint(guessed, inputs, options)
+                 + ")")  # fmt: skip
     validation, origin = choose_validation(inputs, options, data=data, vocab=_gather_vocab(proto.graph))
+    unshaped = [o.name for o in proto.graph.output if o.name in _unshaped(proto)]
+    out_ranks: dict[str, int] = {}
+    if unshaped:  # outputs without a shape: their rank is what one sample gives
+        try:
+            first = reference({k: v[:1] for k, v in validation.items()})
+        except Exception as e:  # onnxruntime's own error types
+            hint = f" ({generated_hint(guessed, inputs, options)})" if guessed else ""
+            raise PackagingError(f"{path.name} failed on the validation inputs: {str(e)[:300]}{hint}") from e
+        out_ranks = {n: first[n].ndim for n in unshaped}
+    outputs = _onnx_specs(list(proto.graph.output), out_ranks)
     del proto
 
     def export(workdir: Path) -> OnnxExport:
@@ -105,6 +180,7 @@ def onnx_source(
         target = workdir / "source.onnx"
         try:
             model = onnx.load(str(path))  # pulls in external data, written back as one file
+            _set_shapes(model, (*inputs, *outputs))
             onnx.save_model(model, str(target), save_as_external_data=False)
         except (ValueError, OSError) as e:
             raise PackagingError(f"cannot copy {path} into one ONNX file (over 2 GB?): {e}") from e
@@ -120,6 +196,11 @@ def onnx_source(
         validation_inputs=validation,
         data_origin=origin,
         task=task,
-        info={"file": path.name, "opset": opset, "producer": producer},
+        info={
+            "file": path.name,
+            "opset": opset,
+            "producer": producer,
+            **({"guessed_dims": guessed} if guessed else {}),
+        },
         export_fn=export,
     )

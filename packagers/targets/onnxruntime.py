@@ -36,7 +36,7 @@ import numpy as np
 from packagers._ort_session import cpu_session
 from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner, version_floor
+from packagers.registry import BuiltModel, CandidateFailed, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.runtime_versions import Requirement, onnxruntime_min_version
 
@@ -227,8 +227,8 @@ class OnnxRuntimePackager:
         workdir: Path,
         options: PackageOptions,
         progress: Callable[[str], None],
-    ) -> list[BuiltModel]:
-        """Build the candidates for ``precision`` under ``workdir``.
+    ) -> list[BuiltModel | CandidateFailed]:
+        """Build the candidates for ``precision`` under ``workdir``; a recipe that fails is a ``CandidateFailed``.
 
         Raises:
             PackagingError: the precision is not supported, or export/quantization failed.
@@ -243,19 +243,23 @@ class OnnxRuntimePackager:
         exported = source.onnx()
         runtime = self._runtime(exported.opset, exported.exporter)
         export_info = {"exporter": exported.exporter, "opset": exported.opset, "seconds": round(exported.seconds, 3)}
+        built: list[BuiltModel | CandidateFailed]
         if precision is Precision.FP32:
             built = [BuiltModel(exported.path, MODEL_MEMBER, runtime, {"export": export_info}, "fp32")]
         elif precision is Precision.FP16:
-            built = self._fp16(exported.path, workdir, runtime, export_info, progress)
+            built = [*self._fp16(exported.path, workdir, runtime, export_info, progress)]
         elif precision is Precision.INT8_DYNAMIC:
             built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress)
         elif precision is Precision.INT8:
             built = self._int8_static(exported.path, workdir, runtime, export_info, source, options, progress)
         else:
-            built = self._int4(exported.path, workdir, runtime, export_info, options, progress)
-        built = [_with_requirement(b, workdir) for b in built]
+            try:
+                built = [*self._int4(exported.path, workdir, runtime, export_info, options, progress)]
+            except PackagingError as e:  # e.g. no MatMul with constant weights: the other precisions still count
+                built = [CandidateFailed("int4", "build", str(e))]
+        built = [_with_requirement(b, workdir) if isinstance(b, BuiltModel) else b for b in built]
         if ort_format:
-            built = [self._to_ort(b, workdir, progress) for b in built]
+            built = [self._to_ort(b, workdir, progress) if isinstance(b, BuiltModel) else b for b in built]
         return built
 
     def _fp16(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
@@ -279,7 +283,7 @@ class OnnxRuntimePackager:
         source: Source,
         options: PackageOptions,
         progress: Callable[[str], None],
-    ) -> list[BuiltModel]:
+    ) -> list[BuiltModel | CandidateFailed]:
         import onnx
         import onnxruntime as ort
 
@@ -325,15 +329,20 @@ class OnnxRuntimePackager:
         channel_modes = (
             [options.per_channel] if options.per_channel is not None else ([True] if transformer else [False, True])
         )
-        candidates: list[BuiltModel] = []
+        candidates: list[BuiltModel | CandidateFailed] = []
         for per_channel in channel_modes:
             label = "per-channel" if per_channel else "per-tensor"
             progress(f"onnxruntime int8: calibrating ({options.calibration_method}) and quantizing ({label})")
             out = workdir / f"static-{label}" / MODEL_MEMBER
             out.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            quant = quantize_static_qdq(base, out, feeds, method=options.calibration_method, per_channel=per_channel,
-                                        weights_only=transformer, nodes_to_exclude=keep)  # fmt: skip
+            try:
+                quant = quantize_static_qdq(base, out, feeds, method=options.calibration_method,
+                                            per_channel=per_channel, weights_only=transformer,
+                                            nodes_to_exclude=keep)  # fmt: skip
+            except PackagingError as e:  # one recipe failing leaves the others
+                candidates.append(CandidateFailed(label, "build", str(e)))
+                continue
             recipe = {**common, **quant, "per_channel": per_channel, "seconds": round(time.perf_counter() - start, 3)}
             if smoothing is not None:
                 recipe["smoothing"] = smoothing
@@ -373,7 +382,8 @@ class OnnxRuntimePackager:
         return BuiltModel(path, ORT_MEMBER, rt, recipe, built.candidate)
 
     def _int8_dynamic(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
-                      source: Source, progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
+                      source: Source,
+                      progress: Callable[[str], None]) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
         import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -398,7 +408,7 @@ class OnnxRuntimePackager:
             smoothing["sensitivity"] = dict(list(smoothing["sensitivity"].items())[:8])
             smoothing["data"] = source.data_origin
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
-        candidates: list[BuiltModel] = []
+        candidates: list[BuiltModel | CandidateFailed] = []
         for label, per_channel, graph, smoothing_info in variants:
             progress(f"onnxruntime int8-dynamic: quantizing weights ({label})")
             out = workdir / label / MODEL_MEMBER
@@ -408,8 +418,9 @@ class OnnxRuntimePackager:
                 with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                                      reduce_range=False, use_external_data_format=False)  # fmt: skip
-            except Exception as e:  # the quantizer raises plain Exceptions for unsupported graphs
-                raise PackagingError(f"int8-dynamic quantization ({label}) failed: {str(e)[:300]}") from e
+            except Exception as e:  # the quantizer raises plain Exceptions; one recipe failing leaves the others
+                candidates.append(CandidateFailed(label, "build", f"int8-dynamic quantization failed: {str(e)[:300]}"))
+                continue
             recipe = {
                 "method": "dynamic",
                 "tool": f"onnxruntime.quantization.quantize_dynamic (onnxruntime {ort.__version__})",

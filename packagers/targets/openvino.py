@@ -38,7 +38,7 @@ import numpy as np
 
 from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner, version_floor
+from packagers.registry import BuiltModel, CandidateFailed, Runner, version_floor
 from sdk.errors import PackagingError
 from sdk.precision import PrecisionChoice, choose_hint
 from sdk.runtime_versions import Requirement, openvino_min_version
@@ -194,8 +194,8 @@ class OpenVinoPackager:
         workdir: Path,
         options: PackageOptions,
         progress: Callable[[str], None],
-    ) -> list[BuiltModel]:
-        """Convert the source to IR at ``precision`` under ``workdir``.
+    ) -> list[BuiltModel | CandidateFailed]:
+        """Convert the source to IR at ``precision`` under ``workdir``; a failed quantization is a ``CandidateFailed``.
 
         Raises:
             PackagingError: the precision is not supported, the conversion or NNCF failed, the IR lost a
@@ -237,14 +237,17 @@ class OpenVinoPackager:
             "opset": int(exported.opset),
             "exporter": exported.exporter,
         }
-        if precision is Precision.INT8:
-            model, quant = self._quantize(model, source, progress)
-        elif precision is Precision.INT8_WEIGHTS:
-            model, quant = self._compress_int8(model, progress)
-        elif precision is Precision.INT4:
-            model, quant = self._compress_int4(model, options, progress)
-        else:
-            quant = None
+        try:  # one recipe per precision here: its failure is reported as that candidate's
+            if precision is Precision.INT8:
+                model, quant = self._quantize(model, source, progress)
+            elif precision is Precision.INT8_WEIGHTS:
+                model, quant = self._compress_int8(model, progress)
+            elif precision is Precision.INT4:
+                model, quant = self._compress_int4(model, options, progress)
+            else:
+                quant = None
+        except PackagingError as e:
+            return [CandidateFailed(precision.value, "build", str(e))]
         if quant is not None:
             recipe["quantization"] = quant
             runtime["quantization"] = {k: quant[k] for k in ("method", "mode", "weights") if k in quant}

@@ -20,6 +20,7 @@ from typing import Any
 
 from sdk.cli.fleet import add_parsers as add_fleet_parsers
 from sdk.cli.keys import add_passphrase_argument, load_signers, new_key_passphrase
+from sdk.cli.package_args import add_input_arguments, input_options, per_target_targets
 from sdk.cli.root import add_parser as add_root_parser
 from sdk.cli.tables import human_size
 from sdk.cli.tables import print_table as _print_table
@@ -75,7 +76,8 @@ def _cmd_package(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read labels {args.labels}: {e}") from e
     if args.target_default or args.precision_default:
-        progress(f"building {args.target} {args.precision} (the default; choose with --target and --precision)")
+        progress(f"building {args.target} {' '.join(args.precision)} (the default; choose with --target and "
+                 "--precision)")  # fmt: skip
     signers = load_signers([args.key], args.passphrase_file)
     results = package(
         args.model,
@@ -84,13 +86,14 @@ def _cmd_package(args: argparse.Namespace) -> int:
         key=signers,
         out_dir=args.out,
         target=_split_list(args.target),
-        precision=_split_list(args.precision),
+        precision=args.precision,
         calibration=args.calibration,
         options=PackageOptions(
             calibration_method=args.calibration_method,
             for_runtime=args.for_runtime,
             device=args.device,
             validate_on=args.validate_on,
+            **input_options(args),
         ),
         labels=labels,
         task=args.task,
@@ -101,11 +104,16 @@ def _cmd_package(args: argparse.Namespace) -> int:
     )
     headers, rows = package_table(results)
     _print_table(headers, rows)
+    if any(row[-1].endswith("data)") for row in rows):
+        print("note: validated on generated data, not yours: it shows the bundle matches the model on made-up "
+              "inputs; pass --calibration with real inputs")  # fmt: skip
     return 0
 
 
 def package_table(results: Sequence[Any]) -> tuple[list[str], list[list[str]]]:
     """The table `edgeship package` prints: one row per bundle, with task accuracy when labels were given."""
+    from packagers import is_generated
+
     accuracies = [r.validation.get("accuracy") or {} for r in results]
     with_accuracy = any("bundle" in a for a in accuracies)
     headers = ["bundle", "target", "precision", "size", "p50 ms", "min cosine"]
@@ -122,6 +130,8 @@ def package_table(results: Sequence[Any]) -> tuple[list[str], list[list[str]]]:
         if with_accuracy:
             row.append(_accuracy_cell(accuracy))
         status = "pass" if r.validation.get("passed") else "DRIFT (accepted)"
+        if is_generated(r.validation.get("data")):  # made-up inputs: say so where the verdict is
+            status += " (random calibration)" if r.precision == "int8" else " (generated data)"
         rows.append([*row, status if ran else f"{status} (structure only)"])
     return [*headers, "validation"], rows
 
@@ -159,7 +169,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if structure.get("problems"):
                 print(f"  problems: {structure['problems']}")
         else:
-            print(f"validation: {verdict} against {v.get('reference')} on {v.get('samples')} samples")
+            from packagers import is_generated
+
+            data = f" of generated data ({v.get('data')}), not yours" if is_generated(v.get("data")) else ""
+            print(f"validation: {verdict} against {v.get('reference')} on {v.get('samples')} samples{data}")
             for out, metrics in sorted((v.get("metrics") or {}).items()):
                 print(f"  {out}: " + ", ".join(f"{k}={val:.6g}" if isinstance(val, float) else f"{k}={val}"
                                                 for k, val in sorted(metrics.items())))  # fmt: skip
@@ -284,7 +297,11 @@ def _add_package_parser(sub: Any) -> None:
         "`edgeship targets` shows what each builds)",
     )
     pk.add_argument(
-        "--precision", help=f"comma-separated precisions (default: {_DEFAULT_PRECISION}); by target: {precisions}"
+        "--precision",
+        action="append",
+        help=f"comma-separated precisions for every target (default: {_DEFAULT_PRECISION}), or per target, "
+        "repeatable: --precision onnxruntime=fp32,int8-dynamic --precision openvino=int8; all-int8: every int8 "
+        f"precision each target supports. By target: {precisions}",
     )
     pk.add_argument(
         "--for",
@@ -328,12 +345,15 @@ def _add_package_parser(sub: Any) -> None:
     pk.add_argument("--expires-days", type=float, help="bundle expires this many days from now")
     pk.add_argument("--out", required=True, help="output folder")
     pk.add_argument("--accept-drift", action="store_true", help="sign even if validation fails (recorded)")
+    add_input_arguments(pk)
     pk.set_defaults(func=_cmd_package)
 
 
 def _package_defaults(args: argparse.Namespace) -> None:
     """Fill `package`'s unset --target / --precision with the defaults, remembering which were unset."""
     args.target_default, args.precision_default = args.target is None, args.precision is None
+    if args.target is None and args.precision:
+        args.target = per_target_targets(args.precision)  # --precision openvino=int8 alone: that target
     if args.target is None and (args.for_runtime or args.device):
         from sdk.profiles import get_profile, parse_runtime_spec
 
@@ -342,7 +362,7 @@ def _package_defaults(args: argparse.Namespace) -> None:
         else:
             args.target = next(iter(get_profile(args.device).runtimes))
     args.target = args.target or _DEFAULT_TARGET
-    args.precision = args.precision or _DEFAULT_PRECISION
+    args.precision = args.precision or [_DEFAULT_PRECISION]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,7 +163,8 @@ def test_onnx_file_fp16_int8_and_int4_refused(cnn: torch.nn.Module, digits: Digi
 def test_ort_format_round_trip(bert_cls_folder: Path, key: Ed25519PrivateKey, trust: TrustedKeys,
                                tmp_path: Path) -> None:  # fmt: skip
     results = package(bert_cls_folder, name="tiny-cls", version=1, key=key, out_dir=tmp_path / "out",
-                      precision=["fp32", "int8"], options=PackageOptions(extra={"ort_format": True}))  # fmt: skip
+                      precision=["fp32", "int8"],
+                      options=PackageOptions(extra={"ort_format": True}, allow_random_calibration=True))  # fmt: skip
     for result in results:
         m = result.manifest
         assert m.model == "model.ort" and m.runtime["format"] == "ort"
