@@ -142,6 +142,16 @@ def _with_requirement(built: BuiltModel, workdir: Path) -> BuiltModel:
     return dataclasses.replace(built, path=path, runtime=runtime, recipe=recipe)
 
 
+def _checked(built: BuiltModel | CandidateFailed, workdir: Path) -> BuiltModel | CandidateFailed:
+    """``_with_requirement`` of a built candidate; one whose file cannot be read is a failed candidate."""
+    if isinstance(built, CandidateFailed):
+        return built
+    try:
+        return _with_requirement(built, workdir)
+    except Exception as e:  # onnx's DecodeError, or a graph the requirement tables cannot place
+        return CandidateFailed(built.candidate, "build", f"the built graph cannot be read: {str(e)[:300]}")
+
+
 def _symbolic_shapes_complete(src: Path) -> tuple[bool, str]:
     """Whether onnxruntime's symbolic shape inference completes on ``src``, and why not.
 
@@ -257,7 +267,7 @@ class OnnxRuntimePackager:
                 built = [*self._int4(exported.path, workdir, runtime, export_info, options, progress)]
             except PackagingError as e:  # e.g. no MatMul with constant weights: the other precisions still count
                 built = [CandidateFailed("int4", "build", str(e))]
-        built = [_with_requirement(b, workdir) if isinstance(b, BuiltModel) else b for b in built]
+        built = [_checked(b, workdir) for b in built]
         if ort_format:
             built = [self._to_ort(b, workdir, progress) if isinstance(b, BuiltModel) else b for b in built]
         return built

@@ -351,9 +351,9 @@ def _add_package_parser(sub: Any) -> None:
 
 def _package_defaults(args: argparse.Namespace) -> None:
     """Fill `package`'s unset --target / --precision with the defaults, remembering which were unset."""
-    args.target_default, args.precision_default = args.target is None, args.precision is None
     if args.target is None and args.precision:
         args.target = per_target_targets(args.precision)  # --precision openvino=int8 alone: that target
+    args.target_default, args.precision_default = args.target is None, args.precision is None
     if args.target is None and (args.for_runtime or args.device):
         from sdk.profiles import get_profile, parse_runtime_spec
 
