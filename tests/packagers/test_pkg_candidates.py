@@ -138,7 +138,7 @@ def test_static_int8_needs_calibration_or_an_explicit_allowance(
     key: Ed25519PrivateKey, trust: TrustedKeys, tmp_path: Path
 ) -> None:
     model = linear_onnx(tmp_path / "m.onnx")
-    with pytest.raises(PackagingError, match="pass --calibration .* or pass --allow-random-calibration"):
+    with pytest.raises(PackagingError, match=r"pass --calibration .* or pass --allow-random-calibration"):
         package(model, name="m", version=1, key=key, out_dir=tmp_path / "out", precision="fp32,int8", options=FAST)
     assert not (tmp_path / "out").exists()  # refused before any work
     opts = PackageOptions(benchmark_runs=2, benchmark_warmup=1, validation_samples=8, allow_random_calibration=True)
