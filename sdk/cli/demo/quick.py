@@ -84,7 +84,7 @@ def run_demo(out_dir: Path, progress: Callable[[str], None] = print) -> list[Dem
     import torch
 
     from device_runtime import load
-    from packagers import package
+    from packagers import PackageOptions, package
     from sdk.signing import generate_keypair
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +108,7 @@ def run_demo(out_dir: Path, progress: Callable[[str], None] = print) -> list[Dem
         example_inputs={"pixels": x_train[:1]},
         calibration={"pixels": x_test},
         labels=y_test,
+        options=PackageOptions(overwrite=True),  # the demo rebuilds its own v1 on every run
         progress=progress,
     )
 
