@@ -267,8 +267,8 @@ def package(
     for note in notes:
         say(note)
     check_calibration(pairs, calibration, opts.allow_random_calibration)
-    check_overwrite(Path(out_dir), name, version, pairs, opts.overwrite)
     expires_text = _check_identity(name, version, label, expires)
+    check_overwrite(Path(out_dir), name, version, pairs, opts.overwrite)
     label_array = _check_labels(labels, calibration)
     keys = _load_keys(key)
     out = Path(out_dir)
