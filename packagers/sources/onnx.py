@@ -36,12 +36,21 @@ def _dim_name(raw: str, tensor: str, index: int) -> str:
     return cleaned[:64]
 
 
-def _onnx_specs(values: Sequence[Any], ranks: Mapping[str, int] | None = None) -> tuple[TensorSpec, ...]:
+def _dim(d: Any, tensor: str, index: int) -> int | str:
+    """A positive ``dim_value``; else (a name, or -1 / 0 / nothing: dynamic) a valid dim name."""
+    if d.HasField("dim_value") and d.dim_value > 0:
+        return int(d.dim_value)
+    return _dim_name(d.dim_param, tensor, index)
+
+
+def _onnx_specs(
+    values: Sequence[Any], shapes: Mapping[str, Sequence[int | str]] | None = None
+) -> tuple[TensorSpec, ...]:
     """The specs of graph values as exporters write them.
 
     A dim with neither value nor name, or with a value of -1 or 0 (written by several exporters for a
-    dynamic dim), is dynamic and gets a generated name (``x_dim2``). A value with no shape at all takes its
-    rank from ``ranks`` (all dims named); without one it is refused with the flags that give it.
+    dynamic dim), is dynamic and gets a generated name (``x_dim2``). A value with no shape at all takes it
+    from ``shapes``; without one it is refused with the flags that give it.
     """
     from onnx import helper
 
@@ -56,18 +65,13 @@ def _onnx_specs(values: Sequence[Any], ranks: Mapping[str, int] | None = None) -
             raise PackagingError(f"ONNX value {value.name!r} has an unsupported element type {ttype.elem_type}") from e
         dims: list[int | str] = []
         if not ttype.HasField("shape"):
-            rank = (ranks or {}).get(value.name)
-            if rank is None:
+            if value.name not in (shapes or {}):
                 raise PackagingError(
                     f"ONNX input {value.name!r} has no shape in the graph: give its shape with --input-shape "
                     f"{value.name}=1,... (input_shapes=...) or real inputs with --calibration"
                 )
-            dims = [_dim_name("", value.name, i) for i in range(rank)]
-        for i, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(int(d.dim_value))
-            else:  # a name, or -1 / 0 / nothing: dynamic
-                dims.append(_dim_name(d.dim_param, value.name, i))
+            dims = list((shapes or {})[value.name])
+        dims += [_dim(d, value.name, i) for i, d in enumerate(ttype.shape.dim)]
         specs.append(TensorSpec(value.name, dtype, tuple(dims)))
     return tuple(specs)
 
@@ -110,6 +114,25 @@ def _set_shapes(proto: Any, specs: Sequence[TensorSpec]) -> None:
     _name_unset_dims(proto)
 
 
+def _inferred_shapes(proto: Any, inputs: Sequence[TensorSpec], names: Sequence[str]) -> dict[str, list[int | str]]:
+    """The shapes ONNX shape inference gives the values ``names`` once the inputs' shapes are set (unknown dims
+    named); those it cannot infer are left out."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    _set_shapes(model, inputs)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a refinement: without it every dim is named
+        return {}
+    out: dict[str, list[int | str]] = {}
+    for value in [*inferred.graph.output, *inferred.graph.value_info]:
+        if value.name in names and value.name not in out and value.type.tensor_type.HasField("shape"):
+            out[value.name] = [_dim(d, value.name, i) for i, d in enumerate(value.type.tensor_type.shape.dim)]
+    return out
+
+
 def _gather_vocab(graph: Any) -> dict[str, int]:
     """Input name -> rows of the initializer it indexes through a Gather (embedding tables)."""
     sizes = {init.name: int(init.dims[0]) for init in graph.initializer if len(init.dims) >= 1}
@@ -145,7 +168,7 @@ def onnx_source(
     graph_inputs = [v for v in proto.graph.input if v.name not in initializers]
     ranks = {k: len(v) for k, v in (options.input_shapes or {}).items()}
     ranks.update({k: np.asarray(v).ndim for k, v in (data or {}).items()})
-    inputs = _onnx_specs(graph_inputs, ranks)
+    inputs = _onnx_specs(graph_inputs, {k: [_dim_name("", k, i) for i in range(r)] for k, r in ranks.items()})
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     producer = f"{proto.producer_name} {proto.producer_version}".strip()
 
@@ -164,15 +187,16 @@ def onnx_source(
                  + ")")  # fmt: skip
     validation, origin = choose_validation(inputs, options, data=data, vocab=_gather_vocab(proto.graph))
     unshaped = [o.name for o in proto.graph.output if o.name in _unshaped(proto)]
-    out_ranks: dict[str, int] = {}
-    if unshaped:  # outputs without a shape: their rank is what one sample gives
+    out_shapes = _inferred_shapes(proto, inputs, unshaped) if unshaped else {}
+    if any(n not in out_shapes for n in unshaped):  # not inferred: the rank one sample gives, every dim named
         try:
             first = reference({k: v[:1] for k, v in validation.items()})
         except Exception as e:  # onnxruntime's own error types
             hint = f" ({generated_hint(guessed, inputs, options)})" if guessed else ""
             raise PackagingError(f"{path.name} failed on the validation inputs: {str(e)[:300]}{hint}") from e
-        out_ranks = {n: first[n].ndim for n in unshaped}
-    outputs = _onnx_specs(list(proto.graph.output), out_ranks)
+        for n in unshaped:
+            out_shapes.setdefault(n, [_dim_name("", n, i) for i in range(first[n].ndim)])
+    outputs = _onnx_specs(list(proto.graph.output), out_shapes)
     del proto
 
     def export(workdir: Path) -> OnnxExport:

@@ -57,7 +57,8 @@ def test_odd_names_no_shape_and_external_data(key: Ed25519PrivateKey, trust: Tru
         "serving_input_0_dim0",
         "serving_input_0_dim1",
     )
-    assert m.outputs[0].name == "model/dense:0" and len(m.outputs[0].shape) == 2
+    # the output's shape comes from ONNX shape inference: its batch is the input's, its width fixed
+    assert m.outputs[0].name == "model/dense:0" and m.outputs[0].shape == ("serving_input_0_dim0", 3)
     bundle = open_bundle(result, trust, tmp_path / "b")
     assert {f.path for f in m.files} >= {"model.onnx"} and not any(f.path.endswith(".data") for f in m.files)
     x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
@@ -104,3 +105,11 @@ def test_bad_input_shapes_are_refused(shapes: dict, message: str, key: Ed25519Pr
 def test_input_shapes_option_is_checked() -> None:
     with pytest.raises(PackagingError, match="integers >= 1"):
         PackageOptions(input_shapes={"x": (1, 0, 4)})
+
+
+def test_openvino_takes_the_same_names(key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    """OpenVINO keeps a named dim dynamic: the -1 batch and the shapeless output must agree with its IR."""
+    model = linear_onnx(tmp_path / "m.onnx", x="in:0", x_dims=(-1, 4), y_dims=None, external_data=True)
+    (result,) = _package(model, key, tmp_path / "out", target="openvino")
+    assert result.manifest.inputs[0].shape == ("in_0_dim0", 4) and result.manifest.outputs[0].shape == ("in_0_dim0", 3)
+    assert result.validation["passed"]
