@@ -4,13 +4,15 @@
                             --image FILE ...) [--top-k K] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
     edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
-                            [--max-body-bytes N] [--max-connections N] [--token-file F] [--allow-host NAME ...]
+                            [--max-body-bytes N] [--max-connections N] [--header-timeout S] [--token-file F]
+                            [--allow-host NAME ...]
                             [--insecure-no-auth] [--state-dir DIR]
     edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
                             (--trust PUB [--trust PUB ...] [--threshold N] | --trust-root FILE)
                             [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
-                            [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-token-file F]
+                            [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-header-timeout S]
+                            [--serve-token-file F]
                             [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
                             [--allow-host HOST ...] [--only-allowed-hosts]
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from device_runtime.errors import HealthCheckError
 from device_runtime.model import Model, load
 from device_runtime.results import add_request_arguments, answer, model_info
+from device_runtime.serve import DEFAULT_HEADER_TIMEOUT_S
 from sdk.compat import RUNTIME_PACKAGES
 from sdk.errors import EdgeshipError, InputError
 
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections", type=int, default=32, metavar="N", help="connections served at once (default 32)"
     )
+    _header_timeout_arg(serve, "")
     _auth_args(serve, "")
 
     run = sub.add_parser("run", help="run the device agent: serve the model, talk to the fleet, apply updates")
@@ -114,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
+    _header_timeout_arg(run, "serve-")
     _auth_args(run, "serve-")
     run.add_argument(
         "--allow-host", action="append", default=[], metavar="HOST",
@@ -125,6 +130,21 @@ def _parser() -> argparse.ArgumentParser:
         help="deploy URLs may reach only --allow-host hosts and the broker's host, not any public address",
     )  # fmt: skip
     return parser
+
+
+def _header_timeout_arg(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument(
+        f"--{prefix}header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+        help="seconds a connection may take to send its request line and headers before it is closed "
+        f"(default {DEFAULT_HEADER_TIMEOUT_S:g}; slow links may need more, exposed endpoints less)",
+    )  # fmt: skip
+
+
+def _check_header_timeout(value: float, flag: str) -> float:
+    """Raises: InputError: not a positive number of seconds."""
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"{flag} must be a positive number of seconds, got {value:g}")
+    return value
 
 
 def _auth_args(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -190,6 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
     from device_runtime.serve import ModelServer, check_exposure
 
     token = _serve_token(args.token_file)
+    _check_header_timeout(args.header_timeout, "--header-timeout")
     try:
         check_exposure(args.host, token, args.insecure_no_auth)  # before the bundle is loaded
     except ValueError as e:
@@ -198,8 +219,8 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             server = ModelServer(
                 model, args.host, args.port, max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections, token=token, allow_hosts=args.allow_host,
-                insecure_no_auth=args.insecure_no_auth,
+                max_connections=args.max_connections, header_timeout_s=args.header_timeout, token=token,
+                allow_hosts=args.allow_host, insecure_no_auth=args.insecure_no_auth,
             )  # fmt: skip
         except ValueError as e:
             raise InputError(str(e)) from e
@@ -260,6 +281,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(str(e)) from e
     serve_token = _serve_token(args.serve_token_file) if args.serve else None
     if args.serve:
+        _check_header_timeout(args.serve_header_timeout, "--serve-header-timeout")
         try:
             check_exposure(args.serve_host, serve_token, args.serve_insecure_no_auth)
         except ValueError as e:
@@ -282,6 +304,7 @@ def _run(args: argparse.Namespace) -> int:
         serve=args.serve,
         serve_host=args.serve_host,
         serve_port=args.serve_port,
+        serve_header_timeout_s=args.serve_header_timeout,
         serve_token=serve_token,
         serve_allow_hosts=tuple(args.serve_allow_host),
         serve_insecure_no_auth=args.serve_insecure_no_auth,

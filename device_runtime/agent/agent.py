@@ -202,6 +202,7 @@ class Agent:
             server = ModelServer(
                 self._current_model, self.config.serve_host, self.config.serve_port, token=self.config.serve_token,
                 allow_hosts=self.config.serve_allow_hosts, insecure_no_auth=self.config.serve_insecure_no_auth,
+                header_timeout_s=self.config.serve_header_timeout_s,
             )  # fmt: skip
             try:
                 server.start()

@@ -54,6 +54,7 @@ class AgentConfig:
             model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
+        serve_header_timeout_s: seconds a connection may take to send its request head (``ModelServer``).
         serve_token: the HTTP API's bearer token (needed to bind beyond loopback).
         serve_allow_hosts: host names its Host header may carry besides addresses and ``localhost``.
         serve_insecure_no_auth: bind beyond loopback without a token.
@@ -94,6 +95,7 @@ class AgentConfig:
     serve: bool = False
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
+    serve_header_timeout_s: float = 10.0  # seconds (device_runtime.serve.DEFAULT_HEADER_TIMEOUT_S)
     serve_token: str | None = field(default=None, repr=False)
     serve_allow_hosts: tuple[str, ...] = ()
     serve_insecure_no_auth: bool = False
