@@ -48,6 +48,8 @@ class AgentConfig:
         max_remembered_commands: finished command ids kept for de-duplication.
         require_issued_at: refuse commands without ``issued_at`` (older fleets do not send it).
         outbox_max_messages: telemetry and events kept while the broker is unreachable.
+        freshness_grace_s: with a root that has a ``timestamp`` role, how long after start the agent may go
+            without any signed freshness before it reports itself stale (``device_runtime.agent.freshness``).
         intra_op_threads: threads inside one operator (None: the runtime's choice).
         providers: execution providers to use instead of the bundle's.
         serve: also serve the active model over HTTP (``device_runtime.serve.ModelServer``: predict,
@@ -90,6 +92,7 @@ class AgentConfig:
     max_remembered_commands: int = 4096  # command ids
     require_issued_at: bool = False
     outbox_max_messages: int = 10_000  # messages
+    freshness_grace_s: float = 3600.0  # seconds
     intra_op_threads: int | None = None
     providers: tuple[str, ...] | None = None
     serve: bool = False
