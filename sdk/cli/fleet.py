@@ -334,6 +334,12 @@ def _add_fleet(sub: Any) -> None:
     sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="KEY.pub",
                     help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip
     sv.add_argument("--artifact-base-url", metavar="URL", help="where devices download bundles (default: this server)")
+    sv.add_argument("--timestamp-key", type=Path, metavar="KEY",
+                    help="sign and publish fleet freshness with this key (the root's timestamp role)")  # fmt: skip
+    sv.add_argument("--freshness-interval", dest="freshness_interval_s", type=float, metavar="S",
+                    help="seconds between freshness documents (default 3600)")  # fmt: skip
+    sv.add_argument("--freshness-lifetime", dest="freshness_lifetime_s", type=float, metavar="S",
+                    help="seconds each freshness document is valid (default 86400)")  # fmt: skip
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.set_defaults(func=_cmd_serve)
 

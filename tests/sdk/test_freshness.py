@@ -150,3 +150,27 @@ def test_the_contract_topic_and_envelope() -> None:
                 {**payload, "type": "trust"}, {k: v for k, v in payload.items() if k != "timestamp"}):  # fmt: skip
         with pytest.raises(CommandError):
             parse_freshness(bad)
+
+
+def test_keys_root_create_adds_the_timestamp_role(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from sdk.cli.main import main
+    from sdk.signing import generate_keypair
+
+    folder = Path(str(tmp_path))
+    root_key, root_pub = generate_keypair(folder, "root")
+    _, bundle_pub = generate_keypair(folder, "release")
+    _, ts1 = generate_keypair(folder, "ts1")
+    _, ts2 = generate_keypair(folder, "ts2")
+    out = folder / "root.json"
+    base = ["keys", "root", "create", "--root-key", str(root_pub), "--bundle-key", str(bundle_pub),
+            "--sign", str(root_key), "--out", str(out)]  # fmt: skip
+    assert main([*base, "--timestamp-key", str(ts1), "--timestamp-key", str(ts2), "--timestamp-threshold", "2"]) == 0
+    root = load_root(out.read_bytes(), now=None)
+    keys = root.timestamp_keys()
+    assert keys is not None and keys.threshold == 2 and len(keys.keys) == 2
+    capsys.readouterr()
+    assert main([*base, "--timestamp-key", str(ts1), "--timestamp-threshold", "2"]) == 1  # above its keys
+    assert "threshold" in capsys.readouterr().err
+    assert main(base) == 0 and load_root(out.read_bytes(), now=None).timestamp_keys() is None
