@@ -1,6 +1,6 @@
 """``edgeship-device``: run a bundle on this device.
 
-    edgeship-device predict --bundle FILE --trust PUB [--trust PUB ...] (--input [NAME=]x.npy ... | --text T ... |
+    edgeship-device predict --bundle FILE --trust PUB|ROOT [--trust PUB ...] (--input [NAME=]x.npy ... | --text T ... |
                             --image FILE ...) [--top-k K] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
     edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
@@ -15,6 +15,9 @@
                             [--serve-token-file F]
                             [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
                             [--allow-host HOST ...] [--only-allowed-hosts]
+
+``--trust`` names public key files or one signed trust root (``root.json``, told apart by its content:
+``sdk.trustfiles``); for ``run`` a root given there is taken as ``--trust-root``.
 
 The HTTP API's token comes from the token file or ``EDGESHIP_SERVE_TOKEN``; binding beyond loopback
 without one is refused unless ``--insecure-no-auth``. SIGINT (Ctrl-C) and SIGTERM stop ``serve`` and
@@ -44,6 +47,7 @@ from device_runtime.results import add_request_arguments, answer, model_info
 from device_runtime.serve import DEFAULT_HEADER_TIMEOUT_S
 from sdk.compat import RUNTIME_PACKAGES
 from sdk.errors import EdgeshipError, InputError
+from sdk.trustfiles import is_root_file, load_trust
 
 __all__ = ["main"]
 
@@ -59,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
             required=True,
             action="append",
             type=Path,
-            metavar="PUB",
-            help="a trusted public key file (repeat for several)",
+            metavar="FILE",
+            help="a trusted public key file (repeat for several), or a signed trust root (root.json) alone",
         )
         p.add_argument("--state-dir", type=Path, help="install into this state directory (version history kept)")
         p.add_argument("--allow-downgrade", action="store_true", help="accept a version lower than installed")
@@ -90,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", required=True, help="this device's id (one MQTT topic segment)")
     run.add_argument("--fleet", default="default", help="fleet name (default: default)")
     run.add_argument(
-        "--trust", action="append", type=Path, metavar="PUB", help="trusted public key (the implicit root, version 0)"
-    )
+        "--trust", action="append", type=Path, metavar="FILE",
+        help="trusted public key (the implicit root, version 0); a signed root file here is --trust-root",
+    )  # fmt: skip
     run.add_argument("--threshold", type=int, default=1, metavar="N", help="--trust signatures a bundle needs (1)")
     run.add_argument(
         "--trust-root",
@@ -181,7 +186,7 @@ def _serve_token(path: Path | None) -> str | None:
 def _load(args: argparse.Namespace) -> Model:
     return load(
         args.bundle,
-        args.trust,
+        load_trust(args.trust),  # key files, or one signed root (sdk.trustfiles)
         state_dir=args.state_dir,
         allow_downgrade=args.allow_downgrade,
         intra_op_threads=args.threads,
@@ -263,6 +268,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.trust and args.trust_root is None:
         raise InputError("give --trust PUB (and --threshold N) or --trust-root FILE")
+    if args.trust and any(is_root_file(p) for p in args.trust):  # --trust root.json: as --trust-root
+        if len(args.trust) > 1 or args.trust_root is not None:
+            raise InputError("a trust root given with --trust goes alone (or give it as --trust-root FILE)")
+        args.trust_root, args.trust = args.trust[0], None
     host, port, tls = _broker_address(args.broker)
     if tls and not args.tls_ca:
         raise InputError("mqtts:// needs --tls-ca (the CA that signed the broker's certificate)")

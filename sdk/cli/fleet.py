@@ -331,8 +331,8 @@ def _add_fleet(sub: Any) -> None:
         help="shared-subscription group of the ingest, or none (default edgeship-fleet)",
     )
     sv.add_argument("--fleet", metavar="NAME", help="fleet name: the <fleet> topic segment (default: default)")
-    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="KEY.pub",
-                    help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip
+    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="FILE",
+                    help="public key uploads must be signed with (repeatable), or one signed root.json")  # fmt: skip
     sv.add_argument("--artifact-base-url", metavar="URL", help="where devices download bundles (default: this server)")
     sv.add_argument("--timestamp-key", type=Path, metavar="KEY",
                     help="sign and publish fleet freshness with this key (the root's timestamp role)")  # fmt: skip
