@@ -57,7 +57,8 @@ def _settings(args: argparse.Namespace) -> Any:
         **{k: getattr(args, k, None) for k in ("http_host", "http_port", "broker", "fleet", "trusted_keys",
                                                "artifact_base_url", "broker_username", "broker_password_file",
                                                "broker_protocol", "share_group", "broker_ca_file",
-                                               "broker_cert_file", "broker_key_file")},
+                                               "broker_cert_file", "broker_key_file", "timestamp_key",
+                                               "freshness_interval_s", "freshness_lifetime_s")},
     })  # fmt: skip
 
 

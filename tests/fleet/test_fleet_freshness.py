@@ -108,3 +108,17 @@ def test_a_device_link_gets_the_retained_freshness_the_server_publishes(mosquitt
         assert json.loads(json.dumps(document))["signed"]["_type"] == "edgeship-timestamp"
     finally:
         component.stop()
+
+
+def test_the_serve_flags_reach_the_settings(tmp_path: Path) -> None:
+    from sdk.cli.fleet import _settings
+    from sdk.cli.main import build_parser
+
+    private, _ = generate_keypair(tmp_path / "keys", "timestamp")
+    args = build_parser().parse_args(
+        ["fleet", "serve", "--state-dir", str(tmp_path), "--timestamp-key", str(private),
+         "--freshness-interval", "60", "--freshness-lifetime", "600"]
+    )  # fmt: skip
+    settings = _settings(args)
+    assert settings.timestamp_key == private
+    assert (settings.freshness_interval_s, settings.freshness_lifetime_s) == (60.0, 600.0)
