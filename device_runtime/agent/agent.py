@@ -641,6 +641,9 @@ class Agent:
 
     def _accept_freshness(self, cmd: Mapping[str, Any]) -> None:
         """The fleet's signed freshness (retained, so also on every reconnect): taken when newer."""
+        if self._trust.root.timestamp_keys() is None and command_ref(cmd) is None:
+            log.debug("freshness ignored: the trust root asks for none")  # the fleet-wide retained message
+            return
         try:
             fresh, new = self._freshness.accept(parse_freshness(cmd), self._trust.root, datetime.now(timezone.utc))
         except (CommandError, TrustRootError, StateError) as e:

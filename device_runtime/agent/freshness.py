@@ -78,9 +78,9 @@ class FreshnessStore:
             StateError: it could not be written (the one held stays).
         """
         with self._lock:
+            if check_signed(document, root) == self._current:
+                return self._current, False  # the retained message again, on a reconnect (expired or not)
             fresh = verify_freshness(document, root, now=now, current=self._current)
-            if fresh == self._current:
-                return fresh, False  # the retained message again, on a reconnect
             try:
                 atomic_write_bytes(self._path, canonical_json(document))
             except OSError as e:
