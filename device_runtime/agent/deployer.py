@@ -19,9 +19,10 @@ A deploy, top to bottom in this file::
 
 A rollback loads the other slot's bundle (``health_check`` -> ``switching`` -> ``rolled_back``), if the
 trust root in force still trusts it. When the root changes (``recheck``) and at ``boot``, both slots'
-bundles are verified again against the root's bundle keys (``trust.md`` in docs/security.md): a slot whose
-bundle a threshold of them no longer signed (a revoked key's) is reported; the active one is left for the
-other slot when that one verifies and passes its check, else it keeps serving, reported. After a
+bundles are verified again against the root's bundle keys (docs/security.md, "Installed bundles under a
+new root"): a slot whose bundle a threshold of them no longer signed (a revoked key's) is reported; the
+active one is left for the other slot when that one verifies and passes its check, else it keeps serving,
+reported. After a
 restart, ``resume`` applies ``ota.recover``'s decision (report again, committed, abandon, or resume at
 a phase) to the record found in ``deploy.json``; ``boot`` serves the pointer's slot before that.
 
