@@ -87,6 +87,9 @@ ATTACKS = {  # family -> test modules (each test: attacks that must be refused)
     "hostile download server": ["tests/device_runtime/agent/test_agent_download.py"],
     "serving endpoint (bodies, headers, slow clients)": ["tests/device_runtime/serving/test_serving_hardening.py",
                                                         "tests/device_runtime/serving/test_serving_bad_inputs.py"],
+    "freeze and revocation (signed freshness, installed slots under a new root)": [
+        "tests/sdk/test_freshness.py", "tests/device_runtime/ota/test_ota_freshness.py",
+        "tests/device_runtime/ota/test_ota_root_recheck.py"],
 }  # fmt: skip
 Row = tuple[str, str, str]  # (figure, value, how)
 

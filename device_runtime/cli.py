@@ -1,18 +1,23 @@
 """``edgeship-device``: run a bundle on this device.
 
-    edgeship-device predict --bundle FILE --trust PUB [--trust PUB ...] (--input [NAME=]x.npy ... | --text T ... |
+    edgeship-device predict --bundle FILE --trust PUB|ROOT [--trust PUB ...] (--input [NAME=]x.npy ... | --text T ... |
                             --image FILE ...) [--top-k K] [--state-dir DIR]
     edgeship-device health  --bundle FILE --trust PUB [--trust PUB ...] [--state-dir DIR]
     edgeship-device serve   --bundle FILE --trust PUB [--trust PUB ...] [--host 127.0.0.1] [--port N]
-                            [--max-body-bytes N] [--max-connections N] [--token-file F] [--allow-host NAME ...]
+                            [--max-body-bytes N] [--max-connections N] [--header-timeout S] [--token-file F]
+                            [--allow-host NAME ...]
                             [--insecure-no-auth] [--state-dir DIR]
     edgeship-device run     --state-dir DIR --broker mqtt://HOST:PORT --device-id ID [--fleet NAME]
                             (--trust PUB [--trust PUB ...] [--threshold N] | --trust-root FILE)
                             [--bundle FILE] [--telemetry-interval S]
                             [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--username U --password-file F]
-                            [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-token-file F]
+                            [--serve [--serve-host 127.0.0.1] [--serve-port N] [--serve-header-timeout S]
+                            [--serve-token-file F]
                             [--serve-allow-host NAME ...] [--serve-insecure-no-auth]]
                             [--allow-host HOST ...] [--only-allowed-hosts]
+
+``--trust`` names public key files or one signed trust root (``root.json``, told apart by its content:
+``sdk.trustfiles``); for ``run`` a root given there is taken as ``--trust-root``.
 
 The HTTP API's token comes from the token file or ``EDGESHIP_SERVE_TOKEN``; binding beyond loopback
 without one is refused unless ``--insecure-no-auth``. SIGINT (Ctrl-C) and SIGTERM stop ``serve`` and
@@ -39,8 +44,10 @@ from pathlib import Path
 from device_runtime.errors import HealthCheckError
 from device_runtime.model import Model, load
 from device_runtime.results import add_request_arguments, answer, model_info
+from device_runtime.serve import DEFAULT_HEADER_TIMEOUT_S
 from sdk.compat import RUNTIME_PACKAGES
 from sdk.errors import EdgeshipError, InputError
+from sdk.trustfiles import is_root_file, load_trust
 
 __all__ = ["main"]
 
@@ -56,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
             required=True,
             action="append",
             type=Path,
-            metavar="PUB",
-            help="a trusted public key file (repeat for several)",
+            metavar="FILE",
+            help="a trusted public key file (repeat for several), or a signed trust root (root.json) alone",
         )
         p.add_argument("--state-dir", type=Path, help="install into this state directory (version history kept)")
         p.add_argument("--allow-downgrade", action="store_true", help="accept a version lower than installed")
@@ -78,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections", type=int, default=32, metavar="N", help="connections served at once (default 32)"
     )
+    _header_timeout_arg(serve, "")
     _auth_args(serve, "")
 
     run = sub.add_parser("run", help="run the device agent: serve the model, talk to the fleet, apply updates")
@@ -86,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", required=True, help="this device's id (one MQTT topic segment)")
     run.add_argument("--fleet", default="default", help="fleet name (default: default)")
     run.add_argument(
-        "--trust", action="append", type=Path, metavar="PUB", help="trusted public key (the implicit root, version 0)"
-    )
+        "--trust", action="append", type=Path, metavar="FILE",
+        help="trusted public key (the implicit root, version 0); a signed root file here is --trust-root",
+    )  # fmt: skip
     run.add_argument("--threshold", type=int, default=1, metavar="N", help="--trust signatures a bundle needs (1)")
     run.add_argument(
         "--trust-root",
@@ -114,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--serve-host", default="127.0.0.1", help="address the HTTP API binds (default 127.0.0.1)")
     run.add_argument("--serve-port", type=int, default=8080, help="its TCP port (default 8080; 0 picks a free one)")
+    _header_timeout_arg(run, "serve-")
     _auth_args(run, "serve-")
     run.add_argument(
         "--allow-host", action="append", default=[], metavar="HOST",
@@ -125,6 +135,21 @@ def _parser() -> argparse.ArgumentParser:
         help="deploy URLs may reach only --allow-host hosts and the broker's host, not any public address",
     )  # fmt: skip
     return parser
+
+
+def _header_timeout_arg(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument(
+        f"--{prefix}header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+        help="seconds a connection may take to send its request line and headers before it is closed "
+        f"(default {DEFAULT_HEADER_TIMEOUT_S:g}; slow links may need more, exposed endpoints less)",
+    )  # fmt: skip
+
+
+def _check_header_timeout(value: float, flag: str) -> float:
+    """Raises: InputError: not a positive number of seconds."""
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"{flag} must be a positive number of seconds, got {value:g}")
+    return value
 
 
 def _auth_args(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -161,7 +186,7 @@ def _serve_token(path: Path | None) -> str | None:
 def _load(args: argparse.Namespace) -> Model:
     return load(
         args.bundle,
-        args.trust,
+        load_trust(args.trust),  # key files, or one signed root (sdk.trustfiles)
         state_dir=args.state_dir,
         allow_downgrade=args.allow_downgrade,
         intra_op_threads=args.threads,
@@ -190,6 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     from device_runtime.serve import ModelServer, check_exposure
 
     token = _serve_token(args.token_file)
+    _check_header_timeout(args.header_timeout, "--header-timeout")
     try:
         check_exposure(args.host, token, args.insecure_no_auth)  # before the bundle is loaded
     except ValueError as e:
@@ -198,8 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             server = ModelServer(
                 model, args.host, args.port, max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections, token=token, allow_hosts=args.allow_host,
-                insecure_no_auth=args.insecure_no_auth,
+                max_connections=args.max_connections, header_timeout_s=args.header_timeout, token=token,
+                allow_hosts=args.allow_host, insecure_no_auth=args.insecure_no_auth,
             )  # fmt: skip
         except ValueError as e:
             raise InputError(str(e)) from e
@@ -242,6 +268,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.trust and args.trust_root is None:
         raise InputError("give --trust PUB (and --threshold N) or --trust-root FILE")
+    if args.trust and any(is_root_file(p) for p in args.trust):  # --trust root.json: as --trust-root
+        if len(args.trust) > 1 or args.trust_root is not None:
+            raise InputError("a trust root given with --trust goes alone (or give it as --trust-root FILE)")
+        args.trust_root, args.trust = args.trust[0], None
     host, port, tls = _broker_address(args.broker)
     if tls and not args.tls_ca:
         raise InputError("mqtts:// needs --tls-ca (the CA that signed the broker's certificate)")
@@ -260,6 +290,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(str(e)) from e
     serve_token = _serve_token(args.serve_token_file) if args.serve else None
     if args.serve:
+        _check_header_timeout(args.serve_header_timeout, "--serve-header-timeout")
         try:
             check_exposure(args.serve_host, serve_token, args.serve_insecure_no_auth)
         except ValueError as e:
@@ -282,6 +313,7 @@ def _run(args: argparse.Namespace) -> int:
         serve=args.serve,
         serve_host=args.serve_host,
         serve_port=args.serve_port,
+        serve_header_timeout_s=args.serve_header_timeout,
         serve_token=serve_token,
         serve_allow_hosts=tuple(args.serve_allow_host),
         serve_insecure_no_auth=args.serve_insecure_no_auth,

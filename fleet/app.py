@@ -42,13 +42,13 @@ def create_fleet_app(db: Database, settings: FleetSettings) -> FastAPI:
     from fleet.releases.artifacts import artifacts_router
     from fleet.releases.routes import router as releases_router
     from fleet.rollouts.routes import router as rollouts_router
-    from sdk.signing import TrustedKeys
+    from sdk.trustfiles import load_trust
 
     app = create_app(db)
     app.state.settings = settings
     app.state.releases = ReleaseSettings(
         store_dir=settings.artifacts_path,
-        trusted_keys=TrustedKeys.from_files(settings.trusted_keys) if settings.trusted_keys else None,
+        trusted_keys=load_trust(settings.trusted_keys) if settings.trusted_keys else None,  # keys, or a root
         max_upload_bytes=settings.max_upload_bytes,
         artifact_base_url=settings.artifact_base_url,
     )

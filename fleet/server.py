@@ -119,11 +119,27 @@ class _Retention:
             self._stop.wait(self.every_s)
 
 
+def _freshness(db: Database, settings: FleetSettings) -> Component | None:
+    """The signed freshness publisher (``fleet.freshness``), when ``timestamp_key`` is set."""
+    if settings.timestamp_key is None:
+        return None
+    from fleet.freshness import PahoFreshness, paho_connect
+    from sdk.signing import KeySigner
+
+    signer = KeySigner.from_file(settings.timestamp_key)  # encrypted: $EDGESHIP_KEY_PASSPHRASE
+    component: Component = PahoFreshness(
+        settings.fleet, signer, paho_connect(settings, f"{settings.mqtt_client_id}-ts"),
+        every_s=settings.freshness_interval_s, lifetime_s=settings.freshness_lifetime_s,
+    )  # fmt: skip
+    return component
+
+
 # Started in this order, stopped in reverse: ingest first, so the driver's first tick sees fresh events.
 COMPONENTS: list[tuple[str, ComponentFactory]] = [
     ("ingest", _ingest),
     ("rollouts", _Rollouts),
     ("retention", _Retention),
+    ("freshness", _freshness),
 ]
 
 

@@ -95,6 +95,9 @@ class FleetSettings:
     lease_s: float = 15.0  # seconds a rollout lease lasts without renewal (takeover delay after a crash)
     holder_id: str = field(default_factory=default_holder_id)  # this process in rollout leases
     command_resend_s: float = 60.0  # seconds: a rollout's resend (same command id) when it names none
+    timestamp_key: Path | None = None  # signs the fleet's freshness (fleet.freshness); None: none published
+    freshness_interval_s: float = 3600.0  # seconds between freshness documents
+    freshness_lifetime_s: float = 86400.0  # seconds each is valid (devices report stale after it)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -119,7 +122,8 @@ class FleetSettings:
                 check_segment(name, getattr(self, name))
             except ValueError as e:
                 out.append(str(e))
-        positive = ("db_wait_s", "telemetry_retention_s", "lease_s", "command_resend_s", "max_upload_bytes")
+        positive = ("db_wait_s", "telemetry_retention_s", "lease_s", "command_resend_s", "max_upload_bytes",
+                    "freshness_interval_s")  # fmt: skip
         out += [f"{n} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
         if self.artifact_base_url is not None and urlsplit(self.artifact_base_url).scheme not in ("http", "https"):
             out.append(f"artifact_base_url must be an http(s) URL, got {redact_url(self.artifact_base_url)!r}")
@@ -128,8 +132,10 @@ class FleetSettings:
         tls_files = [n for n in ("broker_ca_file", "broker_cert_file", "broker_key_file") if getattr(self, n)]
         if tls_files and not self.broker_tls:
             out.append(f"{', '.join(tls_files)} given but the broker is not TLS: use --broker mqtts://HOST[:PORT]")
+        if not self.freshness_lifetime_s > self.freshness_interval_s:
+            out.append("freshness_lifetime_s must be above freshness_interval_s (a missed publish is not a freeze)")
         files = [*self.trusted_keys, self.broker_password_file, self.broker_ca_file, self.broker_cert_file,
-                 self.broker_key_file]  # fmt: skip
+                 self.broker_key_file, self.timestamp_key]  # fmt: skip
         out += [f"no such file: {p}" for p in files if p is not None and not Path(p).is_file()]
         return out
 

@@ -20,7 +20,7 @@ import stat
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
@@ -75,6 +75,10 @@ class VerifiedBundle:
     root: Path  # folder holding the verified members
     sha256: str  # of the whole archive file
     keyids: tuple[str, ...]  # trusted keys whose signatures were valid
+    # The signed bytes as read (``read_bundle``), so that an installed bundle can be verified again against
+    # another set of keys (a device's new trust root); empty where the bundle was not read here.
+    manifest_bytes: bytes = field(default=b"", repr=False, compare=False)
+    signatures_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     def path(self, member: str) -> Path:
         """Absolute path of a verified member."""
@@ -465,7 +469,10 @@ def read_bundle(
         os.replace(staging, dest_path)
         staging = None
         fsync_dir(dest_path.parent)
-        return VerifiedBundle(manifest=manifest, root=dest_path, sha256=archive_sha, keyids=tuple(keyids))
+        return VerifiedBundle(
+            manifest=manifest, root=dest_path, sha256=archive_sha, keyids=tuple(keyids),
+            manifest_bytes=manifest_bytes, signatures_bytes=signatures_bytes,
+        )  # fmt: skip
     finally:
         reader.close()
         f.close()

@@ -17,6 +17,7 @@ __all__ = [
     "DriftError",
     "EdgeshipError",
     "ExpiredError",
+    "FreshnessError",
     "HealthCheckError",
     "InputError",
     "IntegrityError",
@@ -112,3 +113,9 @@ class StateError(EdgeshipError):
 class TrustRootError(EdgeshipError):
     """A trust root document is malformed, expired, not signed by a threshold of its root keys (and of the
     current root's, for an update), or not newer than the current root; the current root stays."""
+
+
+class FreshnessError(TrustRootError):
+    """Freshness metadata (``sdk.freshness``) is malformed, not signed by a threshold of the root's
+    ``timestamp`` keys, expired, or older than (or different at the same version from) the one the
+    device holds; the one it holds stays."""

@@ -33,6 +33,7 @@ __all__ = [
     "COMMAND_TYPES",
     "DEPLOYMENT_PHASES",
     "EVENT_PHASES",
+    "FRESHNESS_LEAF",
     "LEAVES",
     "LOG_LEVELS",
     "MAX_COMMAND_ID_CHARS",
@@ -60,6 +61,7 @@ __all__ = [
     "decode_payload",
     "encode_payload",
     "event_payload",
+    "freshness_payload",
     "offline_status",
     "parse_cancel",
     "parse_command",
@@ -68,6 +70,7 @@ __all__ = [
     "parse_trust",
     "parse_deploy",
     "parse_event",
+    "parse_freshness",
     "parse_status",
     "parse_telemetry",
     "parse_topic",
@@ -77,6 +80,7 @@ __all__ = [
 SCHEMA = 1  # the "schema" integer of every payload
 TOPIC_PREFIX = "edgeship/v1"  # topics are TOPIC_PREFIX/<fleet>/<device_id>/<leaf>
 LEAVES = ("status", "telemetry", "events", "cmd")  # the four topics of a device
+FRESHNESS_LEAF = "timestamp"  # the fleet's signed freshness: TOPIC_PREFIX/<fleet>/timestamp, retained
 QOS = 1  # every publish and the cmd subscription; status is also retained
 MAX_PAYLOAD_BYTES = 256 * 1024  # bytes of one payload, any topic (real ones are under 4 KiB)
 MAX_COMMAND_ID_CHARS = 128  # characters in a command id
@@ -169,6 +173,12 @@ class Topics:
     @property
     def events(self) -> str:
         return f"{self.root}/events"
+
+    @property
+    def freshness(self) -> str:
+        """The fleet-wide retained topic of signed freshness (``sdk.freshness``): one level above the
+        devices' topics, so ``fleet_filter`` does not match it."""
+        return f"{TOPIC_PREFIX}/{self.fleet}/{FRESHNESS_LEAF}"
 
     @staticmethod
     def fleet_filter(fleet: str) -> str:
@@ -621,6 +631,32 @@ def parse_trust(cmd: Mapping[str, Any]) -> dict[str, Any]:
     ok = isinstance(root, dict) and set(root) == {"signed", "signatures"}
     _require(ok, 'trust.root must be a signed root document {"signed": {...}, "signatures": [...]}', CommandError)
     return dict(root)  # type: ignore[arg-type]
+
+
+def freshness_payload(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The retained message the fleet publishes on ``Topics.freshness``: a signed freshness document
+    (``sdk.freshness``) in the envelope of a command of type ``timestamp`` (it may also be sent on a
+    device's ``cmd`` topic; an ``id`` is then optional)."""
+    return {"schema": SCHEMA, "type": "timestamp", "timestamp": dict(document)}
+
+
+def parse_freshness(cmd: Mapping[str, Any]) -> dict[str, Any]:
+    """The signed document a ``timestamp`` message carries (``timestamp``: ``{"signed", "signatures"}``).
+
+    Only its shape is checked here; the device checks the signatures (``sdk.freshness``), so whoever
+    delivers it decides nothing.
+
+    Raises:
+        CommandError: another schema or type, no ``timestamp`` object, or another key.
+    """
+    _require(cmd.get("schema") == SCHEMA, f"timestamp: schema must be {SCHEMA}", CommandError)
+    _require(cmd.get("type") == "timestamp", "timestamp: type must be 'timestamp'", CommandError)
+    unknown = sorted(set(cmd) - {*_ENVELOPE_KEYS, "timestamp"})
+    _require(not unknown, f"timestamp: unknown keys {clip(repr(unknown), 200)}", CommandError)
+    document = cmd.get("timestamp")
+    ok = isinstance(document, dict) and set(document) == {"signed", "signatures"}
+    _require(ok, 'timestamp must be a signed document {"signed": {...}, "signatures": [...]}', CommandError)
+    return dict(document)  # type: ignore[arg-type]
 
 
 def parse_config(cmd: Mapping[str, Any]) -> dict[str, Any]:

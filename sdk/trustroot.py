@@ -6,7 +6,8 @@ revocation by a new root without the key), written as canonical JSON::
     {"signed": {"_type": "edgeship-root", "version": 2, "expires": "2027-01-01T00:00:00Z",
                 "keys": {"<keyid>": {"ed25519": "<32 raw bytes, hex>"}},
                 "roles": {"root": {"keyids": [...], "threshold": 1},
-                          "bundles": {"keyids": [...], "threshold": 1}},
+                          "bundles": {"keyids": [...], "threshold": 1},
+                          "timestamp": {"keyids": [...], "threshold": 1}},   (optional: signed freshness)
                 "pins": ["linear"],             (optional: the model names a device may run)
                 "downgrades": {"linear": 3}},   (optional: versions below the floor it may install)
      "signatures": [{"keyid": "<hex>", "sig": "<hex>"}]}
@@ -15,6 +16,9 @@ A signature covers ``edgeship-root-v1\\n`` + the canonical JSON of ``signed`` (d
 manifest signatures). A root is valid on its own when a threshold of its ``root`` role signed it; a new
 root replaces the current one only if, in addition, a threshold of the *current* root's ``root`` role
 signed it and its version is higher (TUF's rotation rule). Key ids are ``sdk.signing.key_id``.
+
+The optional ``timestamp`` role (TUF's timestamp role, adapted) names the keys that sign the fleet's
+freshness metadata (``sdk.freshness``); a root without it asks for no freshness.
 
 Pure: no I/O. The device keeps its root in its state directory (``device_runtime.agent.trust``).
 """
@@ -35,6 +39,7 @@ from sdk.manifest import canonical_json, parse_time, strict_json_loads
 from sdk.signing import SigningKey, TrustedKeys, key_id, sign_entries
 
 __all__ = [
+    "OPTIONAL_ROLES",
     "ROLES",
     "Role",
     "TrustRoot",
@@ -47,7 +52,8 @@ __all__ = [
 
 ROOT_CONTEXT = b"edgeship-root-v1\n"
 ROOT_TYPE = "edgeship-root"
-ROLES = ("root", "bundles")
+ROLES = ("root", "bundles")  # every root has these
+OPTIONAL_ROLES = ("timestamp",)  # a root may have these
 MAX_ROOT_BYTES = 64 * 2**10  # bytes of a root document
 MAX_KEYS = 64  # keys in one root
 MAX_NAMES = 256  # pins and downgrades
@@ -82,7 +88,7 @@ class TrustRoot:
         version: strictly increasing from one root to its successor (0: an implicit root from ``--trust``).
         expires: ``YYYY-MM-DDTHH:MM:SSZ``; None only for an implicit root.
         keys: key id -> public key.
-        roles: ``"root"`` and ``"bundles"``.
+        roles: ``"root"`` and ``"bundles"``, and optionally ``"timestamp"`` (who signs freshness).
         pins: model names a device may run; None: the name of the model it runs (the first installed).
         downgrades: name -> the lowest version a device may install below its floor for that name.
     """
@@ -105,7 +111,8 @@ class TrustRoot:
         _require(0 < len(self.keys) <= MAX_KEYS, f"a root lists 1-{MAX_KEYS} keys")
         for kid, key in self.keys.items():
             _require(key_id(key) == kid, f"key id {kid[:16]} is not the sha256 of its key")
-        _require(set(self.roles) == set(ROLES), f"root roles must be exactly {ROLES}")
+        _require(set(ROLES) <= set(self.roles) <= {*ROLES, *OPTIONAL_ROLES},
+                 f"root roles must be {ROLES}, optionally with {OPTIONAL_ROLES}")  # fmt: skip
         for name, role in self.roles.items():
             ok = isinstance(role.threshold, int) and not isinstance(role.threshold, bool)
             _require(ok and 1 <= role.threshold <= len(set(role.keyids)),
@@ -131,6 +138,10 @@ class TrustRoot:
     def role_keys(self, role: str) -> TrustedKeys:
         r = self.roles[role]
         return TrustedKeys(tuple(self.keys[k] for k in sorted(set(r.keyids))), r.threshold)
+
+    def timestamp_keys(self) -> TrustedKeys | None:
+        """The keys (and threshold) freshness metadata must be signed with; None: the root asks for none."""
+        return self.role_keys("timestamp") if "timestamp" in self.roles else None
 
     def bundle_keys(self) -> TrustedKeys:
         """The keys (and threshold) a bundle must be signed with under this root."""
@@ -163,7 +174,7 @@ class TrustRoot:
             "version": self.version,
             "expires": self.expires,
             "keys": {kid: {"ed25519": _raw(k)} for kid, k in sorted(self.keys.items())},
-            "roles": {name: self.roles[name].to_json() for name in ROLES},
+            "roles": {name: self.roles[name].to_json() for name in (*ROLES, *OPTIONAL_ROLES) if name in self.roles},
         }
         if self.pins is not None:
             signed["pins"] = sorted(self.pins)
@@ -218,14 +229,19 @@ def make_root(
     bundle_threshold: int = 1,
     pins: Sequence[str] | None = None,
     downgrades: Mapping[str, int] | None = None,
+    timestamp_keys: Iterable[Ed25519PublicKey] = (),
+    timestamp_threshold: int = 1,
 ) -> TrustRoot:
-    """A root from public keys (the host's ``edgeship keys root create``)."""
-    root_list, bundle_list = list(root_keys), list(bundle_keys)
-    keys = {key_id(k): k for k in [*root_list, *bundle_list]}
+    """A root from public keys (the host's ``edgeship keys root create``); ``timestamp_keys`` (none: no
+    ``timestamp`` role) sign the fleet's freshness metadata."""
+    root_list, bundle_list, timestamp_list = list(root_keys), list(bundle_keys), list(timestamp_keys)
+    keys = {key_id(k): k for k in [*root_list, *bundle_list, *timestamp_list]}
     roles = {
         "root": Role(tuple(sorted({key_id(k) for k in root_list})), root_threshold),
         "bundles": Role(tuple(sorted({key_id(k) for k in bundle_list})), bundle_threshold),
     }
+    if timestamp_list:
+        roles["timestamp"] = Role(tuple(sorted({key_id(k) for k in timestamp_list})), timestamp_threshold)
     return TrustRoot(version, expires, keys, roles, None if pins is None else tuple(pins), dict(downgrades or {}))
 
 

@@ -52,6 +52,7 @@ from device_runtime.agent._serving import Serving
 from device_runtime.agent.config import AgentConfig
 from device_runtime.agent.crash import CRASH_ENV, CRASH_POINTS
 from device_runtime.agent.deployer import DOWNLOADS, Deployer
+from device_runtime.agent.freshness import FreshnessStore
 from device_runtime.agent.link import Link
 from device_runtime.agent.linkproc import LinkProcess
 from device_runtime.agent.mqtt import DeviceLink
@@ -72,6 +73,7 @@ from sdk.mqtt_contract import (
     parse_command,
     parse_command_times,
     parse_config,
+    parse_freshness,
     parse_trust,
 )
 from sdk.trustroot import TrustRoot
@@ -155,6 +157,9 @@ class Agent:
         else:
             self._use_device_link([])
         self._trust = TrustStore(self.state_dir, config.trust, config.trust_root, datetime.now(timezone.utc))
+        self._freshness = FreshnessStore(
+            self.state_dir, self._trust.root, datetime.now(timezone.utc), config.freshness_grace_s
+        )
         self._deployer = Deployer(
             config,
             self.state_dir,
@@ -202,6 +207,7 @@ class Agent:
             server = ModelServer(
                 self._current_model, self.config.serve_host, self.config.serve_port, token=self.config.serve_token,
                 allow_hosts=self.config.serve_allow_hosts, insecure_no_auth=self.config.serve_insecure_no_auth,
+                header_timeout_s=self.config.serve_header_timeout_s,
             )  # fmt: skip
             try:
                 server.start()
@@ -211,6 +217,7 @@ class Agent:
             self.server = server
         self.link.start()
         self._check_state_dir()
+        self._check_freshness()
         self._ota_queue.put(self._deployer.start_stager)  # before any deployment, while the agent comes up
         for name, target in (("edgeship-telemetry", self._run_telemetry), ("edgeship-ota", self._run_ota)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -373,12 +380,37 @@ class Agent:
         root = self._trust.root
         active = self._serving.active
         expires = None if active is None else active.model.manifest.expires_at()
-        return {
+        status: dict[str, Any] = {
             "root_version": root.version,
             "root_expires": root.expires,
             "root_expired": root.expired(now),
             "model_expired": expires is not None and expires <= now,
         }
+        freshness = self._freshness.state(root, now)
+        if freshness is not None:  # the root has a timestamp role (device_runtime.agent.freshness)
+            status["freshness"] = freshness
+        unverified = self._deployer.unverified_slots(root)
+        if unverified:  # installed bundles the root in force no longer trusts (see Deployer.recheck)
+            status["unverified_slots"] = unverified
+        return status
+
+    def _check_freshness(self) -> bool:
+        """Report (an event, the status) when the freshness went stale, or fresh again; the model keeps
+        serving. True when it reported."""
+        state = self._freshness.transition(self._trust.root, datetime.now(timezone.utc))
+        if state is None:
+            return False
+        if state["state"] == "stale":
+            log.error("freshness stale since %s: updates may be withheld from this device", state["stale_since"])
+            self._event(
+                None, "failed", f"freshness stale since {state['stale_since']}: no current signed freshness from "
+                "the fleet (updates withheld, or the fleet is away); still serving", error="FreshnessStale",
+                freshness=state, model=self.active_model,
+            )  # fmt: skip
+        else:
+            self._event(None, "applied", f"freshness v{state['version']} until {state['expires']}", freshness=state)
+        self.link.publish_status()
+        return True
 
     def _run_telemetry(self) -> None:
         next_due = self._clock() + self.telemetry_interval_s
@@ -397,6 +429,7 @@ class Agent:
                 self.publish_telemetry()
             except EdgeshipError:
                 log.exception("telemetry could not be queued")
+            self._check_freshness()
 
     def publish_telemetry(self) -> int:
         """Queue one telemetry message now (the window restarts); return its ``seq``.
@@ -477,6 +510,9 @@ class Agent:
             self._event(command_ref(cmd), "failed", message, error=type(e).__name__)
 
     def _handle_command(self, cmd: dict[str, Any]) -> None:
+        if cmd.get("type") == "timestamp":  # signed freshness: checked by its signatures, not journaled
+            self._accept_freshness(cmd)
+            return
         try:
             cmd_id, kind = parse_command(cmd)
             times = parse_command_times(cmd)
@@ -597,7 +633,27 @@ class Agent:
         self._record(cmd_id, type="trust", state="done", outcome="applied", **issued)
         log.info("trust root v%d accepted (%s)", root.version, cmd_id)
         self._event(cmd_id, "applied", f"trust root v{root.version}", root_version=root.version)
+        self._freshness.root_changed(root)
+        # The installed bundles, against the new root (a revoked key's bundle is not served on), in turn
+        # with deployments: on the OTA thread.
+        self._ota_queue.put(self._deployer.recheck)
         self.link.publish_status()
+
+    def _accept_freshness(self, cmd: Mapping[str, Any]) -> None:
+        """The fleet's signed freshness (retained, so also on every reconnect): taken when newer."""
+        if self._trust.root.timestamp_keys() is None and command_ref(cmd) is None:
+            log.debug("freshness ignored: the trust root asks for none")  # the fleet-wide retained message
+            return
+        try:
+            fresh, new = self._freshness.accept(parse_freshness(cmd), self._trust.root, datetime.now(timezone.utc))
+        except (CommandError, TrustRootError, StateError) as e:
+            error = "CommandError" if isinstance(e, CommandError) else type(e).__name__
+            log.warning("freshness refused: %s", e)
+            self._event(command_ref(cmd), "failed", f"freshness refused: {e}", error=error)
+            return
+        if not self._check_freshness() and new:  # the status carries the new version and expiry
+            log.info("freshness v%d accepted, until %s", fresh.version, fresh.expires)
+            self.link.publish_status()
 
     def _configure(self, cmd_id: str, cmd: Mapping[str, Any], issued: Mapping[str, Any]) -> None:
         try:

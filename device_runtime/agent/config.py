@@ -48,12 +48,15 @@ class AgentConfig:
         max_remembered_commands: finished command ids kept for de-duplication.
         require_issued_at: refuse commands without ``issued_at`` (older fleets do not send it).
         outbox_max_messages: telemetry and events kept while the broker is unreachable.
+        freshness_grace_s: with a root that has a ``timestamp`` role, how long after start the agent may go
+            without any signed freshness before it reports itself stale (``device_runtime.agent.freshness``).
         intra_op_threads: threads inside one operator (None: the runtime's choice).
         providers: execution providers to use instead of the bundle's.
         serve: also serve the active model over HTTP (``device_runtime.serve.ModelServer``: predict,
             model, healthz, metrics) to local callers; OTA swaps happen under it without failing a request.
         serve_host: address the HTTP server binds (loopback: this machine only).
         serve_port: its TCP port (0 picks a free one; read ``Agent.server.port``).
+        serve_header_timeout_s: seconds a connection may take to send its request head (``ModelServer``).
         serve_token: the HTTP API's bearer token (needed to bind beyond loopback).
         serve_allow_hosts: host names its Host header may carry besides addresses and ``localhost``.
         serve_insecure_no_auth: bind beyond loopback without a token.
@@ -89,11 +92,13 @@ class AgentConfig:
     max_remembered_commands: int = 4096  # command ids
     require_issued_at: bool = False
     outbox_max_messages: int = 10_000  # messages
+    freshness_grace_s: float = 3600.0  # seconds
     intra_op_threads: int | None = None
     providers: tuple[str, ...] | None = None
     serve: bool = False
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
+    serve_header_timeout_s: float = 10.0  # seconds (device_runtime.serve.DEFAULT_HEADER_TIMEOUT_S)
     serve_token: str | None = field(default=None, repr=False)
     serve_allow_hosts: tuple[str, ...] = ()
     serve_insecure_no_auth: bool = False

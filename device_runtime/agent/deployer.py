@@ -17,7 +17,12 @@ A deploy, top to bottom in this file::
     any step fails -> failed (and rolled_back once a trial had started): the previous model keeps
     serving, a bundle that failed verification, load or check is remembered as bad (``_finish_failed``)
 
-A rollback loads the other slot's bundle (``health_check`` -> ``switching`` -> ``rolled_back``). After a
+A rollback loads the other slot's bundle (``health_check`` -> ``switching`` -> ``rolled_back``), if the
+trust root in force still trusts it. When the root changes (``recheck``) and at ``boot``, both slots'
+bundles are verified again against the root's bundle keys (docs/security.md, "Installed bundles under a
+new root"): a slot whose bundle a threshold of them no longer signed (a revoked key's) is reported; the
+active one is left for the other slot when that one verifies and passes its check, else it keeps serving,
+reported. After a
 restart, ``resume`` applies ``ota.recover``'s decision (report again, committed, abandon, or resume at
 a phase) to the record found in ``deploy.json``; ``boot`` serves the pointer's slot before that.
 
@@ -63,7 +68,7 @@ from device_runtime.errors import HealthCheckError, StateError
 from device_runtime.metrics import Metrics
 from device_runtime.model import Model, load_verified
 from sdk.bundle import VerifiedBundle, read_bundle
-from sdk.errors import EdgeshipError
+from sdk.errors import EdgeshipError, SignatureError
 from sdk.fsutil import make_private_dir
 from sdk.redact import redact_url
 from sdk.trustroot import TrustRoot
@@ -132,6 +137,7 @@ class Deployer:
         self._flush_reports = flush_reports
         self._publish_status = publish_status
         self._deployment: Deployment | None = None  # what deploy.json holds, for the status
+        self._unverified: tuple[Any, dict[str, str]] = (None, {})  # (root, pointer slots) -> unverified_slots
         self._allowed_hosts: tuple[str, ...] | None = None  # _download_hosts(), resolved once
         # Threads for fsyncs that run beside a deployment's other steps (started in start(): a thread
         # start costs a GIL hand-over, several milliseconds when predict threads keep the GIL busy).
@@ -221,7 +227,13 @@ class Deployer:
         keep = record.folder if record is not None and record.phase in ("health_check", "switching") else None
         self._slots.clean_incoming()
         self._slots.clean_unlisted(pointer, keep=keep)
-        for slot in [pointer.active, *([other_slot(pointer.active)] if pointer.active else [])]:
+        root = self._trust()
+        untrusted = self.unverified_slots(root, pointer)
+        order = [pointer.active, *([other_slot(pointer.active)] if pointer.active else [])]
+        for name, why in sorted(untrusted.items()):
+            self._report_untrusted(name, pointer.slots[name], root, why, last_resort=name == pointer.active)
+        # A slot the root no longer trusts is served only when no trusted one can be (reported above).
+        for slot in [*(s for s in order if s not in untrusted), *(s for s in order if s in untrusted)]:
             info = pointer.slots.get(slot) if slot else None
             if slot is None or info is None:
                 continue
@@ -538,6 +550,9 @@ class Deployer:
         info = pointer.slots.get(slot)
         if info is None:
             raise _Failed(f"slot {slot} holds no previous model to roll back to", error="NothingToRollBack")
+        why = self.unverified_slots(self._trust(), pointer).get(slot)
+        if why is not None:  # never back to a bundle only a revoked key signed
+            raise _Failed(f"slot {slot}'s {info.name} v{info.version} is no longer trusted: {why}", error="Untrusted")
         dep = self._save(
             dep.at("health_check", slot=slot, folder=info.folder or slot, sha256=info.sha256, attempts=dep.attempts + 1)
         )
@@ -557,6 +572,85 @@ class Deployer:
         except _Failed as f:
             raise _Failed(f"the previous model failed its check: {f}", error=f.error) from f
         self._commit(self._note(dep.at("switching")), trial, metrics)
+
+    # -- the installed bundles against the trust root ------------------------------------------------
+
+    def unverified_slots(self, root: TrustRoot, pointer: Pointer | None = None) -> dict[str, str]:
+        """Slot -> why, for each installed bundle that a threshold of ``root``'s bundle keys did not sign
+        (``SlotStore.signed_by``); cached per root and pointer. A damaged slot is not listed here."""
+        if pointer is None:
+            try:
+                pointer = self._slots.read_pointer()
+            except StateError:
+                return {}
+        key = (root.roles["bundles"], tuple(sorted((k, v.sha256 if v else "") for k, v in pointer.slots.items())))
+        if self._unverified[0] == key:
+            return dict(self._unverified[1])
+        found: dict[str, str] = {}
+        for slot, info in pointer.slots.items():
+            if info is not None:
+                try:
+                    self._slots.signed_by(slot, info, root.bundle_keys())
+                except SignatureError as e:
+                    found[slot] = str(e)
+                except EdgeshipError:
+                    pass  # damage, not trust: open_slot reports it where the slot is used
+        self._unverified = (key, found)
+        return dict(found)
+
+    def recheck(self) -> None:
+        """After the root changed: report the slots it no longer trusts, and leave an untrusted active slot
+        for the other one when that one is trusted and passes its check (TUF: what a revoked key signed is
+        not used); with no trusted slot to go to, keep serving (never nothing) and say so."""
+        root = self._trust()
+        try:
+            pointer = self._slots.read_pointer()
+        except StateError as e:
+            log.error("slots not re-checked against root v%d: %s", root.version, e)
+            return
+        untrusted = self.unverified_slots(root, pointer)
+        for slot, why in sorted(untrusted.items()):
+            self._report_untrusted(slot, pointer.slots[slot], root, why, last_resort=slot == pointer.active)
+        active, standby = pointer.active, pointer.inactive
+        info = pointer.slots.get(standby)
+        if active not in untrusted or info is None or standby in untrusted:
+            return
+        trial: Active | None = None
+        try:
+            verified = self._slots.open_slot(standby, info)
+            expires = verified.manifest.expires_at()
+            if expires is not None and expires <= datetime.now(timezone.utc):
+                raise _Failed(f"it expired at {verified.manifest.expires}", error="ExpiredError")
+            trial, _ = self._trial(verified, standby, hooks=False)
+            self._slots.write_pointer(pointer.activate(standby, raise_floor=False))
+        except (EdgeshipError, _Failed) as e:
+            if trial is not None:
+                trial.model.close()
+            log.error("cannot leave untrusted slot %s for slot %s: %s", active, standby, e)
+            self._report(
+                None, "failed", f"slot {standby} cannot be served instead ({e}); still serving slot {active}, "
+                f"which root v{root.version} does not trust", error="Untrusted", slot=active,
+            )  # fmt: skip
+            return
+        previous = self._serving.swap(trial, close_old=False)
+        log.warning("left slot %s (untrusted under root v%d) for slot %s", active, root.version, standby)
+        self._report(None, "rolled_back", f"serving {info.name} v{info.version} from slot {standby}: slot {active} "
+                     f"is not trusted by root v{root.version}", model=info.model(), error="Untrusted")  # fmt: skip
+        if previous is not None:
+            self._serving.retire(previous)
+        self._publish_status()
+
+    def _report_untrusted(
+        self, slot: str, info: SlotInfo | None, root: TrustRoot, why: str, *, last_resort: bool
+    ) -> None:
+        if info is None:
+            return
+        log.error("slot %s (%s v%s) is not trusted by root v%d: %s", slot, info.name, info.version, root.version, why)
+        then = " (served only if no trusted slot can be)" if last_resort else "; never rolled back to"
+        self._report(
+            None, "failed", f"slot {slot}'s {info.name} v{info.version} is not signed by a threshold of root "
+            f"v{root.version}'s bundle keys{then}: {why}", error="Untrusted", slot=slot, model=info.model(),
+        )  # fmt: skip
 
     # -- the end of a deployment: failed, or forgotten once reported -------------------------------
 

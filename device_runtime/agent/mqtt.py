@@ -15,7 +15,9 @@ What ``DeviceLink`` guarantees:
   restart loses nothing; the fleet removes duplicates by ``(device, seq)``.
 - **Commands.** ``cmd`` is subscribed at QoS 1 on a persistent session (MQTT 3.1.1, ``clean_session=False``,
   fixed client id), so commands sent while the device was offline arrive on reconnect. Only messages on
-  the device's own ``cmd`` topic are commands (a broker may hand out others: counted in ``foreign_msgs``).
+  the device's own ``cmd`` topic are commands (a broker may hand out others: counted in ``foreign_msgs``);
+  the fleet's retained freshness (``Topics.freshness``, signed: ``sdk.freshness``) is subscribed too and
+  handed over the same way (a ``timestamp`` message).
   Each payload that ``mqtt_contract.decode_payload`` accepts (a bounded, strict JSON object) is handed to
   ``on_command`` on a dispatcher thread, in order; anything else is logged and counted in
   ``malformed_cmds``. A command's PUBACK is sent only after ``on_command`` returned (paho's
@@ -384,14 +386,16 @@ class DeviceLink:
         self._count(connects=1, reconnects=0 if first else 1)
         self._connection += 1
         self._backoff.reset()
-        _, self._subscribe_mid = client.subscribe(self.topics.cmd, qos=1)
+        # cmd, and the fleet's retained signed freshness (a broker whose ACL refuses it: logged below)
+        _, self._subscribe_mid = client.subscribe([(self.topics.cmd, 1), (self.topics.freshness, 1)])
         self._publish_online()
 
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: Any, props: Any) -> None:
         if mid != self._subscribe_mid:
             return
         if any(reason.is_failure for reason in reasons):
-            log.error("the broker refused the subscription to %s: %s (check its ACL)", self.topics.cmd, reasons)
+            topics = f"{self.topics.cmd}, {self.topics.freshness}"
+            log.error("the broker refused a subscription of %s: %s (check its ACL)", topics, reasons)
         # "connected" means ready: commands sent from now on reach us, and the drain may start.
         self._connected.set()
         self._wake_drain.set()
@@ -409,7 +413,9 @@ class DeviceLink:
         # Nothing a message holds may escape: paho would end the loop, the link reconnect, and the broker
         # send the same message again, forever. What is not handed over is acknowledged here.
         try:
-            if message.topic == self.topics.cmd:
+            # The freshness message goes the same way: the agent tells it by its type and checks its
+            # signatures (whoever delivers it decides nothing).
+            if message.topic in (self.topics.cmd, self.topics.freshness):
                 command = decode_payload(message.payload)
                 self._count(commands=1)
                 self._commands.put((command, (message.mid, message.qos, self._connection)))

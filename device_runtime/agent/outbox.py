@@ -12,9 +12,13 @@ before it is returned, so it is never handed out twice, even if the process dies
 
 A corrupt database file (power loss on a bad SD card, a stray write) must not put the device in a
 crash loop, so by default it is moved aside as ``<name>.corrupt-<unix time>`` and a new outbox is
-created; its counters restart from the current Unix time in milliseconds, which is above any number
-the old file can have handed out, so sequence numbers stay unique and increasing. Pass
-``on_corrupt="raise"`` to get ``OutboxCorruptError`` instead.
+created. Its counters restart above the **reservation** kept beside it, ``<name>.seq``: before a
+sequence number past the reserved ceiling is committed, the next ceiling (``SEQ_BLOCK`` numbers higher)
+is written there (atomically, fsynced), so no number the old file handed out is ever above it. The
+clock does not decide: a device whose clock jumped back (no RTC, a bad NTP answer) still never repeats a
+number. Only where the reservation file is lost too (or unreadable) does the floor fall back to the
+current Unix time in milliseconds, as older releases did. Pass ``on_corrupt="raise"`` to get
+``OutboxCorruptError`` instead.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from device_runtime.errors import StateError
-from sdk.fsutil import PRIVATE_FILE_MODE
+from sdk.fsutil import PRIVATE_FILE_MODE, atomic_write_bytes
 
-__all__ = ["KEEP_DEAD_LETTERS", "Outbox", "OutboxCorruptError", "OutboxMessage"]
+__all__ = ["KEEP_DEAD_LETTERS", "SEQ_BLOCK", "Outbox", "OutboxCorruptError", "OutboxMessage"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 _DROPPED = "dropped"
 _DEAD = "dead_letters"
 KEEP_DEAD_LETTERS = 16  # messages set aside that are kept (the newest); the count covers them all
+SEQ_BLOCK = 1024  # sequence numbers reserved at a time in ``<name>.seq`` (one fsynced write per block)
 
 
 class OutboxCorruptError(StateError):
@@ -114,6 +119,8 @@ class Outbox:
         self.max_messages = max_messages
         self._clock = clock
         self._lock = threading.Lock()
+        self._seq_file = None if str(path) == ":memory:" else self.path.with_name(f"{self.path.name}.seq")
+        self._reserved = self._read_reservation()
         try:
             self._db = self._open()
         except OutboxCorruptError:
@@ -121,6 +128,7 @@ class Outbox:
                 raise
             self._db = self._recreate()
         self._count = int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        self._continue_reservation()
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -152,12 +160,28 @@ class Outbox:
             if src.exists():
                 os.replace(src, f"{aside}{suffix}")
         db = self._open()
-        # The old file's counters are lost: restart them above anything it can have handed out.
-        floor = int(self._clock() * 1000)
+        # The old file's counters are lost: restart them above anything it can have handed out (the
+        # reservation), and above the clock in milliseconds (older releases' rule, the floor left where the
+        # reservation is lost too; a clock that jumped back only makes it lower than the reservation).
+        floor = max(self._reserved, int(self._clock() * 1000))
         with db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('seq-floor', ?)", (floor,))
         return db
+
+    def _continue_reservation(self) -> None:
+        """A database without sequence counters beside a reservation (the file deleted by hand, or lost
+        with its ``-wal``): start above the reservation, as after corruption."""
+        if self._reserved <= 0:
+            return
+        with self._lock:
+            if self._query("SELECT 1 FROM counters WHERE name = 'seq-floor' OR name LIKE 'seq:%' LIMIT 1"):
+                return
+            log.warning("outbox %s starts empty; its numbers continue above %d", self.path, self._reserved)
+            with self._transaction():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO counters (name, value) VALUES ('seq-floor', ?)", (self._reserved,)
+                )
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -326,7 +350,39 @@ class Outbox:
         return value
 
     def _take_seq(self, stream: str) -> int:
-        return self._bump(f"seq:{stream}", 1)
+        seq = self._bump(f"seq:{stream}", 1)
+        if seq > self._reserved:  # reserve the next block before this number can be committed
+            self._reserve(seq + SEQ_BLOCK)
+        return seq
+
+    def _read_reservation(self) -> int:
+        """The ceiling in ``<name>.seq``, 0 when there is none (or it is unreadable: logged)."""
+        if self._seq_file is None:
+            return 0
+        try:
+            text = self._seq_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeError) as e:
+            log.error("cannot read the outbox's seq reservation %s: %s", self._seq_file, e)
+            return 0
+        if not text.isdigit():
+            log.error("the outbox's seq reservation %s is not a number; ignored", self._seq_file)
+            return 0
+        return int(text)
+
+    def _reserve(self, ceiling: int) -> None:
+        """Write ``ceiling`` to ``<name>.seq`` (durably) before a number up to it is committed.
+
+        Raises:
+            StateError: it cannot be written (the transaction rolls back: no number handed out).
+        """
+        if self._seq_file is not None:
+            try:
+                atomic_write_bytes(self._seq_file, b"%d\n" % ceiling)
+            except OSError as e:
+                raise StateError(f"cannot write the outbox's seq reservation {self._seq_file}: {e}") from e
+        self._reserved = ceiling
 
 
 class _Transaction:

@@ -2,7 +2,8 @@
 
 Layout under the agent's state directory::
 
-    slots/A.<sha256:12>.<random>/   one installed bundle: bundle/ (verified members), manifest.json, slot.json
+    slots/A.<sha256:12>.<random>/   one installed bundle: bundle/ (verified members), manifest.json (the signed
+                                    bytes), signatures.json (as shipped: re-verified against a new root), slot.json
     slots/B.<sha256:12>.<random>/   the other one
     slots/.incoming/                a bundle being verified (read_bundle's staging folder lives inside it)
     pointer.json                    {"active": "A", "slots": {"A": {..., "folder": ...}, "B": ... | null},
@@ -39,9 +40,10 @@ from typing import Any
 from device_runtime.errors import StateError
 from device_runtime.floors import VersionFloors
 from sdk.bundle import VerifiedBundle
-from sdk.errors import IntegrityError, ManifestError
+from sdk.errors import IntegrityError, ManifestError, SignatureError
 from sdk.fsutil import PRIVATE_DIR_MODE, atomic_write_bytes, fsync_dir, make_private_dir, open_private
 from sdk.manifest import Manifest, canonical_json
+from sdk.signing import TrustedKeys, verify_signatures
 
 __all__ = ["SLOTS", "Pointer", "SlotInfo", "SlotStore", "TreeFlush", "flush_tree", "other_slot"]
 
@@ -52,6 +54,7 @@ SLOTS_DIR = "slots"
 INCOMING = ".incoming"
 _BUNDLE = "bundle"
 _MANIFEST = "manifest.json"
+_SIGNATURES = "signatures.json"
 _SLOT_META = "slot.json"
 _CHUNK = 1 << 20  # bytes
 _FOLDER_RE = re.compile(r"[AB](\.[0-9a-f]{12}\.[0-9a-f]{8})?")
@@ -255,10 +258,41 @@ class SlotStore:
             raise StateError(f"cannot stage {self.incoming}: {e.strerror or e}") from e
 
     def _write_meta(self, verified: VerifiedBundle) -> None:
-        for name, data in ((_MANIFEST, verified.manifest.to_bytes()),
-                           (_SLOT_META, canonical_json(SlotInfo.of(verified).to_dict()))):  # fmt: skip
+        files = [(_MANIFEST, verified.manifest_bytes or verified.manifest.to_bytes()),
+                 (_SLOT_META, canonical_json(SlotInfo.of(verified).to_dict()))]  # fmt: skip
+        if verified.signatures_bytes:
+            files.append((_SIGNATURES, verified.signatures_bytes))
+        for name, data in files:
             with open_private(self.incoming / name, "wb") as f:
                 f.write(data)
+
+    def signed_by(self, slot: str, info: SlotInfo, trust: TrustedKeys) -> list[str]:
+        """The keys of ``trust`` whose signatures on the slot's bundle are valid, a threshold of them.
+
+        The bundle's own ``signatures.json`` is verified again over its manifest; a slot installed by an
+        older agent, without it, counts the keys recorded at installation (``SlotInfo.keyids``).
+
+        Raises:
+            SignatureError: fewer than ``trust.threshold`` of its keys signed it (a revoked key's bundle).
+            IntegrityError: the slot's files are missing.
+            StateError: they are unreadable.
+        """
+        folder = self.slot_dir(slot, info)
+        try:
+            manifest = (folder / _MANIFEST).read_bytes()
+            signatures = (folder / _SIGNATURES).read_bytes()
+        except FileNotFoundError as e:
+            if e.filename != str(folder / _SIGNATURES):
+                raise IntegrityError(f"slot {slot} is incomplete: {e.filename} is missing") from e
+            valid = sorted(set(info.keyids) & set(trust.by_id()))
+            if len(valid) < trust.threshold:
+                raise SignatureError(
+                    f"{len(valid)} of the keys that signed slot {slot}'s bundle are trusted, {trust.threshold} required"
+                ) from None
+            return valid
+        except OSError as e:
+            raise StateError(f"slot {slot}'s files are unreadable: {e.strerror or e}") from e
+        return verify_signatures(manifest, signatures, trust)
 
     def install(self, slot: str, verified: VerifiedBundle, *, flush: bool = True) -> VerifiedBundle:
         """Move a bundle verified into ``incoming / "bundle"`` into a new folder for ``slot``, flushed.

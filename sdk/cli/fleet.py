@@ -57,7 +57,8 @@ def _settings(args: argparse.Namespace) -> Any:
         **{k: getattr(args, k, None) for k in ("http_host", "http_port", "broker", "fleet", "trusted_keys",
                                                "artifact_base_url", "broker_username", "broker_password_file",
                                                "broker_protocol", "share_group", "broker_ca_file",
-                                               "broker_cert_file", "broker_key_file")},
+                                               "broker_cert_file", "broker_key_file", "timestamp_key",
+                                               "freshness_interval_s", "freshness_lifetime_s")},
     })  # fmt: skip
 
 
@@ -331,9 +332,15 @@ def _add_fleet(sub: Any) -> None:
         help="shared-subscription group of the ingest, or none (default edgeship-fleet)",
     )
     sv.add_argument("--fleet", metavar="NAME", help="fleet name: the <fleet> topic segment (default: default)")
-    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="KEY.pub",
-                    help="public key an uploaded bundle must be signed with (repeatable)")  # fmt: skip
+    sv.add_argument("--trust", dest="trusted_keys", action="append", type=Path, metavar="FILE",
+                    help="public key uploads must be signed with (repeatable), or one signed root.json")  # fmt: skip
     sv.add_argument("--artifact-base-url", metavar="URL", help="where devices download bundles (default: this server)")
+    sv.add_argument("--timestamp-key", type=Path, metavar="KEY",
+                    help="sign and publish fleet freshness with this key (the root's timestamp role)")  # fmt: skip
+    sv.add_argument("--freshness-interval", dest="freshness_interval_s", type=float, metavar="S",
+                    help="seconds between freshness documents (default 3600)")  # fmt: skip
+    sv.add_argument("--freshness-lifetime", dest="freshness_lifetime_s", type=float, metavar="S",
+                    help="seconds each freshness document is valid (default 86400)")  # fmt: skip
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.set_defaults(func=_cmd_serve)
 

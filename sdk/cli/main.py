@@ -190,9 +190,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from sdk.bundle import read_bundle
-    from sdk.signing import TrustedKeys
+    from sdk.trustfiles import load_trust
 
-    trust = TrustedKeys.from_files(args.trust, threshold=args.threshold)
+    trust = load_trust(args.trust, args.threshold)
     scratch = Path(tempfile.mkdtemp(prefix="edgeship-verify-"))
     try:
         vb = read_bundle(
@@ -219,8 +219,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from device_runtime import load
     from device_runtime.results import answer
+    from sdk.trustfiles import load_trust
 
-    with load(args.file, args.trust) as model:
+    with load(args.file, load_trust(args.trust)) as model:
         result, outputs = answer(model, args)
     if args.out:
         if outputs is None:
@@ -389,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=_cmd_inspect)
     ver = bundle.add_parser("verify", help="check signatures, expiry, version and every file's hash")
     ver.add_argument("file")
-    ver.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
-    ver.add_argument("--threshold", type=int, default=1, help="signatures required (default 1)")
+    ver.add_argument("--trust", action="append", required=True,
+                     help="trusted public key file (repeatable), or one signed trust root (root.json)")  # fmt: skip
+    ver.add_argument("--threshold", type=int, help="signatures required with key files (default 1; a root sets it)")
     ver.add_argument("--installed-version", type=int, help="refuse a bundle older than this version")
     ver.add_argument("--allow-downgrade", action="store_true", help="accept a version below --installed-version")
     ver.set_defaults(func=_cmd_verify)
@@ -403,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verify a bundle, run it once and print the answer as JSON (as `edgeship-device predict` does).",
     )
     pr.add_argument("file")
-    pr.add_argument("--trust", action="append", required=True, help="trusted public key file (repeatable)")
+    pr.add_argument("--trust", action="append", required=True,
+                    help="trusted public key file (repeatable), or one signed trust root (root.json)")  # fmt: skip
     add_request_arguments(pr)
     pr.add_argument("--out", help="also save the output arrays to this .npz (with --input)")
     pr.set_defaults(func=_cmd_predict)

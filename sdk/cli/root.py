@@ -1,6 +1,7 @@
 """``edgeship keys root create|sign|rotate``: make, co-sign and rotate a trust root (sdk/trustroot.py).
 
     edgeship keys root create --root-key PUB ... --bundle-key PUB ... [--root-threshold N] [--threshold N]
+                              [--timestamp-key PUB ... [--timestamp-threshold N]]
                               [--expires-days D] [--pin NAME ...] [--downgrade NAME=VERSION ...]
                               [--version V] --sign KEY ... [--passphrase-file F] --out FILE
     edgeship keys root sign   FILE --sign KEY ... [--passphrase-file F]    (adds signatures, in place)
@@ -41,6 +42,8 @@ def _root_from(args: argparse.Namespace, version: int) -> TrustRoot:
         bundle_keys=[load_public_key(p) for p in args.bundle_key],
         root_threshold=args.root_threshold, bundle_threshold=args.threshold,
         pins=args.pin or None, downgrades=downgrades,
+        timestamp_keys=[load_public_key(p) for p in args.timestamp_key or ()],
+        timestamp_threshold=args.timestamp_threshold,
     )  # fmt: skip
 
 
@@ -97,6 +100,9 @@ def add_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--bundle-key", required=True, action="append", type=Path, metavar="PUB")
         p.add_argument("--root-threshold", type=int, default=1, metavar="N")
         p.add_argument("--threshold", type=int, default=1, metavar="N", help="bundle signatures needed")
+        p.add_argument("--timestamp-key", action="append", type=Path, metavar="PUB",
+                       help="a key signing fleet freshness (the timestamp role; repeatable)")  # fmt: skip
+        p.add_argument("--timestamp-threshold", type=int, default=1, metavar="N", help="freshness signatures needed")
         p.add_argument("--expires-days", type=float, default=365.0, metavar="D")
         p.add_argument("--pin", action="append", metavar="NAME", help="a model name devices may run")
         p.add_argument("--downgrade", action="append", metavar="NAME=VERSION", help="allow below the floor")

@@ -147,3 +147,36 @@ def test_wrong_password_is_refused_and_retried(broker_factory: Callable[..., Bro
     with Outbox(tmp_path / "a.db") as outbox, DeviceLink(settings, outbox, status=dict) as link:
         wait_for(lambda: link.counters.connect_failures >= 2, 10, "refused connection attempts")
         assert not link.connected and link.counters.connects == 0
+
+
+def test_only_the_fleet_writes_the_freshness_devices_read(
+    broker_factory: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """The fleet-wide freshness topic under the production ACL: the fleet's retained message reaches a
+    device's link; a device's own publish there is dropped by the broker (it could only replay old signed
+    ones anyway, which the device refuses)."""
+    folder = tmp_path / "prod"
+    folder.mkdir()
+    (folder / "data").mkdir()
+    port = free_port()
+    broker = broker_factory(port=port, config=production_config(folder, port))
+    topic = Topics("default", "devA").freshness
+    fleet, raw_b = Client(port, "fleet"), Client(port, "devB")
+    got: list[dict[str, Any]] = []
+    settings = MqttSettings("127.0.0.1", port, "devA", username="devA", password=PASSWORDS["devA"])
+    link = DeviceLink(settings, Outbox(tmp_path / "a.db"), status=dict, on_command=got.append)
+    try:
+        fleet.client.publish(topic, b'{"schema":1,"type":"timestamp","from":"fleet"}', qos=1, retain=True)
+        time.sleep(0.2)
+        forged = raw_b.client.publish(topic, b'{"schema":1,"type":"timestamp","forged":true}', qos=1, retain=True)
+        forged.wait_for_publish(timeout=5)  # the broker acknowledges it, and drops it (ACL)
+        link.start()  # after the publishes: the retained message is what arrives
+        assert link.wait_connected(10)
+        wait_for(lambda: got, 5, "the fleet's retained freshness at the device")
+        time.sleep(0.3)
+        assert got == [{"schema": 1, "type": "timestamp", "from": "fleet"}]
+    finally:
+        link.stop()
+        fleet.close()
+        raw_b.close()
+        broker.stop()

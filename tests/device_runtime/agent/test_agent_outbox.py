@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime.agent.outbox import Outbox, OutboxCorruptError
+from device_runtime.agent.outbox import SEQ_BLOCK, Outbox, OutboxCorruptError
 from device_runtime.errors import StateError
 
 
@@ -163,3 +163,67 @@ def test_bad_arguments(tmp_path: Path) -> None:
         Outbox(tmp_path / "o.db", max_messages=0)
     with Outbox(tmp_path / "o.db") as box, pytest.raises(ValueError):
         box.append("t", b"x", qos=3)
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(b"this is not sqlite" * 500)
+    for extra in ("-wal", "-shm"):
+        Path(f"{path}{extra}").unlink(missing_ok=True)
+
+
+def test_rebuilt_outbox_never_reuses_a_seq_after_the_clock_jumped_back(tmp_path: Path) -> None:
+    """A device without an RTC boots in 1970 (or NTP sets it back): the clock floor of a rebuild would
+    fall below the numbers the lost file handed out. The reservation beside it (``outbox.db.seq``) keeps
+    every rebuilt outbox above them, however often it is rebuilt and whatever the clock says."""
+    path = tmp_path / "outbox.db"
+    with Outbox(path, clock=lambda: 1_800_000_000.0) as box:  # a first rebuild far in the "future"
+        last = max(box.next_seq() for _ in range(10))
+    _corrupt(path)
+    with Outbox(path, clock=lambda: 1_800_000_000.0) as box:
+        high = [box.next_seq() for _ in range(SEQ_BLOCK + 5)]  # crosses one reservation block
+        assert high[0] > last
+        last = high[-1]
+    _corrupt(path)
+    with Outbox(path, clock=lambda: 1_600_000_000.0) as box:  # the clock jumped back by ~6 years
+        assert box.next_seq() > last
+        _, seq = box.append_sequenced("t", lambda s, d: b"x")
+        assert seq > last
+        last = seq
+    _corrupt(path)
+    with Outbox(path, clock=lambda: 0.0) as box:  # 1970
+        assert box.next_seq() > last
+
+
+def test_a_deleted_outbox_continues_above_the_reservation(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        last = max(box.next_seq() for _ in range(5))
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with Outbox(path, clock=lambda: 0.0) as box:
+        assert box.next_seq() > last
+        assert box.next_seq("events") > last
+    reserved = int((tmp_path / "outbox.db.seq").read_text())
+    assert reserved >= last + SEQ_BLOCK // 2
+    assert (tmp_path / "outbox.db.seq").stat().st_mode & 0o077 == 0
+
+
+def test_unusable_reservation_falls_back_to_the_clock(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        box.next_seq()
+    (tmp_path / "outbox.db.seq").write_text("garbage")
+    _corrupt(path)
+    with Outbox(path, clock=lambda: 1_700_000_000.0) as box:
+        assert box.next_seq() == 1_700_000_000_001
+
+
+def test_a_reservation_that_cannot_be_written_hands_out_no_number(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        (tmp_path / "outbox.db.seq").mkdir()  # os.replace onto a folder fails (the file is not there yet)
+        box._reserved = 0  # force a reservation on the next number
+        with pytest.raises(StateError, match="reservation"):
+            box.next_seq()
+        (tmp_path / "outbox.db.seq").rmdir()
+        assert box.next_seq() == 1  # the failed take was rolled back

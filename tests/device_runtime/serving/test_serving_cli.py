@@ -103,3 +103,69 @@ def test_serve_with_a_token_answers_only_with_it(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_header_timeout_closes_a_silent_connection(bundle_factory: Callable[..., Path], keys: Keys) -> None:
+    """``--header-timeout`` reaches the server: a client that sends nothing is dropped after it, not
+    after the default 10 s."""
+    import socket
+    import time
+
+    command = [
+        sys.executable, "-m", "device_runtime.cli", "serve", "--bundle", str(bundle_factory()),
+        "--trust", str(keys.public), "--port", "0", "--header-timeout", "0.5",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        port = int(json.loads(process.stdout.readline())["url"].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=8) as silent:
+            started = time.monotonic()
+            assert silent.recv(1024) == b""  # closed by the server
+            waited = time.monotonic() - started
+        assert 0.3 < waited < 5.0
+        assert request(port, "GET", "/healthz").status == 200  # a prompt client is served
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_serve_bad_header_timeout_is_one_line(
+    bundle_factory: Callable[..., Path], keys: Keys, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = main(["serve", "--bundle", str(bundle_factory()), "--trust", str(keys.public), "--header-timeout", value])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--header-timeout must be a positive number" in err
+
+
+def test_run_passes_serve_header_timeout_to_the_agent(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import device_runtime.agent as agent_package
+
+    seen: list[object] = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake_agent(config: object) -> object:
+        seen.append(config)
+        raise _Stop
+
+    monkeypatch.setattr(agent_package, "Agent", fake_agent)
+    args = ["run", "--state-dir", str(tmp_path / "s"), "--broker", "mqtt://127.0.0.1:1", "--device-id", "d1",
+            "--trust", str(keys.public), "--serve"]  # fmt: skip
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:  # ``run`` installs its SIGTERM/SIGINT handlers before it builds the agent
+        with pytest.raises(_Stop):
+            main([*args, "--serve-header-timeout", "2.5"])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert seen[0].serve_header_timeout_s == 2.5  # type: ignore[attr-defined]
+    assert main([*args, "--serve-header-timeout", "0"]) == 1
+    assert "--serve-header-timeout must be a positive number" in capsys.readouterr().err
