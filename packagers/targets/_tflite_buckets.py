@@ -2,9 +2,10 @@
 
 A TFLite model is static, so a text model converted at the example's length would make that length the
 bundle's ``max_length`` and every short text pay for it. Text sources are converted instead with one
-signature per bucket (``device_runtime.backends.tflite_buckets``): by default 16, 32, 64, ... up to the
-tokenizer's ``max_length`` (at most 512), or ``PackageOptions.extra["seq_buckets"]`` (a list of lengths;
-``False`` keeps the single fixed length).
+signature per bucket (``device_runtime.backends.tflite_buckets``): by default 16, 32, 64, 128, 256, capped
+at the tokenizer's ``max_length`` (256 is where sentence-transformers cuts MiniLM too; each bucket costs one
+more traced signature, about 30 s for MiniLM), or ``PackageOptions.extra["seq_buckets"]`` (a list of
+lengths; ``False`` keeps the single fixed length).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CAP", "check_buckets", "fit_length", "plan_buckets", "sequence_length"]
 
-DEFAULT_CAP = 512  # tokens: the default bucket list stops here (each bucket is one more traced signature)
+DEFAULT_CAP = 256  # tokens: the default bucket list stops here
 _FIRST = 16  # tokens: the smallest default bucket
 _DIM = "sequence"
 
@@ -65,8 +66,10 @@ def plan_buckets(source: Source, extra: Mapping[str, Any]) -> SequenceBuckets | 
         if not eligible or "tokenizer" not in source.preprocessing:
             return None
         cap = min(_max_length(source) or DEFAULT_CAP, DEFAULT_CAP)
-        lengths = [n for n in (16, 32, 64, 128, 256, 512) if n < cap] + [cap]
+        lengths = [n for n in (16, 32, 64, 128) if n < cap] + [cap]
         lengths = [n for n in lengths if n >= min(_FIRST, cap)]
+        if sequence_length(source) > cap:  # calibration texts longer than the default cap: their length is the top
+            lengths.append(sequence_length(source))
     else:
         ok = isinstance(wanted, (list, tuple)) and wanted and all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in wanted

@@ -74,8 +74,19 @@ def _signature(model: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw or "")
 
 
+def _pattern(scope: str, signature: str) -> str:
+    """A regex for ``scope`` in every signature: the tensor counters (``;4;``) and the signature's own names
+    (``seq_16_output_0``) differ from one signature to the next, the module paths do not."""
+    parts = []
+    for part in re.split(r";\d*;", scope):
+        escaped = re.escape(part)
+        parts.append(escaped.replace(re.escape(signature), "[^;/]*") if signature else escaped)
+    return "^" + r";\d*;".join(parts) + "$"
+
+
 def _named(model: Any) -> list[tuple[Layer, Any, list[Any]]]:
-    """Every op of the first signature with its layer (ops of one kind and scope share a layer), in graph order."""
+    """Every op of the first signature with its layer, in graph order. Ops of one kind whose scopes differ only
+    in their tensor counters are one layer (a recipe cannot tell them apart in the other signatures)."""
     signature = _signature(model)
     layers: dict[tuple[str, str], Layer] = {}
     used: set[str] = set()
@@ -83,7 +94,8 @@ def _named(model: Any) -> list[tuple[Layer, Any, list[Any]]]:
     for kind, scope, op, tensors in _ops(model):
         if kind in _QDQ or not scope:
             continue
-        layer = layers.get((kind, scope))
+        pattern = _pattern(scope, signature)
+        layer = layers.get((kind, pattern))
         if layer is None:
             base = f"{kind.lower()}:{_readable(scope, signature)}"
             name, k = base, 1
@@ -91,10 +103,7 @@ def _named(model: Any) -> list[tuple[Layer, Any, list[Any]]]:
                 k += 1
                 name = f"{base}#{k}"
             used.add(name)
-            pattern = re.escape(scope)
-            if signature:  # the signature's own tensor names differ per bucket
-                pattern = pattern.replace(re.escape(signature), "[^;/]*")
-            layer = layers[(kind, scope)] = Layer(name, kind, scope, "^" + pattern + "$")
+            layer = layers[(kind, pattern)] = Layer(name, kind, scope, pattern)
         out.append((layer, op, tensors))
     return out
 

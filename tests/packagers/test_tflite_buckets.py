@@ -26,6 +26,7 @@ from sdk.errors import InputError, PackagingError
 from sdk.signing import TrustedKeys
 
 BUCKETS = [16, 32, 64]
+FLOAT_LAYER = r"fully_connected:inner\.encoder\.1\."  # the second encoder layer's 6 dense layers stay float
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +43,14 @@ def bucket_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bucket_bundles(bucket_folder: Path, key: Ed25519PrivateKey, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """{(target, precision): PackageResult}: TFLite fp32 and int8-dynamic with the default buckets, ORT fp32."""
-    results = package(bucket_folder, name="fe", version=1, key=key, out_dir=tmp_path_factory.mktemp("buckets"),
-                      target=["tflite", "onnxruntime"], precision=["fp32", "int8-dynamic"],
-                      options=PackageOptions(validation_samples=8))  # fmt: skip
+    """{(target, precision): PackageResult}: TFLite fp32 and int8-dynamic with the default buckets (int8-dynamic
+    keeps the second encoder layer in float), and ONNX Runtime fp32 (any length) to compare with."""
+    out = tmp_path_factory.mktemp("buckets")
+    results = package(bucket_folder, name="fe", version=1, key=key, out_dir=out / "tflite", target="tflite",
+                      precision=["fp32", "int8-dynamic"],
+                      options=PackageOptions(validation_samples=8, float_layers=(FLOAT_LAYER,)))  # fmt: skip
+    results += package(bucket_folder, name="fe", version=1, key=key, out_dir=out / "ort", target="onnxruntime",
+                       options=PackageOptions(validation_samples=8))  # fmt: skip
     return {(r.target, r.precision): r for r in results}
 
 
@@ -70,6 +75,23 @@ def test_manifest_states_the_buckets_and_max_length(bucket_bundles: Any, trust: 
         checked = report["build"]["buckets"]
         assert checked["passed"] and sorted(checked["lengths"], key=int) == [str(n) for n in BUCKETS]
         assert all(v["cosine_min"] >= 0.99 for v in checked["lengths"].values())
+
+
+def test_float_layers_stay_float_in_every_bucket(bucket_bundles: Any, trust: TrustedKeys, tmp_path: Path) -> None:
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tfl
+
+    result = bucket_bundles[("tflite", "int8-dynamic")]
+    path = tmp_path / "model.tflite"
+    path.write_bytes(bundle_member(result, trust, tmp_path / "x", "model.tflite"))
+    model = tfl.read_model(str(path))
+    for subgraph in model.subgraphs:
+        weights = [int(subgraph.tensors[op.inputs[1]].type) for op in subgraph.operators
+                   if getattr(tfl.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode), "value",
+                              None) == "FULLY_CONNECTED"]  # fmt: skip
+        assert weights == [9] * 6 + [0] * 6, (subgraph.name, weights)  # encoder.0 int8 (9), encoder.1 float32 (0)
+    report = json.loads(bundle_member(result, trust, tmp_path / "r", "report.json"))
+    assert len(report["build"]["float_layers"]) == 6
+    assert all(n.startswith("fully_connected:inner.encoder.1.") for n in report["build"]["float_layers"])
 
 
 @pytest.mark.parametrize("length", [5, 16, 17, 33, 64])  # inside, at and just past each bucket's edge
