@@ -24,6 +24,10 @@ __all__ = ["Layer", "keep_float", "list_layers", "quantized_layer_names", "selec
 
 _QDQ = {"QUANTIZE", "DEQUANTIZE"}  # inserted by the quantizer around float ops; not layers of the model
 _INT_TYPES = {3, 7, 9}  # schema TensorType UINT8, INT16, INT8
+# Ops that only move int8 values (no arithmetic): keeping one in float costs a QUANTIZE/DEQUANTIZE pair and gains
+# nothing, so quantized_layer_names leaves them out of the search (float_layers may still name them).
+_MOVES = {"RESHAPE", "TRANSPOSE", "CONCATENATION", "SLICE", "STRIDED_SLICE", "GATHER", "SQUEEZE", "EXPAND_DIMS",
+          "PACK", "UNPACK", "SPLIT", "PAD", "BROADCAST_TO", "SELECT_V2"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,11 @@ def list_layers(path: Path) -> list[Layer]:
 
 
 def quantized_layer_names(path: Path) -> list[str]:
-    """Names of the layers of a built model whose op reads or writes an integer-quantized tensor."""
+    """Names of the layers of a built model that compute on integer-quantized tensors (data moves left out)."""
     names: list[str] = []
     for layer, op, tensors in _named(_read(path)):
+        if layer.kind in _MOVES:
+            continue
         indices = [i for i in (*op.inputs, *op.outputs) if i >= 0]
         if any(int(tensors[i].type) in _INT_TYPES for i in indices) and layer.name not in names:
             names.append(layer.name)
