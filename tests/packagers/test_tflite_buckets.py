@@ -153,6 +153,63 @@ def test_bucket_options_are_checked(bucket_folder: Path, mlp: torch.nn.Module, k
     assert not any(tmp_path.glob("*.edgebundle"))
 
 
+class _TinyText(torch.nn.Module):
+    """Embedding + masked mean + linear: a text model from plain torch, inputs [batch, "sequence"]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+def test_torch_text_model_buckets_and_the_gate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bucket that fails the tolerances is not offered when the caller's own check would pass (it validates at
+    the calibration length, in another bucket); when that bucket fails too, the caller sees it and gets the model."""
+    import packagers.targets.tflite as tfl
+    from packagers.registry import BuiltModel, CandidateFailed, get_packager
+    from packagers.sources import load_source
+
+    ids = np.random.default_rng(0).integers(1, 50, size=(4, 8)).astype(np.int64)
+    options = PackageOptions(input_names=["input_ids", "attention_mask"], output_names=["y"],
+                             dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                           "attention_mask": {0: "batch", 1: "sequence"}, "y": {0: "batch"}},
+                             extra={"seq_buckets": [8, 16]})  # fmt: skip
+    source = load_source(_TinyText().eval(), "torch", task=None, example_inputs=(torch.from_numpy(ids[:1]),
+                         torch.ones(1, 8, dtype=torch.int64)), calibration={"input_ids": ids,
+                         "attention_mask": np.ones_like(ids)}, options=options, progress=lambda _: None)  # fmt: skip
+    source.workdir = tmp_path / "source"
+    packager = get_packager("tflite")
+    (built,) = packager.build(source, tfl.Precision.FP32, tmp_path / "a", options, lambda _: None)
+    assert isinstance(built, BuiltModel) and built.runtime["buckets"]["lengths"] == [8, 16]
+    assert built.inputs is not None and built.inputs[0].shape == (1, "sequence")
+    assert built.recipe["buckets"]["passed"]
+    run = packager.runner(built)
+    short = {"input_ids": ids[:2, :5], "attention_mask": np.ones((2, 5), np.int64)}
+    np.testing.assert_allclose(run(short)["y"], source.reference(short)["y"], atol=1e-5)
+
+    real = tfl.check_buckets
+
+    def fail_at(length: str) -> Any:
+        def check(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            result = real(*args, **kwargs)
+            result["lengths"][length]["passed"], result["passed"] = False, False
+            result["failures"] = [f"bucket {length}: y: min cosine 0.5 < 0.95"]
+            return result
+
+        return check
+
+    monkeypatch.setattr(tfl, "check_buckets", fail_at("16"))  # the calibration length (8) runs in bucket 8
+    (failed,) = packager.build(source, tfl.Precision.FP32, tmp_path / "b", options, lambda _: None)
+    assert isinstance(failed, CandidateFailed) and failed.stage == "validate" and "bucket 16" in failed.reason
+    monkeypatch.setattr(tfl, "check_buckets", fail_at("8"))
+    (offered,) = packager.build(source, tfl.Precision.FP32, tmp_path / "c", options, lambda _: None)
+    assert isinstance(offered, BuiltModel) and not offered.recipe["buckets"]["passed"]
+
+
 # ---- mixed precision -------------------------------------------------------------------------------------------
 class _Sensitive(torch.nn.Module):
     """fc1 -> sensitive -> head. ``sensitive`` has a weight of 1000 in every row, on an input that is always 0:
