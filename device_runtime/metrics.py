@@ -104,6 +104,7 @@ class Metrics:
         self._queue = _Histogram()
         self._count = 0  # successful inferences since creation
         self._errors: dict[str, int] = {}
+        self._truncated = 0  # texts cut to the bundle's max_length since creation
         self._window_count = 0  # ``_count`` at the start of the window
         self._window_errors: dict[str, int] = {}
         self._window_start = clock()
@@ -128,6 +129,11 @@ class Metrics:
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
 
+    def truncated(self, n: int = 1) -> None:
+        """Count ``n`` texts cut to the bundle's ``max_length`` (the model saw only their start)."""
+        with self._lock:
+            self._truncated += n
+
     def set_backend(self, info: Mapping[str, Any]) -> None:
         """Record the backend in use (``Model.backend_info``: ``backend``, ``providers``, threads...)."""
         with self._lock:
@@ -138,6 +144,11 @@ class Metrics:
     def count(self) -> int:
         """Successful inferences since creation."""
         return self._count
+
+    @property
+    def truncated_texts(self) -> int:
+        """Texts cut to the bundle's ``max_length`` since creation."""
+        return self._truncated
 
     @property
     def errors(self) -> dict[str, int]:
@@ -212,6 +223,7 @@ class Metrics:
         """Cumulative metrics in the Prometheus text exposition format 0.0.4."""
         with self._lock:
             count = self._count
+            truncated = self._truncated
             errors = dict(self._errors)
             latency = (list(self._latency.counts), self._latency.sum)
             queue = (list(self._queue.counts), self._queue.sum)
@@ -224,6 +236,11 @@ class Metrics:
             "# TYPE edgeship_errors_total counter",
         ]
         lines += [f'edgeship_errors_total{{kind="{_escape(kind)}"}} {n}' for kind, n in sorted(errors.items())]
+        lines += [
+            "# HELP edgeship_truncated_texts_total Texts cut to the bundle's max_length.",
+            "# TYPE edgeship_truncated_texts_total counter",
+            f"edgeship_truncated_texts_total {truncated}",
+        ]
         lines += _histogram_lines("edgeship_inference_latency_seconds", "Inference latency.", *latency)
         lines += _histogram_lines("edgeship_queue_seconds", "Time a request waited before it ran.", *queue)
         rss = rss_bytes()

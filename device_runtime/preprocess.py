@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class TextBatch:
     tokens: list[list[str]]  # token strings per text (padding included)
     offsets: list[list[tuple[int, int]]]  # character span of each token in its text
     special_tokens_mask: np.ndarray  # [batch, sequence], 1 for special and padding tokens
+    truncated: list[int] = field(default_factory=list)  # indices of the texts cut to max_length
 
 
 class TextEncoder:
@@ -82,6 +83,7 @@ class TextEncoder:
         self.input_names = list(input_names)
         self.add_special_tokens = bool(contract.get("add_special_tokens", True))
         self._truncate = contract.get("truncation", True) is not False
+        self.padding_side = str(contract.get("padding_side", "right"))
         # As transformers' fast tokenizer sets the backend for `truncation=True, max_length=N, padding="longest"`.
         tokenizer.no_truncation()
         tokenizer.no_padding()
@@ -141,6 +143,7 @@ class TextEncoder:
             tokens=[list(e.tokens) for e in encodings],
             offsets=[[(int(a), int(b)) for a, b in e.offsets] for e in encodings],
             special_tokens_mask=np.array([e.special_tokens_mask for e in encodings], dtype=np.int64),
+            truncated=[i for i, e in enumerate(encodings) if e.overflowing],
         )
 
     @property
@@ -302,7 +305,13 @@ def text_encoder(model: Model) -> TextEncoder:
                 names = ", ".join(s.name for s in model.manifest.inputs)
                 raise InputError(f"bundle {model.manifest.name} carries no tokenizer; give arrays for {names}")
             fixed = {s.shape[1] for s in model.manifest.inputs if len(s.shape) >= 2 and isinstance(s.shape[1], int)}
-            if len(fixed) == 1:  # the converter fixed the sequence length: pad (and truncate) to exactly it
+            buckets = model.manifest.runtime.buckets
+            lengths = buckets.get("lengths") if isinstance(buckets, Mapping) else None
+            if isinstance(lengths, list) and lengths and isinstance(lengths[-1], int):  # TFLite sequence buckets
+                declared = contract.get("max_length")
+                top = max(lengths)
+                contract = {**contract, "max_length": min(declared, top) if isinstance(declared, int) else top}
+            elif len(fixed) == 1:  # the converter fixed the sequence length: pad (and truncate) to exactly it
                 (length,) = fixed
                 declared = contract.get("max_length")
                 max_length = min(declared, length) if isinstance(declared, int) else declared

@@ -11,6 +11,7 @@ bundle declares (``device_runtime.preprocess``) and returns a small output objec
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,6 +22,7 @@ import numpy as np
 from device_runtime.model import Model, Trust, load
 from device_runtime.preprocess import TextBatch, TextEncoder, image_processor, text_encoder
 from sdk.errors import EdgeshipError, InputError, ManifestError
+from sdk.golden import MASK_INPUT
 
 __all__ = [
     "EdgeModelForFeatureExtraction",
@@ -32,6 +34,7 @@ __all__ = [
     "SequenceClassifierOutput",
     "TaskMismatchError",
     "TokenClassifierOutput",
+    "TruncationWarning",
 ]
 
 _T = TypeVar("_T", bound="EdgeTaskModel")
@@ -39,6 +42,10 @@ _T = TypeVar("_T", bound="EdgeTaskModel")
 
 class TaskMismatchError(EdgeshipError, ValueError):
     """A task class or pipeline was given a bundle packaged for another task."""
+
+
+class TruncationWarning(UserWarning):
+    """Texts were longer than the bundle's ``max_length`` and were cut (counted in ``metrics.truncated_texts``)."""
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -212,7 +219,55 @@ class _TextTaskModel(EdgeTaskModel):
         return text_encoder(self.model)
 
     def _encode(self, text: Any, text_pair: Any) -> TextBatch:
-        return self._counted(lambda: self.tokenizer.encode(text, text_pair))  # type: ignore[no-any-return]
+        batch: TextBatch = self._counted(lambda: self.tokenizer.encode(text, text_pair))
+        if batch.truncated:
+            self.model.metrics.truncated(len(batch.truncated))
+            warnings.warn(
+                f"{len(batch.truncated)} of {len(batch.tokens)} texts were cut to the bundle's max_length of "
+                f"{self.tokenizer.max_length} tokens (texts {batch.truncated[:10]}); their results ignore the rest",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        return batch
+
+    def _predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``predict`` on tokenized texts; a bundle with a fixed batch (TFLite) runs them in chunks of it.
+
+        Each chunk is cut to its own longest text (so a bucketed model picks the smallest bucket that fits),
+        and token-level outputs are padded back with zeros to the call's sequence length.
+        """
+        spec = self.model.manifest.inputs[0]
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+        n = len(next(iter(feeds.values())))
+        if fixed is None or n == fixed:
+            return self.model.predict(feeds)
+        named_sequence = len(spec.shape) > 1 and isinstance(spec.shape[1], str)
+        mask = feeds.get(MASK_INPUT)
+        width = next(iter(feeds.values())).shape[1]
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, n, fixed):
+            chunk = {k: v[start : start + fixed] for k, v in feeds.items()}
+            rows = len(next(iter(chunk.values())))
+            if rows < fixed:  # repeat the last row to fill the batch; its outputs are dropped
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - rows, axis=0)]) for k, v in chunk.items()}
+            if named_sequence and mask is not None and self.tokenizer.padding_side == "right":
+                keep = max(int(np.nonzero(mask[start : start + rows].any(axis=0))[0].max(initial=0)) + 1, 1)
+                chunk = {k: v[:, :keep] for k, v in chunk.items()}
+            for k, v in self.model.predict(chunk).items():
+                parts.setdefault(k, []).append(v[:rows])
+        out = {}
+        for k, arrays in parts.items():
+            if arrays[0].ndim >= 2 and any(a.shape[1] != width for a in arrays) and named_sequence:
+                arrays = [_pad_axis1(a, width) for a in arrays]
+            out[k] = np.concatenate(arrays)
+        return out
+
+
+def _pad_axis1(array: np.ndarray, width: int) -> np.ndarray:
+    """Zeros appended along axis 1 up to ``width`` (token outputs of a chunk cut shorter than the call)."""
+    widths = [(0, 0)] * array.ndim
+    widths[1] = (0, width - array.shape[1])
+    return np.pad(array, widths)
 
 
 class EdgeModelForSequenceClassification(_TextTaskModel):
@@ -230,7 +285,7 @@ class EdgeModelForSequenceClassification(_TextTaskModel):
             ModelClosedError, BackendError: as ``Model.predict`` raises them.
         """
         batch = self._encode(text, text_pair)
-        logits = self.model.predict(batch.feeds)["logits"]
+        logits = self._predict(batch.feeds)["logits"]
         problem = self.model.manifest.preprocessing.problem_type
         return SequenceClassifierOutput(logits, self.id2label, problem)
 
@@ -250,7 +305,7 @@ class EdgeModelForTokenClassification(_TextTaskModel):
             ModelClosedError, BackendError: as ``Model.predict`` raises them.
         """
         batch = self._encode(text, text_pair)
-        logits = self.model.predict(batch.feeds)["logits"]
+        logits = self._predict(batch.feeds)["logits"]
         return TokenClassifierOutput(
             logits=logits,
             id2label=self.id2label,
@@ -283,7 +338,7 @@ class EdgeModelForFeatureExtraction(_TextTaskModel):
             ManifestError: the bundle declares a pooling mode this runtime does not know.
         """
         batch = self._encode(text, text_pair)
-        hidden = self.model.predict(batch.feeds)["last_hidden_state"]
+        hidden = self._predict(batch.feeds)["last_hidden_state"]
         mask = batch.feeds.get("attention_mask")
         if mask is None:
             mask = np.ones(hidden.shape[:2], dtype=np.int64)

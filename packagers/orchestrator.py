@@ -439,9 +439,10 @@ def _write(
             name=name, version=version, target=plan.target.value, precision=plan.precision.value,
             model=plan.built.member, inputs=in_specs, outputs=out_specs,
             created=format_time(datetime.now(timezone.utc)), runtime=Runtime.from_dict(plan.built.runtime),
-            label=label, task=source.task, preprocessing=Preprocessing.from_dict(source.preprocessing),
+            label=label, task=source.task,
+            preprocessing=Preprocessing.from_dict(plan.built.preprocessing or source.preprocessing),
             validation=validation, golden=golden, expires=expires,
-            input_policy=InputPolicy.from_dict(_policy_for(source.input_policy, in_specs)),
+            input_policy=InputPolicy.from_dict(_policy_for(plan.built.input_policy or source.input_policy, in_specs)),
         )  # fmt: skip
     except ManifestError as e:  # e.g. a tensor name the bundle format cannot hold, a runtime key it does not know
         raise PackagingError(f"cannot describe the model in a manifest: {e}") from e

@@ -62,6 +62,10 @@ class BuiltModel:
     # None keeps the source's specs.
     inputs: tuple[TensorSpec, ...] | None = None
     outputs: tuple[TensorSpec, ...] | None = None
+    # The manifest's preprocessing / input_policy when the build narrowed the source's (a TFLite model with
+    # sequence buckets caps the tokenizer's max_length at its largest bucket); None keeps the source's.
+    preprocessing: Mapping[str, Any] | None = None
+    input_policy: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

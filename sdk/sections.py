@@ -226,6 +226,8 @@ class Runtime(Section):
     converter: str | None = None  # what converted the model
     tensor_map: dict[str, Any] | None = None  # {"inputs"|"outputs": {manifest name: model name}}
     int8_io: bool | None = None  # the model takes and returns int8 (scales in quantization)
+    # sequence buckets: {"axis", "lengths", "signatures", "pad"}; the backend runs the smallest that fits
+    buckets: dict[str, Any] | None = None
     # coreml
     platforms: tuple[str, ...] | None = None  # macOS, iOS
     minimum_deployment_target: str | None = None

@@ -8,7 +8,8 @@ missing one, and the reason is kept for the error message.
 The manifest's ``runtime`` says how to feed the model: ``tensor_map`` (manifest name -> the model's
 signature name, as converters rename inputs to ``args_0``...), ``quantization`` (scale and zero point
 of int8 inputs/outputs: callers pass and get floats), ``delegates`` (``xnnpack`` is built in;
-``edgetpu`` loads ``libedgetpu.so.1`` and fails clearly where it is missing). int64 inputs of a model
+``edgetpu`` loads ``libedgetpu.so.1`` and fails clearly where it is missing), ``buckets`` (one signature
+per sequence length: each call runs the smallest that fits, see ``tflite_buckets``). int64 inputs of a model
 that takes int32 (token ids) are narrowed after a range check. One interpreter is not thread-safe:
 calls are serialised by a lock.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from device_runtime.backends.base import Backend, BackendOptions, install_hint
+from device_runtime.backends.tflite_buckets import SequenceBuckets
 from sdk.errors import BackendError, InputError
 from sdk.manifest import Manifest
 
@@ -100,6 +102,9 @@ class TfLiteBackend(Backend):
         self._runner: Any = None
         self._lock = threading.Lock()
         self._info: dict[str, Any] = {}
+        self._buckets: SequenceBuckets | None = None
+        self._bucket_runners: list[Any] = []
+        self._sequence_outputs: list[str] = []  # outputs with the bucketed sequence dim, cut back after a run
 
     def _load(self, model_path: Path, manifest: Manifest, options: BackendOptions) -> None:
         module, package, version = import_interpreter()
@@ -113,6 +118,15 @@ class TfLiteBackend(Backend):
         self._interpreter = module.Interpreter(**kwargs)
         signatures = self._interpreter.get_signature_list()
         key = runtime.signature or (next(iter(signatures)) if signatures else None)
+        if runtime.buckets is not None:
+            self._buckets = SequenceBuckets.from_runtime(runtime.buckets)
+            missing = [s for s in self._buckets.signatures if s not in signatures]
+            if missing:
+                raise BackendError(f"runtime.buckets names signatures {missing} the model lacks ({sorted(signatures)})")
+            self._bucket_runners = [self._interpreter.get_signature_runner(s) for s in self._buckets.signatures]
+            key = self._buckets.signatures[-1]
+            axis, dim = self._buckets.axis, self._buckets.dim
+            self._sequence_outputs = [o.name for o in manifest.outputs if len(o.shape) > axis and o.shape[axis] == dim]
         if signatures:
             if key not in signatures:
                 raise BackendError(f"the model has no signature {key!r} (it has {sorted(signatures)})")
@@ -132,6 +146,8 @@ class TfLiteBackend(Backend):
             "threads": options.intra_op_threads or 0,  # 0: the runtime's default
             "delegates": ["xnnpack", *(["edgetpu"] if delegates else [])],
         }
+        if self._buckets is not None:
+            self._info["sequence_buckets"] = list(self._buckets.lengths)
 
     def _delegates(self, module: Any, wanted: Any) -> list[Any]:
         """External delegates the manifest asks for; XNNPACK is built into the CPU interpreter."""
@@ -195,10 +211,16 @@ class TfLiteBackend(Backend):
         return np.ascontiguousarray(value, dtype=dtype)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        buckets, length, runner = self._buckets, 0, self._runner
+        if buckets is not None:  # the smallest bucket that holds the sequence, inputs padded to it
+            length = next(iter(feeds.values())).shape[buckets.axis]
+            index = buckets.choose(length)
+            feeds = buckets.padded(feeds, buckets.lengths[index])
+            runner = self._bucket_runners[index]
         converted = {model: self._convert(user, feeds[user], dtype, q) for user, model, _, dtype, q in self._feeds}
         with self._lock:  # one interpreter, one call at a time
-            if self._runner is not None:
-                values = self._runner(**converted)  # copies of the output tensors (GetTensor copies)
+            if runner is not None:
+                values = runner(**converted)  # copies of the output tensors (GetTensor copies)
             else:
                 values = self._invoke(converted)
         result = {}
@@ -207,6 +229,8 @@ class TfLiteBackend(Backend):
             if q is not None:
                 value = (value.astype(np.float32) - np.float32(q["zero_point"])) * np.float32(q["scale"])
             result[user] = value
+        if buckets is not None:
+            result = buckets.cut(result, self._sequence_outputs, length)
         return result
 
     def _invoke(self, converted: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -230,6 +254,7 @@ class TfLiteBackend(Backend):
     def close(self) -> None:
         with self._lock:
             self._runner = None
+            self._bucket_runners = []
             self._interpreter = None
 
 

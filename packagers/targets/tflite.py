@@ -17,6 +17,11 @@ Sources and converters:
 the Edge TPU need; their scale and zero point go to ``runtime["quantization"]`` so the device
 quantizes the caller's floats and dequantizes the outputs. TFLite models are static: every dim the
 converted model fixes is written as a number into the manifest (a batch-1 model says batch 1).
+
+Text models from torch/transformers get one signature per sequence bucket (``_tflite_buckets``): the
+sequence dim stays named in the manifest, ``runtime["buckets"]`` lists the lengths, the tokenizer's
+``max_length`` becomes the largest bucket, and every bucket is checked against the reference. Int8
+precisions keep ``options.float_layers`` in float (``_tflite_layers``; ``quantized_layers`` names them).
 Heavy libraries are imported inside functions.
 """
 
@@ -30,10 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_runtime.backends.tflite_buckets import SequenceBuckets
 from packagers._quiet import quiet
 from packagers.options import Capabilities, PackageOptions, Precision, Target
-from packagers.registry import BuiltModel, Runner
+from packagers.registry import BuiltModel, CandidateFailed, Runner
+from packagers.targets._tflite_buckets import check_buckets, fit_length, plan_buckets, sequence_length
 from packagers.targets._tflite_flatbuffer import read_facts
+from packagers.targets._tflite_layers import keep_float, list_layers, quantized_layer_names, select
+from packagers.targets._tflite_run import INT_RANGES, interpreter, run_rows, signature_runner
 from sdk.compat import version_at_least
 from sdk.errors import PackagingError
 from sdk.manifest import TensorSpec
@@ -51,7 +60,6 @@ CAPABILITIES = Capabilities(
 )
 MODEL_MEMBER = "model.tflite"
 SIGNATURE = "serving_default"
-_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
 
 def _version(dist: str) -> str:
@@ -82,23 +90,15 @@ def model_requirement(model: Path | bytes, host: str | None = None) -> Requireme
     return need
 
 
-def _interpreter(model: Path | bytes) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
-
-    if isinstance(model, Path):
-        return Interpreter(model_path=str(model))
-    return Interpreter(model_content=model)
-
-
-def inspect_model(model: Path | bytes) -> dict[str, Any]:
+def inspect_model(model: Path | bytes, signature: str = SIGNATURE) -> dict[str, Any]:
     """Signature input/output details of a .tflite model: name -> {dtype, shape, shape_signature, quantization}.
 
     Raises:
-        PackagingError: the model cannot be loaded or has no ``serving_default`` signature.
+        PackagingError: the model cannot be loaded or has no such signature.
     """
     try:
-        interpreter = _interpreter(model)
-        runner = interpreter.get_signature_runner(SIGNATURE)
+        loaded = interpreter(model)
+        runner = loaded.get_signature_runner(signature)
     except Exception as e:  # ValueError for a bad flatbuffer or a missing signature
         raise PackagingError(f"the built TFLite model cannot be loaded: {str(e)[:300]}") from e
 
@@ -130,8 +130,12 @@ class TfLitePackager:
         workdir: Path,
         options: PackageOptions,
         progress: Callable[[str], None],
-    ) -> list[BuiltModel]:
+    ) -> list[BuiltModel | CandidateFailed]:
         """Convert (and quantize) ``source`` to one ``model.tflite`` under ``workdir``.
+
+        Returns:
+            The built model, or a ``CandidateFailed`` when a sequence bucket other than the one the caller
+            validates misses the tolerances.
 
         Raises:
             PackagingError: an unsupported precision, input kind or option, or a failed conversion.
@@ -149,18 +153,29 @@ class TfLitePackager:
             raise PackagingError(f"option extra['batch_size'] must be an int from 1 to {source.samples}, got {batch!r}")
         if source.native is None:
             raise PackagingError(f"{source.description} carries no model for the TFLite converters")
+        quantized = precision in (Precision.INT8, Precision.INT8_DYNAMIC)
+        if options.float_layers and quantized and source.kind == "keras":
+            raise PackagingError("float_layers (mixed precision) needs a torch or transformers source for TFLite; "
+                                 "the TensorFlow converter quantizes every op it can")  # fmt: skip
+        buckets = plan_buckets(source, options.extra)
+        if buckets is not None and batch != 1:
+            raise PackagingError(f"sequence buckets run one text at a time: use batch_size 1, not {batch}, "
+                                 "or extra['seq_buckets'] = False")  # fmt: skip
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / MODEL_MEMBER
         start = time.perf_counter()
         if source.kind == "keras":
             converter, recipe = self._from_saved_model(source, precision, int8_io, out, progress)
         else:
-            converter, recipe = self._from_torch(source, precision, int8_io, batch, workdir, out, progress)
+            floats = options.float_layers if quantized else ()
+            converter, recipe = self._from_torch(source, precision, int8_io, batch, workdir, out, progress,
+                                                 buckets, floats)  # fmt: skip
         recipe["seconds"] = round(time.perf_counter() - start, 3)
-        details = inspect_model(out)
+        signature = buckets.signatures[-1] if buckets is not None else SIGNATURE
+        details = inspect_model(out, signature)
         need = model_requirement(out, host=_version("ai-edge-litert"))
         recipe["runtime_requirement"] = {"min_version": need.version, "reasons": list(need.reasons)}
-        inputs, outputs, tensor_map = _specs(source, details)
+        inputs, outputs, tensor_map = _specs(source, details, named={buckets.dim} if buckets is not None else set())
         runtime: dict[str, Any] = {
             "package": "ai-edge-litert",
             "min_version": need.version,
@@ -168,7 +183,7 @@ class TfLitePackager:
             "fallbacks": ["tflite-runtime", "tensorflow"],
             "arch": ["any"],
             "delegates": ["xnnpack"],
-            "signature": SIGNATURE,
+            "signature": signature,
             "converter": converter,
             "tensor_map": tensor_map,
             "int8_io": int8_io,
@@ -177,26 +192,59 @@ class TfLitePackager:
                  (("inputs", inputs), ("outputs", outputs))}  # fmt: skip
         if quant["inputs"] or quant["outputs"]:
             runtime["quantization"] = quant
-        return [BuiltModel(out, MODEL_MEMBER, runtime, recipe, precision.value, inputs=inputs, outputs=outputs)]
+        if buckets is None:
+            return [BuiltModel(out, MODEL_MEMBER, runtime, recipe, precision.value, inputs=inputs, outputs=outputs)]
+        runtime["buckets"] = buckets.to_runtime()
+        built = BuiltModel(out, MODEL_MEMBER, runtime, recipe, precision.value, inputs=inputs, outputs=outputs,
+                           preprocessing=_capped_preprocessing(source, buckets.max_length),
+                           input_policy=_capped_policy(source, buckets))  # fmt: skip
+        runners = [signature_runner(out, runtime, s) for s in buckets.signatures]
+        progress(f"tflite {precision.value}: checking buckets {list(buckets.lengths)} against the reference")
+        checked = check_buckets(source, buckets, lambda i, x: run_rows(runners[i], x),
+                                options.tolerances_for(precision))  # fmt: skip
+        recipe["buckets"] = checked
+        # The caller validates at the calibration length, which runs in one bucket: when that bucket fails, the
+        # caller sees the failure itself (and the mixed-precision search needs the model); when only another
+        # bucket fails, the caller would pass a model that drifts there, so it is not offered.
+        validated = str(buckets.lengths[buckets.choose(sequence_length(source))])
+        if not checked["passed"] and checked["lengths"][validated]["passed"]:
+            return [CandidateFailed(built.candidate, "validate", "; ".join(checked["failures"])[:500])]
+        return [built]
+
+    def quantized_layers(self, built: BuiltModel) -> list[str]:
+        """The layers ``built`` quantized, in graph order: the names ``PackageOptions.float_layers`` takes."""
+        return quantized_layer_names(built.path)
 
     # ---- torch / transformers via litert-torch ----------------------------------------------------------
-    def _float_torch(self, source: Source, batch: int, workdir: Path, progress: Callable[[str], None]) -> Path:
-        """The fp32 .tflite of the source, converted once per package() call and shared by the precisions."""
+    def _float_torch(self, source: Source, batch: int, workdir: Path, progress: Callable[[str], None],
+                     buckets: SequenceBuckets | None) -> Path:  # fmt: skip
+        """The fp32 .tflite of the source, converted once per package() call and shared by the precisions.
+
+        With buckets, one signature per bucket, traced at its length (litert-torch shares the weights).
+        """
         import torch
 
         folder = source.workdir or workdir
-        path = folder / f"tflite-fp32-b{batch}.tflite"
+        tag = "-s" + "-".join(str(n) for n in buckets.lengths) if buckets is not None else ""
+        path = folder / f"tflite-fp32-b{batch}{tag}.tflite"
         if path.is_file():
             return path
         import litert_torch
 
-        progress(f"tflite: converting with litert-torch {_version('litert-torch')} (batch {batch})")
-        sample = tuple(torch.from_numpy(np.ascontiguousarray(source.validation_inputs[s.name][:batch]))
-                       for s in source.inputs)  # fmt: skip
+        first = {s.name: np.ascontiguousarray(source.validation_inputs[s.name][:batch]) for s in source.inputs}
+        traced = [(SIGNATURE, first)]
+        if buckets is not None:
+            traced = [(sig, fit_length(first, n)) for sig, n in zip(buckets.signatures, buckets.lengths, strict=True)]
+        what = f"buckets {list(buckets.lengths)}" if buckets is not None else f"batch {batch}"
+        progress(f"tflite: converting with litert-torch {_version('litert-torch')} ({what})")
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with quiet("litert"):
-                model = litert_torch.convert(source.native, sample)
+                converter = litert_torch.Converter()
+                for name, arrays in traced:
+                    converter.signature(name, source.native, tuple(torch.from_numpy(arrays[s.name])
+                                                                   for s in source.inputs))  # fmt: skip
+                model = converter.convert()
                 model.export(str(path))
         except Exception as e:  # unsupported op, export failure: report, do not fall back silently
             raise PackagingError(f"litert-torch cannot convert {source.description}: {type(e).__name__}: "
@@ -204,10 +252,13 @@ class TfLitePackager:
         return path
 
     def _from_torch(self, source: Source, precision: Precision, int8_io: bool, batch: int, workdir: Path, out: Path,
-                    progress: Callable[[str], None]) -> tuple[str, dict[str, Any]]:  # fmt: skip
-        fp32 = self._float_torch(source, batch, workdir, progress)
+                    progress: Callable[[str], None], buckets: SequenceBuckets | None,
+                    float_layers: tuple[str, ...]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+        fp32 = self._float_torch(source, batch, workdir, progress, buckets)
         converter = f"litert-torch {_version('litert-torch')}"
         recipe: dict[str, Any] = {"converter": converter, "batch": batch, "int64_inputs": "int32 in the model"}
+        if buckets is not None:
+            recipe["sequence_buckets"] = list(buckets.lengths)
         if precision is Precision.FP32:
             out.write_bytes(fp32.read_bytes())
             return converter, {**recipe, "quantization": None}
@@ -231,7 +282,10 @@ class TfLitePackager:
                 for op in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
                     q._recipe_manager.add_quantization_config(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
             method = "static int8 (static_wi8_ai8: per-channel int8 weights, per-tensor int8 activations, min-max)"
-            calibration = self._calibrate(q, source, fp32, batch)
+        kept = select(list_layers(fp32), float_layers) if float_layers else []
+        keep_float(q, kept)  # after the recipe: later entries win
+        if precision is Precision.INT8:
+            calibration = self._calibrate(q, source, fp32, batch, buckets)
         try:
             with quiet("litert"):
                 result = q.quantize(calibration, enable_progress_report=False)
@@ -244,19 +298,26 @@ class TfLitePackager:
             "calibration_samples": source.samples if calibration is not None else 0,
             "int8_io": int8_io,
         }
+        if precision in (Precision.INT8, Precision.INT8_DYNAMIC):
+            recipe["float_layers"] = [layer.name for layer in kept]
         return converter, recipe
 
-    def _calibrate(self, q: Any, source: Source, fp32: Path, batch: int) -> Any:
-        details = inspect_model(fp32)["inputs"]
-        conv = _converter_names([s.name for s in source.inputs], list(details))
-        n = source.samples - source.samples % batch
-        samples = []
-        for start in range(0, n, batch):
-            samples.append({c: source.validation_inputs[u][start : start + batch].astype(details[c]["dtype"])
-                            for u, c in conv.items()})  # fmt: skip
+    def _calibrate(self, q: Any, source: Source, fp32: Path, batch: int, buckets: SequenceBuckets | None) -> Any:
+        """Calibration samples for every signature: each bucket sees the samples at its full length."""
+        plan = [(SIGNATURE, source.validation_inputs)]
+        if buckets is not None:
+            plan = [(sig, fit_length(source.validation_inputs, n))
+                    for sig, n in zip(buckets.signatures, buckets.lengths, strict=True)]  # fmt: skip
+        data: dict[str, list[dict[str, np.ndarray]]] = {}
+        for sig, arrays in plan:
+            details = inspect_model(fp32, sig)["inputs"]
+            conv = _converter_names([s.name for s in source.inputs], list(details))
+            n = source.samples - source.samples % batch
+            data[sig] = [{c: arrays[u][start : start + batch].astype(details[c]["dtype"]) for u, c in conv.items()}
+                         for start in range(0, n, batch)]  # fmt: skip
         try:
             with quiet("litert"):
-                return q.calibrate({SIGNATURE: samples}, num_threads=1)
+                return q.calibrate(data, num_threads=1)
         except Exception as e:  # calibration runs the model: data that do not fit it
             raise PackagingError(f"ai-edge-quantizer calibration failed: {str(e)[:300]}") from e
 
@@ -305,57 +366,45 @@ class TfLitePackager:
     def runner(self, built: BuiltModel) -> Runner:
         """A run function over an ai-edge-litert interpreter of ``built``, feeding by the manifest's tensor map.
 
-        Rows beyond a fixed batch run in chunks (the last one padded); a dynamic batch is resized.
+        Rows beyond a fixed batch run in chunks (the last one padded); a dynamic batch is resized. A bucketed
+        model runs each row in the smallest bucket that holds it, as the device does.
 
         Raises:
             PackagingError: the interpreter cannot load the model.
         """
-        try:
-            interpreter = _interpreter(built.path)
-            signature = interpreter.get_signature_runner(SIGNATURE)
-        except Exception as e:  # a broken flatbuffer
-            raise PackagingError(f"ai-edge-litert cannot load {built.path.name}: {str(e)[:300]}") from e
-        tmap = built.runtime["tensor_map"]
-        quant = built.runtime.get("quantization", {})
-        details = {**signature.get_input_details()}
-        first = next(iter(details.values()))
-        fixed = int(first["shape_signature"][0]) if int(first["shape_signature"][0]) > 0 else None
+        if "buckets" not in built.runtime:
+            return signature_runner(built.path, built.runtime, SIGNATURE)
+        buckets = SequenceBuckets.from_runtime(built.runtime["buckets"])
+        runners = [signature_runner(built.path, built.runtime, s) for s in buckets.signatures]
+        seq_outputs = [o.name for o in built.outputs or () if len(o.shape) > buckets.axis
+                       and o.shape[buckets.axis] == buckets.dim]  # fmt: skip
 
-        def run_once(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            feeds = {}
-            for user, conv in tmap["inputs"].items():
-                arr = np.asarray(inputs[user])
-                q = quant.get("inputs", {}).get(user)
-                feeds[conv] = _quantize(arr, q) if q else arr.astype(np.dtype(details[conv]["dtype"]))
-            raw = signature(**feeds)
-            result = {}
-            for user, conv in tmap["outputs"].items():
-                q = quant.get("outputs", {}).get(user)
-                value = np.asarray(raw[conv])
-                result[user] = (value.astype(np.float32) - q["zero_point"]) * np.float32(q["scale"]) if q else value
-            return result
+        def run_row(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            length = next(iter(row.values())).shape[buckets.axis]
+            index = buckets.choose(length)
+            outputs = runners[index](buckets.padded(row, buckets.lengths[index]))
+            return buckets.cut(outputs, seq_outputs, length)
 
-        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            n = len(next(iter(inputs.values())))
-            if fixed is None or n == fixed:
-                return run_once(inputs)
-            parts: dict[str, list[np.ndarray]] = {}
-            for start in range(0, n, fixed):
-                chunk = {k: np.asarray(v)[start : start + fixed] for k, v in inputs.items()}
-                rows = len(next(iter(chunk.values())))
-                if rows < fixed:  # pad with the last row, drop its outputs
-                    chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - rows, axis=0)]) for k, v in chunk.items()}
-                for k, v in run_once(chunk).items():
-                    parts.setdefault(k, []).append(v[:rows])
-            return {k: np.concatenate(v) for k, v in parts.items()}
-
-        return run
+        return lambda inputs: run_rows(run_row, inputs)
 
 
-def _quantize(arr: np.ndarray, q: Mapping[str, Any]) -> np.ndarray:
-    low, high = _INT_RANGES[q["dtype"]]
-    scaled = np.round(arr.astype(np.float32) / np.float32(q["scale"])) + q["zero_point"]
-    return np.clip(scaled, low, high).astype(q["dtype"])
+def _capped_preprocessing(source: Source, max_length: int) -> dict[str, Any]:
+    """The source's preprocessing with the tokenizer's ``max_length`` at the largest bucket."""
+    out = dict(source.preprocessing)
+    if isinstance(out.get("tokenizer"), Mapping):
+        declared = out["tokenizer"].get("max_length")
+        cap = min(declared, max_length) if isinstance(declared, int) else max_length
+        out["tokenizer"] = {**out["tokenizer"], "max_length": cap}
+    return out
+
+
+def _capped_policy(source: Source, buckets: SequenceBuckets) -> dict[str, Any]:
+    """The source's input policy with the sequence dim's range ending at the largest bucket."""
+    out = dict(source.input_policy)
+    dims = dict(out.get("dims") or {})
+    low = dims.get(buckets.dim, [1, buckets.max_length])[0]
+    out["dims"] = {**dims, buckets.dim: [low, buckets.max_length]}
+    return out
 
 
 def _io_quantization(details: Mapping[str, Any], names: Mapping[str, str],
@@ -364,7 +413,7 @@ def _io_quantization(details: Mapping[str, Any], names: Mapping[str, str],
     out = {}
     for spec in specs:
         d = details[names[spec.name]]
-        if d["dtype"] in _INT_RANGES and d["dtype"] != spec.dtype:
+        if d["dtype"] in INT_RANGES and d["dtype"] != spec.dtype:
             if d["quantization"] is None:
                 raise PackagingError(f"{spec.name}: the model takes {d['dtype']} without a quantization scale")
             out[spec.name] = {**d["quantization"], "dtype": d["dtype"]}
@@ -385,8 +434,8 @@ def _converter_names(user: list[str], model: list[str]) -> dict[str, str]:
     return dict(zip(user, sorted(model, key=index), strict=True))
 
 
-def _fixed_spec(spec: TensorSpec, detail: Mapping[str, Any]) -> TensorSpec:
-    """``spec`` with every dim the converted model fixes written as its number."""
+def _fixed_spec(spec: TensorSpec, detail: Mapping[str, Any], named: set[str]) -> TensorSpec:
+    """``spec`` with every dim the converted model fixes written as its number, but those in ``named``."""
     signature = detail["shape_signature"]
     if len(signature) != len(spec.shape):
         raise PackagingError(
@@ -394,26 +443,30 @@ def _fixed_spec(spec: TensorSpec, detail: Mapping[str, Any]) -> TensorSpec:
         )
     dims: list[int | str] = []
     for declared, sig in zip(spec.shape, signature, strict=True):
+        if isinstance(declared, str) and declared in named:  # one signature per value (sequence buckets)
+            dims.append(declared)
+            continue
         if isinstance(declared, int) and sig > 0 and declared != sig:
             raise PackagingError(f"{spec.name}: the converted model has shape {signature}, the source {spec.shape}")
         dims.append(int(sig) if sig > 0 else declared)  # -1: the model resizes, the name stays
     return TensorSpec(spec.name, spec.dtype, tuple(dims))
 
 
-def _specs(source: Source, details: Mapping[str, Any]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...],
-                                                                 dict[str, dict[str, str]]]:  # fmt: skip
+def _specs(
+    source: Source, details: Mapping[str, Any], named: set[str]
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], dict[str, dict[str, str]]]:
     tensor_map: dict[str, dict[str, str]] = {}
     specs: dict[str, tuple[TensorSpec, ...]] = {}
     for side, declared in (("inputs", source.inputs), ("outputs", source.outputs)):
         names = _converter_names([s.name for s in declared], list(details[side]))
         tensor_map[side] = names
-        specs[side] = tuple(_fixed_spec(s, details[side][names[s.name]]) for s in declared)
+        specs[side] = tuple(_fixed_spec(s, details[side][names[s.name]], named) for s in declared)
     for spec in source.inputs:
         model_dtype = details["inputs"][tensor_map["inputs"][spec.name]]["dtype"]
         if (
             model_dtype != spec.dtype
             and not (spec.dtype == "int64" and model_dtype == "int32")
-            and (model_dtype not in _INT_RANGES)
+            and (model_dtype not in INT_RANGES)
         ):
             raise PackagingError(f"input {spec.name!r}: the model takes {model_dtype}, the source {spec.dtype}")
     return specs["inputs"], specs["outputs"], tensor_map

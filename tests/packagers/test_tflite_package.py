@@ -179,13 +179,17 @@ def test_capabilities_and_refusals(tmp_path: Path, key: Ed25519PrivateKey, mlp: 
 def test_text_classifier_with_fixed_sequence_runs_from_text(
     bert_cls_folder: Path, key: Ed25519PrivateKey, trust: TrustedKeys, tmp_path: Path
 ) -> None:
-    """litert-torch fixes the sequence length: the device tokenizer must pad and truncate to exactly it."""
+    """Without buckets (the bundles before them) the sequence is fixed: the device pads and truncates to exactly it,
+    and a list of texts runs one at a time on the batch-1 model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from device_runtime import EdgeModelForSequenceClassification
+    from device_runtime.tasks import TruncationWarning
 
     (result,) = package(bert_cls_folder, name="cls", version=1, key=key, out_dir=tmp_path, target="tflite",
-                        precision="fp32", options=PackageOptions(validation_samples=4))  # fmt: skip
+                        precision="fp32", options=PackageOptions(validation_samples=4,
+                                                                 extra={"seq_buckets": False}))  # fmt: skip
+    assert "buckets" not in result.manifest.runtime
     length = result.manifest.inputs[0].shape[1]
     assert isinstance(length, int)
     texts = ["a short one", " ".join(["word"] * 200)]  # shorter than, and far longer than, the fixed length
@@ -196,6 +200,10 @@ def test_text_classifier_with_fixed_sequence_runs_from_text(
     model = EdgeModelForSequenceClassification.from_bundle(result.bundle_path, trust=trust)
     try:
         got = np.concatenate([model(text).logits for text in texts])  # fixed batch of 1
+        with pytest.warns(TruncationWarning, match="1 of 2 texts were cut"):
+            together = model(texts).logits  # a list on a batch-1 bundle: one text at a time, not an InputError
+        assert model.model.metrics.truncated_texts >= 2
     finally:
         model.close()
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(together, got, atol=1e-6)
