@@ -7,6 +7,8 @@
   weights help some models and hurt others (on a tiny BERT classifier per-tensor was better), so both
   variants are built and validation keeps the better one; the choice is recorded. Transformer graphs
   get a third candidate with the activation smoothing of the int8 recipe (below) before quantization.
+  Where ``_ort_fusion`` recognises the attention blocks, each candidate is built on the fused graph
+  (``QAttention``) and optimised offline, loaded at ``ORT_ENABLE_BASIC`` (recorded in the manifest).
 - ``int8``: static QDQ calibrated on the calibration (else validation) samples, calibration method and
   per-channel from ``PackageOptions``. Transformer graphs (LayerNormalization + MatMul weights) get the
   accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
@@ -379,6 +381,7 @@ class OnnxRuntimePackager:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
+        from packagers.targets._ort_fusion import optimize_offline, quantize_extra_options, try_fuse
         from packagers.targets._ort_quant import is_transformer_graph, smooth_matmul_inputs
 
         progress("onnxruntime int8-dynamic: pre-processing the graph")
@@ -400,14 +403,21 @@ class OnnxRuntimePackager:
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
         candidates: list[BuiltModel] = []
         for label, per_channel, graph, smoothing_info in variants:
-            progress(f"onnxruntime int8-dynamic: quantizing weights ({label})")
+            # Attention layers fused into one op each become QAttention (packagers/targets/_ort_fusion.py)
+            graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs)
+            fused = ", fused attention" if fusion["fused"] else ""
+            progress(f"onnxruntime int8-dynamic: quantizing weights ({label}{fused})")
             out = workdir / label / MODEL_MEMBER
             out.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             try:
                 with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                                     reduce_range=False, use_external_data_format=False)  # fmt: skip
+                                     reduce_range=False, use_external_data_format=False,
+                                     extra_options=quantize_extra_options())  # fmt: skip
+                if fusion["fused"]:
+                    fusion["offline_optimization"] = optimize_offline(out, out.with_name("optimized.onnx"))
+                    out = out.with_name("optimized.onnx")
             except Exception as e:  # the quantizer raises plain Exceptions for unsupported graphs
                 raise PackagingError(f"int8-dynamic quantization ({label}) failed: {str(e)[:300]}") from e
             recipe = {
@@ -424,8 +434,12 @@ class OnnxRuntimePackager:
             }
             if smoothing_info is not None:
                 recipe["smoothing"] = smoothing_info
+            recipe["attention_fusion"] = fusion
             rt = {**runtime, "quantization": {"method": "dynamic", "weight_type": "QInt8", "per_channel": per_channel,
-                                              "smoothed": smoothing_info is not None}}  # fmt: skip
+                                              "smoothed": smoothing_info is not None,
+                                              "fused_attention": int(fusion["fused"])}}  # fmt: skip
+            if fusion["fused"]:  # optimised offline without the fusion that slows it (see _ort_fusion)
+                rt["graph_optimization_level"] = fusion["offline_optimization"]["device_level"]
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
@@ -436,7 +450,8 @@ class OnnxRuntimePackager:
         Raises:
             PackagingError: onnxruntime cannot load the model.
         """
-        session = cpu_session(built.path, what=f"the built model {built.path.name}")
+        level = str(built.runtime.get("graph_optimization_level", "ORT_ENABLE_ALL"))  # what the device applies
+        session = cpu_session(built.path, optimization=level, what=f"the built model {built.path.name}")
         names = [o.name for o in session.get_outputs()]
         expected = {i.name for i in session.get_inputs()}
 
