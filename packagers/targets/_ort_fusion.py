@@ -18,7 +18,7 @@ A graph without a recognisable attention (a CNN, an MLP) is left alone: ``fused 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,11 @@ def _heads(g: _Graph, reshape: Any, hidden: int) -> int | None:
     return None
 
 
-def _projection(g: _Graph, name: str, perm: tuple[int, ...]) -> tuple[str, np.ndarray, np.ndarray, int] | None:
-    """``Transpose(perm)(Reshape(Add(MatMul(x, W), b)))`` -> (x, W, b, heads)."""
+_Projection = tuple[str, np.ndarray, np.ndarray, int, str]  # input, weight, bias, heads, MatMul node name
+
+
+def _projection(g: _Graph, name: str, perm: tuple[int, ...]) -> _Projection | None:
+    """``Transpose(perm)(Reshape(Add(MatMul(x, W), b)))`` -> (x, W, b, heads, MatMul name)."""
     transpose = g.node_of(name, "Transpose")
     if transpose is None or _perm(transpose) != perm:
         return None
@@ -133,11 +136,11 @@ def _projection(g: _Graph, name: str, perm: tuple[int, ...]) -> tuple[str, np.nd
         weight = g.const(matmul.input[1])
         if bias is not None and weight is not None and weight.ndim == 2 and bias.shape == (weight.shape[1],):
             heads = _heads(g, reshape, int(weight.shape[1]))
-            return (matmul.input[0], weight, bias, heads) if heads else None
+            return (matmul.input[0], weight, bias, heads, matmul.name) if heads else None
     return None
 
 
-def _key(g: _Graph, name: str) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+def _key(g: _Graph, name: str) -> _Projection | None:
     """K transposed to [B, heads, head_size, S]: one Transpose(0,2,3,1), or (0,2,1,3) then (0,1,3,2)."""
     found = _projection(g, name, (0, 2, 3, 1))
     if found is None:
@@ -190,7 +193,7 @@ def _match(g: _Graph, softmax: Any) -> dict[str, Any] | None:
         return None
     return {"input": q[0], "output": out.output[0], "heads": q[3], "scale": scale * q_scale * k_scale * post_scale,
             "weight": np.concatenate([q[1], key[1], v[1]], axis=1), "bias": np.concatenate([q[2], key[2], v[2]]),
-            "masked": masked, "name": softmax.name}  # fmt: skip
+            "masked": masked, "name": softmax.name, "matmuls": [q[4], key[4], v[4]]}  # fmt: skip
 
 
 def _prune(model: Any) -> int:
@@ -213,13 +216,15 @@ def _prune(model: Any) -> int:
     return removed
 
 
-def fuse_attention(src: Path, dst: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def fuse_attention(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, Any]:
     """Write ``src`` with each recognised attention block as one ``com.microsoft.Attention`` node to ``dst``.
 
     Args:
         src: the float ONNX graph (not modified).
         dst: where the fused graph goes (written only when something was fused).
         feeds: sample inputs; the fused graph must reproduce ``src``'s outputs on them.
+        keep: node names that must stay as they are (layers kept in float by name): an attention block
+            whose Q/K/V MatMul is one of them is not fused.
 
     Returns:
         ``{"fused": n, ...}``: layers fused (0: nothing recognised, ``dst`` not written), heads, nodes
@@ -235,6 +240,7 @@ def fuse_attention(src: Path, dst: Path, feeds: Mapping[str, np.ndarray]) -> dic
     model = onnx.load(str(src))
     g = _Graph(model)
     matches = [m for s in model.graph.node if s.op_type == "Softmax" and (m := _match(g, s)) is not None]
+    matches = [m for m in matches if not set(m["matmuls"]) & set(keep)]
     inputs = {i.name for i in model.graph.input}
     if not matches or (any(m["masked"] for m in matches) and MASK_INPUT not in inputs):
         return {"fused": 0, "note": "no attention block of the fused form" if not matches else
@@ -297,10 +303,12 @@ def quantize_extra_options() -> dict[str, Any]:
     return {"DefaultTensorType": TensorProto.FLOAT}
 
 
-def try_fuse(src: Path, dst: Path, feeds: Mapping[str, np.ndarray]) -> tuple[Path, dict[str, Any]]:
+def try_fuse(
+    src: Path, dst: Path, feeds: Mapping[str, np.ndarray], keep: Collection[str] = ()
+) -> tuple[Path, dict[str, Any]]:
     """``fuse_attention`` where it applies: the fused graph and its info, else ``src`` and why not."""
     try:
-        info = fuse_attention(src, dst, feeds)
+        info = fuse_attention(src, dst, feeds, keep)
     except FusionError as e:
         return src, {"fused": 0, "note": str(e)[:300]}
     return (dst if info["fused"] else src), info

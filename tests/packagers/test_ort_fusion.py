@@ -65,6 +65,14 @@ def test_fuse_attention_matches_the_original(tiny_bert_onnx: Path, tmp_path: Pat
     assert info["max_relative_difference"] < 1e-4
     ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
     assert ops.count("Attention") == 2 and "Softmax" not in ops
+    # a layer kept in float by name keeps its attention unfused (its MatMuls keep their names)
+    query = next(
+        n.name
+        for n in onnx.load(str(tiny_bert_onnx)).graph.node
+        if n.name.endswith("layer.1/attention/self/query/MatMul")
+    )
+    info = fuse_attention(tiny_bert_onnx, tmp_path / "kept.onnx", _text_feeds(), keep={query})
+    assert info["fused"] == 1 and query in {n.name for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node}
 
 
 def test_fusion_is_refused_when_outputs_disagree(
