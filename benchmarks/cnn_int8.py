@@ -271,8 +271,9 @@ def judge(rows: Sequence[Row], targets: Sequence[str], dot_product: bool | None 
         passed = speedup >= TARGET_SPEEDUP
         verdict = ("PASS" if passed else "FAIL") if dot_product else "info"
         ok = ok and (passed or not dot_product)
+        accuracy = f"cosine {best.cosine_mean:.4f}, IoU {best.iou_mean:.4f}"
         lines.append(f"{verdict}  {target}: {best.precision} {speedup:.2f}x faster than fp32 at batch 1 "
-                     f"(target >= {TARGET_SPEEDUP}x; cosine {best.cosine_mean:.4f}, IoU {best.iou_mean:.4f})")  # fmt: skip
+                     f"(target >= {TARGET_SPEEDUP}x; {accuracy})")  # fmt: skip
     if not dot_product:
         lines.append("info  no int8 dot-product instructions on this CPU (VNNI, asimddp): speed not judged")
     return lines, ok

@@ -176,8 +176,14 @@ def package_options(target_cosine: float = COSINE_BAR) -> Any:
     return PackageOptions(target_cosine=target_cosine) if "target_cosine" in fields else PackageOptions()
 
 
-def build_bundles(folder: Path, calibration: Mapping[str, np.ndarray], key: Path, out: Path,
-                  plan: Mapping[str, Sequence[str]], say: Callable[[str], None]) -> tuple[list[Any], list[str]]:  # fmt: skip
+def build_bundles(
+    folder: Path,
+    calibration: Mapping[str, np.ndarray],
+    key: Path,
+    out: Path,
+    plan: Mapping[str, Sequence[str]],
+    say: Callable[[str], None],
+) -> tuple[list[Any], list[str]]:
     """Package ``plan`` ({target: precisions}); one call per (target, precision), failures noted, not fatal."""
     from packagers import available_targets, package
     from sdk.errors import EdgeshipError

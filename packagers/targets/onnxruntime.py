@@ -250,7 +250,7 @@ class OnnxRuntimePackager:
         elif precision is Precision.FP16:
             built = self._fp16(exported.path, workdir, runtime, export_info, progress)
         elif precision is Precision.INT8_DYNAMIC:
-            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress)
+            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress, options)
         elif precision is Precision.INT8:
             built = self._int8_static(exported.path, workdir, runtime, export_info, source, options, progress)
         else:
@@ -375,7 +375,8 @@ class OnnxRuntimePackager:
         return BuiltModel(path, ORT_MEMBER, rt, recipe, built.candidate)
 
     def _int8_dynamic(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
-                      source: Source, progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
+                      source: Source, progress: Callable[[str], None],
+                      options: PackageOptions | None = None) -> list[BuiltModel]:  # fmt: skip
         import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -402,9 +403,13 @@ class OnnxRuntimePackager:
             smoothing["data"] = source.data_origin
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
         candidates: list[BuiltModel] = []
+        pinned = options is not None and (options.for_runtime is not None or options.device is not None)
         for label, per_channel, graph, smoothing_info in variants:
-            # Attention layers fused into one op each become QAttention (packagers/targets/_ort_fusion.py)
-            graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs)
+            # Attention layers fused into one op each become QAttention (packagers/targets/_ort_fusion.py); the
+            # offline-optimised graph needs the host's onnxruntime, so not when an older release is asked for
+            fusion: dict[str, Any] = {"fused": 0, "note": "not with --for-runtime/--device"}
+            if not pinned:
+                graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs)
             fused = ", fused attention" if fusion["fused"] else ""
             progress(f"onnxruntime int8-dynamic: quantizing weights ({label}{fused})")
             out = workdir / label / MODEL_MEMBER

@@ -76,9 +76,17 @@ def test_text_throughput_core_functions(bench: ModuleType, tiny_folder: Path, tm
     # the optimum worker's JSON, as run_optimum returns it
     for key in ("fp32", "int8"):
         np.save(tmp_path / f"{key}-b1.npy", reference * (1.0 if key == "fp32" else -1.0))
-    result_json = {"rows": {name: {"per_s": {"1": speed, "32": speed}, "size_bytes": 10,
-                                   "embeddings": {"1": str(tmp_path / f"{name.split()[1]}-b1.npy")}}
-                            for name, speed in (("optimum fp32", 1e-3), ("optimum int8 (avx512_vnni dynamic)", 1e9))}}  # fmt: skip
+    speeds = {"optimum fp32": 1e-3, "optimum int8 (avx512_vnni dynamic)": 1e9}
+    result_json = {
+        "rows": {
+            name: {
+                "per_s": {"1": speed, "32": speed},
+                "size_bytes": 10,
+                "embeddings": {"1": str(tmp_path / f"{name.split()[1]}-b1.npy")},
+            }
+            for name, speed in speeds.items()
+        }
+    }
     optimum = bench.optimum_rows(json.loads(json.dumps(result_json)), reference, np.arange(9))
     assert [round(r.cosine_mean, 5) for r in optimum] == [1.0, -1.0]
     table = bench.format_table(optimum + rows, batches=(1, 4))

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packager_checks import min_cosine, open_bundle
 
 import device_runtime
-from packagers import package
+from packagers import PackageOptions, package
 from packagers.targets import _ort_fusion
 from packagers.targets._ort_fusion import FusionError, fuse_attention, try_fuse
+from sdk.compat import version_at_least
 from sdk.signing import TrustedKeys
 
 
@@ -120,3 +121,14 @@ def test_int8_dynamic_bundle_is_fused_and_runs_on_the_device(
         want, got = ref.predict(feeds)["last_hidden_state"], model.predict(feeds)["last_hidden_state"]
     rows = feeds["attention_mask"].astype(bool)
     assert min_cosine(want[rows], got[rows]) > 0.98  # unpadded tokens; int8 of a random tiny BERT
+
+
+def test_no_fusion_when_an_older_runtime_is_asked_for(
+    bert_feature_folder: Path, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    (result,) = package(bert_feature_folder, name="tiny-bert", version=1, key=key, out_dir=tmp_path / "out",
+                        precision="int8-dynamic", calibration=_text_feeds(),
+                        options=PackageOptions(for_runtime="onnxruntime==1.17"))  # fmt: skip
+    runtime = result.manifest.runtime
+    assert runtime["quantization"]["fused_attention"] == 0 and runtime["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert version_at_least("1.17.0", runtime["min_version"])  # a 1.17 device takes it
