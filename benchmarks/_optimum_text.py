@@ -53,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sentences", type=Path, required=True, help="one sentence a line")
     parser.add_argument("--out", type=Path, required=True, help="where the exports, JSON and embeddings go")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args(argv)
 
     from importlib.metadata import version
@@ -88,25 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedders = {name: _embedder(model, tokenizer) for name, model in models.items()}
     for embed in embedders.values():  # warm-up
         embed(sentences[:4])
-    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in embedders}
-    result: dict[str, Any] = {"rows": {}, "versions": {p: version(p) for p in ("optimum", "optimum-onnx",
-                              "transformers", "onnxruntime", "torch")},
-                              "export_s": round(export_s, 2), "python": sys.version.split()[0]}  # fmt: skip
-    for _ in range(args.repeats):  # rows interleaved pass by pass
-        for name, embed in embedders.items():
-            for batch in args.batches:
-                seconds, vectors = _pass(embed, sentences, batch)
-                times[name][batch].append(seconds)
-                np.save(args.out / f"{name.split()[1]}-b{batch}.npy", vectors)
-    for name in embedders:
-        files = {"fp32": fp32_dir / "model.onnx", "int8": int8_dir / "model_quantized.onnx"}
-        key = name.split()[1]
-        result["rows"][name] = {
-            "per_s": {str(b): len(sentences) / float(np.median(t)) for b, t in times[name].items()},
-            "embeddings": {str(b): str(args.out / f"{key}-b{b}.npy") for b in args.batches},
-            "size_bytes": files[key].stat().st_size,
-        }
-    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    sizes = {"fp32": fp32_dir / "model.onnx", "int8": int8_dir / "model_quantized.onnx"}
+    ready = {"rows": {name: {"size_bytes": sizes[name.split()[1]].stat().st_size} for name in embedders},
+             "versions": {p: version(p) for p in ("optimum", "optimum-onnx", "transformers", "onnxruntime", "torch")},
+             "export_s": round(export_s, 2)}  # fmt: skip
+    print(json.dumps(ready), flush=True)
+    # Serve passes on request (one JSON line each), so the caller interleaves them with its own rows.
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("quit"):
+            break
+        name, batch = str(request["row"]), int(request["batch"])
+        seconds, vectors = _pass(embedders[name], sentences, batch)
+        path = args.out / f"{name.split()[1]}-b{batch}.npy"
+        np.save(path, vectors)
+        print(json.dumps({"seconds": seconds, "embeddings": str(path)}), flush=True)
     return 0
 
 

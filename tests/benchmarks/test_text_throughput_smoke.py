@@ -9,7 +9,6 @@ the optimum worker's JSON read back, the table and the verdicts.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -66,32 +65,26 @@ def test_text_throughput_core_functions(bench: ModuleType, tiny_folder: Path, tm
         models.append(model)
         rows.append(bench.Row(f"edgeship onnxruntime {result.precision}", "edgeship", embed, size_bytes=1))
     texts = sentences[:9]
-    reference = bench.measure(rows, texts, batches=(1, 4), repeats=2, evaluate=np.arange(1, 9))
+    calls: list[int] = []
+
+    def remote(batch: int) -> tuple[float, np.ndarray]:  # a row timed in another process (optimum's worker)
+        calls.append(batch)
+        return 1e-3 if batch == 1 else 1.0, np.ones((9, 32))
+
+    int8 = bench.Row("optimum int8 (avx512_vnni dynamic)", "optimum", remote=lambda b: (1e-9, -np.ones((9, 32))))
+    optimum = [bench.Row("optimum fp32", "optimum", remote=remote), int8]
+    reference = bench.measure(rows + optimum, texts, batches=(1, 4), repeats=2, evaluate=np.arange(1, 9))
     for model in models:
         model.close()
+    assert calls == [1, 4, 1, 4]  # interleaved pass by pass with the local rows
     assert reference.shape == (9, 32)
     assert rows[0].cosine_mean > 0.99999 and rows[1].cosine_mean > 0.9  # the fp32 row is the reference here
     assert all(r.per_s[1] > 0 and r.per_s[4] > 0 for r in rows)
-
-    # the optimum worker's JSON, as run_optimum returns it
-    for key in ("fp32", "int8"):
-        np.save(tmp_path / f"{key}-b1.npy", reference * (1.0 if key == "fp32" else -1.0))
-    speeds = {"optimum fp32": 1e-3, "optimum int8 (avx512_vnni dynamic)": 1e9}
-    result_json = {
-        "rows": {
-            name: {
-                "per_s": {"1": speed, "32": speed},
-                "size_bytes": 10,
-                "embeddings": {"1": str(tmp_path / f"{name.split()[1]}-b1.npy")},
-            }
-            for name, speed in speeds.items()
-        }
-    }
-    optimum = bench.optimum_rows(json.loads(json.dumps(result_json)), reference, np.arange(9))
-    assert [round(r.cosine_mean, 5) for r in optimum] == [1.0, -1.0]
+    assert optimum[0].per_s == {1: 9000.0, 4: 9.0}
     table = bench.format_table(optimum + rows, batches=(1, 4))
     assert "optimum int8" in table and "edgeship onnxruntime int8-dynamic" in table
     rows[0].per_s[32] = rows[0].per_s[4]
+    optimum[0].per_s, optimum[1].per_s = {1: 1e-3, 32: 1e-3}, {1: 1e9, 32: 1e9}
     lines, ok = bench.judge(optimum + rows[:1])
     assert not ok and lines[1].startswith("PASS  batch 1 vs optimum fp32") and lines[2].startswith("FAIL")
     lines, ok = bench.judge(optimum)
