@@ -20,8 +20,10 @@ other processes hits every row alike), embedding cosine against torch fp32 (mean
 sentences, padded to 128 like the timed input), and the size on disk. It also times packaging the model
 for every registered target at fp32 and int8. Targets (issue 3), each printed PASS/FAIL:
 
-- the fastest edgeship bundle with mean cosine >= 0.995 takes <= 0.8x baseline A's p50 and <= 0.35x
-  torch eager's; where it stands against baseline B (speed and cosine) is printed;
+- the fastest edgeship bundle with mean cosine >= 0.995 takes <= 0.6x baseline A's p50 and <= 0.2x
+  torch eager's (issue 15; judged on a CPU with int8 dot-product instructions, VNNI or Arm's dot
+  product: on one without, the ratios are printed as ``info``); where it stands against baseline B
+  (speed and cosine) is printed;
 - packaging for all targets at fp32 and int8 takes < 180 s.
 
 The functions are importable (``tests/packagers/test_ort_bench_smoke.py`` runs them on a tiny BERT).
@@ -47,13 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, str(REPO))
 
-from _machine import cpu_line  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _machine import cpu_line, has_int8_dot  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 SEQUENCE = 128
 COSINE_BAR = 0.995
-TARGET_VS_A = 0.8
-TARGET_VS_TORCH = 0.35
+TARGET_VS_A = 0.6  # issue 15 (0.8 in issue 3)
+TARGET_VS_TORCH = 0.2  # issue 15 (0.35 in issue 3)
 PACKAGING_BUDGET_S = 180.0
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -321,8 +323,13 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def judge(rows: Sequence[Row], packaging_s: float | None) -> tuple[list[str], bool]:
-    """PASS/FAIL lines for the issue's targets, and whether all passed."""
+def judge(rows: Sequence[Row], packaging_s: float | None, dot_product: bool | None = None) -> tuple[list[str], bool]:
+    """PASS/FAIL lines for the issue's targets, and whether all passed.
+
+    ``dot_product``: whether the CPU has int8 dot-product instructions (default: this CPU's); without
+    them the speed ratios are printed as ``info`` and not judged.
+    """
+    dot_product = has_int8_dot() if dot_product is None else dot_product
     torch_row = next(r for r in rows if r.kind == "torch")
     a = next(r for r in rows if r.name.startswith("baseline A"))
     b = next(r for r in rows if r.name.startswith("baseline B"))
@@ -337,12 +344,17 @@ def judge(rows: Sequence[Row], packaging_s: float | None) -> tuple[list[str], bo
         vs_a, vs_t, vs_b = best.p50 / a.p50, best.p50 / torch_row.p50, best.p50 / b.p50
         pass_a, pass_t = vs_a <= TARGET_VS_A, vs_t <= TARGET_VS_TORCH
         ok = pass_a and pass_t
+        if not dot_product:  # the targets are for CPUs with int8 dot products: report the ratios only
+            ok = pass_a = pass_t = True
         lines.append(
             f"fastest edgeship bundle with mean cosine >= {COSINE_BAR}: {best.name} "
             f"(p50 {best.p50:.2f} ms, cosine mean {best.cosine_mean:.5f} min {best.cosine_min:.5f})"
         )
-        lines.append(f"{'PASS' if pass_a else 'FAIL'}  p50 vs baseline A: {vs_a:.3f}x (target <= {TARGET_VS_A}x)")
-        lines.append(f"{'PASS' if pass_t else 'FAIL'}  p50 vs torch eager: {vs_t:.3f}x (target <= {TARGET_VS_TORCH}x)")
+        verdict = (lambda passed: "PASS" if passed else "FAIL") if dot_product else (lambda _passed: "info")
+        lines.append(f"{verdict(pass_a)}  p50 vs baseline A: {vs_a:.3f}x (target <= {TARGET_VS_A}x)")
+        lines.append(f"{verdict(pass_t)}  p50 vs torch eager: {vs_t:.3f}x (target <= {TARGET_VS_TORCH}x)")
+        if not dot_product:
+            lines.append("info  no int8 dot-product instructions on this CPU (VNNI, asimddp): speed targets not judged")
         lines.append(
             f"info  vs baseline B: p50 {vs_b:.3f}x; cosine mean {best.cosine_mean:.5f} vs {b.cosine_mean:.5f}, "
             f"min {best.cosine_min:.5f} vs {b.cosine_min:.5f}"

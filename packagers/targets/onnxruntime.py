@@ -7,6 +7,8 @@
   weights help some models and hurt others (on a tiny BERT classifier per-tensor was better), so both
   variants are built and validation keeps the better one; the choice is recorded. Transformer graphs
   get a third candidate with the activation smoothing of the int8 recipe (below) before quantization.
+  Where ``_ort_fusion`` recognises the attention blocks, each candidate is built on the fused graph
+  (``QAttention``) and optimised offline, loaded at ``ORT_ENABLE_BASIC`` (recorded in the manifest).
 - ``int8``: static QDQ calibrated on the calibration (else validation) samples, calibration method and
   per-channel from ``PackageOptions``. Transformer graphs (LayerNormalization + MatMul weights) get the
   accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
@@ -259,7 +261,7 @@ class OnnxRuntimePackager:
         elif precision is Precision.FP16:
             built = [*self._fp16(exported.path, workdir, runtime, export_info, progress)]
         elif precision is Precision.INT8_DYNAMIC:
-            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress)
+            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress, options)
         elif precision is Precision.INT8:
             built = self._int8_static(exported.path, workdir, runtime, export_info, source, options, progress)
         else:
@@ -392,13 +394,14 @@ class OnnxRuntimePackager:
         return BuiltModel(path, ORT_MEMBER, rt, recipe, built.candidate)
 
     def _int8_dynamic(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
-                      source: Source,
-                      progress: Callable[[str], None]) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
+                      source: Source, progress: Callable[[str], None],
+                      options: PackageOptions | None = None) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
         import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
+        from packagers.targets._ort_fusion import optimize_offline, quantize_extra_options, try_fuse
         from packagers.targets._ort_quant import is_transformer_graph, smooth_matmul_inputs
 
         progress("onnxruntime int8-dynamic: pre-processing the graph")
@@ -419,15 +422,26 @@ class OnnxRuntimePackager:
             smoothing["data"] = source.data_origin
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
         candidates: list[BuiltModel | CandidateFailed] = []
+        pinned = options is not None and (options.for_runtime is not None or options.device is not None)
         for label, per_channel, graph, smoothing_info in variants:
-            progress(f"onnxruntime int8-dynamic: quantizing weights ({label})")
+            # Attention layers fused into one op each become QAttention (packagers/targets/_ort_fusion.py); the
+            # offline-optimised graph needs the host's onnxruntime, so not when an older release is asked for
+            fusion: dict[str, Any] = {"fused": 0, "note": "not with --for-runtime/--device"}
+            if not pinned:
+                graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs)
+            fused = ", fused attention" if fusion["fused"] else ""
+            progress(f"onnxruntime int8-dynamic: quantizing weights ({label}{fused})")
             out = workdir / label / MODEL_MEMBER
             out.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             try:
                 with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                                     reduce_range=False, use_external_data_format=False)  # fmt: skip
+                                     reduce_range=False, use_external_data_format=False,
+                                     extra_options=quantize_extra_options())  # fmt: skip
+                if fusion["fused"]:
+                    fusion["offline_optimization"] = optimize_offline(out, out.with_name("optimized.onnx"))
+                    out = out.with_name("optimized.onnx")
             except Exception as e:  # the quantizer raises plain Exceptions; one recipe failing leaves the others
                 candidates.append(CandidateFailed(label, "build", f"int8-dynamic quantization failed: {str(e)[:300]}"))
                 continue
@@ -445,8 +459,12 @@ class OnnxRuntimePackager:
             }
             if smoothing_info is not None:
                 recipe["smoothing"] = smoothing_info
+            recipe["attention_fusion"] = fusion
             rt = {**runtime, "quantization": {"method": "dynamic", "weight_type": "QInt8", "per_channel": per_channel,
-                                              "smoothed": smoothing_info is not None}}  # fmt: skip
+                                              "smoothed": smoothing_info is not None,
+                                              "fused_attention": int(fusion["fused"])}}  # fmt: skip
+            if fusion["fused"]:  # optimised offline without the fusion that slows it (see _ort_fusion)
+                rt["graph_optimization_level"] = fusion["offline_optimization"]["device_level"]
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
@@ -457,7 +475,8 @@ class OnnxRuntimePackager:
         Raises:
             PackagingError: onnxruntime cannot load the model.
         """
-        session = cpu_session(built.path, what=f"the built model {built.path.name}")
+        level = str(built.runtime.get("graph_optimization_level", "ORT_ENABLE_ALL"))  # what the device applies
+        session = cpu_session(built.path, optimization=level, what=f"the built model {built.path.name}")
         names = [o.name for o in session.get_outputs()]
         expected = {i.name for i in session.get_inputs()}
 
