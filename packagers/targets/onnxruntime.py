@@ -53,6 +53,7 @@ CAPABILITIES = Capabilities(
 MODEL_MEMBER = "model.onnx"
 ORT_MEMBER = "model.ort"
 DEFAULT_INT4_BLOCK_SIZE = 32
+MAX_RECORDED = 256  # float layer names the manifest records (the report lists them all)
 
 
 def runtime_min_version() -> str:
@@ -203,6 +204,11 @@ def _ort_format_option(options: PackageOptions) -> bool:
     return value
 
 
+def _float_record(names: tuple[str, ...]) -> dict[str, Any]:
+    """``runtime.quantization``'s account of the layers kept in float (nothing when none is)."""
+    return {"float_layers": list(names[:MAX_RECORDED])} if names else {}
+
+
 class OnnxRuntimePackager:
     """Builds ``model.onnx`` for onnxruntime's CPU execution provider."""
 
@@ -248,7 +254,7 @@ class OnnxRuntimePackager:
         elif precision is Precision.FP16:
             built = self._fp16(exported.path, workdir, runtime, export_info, progress)
         elif precision is Precision.INT8_DYNAMIC:
-            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress)
+            built = self._int8_dynamic(exported.path, workdir, runtime, export_info, source, progress, options)
         elif precision is Precision.INT8:
             built = self._int8_static(exported.path, workdir, runtime, export_info, source, options, progress)
         else:
@@ -283,11 +289,14 @@ class OnnxRuntimePackager:
         import onnx
         import onnxruntime as ort
 
+        from packagers.targets._ort_layers import ensure_node_names, resolve_float_nodes, static_quantized_layers
         from packagers.targets._ort_quant import (
+            ALPHAS,
             is_transformer_graph,
             quantize_static_qdq,
             sensitive_nodes,
             smooth_matmul_inputs,
+            weight_matmuls,
         )
 
         recipe_name = str(options.extra.get("int8_recipe", "auto"))
@@ -299,7 +308,7 @@ class OnnxRuntimePackager:
         progress("onnxruntime int8: pre-processing the graph")
         pre = workdir / "preprocessed.onnx"
         pre_info = _pre_process(src, pre)
-        base = pre if pre_info["applied"] else src
+        base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
         transformer = recipe_name == "transformer" or (
             recipe_name == "auto" and is_transformer_graph(onnx.load(str(base), load_external_data=False))
         )
@@ -313,13 +322,19 @@ class OnnxRuntimePackager:
         }
         smoothing: dict[str, Any] | None = None
         keep: list[str] = []
-        if transformer:
+        alpha = options.smoothquant_alpha
+        if (transformer and alpha != 0) or (alpha and weight_matmuls(onnx.load(str(base), load_external_data=False))):
             progress("onnxruntime int8: measuring activation outliers and per-layer sensitivity (smoothing)")
             smoothed = workdir / "smoothed.onnx"
-            smoothing = smooth_matmul_inputs(base, smoothed, feeds, workdir)
-            keep = sensitive_nodes(smoothing["sensitivity"], keep_float)
+            alphas = ALPHAS if alpha is None else (alpha,)
+            smoothing = smooth_matmul_inputs(base, smoothed, feeds, workdir, alphas=alphas)
+            if transformer and not options.float_layers:  # the search's or the user's float layers replace these
+                keep = sensitive_nodes(smoothing["sensitivity"], keep_float)
             smoothing["sensitivity"] = dict(list(smoothing["sensitivity"].items())[:8])  # worst few, for the report
             base = smoothed
+        selection = resolve_float_nodes(base, options, keep)
+        if selection.unmatched:
+            progress("onnxruntime int8: no layer matched " + ", ".join(selection.unmatched))
         # Per-tensor vs per-channel: transformers want per-channel (outlier rows); for other graphs
         # validation picks, as for int8-dynamic.
         channel_modes = (
@@ -333,14 +348,20 @@ class OnnxRuntimePackager:
             out.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             quant = quantize_static_qdq(base, out, feeds, method=options.calibration_method, per_channel=per_channel,
-                                        weights_only=transformer, nodes_to_exclude=keep)  # fmt: skip
-            recipe = {**common, **quant, "per_channel": per_channel, "seconds": round(time.perf_counter() - start, 3)}
+                                        weights_only=transformer, nodes_to_exclude=selection.names,
+                                        max_samples=options.calibration_size or 128,
+                                        symmetric_activations=options.activation_symmetric,
+                                        symmetric_weights=options.weight_symmetric)  # fmt: skip
+            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel,
+                      "quantized_layers": static_quantized_layers(out),
+                      "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
             if smoothing is not None:
                 recipe["smoothing"] = smoothing
             rt = {**runtime, "quantization": {"method": "static", "format": "QDQ", "per_channel": per_channel,
                                               "calibration_method": options.calibration_method,
                                               "recipe": common["recipe"], "smoothed": transformer,
-                                              "float_nodes": len(keep)}}  # fmt: skip
+                                              "float_nodes": len(selection.names),
+                                              **_float_record(selection.names)}}  # fmt: skip
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
@@ -373,31 +394,46 @@ class OnnxRuntimePackager:
         return BuiltModel(path, ORT_MEMBER, rt, recipe, built.candidate)
 
     def _int8_dynamic(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
-                      source: Source, progress: Callable[[str], None]) -> list[BuiltModel]:  # fmt: skip
+                      source: Source, progress: Callable[[str], None],
+                      options: PackageOptions) -> list[BuiltModel]:  # fmt: skip
         import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        from packagers.targets._ort_quant import is_transformer_graph, smooth_matmul_inputs
+        from packagers.targets._ort_layers import dynamic_quantized_layers, ensure_node_names, resolve_float_nodes
+        from packagers.targets._ort_quant import ALPHAS, is_transformer_graph, smooth_matmul_inputs
 
         progress("onnxruntime int8-dynamic: pre-processing the graph")
         pre = workdir / "preprocessed.onnx"
         pre_info = _pre_process(src, pre)
-        base = pre if pre_info["applied"] else src
+        base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
+        selection = resolve_float_nodes(base, options)
+        if selection.unmatched:
+            progress("onnxruntime int8-dynamic: no layer matched " + ", ".join(selection.unmatched))
         variants: list[tuple[str, bool, Path, dict[str, Any] | None]] = [
-            ("per-tensor", False, base, None),
-            ("per-channel", True, base, None),
+            (label, per_channel, base, None)
+            for label, per_channel in (("per-tensor", False), ("per-channel", True))
+            if options.per_channel in (None, per_channel)  # the option (or the search) pins one
         ]
-        if is_transformer_graph(onnx.load(str(base), load_external_data=False)):
+        alpha = options.smoothquant_alpha
+        if (
+            alpha != 0
+            and options.per_channel is not False
+            and (alpha is not None or is_transformer_graph(onnx.load(str(base), load_external_data=False)))
+        ):
             # Outlier channels in transformer activations cost dynamic int8 too (all-MiniLM-L6-v2: pooled
             # cosine 0.9925 -> 0.9955 with smoothing); a third candidate, validation still picks.
             progress("onnxruntime int8-dynamic: smoothing activation outliers (third candidate)")
             smoothed = workdir / "smoothed.onnx"
-            smoothing = smooth_matmul_inputs(base, smoothed, source.validation_inputs, workdir)
+            smoothing = smooth_matmul_inputs(base, smoothed, source.validation_inputs, workdir,
+                                             alphas=ALPHAS if alpha is None else (alpha,))  # fmt: skip
             smoothing["sensitivity"] = dict(list(smoothing["sensitivity"].items())[:8])
             smoothing["data"] = source.data_origin
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
+        extra = {"WeightSymmetric": options.weight_symmetric is not False}
+        # quantize_dynamic turns a Gemm into a MatMul named NAME_MatMul before it reads nodes_to_exclude
+        excluded = [*selection.names, *(f"{name}_MatMul" for name in selection.names)]
         candidates: list[BuiltModel] = []
         for label, per_channel, graph, smoothing_info in variants:
             progress(f"onnxruntime int8-dynamic: quantizing weights ({label})")
@@ -407,28 +443,36 @@ class OnnxRuntimePackager:
             try:
                 with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                                     reduce_range=False, use_external_data_format=False)  # fmt: skip
+                                     reduce_range=False, use_external_data_format=False,
+                                     nodes_to_exclude=excluded, extra_options=extra)  # fmt: skip
             except Exception as e:  # the quantizer raises plain Exceptions for unsupported graphs
                 raise PackagingError(f"int8-dynamic quantization ({label}) failed: {str(e)[:300]}") from e
             recipe = {
                 "method": "dynamic",
                 "tool": f"onnxruntime.quantization.quantize_dynamic (onnxruntime {ort.__version__})",
                 "weight_type": "QInt8",
-                "weights": f"int8 symmetric, {label}",
+                "weights": f"int8 {'asymmetric' if options.weight_symmetric is False else 'symmetric'}, {label}",
                 "activations": "uint8, scale and zero point computed at run time per tensor",
                 "per_channel": per_channel,
                 "reduce_range": False,
                 "op_types": sorted(IntegerOpsRegistry),
                 "pre_process": pre_info,
+                **selection.report(),
+                "quantized_layers": dynamic_quantized_layers(graph, out, {*IntegerOpsRegistry, "Gemm"}),
                 "seconds": round(time.perf_counter() - start, 3),
             }
             if smoothing_info is not None:
                 recipe["smoothing"] = smoothing_info
             rt = {**runtime, "quantization": {"method": "dynamic", "weight_type": "QInt8", "per_channel": per_channel,
-                                              "smoothed": smoothing_info is not None}}  # fmt: skip
+                                              "smoothed": smoothing_info is not None,
+                                              **_float_record(selection.names)}}  # fmt: skip
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
+
+    def quantized_layers(self, built: BuiltModel) -> list[str]:
+        """The ONNX nodes ``built`` computes in int8, graph order (the names ``float_layers`` takes)."""
+        return list(built.recipe.get("quantization", {}).get("quantized_layers", []))
 
     def runner(self, built: BuiltModel) -> Runner:
         """A run function over an onnxruntime CPU session of ``built`` (ORT_ENABLE_ALL).
