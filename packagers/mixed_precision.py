@@ -10,9 +10,12 @@ its packager offers ``quantized_layers``, the search:
    validation samples (``PROBE_SAMPLES``). With more than ``MAX_PROBES`` layers it probes contiguous
    blocks of layers first (graph order; a block is a stage of the network) and then the layers of the
    most sensitive blocks one by one, so the cost stays about ``2 * MAX_PROBES`` builds whatever the depth;
-3. keeps the most sensitive layers in float, growing the set (1, 2, 3, 4, 6, 8, 12, ... layers, each
+3. keeps the most sensitive layers in float, growing the set (1, 2, 4, 8, ... layers, then the cap; each
    step rebuilt and validated on every sample) until the tolerance holds or the cap
    (``max_float_layers``) is reached.
+
+Probe builds calibrate on the probe samples only (``calibration_size=PROBE_SAMPLES``): they rank layers,
+they are not bundles; the growth steps calibrate as the plain build did.
 
 The metric is the one the tolerance gates: the mean cosine of every output, plus the IoU of
 thresholded dense maps where an output is one. The result is the best candidate seen (the plain one
@@ -112,9 +115,10 @@ class _Search:
         # Rebuild the variant the plain search chose (per-channel or not), with the user's float layers kept.
         self.options = replace(options, per_channel=pinned if isinstance(pinned, bool) else options.per_channel)
 
-    def build(self, layers: list[str]) -> list[BuiltModel]:
+    def build(self, layers: list[str], calibration_size: int | None = None) -> list[BuiltModel]:
         self.builds += 1
-        opts = replace(self.options, float_layers=tuple(dict.fromkeys([*self.options.float_layers, *layers])))
+        opts = replace(self.options, float_layers=tuple(dict.fromkeys([*self.options.float_layers, *layers])),
+                       calibration_size=calibration_size or self.options.calibration_size)  # fmt: skip
         tried = self.packager.build(self.source, self.precision, self.workdir / f"step-{self.builds}", opts,
                                     lambda _line: None)  # fmt: skip
         built = [c for c in tried if isinstance(c, BuiltModel)]
@@ -135,7 +139,7 @@ class _Search:
         """Badness on ``n`` samples with ``layers`` kept in float (the best of the rebuilt candidates)."""
         scores = []
         try:
-            candidates = self.build(layers)
+            candidates = self.build(layers, calibration_size=n)
         except PackagingError:  # e.g. nothing left to quantize
             return float("inf")
         for built in candidates:
@@ -153,10 +157,11 @@ def _blocks(layers: list[str], count: int) -> list[list[str]]:
 
 
 def _growth(cap: int) -> list[int]:
+    """Float-set sizes tried: 1, 2, 4, 8, ... then the cap (each step is a full build and validation)."""
     sizes, k = [], 1
     while k < cap:
         sizes.append(k)
-        k = k + 1 if k < 4 else int(k * 1.5)
+        k *= 2
     return [*sizes, cap]
 
 

@@ -13,6 +13,9 @@
   the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set. Override with
   ``PackageOptions.extra["int8_recipe"] = "transformer" | "default"`` and
   ``extra["int8_keep_float"] = N`` (MatMuls kept in float, worst first).
+- ``int8`` and ``int8-dynamic`` keep in float the nodes ``PackageOptions`` names (``float_layers`` from the
+  mixed-precision search, ``exclude`` names or regexes, ``exclude_op_types``) through ``nodes_to_exclude``;
+  the names are ONNX node names after pre-processing (``quantized_layers`` lists the ones a build quantized).
 - ``int4``: ``MatMulNBits`` 4-bit blockwise weights for MatMuls with constant weights (block size
   ``extra["int4_block_size"]``, default 32; ``extra["int4_accuracy_level"]``); refused for graphs without
   such MatMuls.

@@ -13,6 +13,9 @@ cleanup, which halves the IR of a BERT.
 - ``fp16``: the IR with weights stored in fp16 (decompressed on CPUs that compute in fp32).
 - ``int8``: NNCF post-training quantization (``nncf.quantize``) calibrated on the validation inputs,
   ``ModelType.TRANSFORMER`` (SmoothQuant, mixed preset) where the graph has attention.
+  Layers ``PackageOptions`` keeps in float (``float_layers``, ``exclude``, ``exclude_op_types``) go into
+  NNCF's ``IgnoredScope`` by OpenVINO friendly name (NNCF's node names); symmetric modes, SmoothQuant alpha
+  and the calibration size into ``nncf.quantize`` (``packagers.targets._openvino_layers``).
 - ``int8-weights``: ``nncf.compress_weights`` INT8_ASYM, per-channel, data-free.
 - ``int4``: ``nncf.compress_weights`` INT4_SYM/ASYM with a group size and a ratio; NNCF keeps the
   embeddings, the last layer and layers it cannot group in int8; the report records how many weights
