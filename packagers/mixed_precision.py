@@ -190,6 +190,7 @@ def search_float_layers(
     base = search.probe([], n)
     gains: dict[str, float] = {}
     blocks = _blocks(layers, MAX_PROBES) if len(layers) > MAX_PROBES else [[name] for name in layers]
+    say(f"{tag}: plain int8 ({plain.candidate}) misses the tolerance: {'; '.join(plain_result['failures'][:2])}")
     say(f"{tag}: mixed precision: measuring the sensitivity of {len(layers)} quantized layers "
         f"({len(blocks)} probes on {n} samples; at most {cap} kept in float)")  # fmt: skip
     block_gain = [(base - search.probe(block, n), block) for block in blocks]

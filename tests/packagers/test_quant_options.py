@@ -179,7 +179,14 @@ def test_dense_maps_are_scored_by_iou_of_thresholded_maps() -> None:
     tol = Tolerances(min_cosine=0.0, min_cosine_mean=0.0, max_rel_diff=None, min_iou=0.9)
     same = compare_outputs([spec], {"maps": ref}, {"maps": ref.copy()}, tol)
     assert same["passed"] and same["metrics"]["maps"]["iou_mean"] == 1.0
-    assert same["metrics"]["maps"]["iou_threshold"] == 0.5
+    assert same["metrics"]["maps"]["iou_threshold"] == 0.5 and same["metrics"]["maps"]["cosine_samples"] == 3
+    empty = ref.copy()
+    empty[0] = 0.01  # nothing above the threshold: its cosine with noise is not scored, its IoU (1) is
+    noisy = empty.copy()
+    noisy[0] = rng.uniform(0, 0.02, noisy[0].shape)
+    background = compare_outputs([spec], {"maps": empty}, {"maps": noisy}, Tolerances(max_rel_diff=None, min_iou=0.9))
+    assert background["metrics"]["maps"]["cosine_samples"] == 2 and background["metrics"]["maps"]["iou_min"] == 1.0
+    assert not any("cosine" in f for f in background["failures"])
     moved = compare_outputs([spec], {"maps": ref}, {"maps": shifted}, tol)
     assert not moved["passed"] and abs(moved["metrics"]["maps"]["iou_mean"] - 1 / 3) < 1e-6
     assert "mean IoU of the maps thresholded at 0.5 is 0.3333 < 0.9" in moved["failures"][0]
