@@ -208,7 +208,7 @@ def search_float_layers(
     else:
         gains = {b[0]: g for g, b in block_gain}
     ranked = sorted(gains, key=lambda name: -gains[name])
-    log["sensitivity"] = {name: round(gains[name], 6) for name in ranked[:_LOG_LAYERS]}
+    log["sensitivity"] = [[name, round(gains[name], 6)] for name in ranked[:_LOG_LAYERS]]  # most sensitive first
     best = (plain, plain_run, plain_result)
     for k in _growth(cap):
         step_start = time.perf_counter()

@@ -114,7 +114,9 @@ class Tolerances:
     max_rel_diff: float | None = 1e-3  # max |built - reference| divided by max |reference|
     min_top1_agreement: float | None = None  # logits-like outputs: share of samples with the same argmax
     max_accuracy_drop: float | None = 0.01  # with labels: reference accuracy minus bundle accuracy
-    # Dense probability maps (N,C,H,W or N,H,W in [0, 1], C <= 4): lowest mean IoU of the maps thresholded at 0.5
+    # Dense probability maps (N,C,H,W or N,H,W in [0, 1], C <= 4): lowest mean IoU of the maps thresholded at 0.5.
+    # int8 default 0.9, from PP-OCRv4's text detector (16 rendered text crops, 320x320): ORT static per-tensor
+    # 0.911, NNCF 0.961 (0.973 with the one convolution the mixed-precision search kept float).
     min_iou: float | None = None
     # Golden health check on the device (another CPU's kernels): |out - golden| <= atol + rtol * |golden|,
     # with atol = golden_atol_rel * max |golden|, and per-sample cosine >= golden_min_cosine.

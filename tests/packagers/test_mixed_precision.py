@@ -54,7 +54,7 @@ def test_onnxruntime_search_keeps_only_the_sensitive_layer_float(
     search = report["build"]["mixed_precision"]
     assert search["plain"]["passed"] is False and search["outcome"] == "passed"
     assert search["quantized_layers"] == len(LAYERS) and search["cap"] == 2
-    assert max(search["sensitivity"], key=search["sensitivity"].get) == fc1  # measured, not guessed
+    assert search["sensitivity"][0][0] == fc1 and search["sensitivity"][0][1] > 0  # measured, not guessed
     assert search["steps"][-1]["float_layers"] == [fc1] and search["steps"][-1]["passed"]
     assert set(search["cost"]) >= {"size_bytes", "p50_ms", "latency_ratio", "size_ratio"}
     assert report["build"]["quantization"]["float_layers"] == [fc1]
