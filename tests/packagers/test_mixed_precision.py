@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mixed_models import LAYERS, SENSITIVE, sensitive_inputs, write_sensitive_mlp
 from packager_checks import open_bundle
 
-from packagers import PackageOptions, Tolerances, package
+from packagers import PackageOptions, Target, Tolerances, package
 from sdk.errors import DriftError
 from sdk.signing import TrustedKeys
 
@@ -117,3 +117,65 @@ def test_a_failed_search_still_logs_what_it_tried(mlp: Path, key: Ed25519Private
     assert result.manifest.runtime["quantization"]["float_layers"] == [f"{SENSITIVE}/MatMulAddFusion"]
     cosine = result.validation["metrics"]["y"]["cosine_mean"]
     assert cosine > 0.999 and np.isfinite(cosine)  # the best it found, not the plain candidate
+
+
+class _FakePackager:
+    """A target whose quantized layers are ``L0``..``L29``; quantizing ``L17`` ruins the output, the others barely."""
+
+    target = Target.TFLITE
+    layers = tuple(f"L{i}" for i in range(30))
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = reference
+        self.built: list[tuple[str, ...]] = []
+
+    def build(self, source: Any, precision: Any, workdir: Path, options: PackageOptions, progress: Any) -> list[Any]:
+        from packagers.registry import BuiltModel
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "m.bin").write_bytes(b"x" * (100 + 10 * len(options.float_layers)))
+        self.built.append(options.float_layers)
+        recipe = {"quantization": {"float_layers": list(options.float_layers)}}
+        return [BuiltModel(workdir / "m.bin", "m.bin", {}, recipe, "fake")]
+
+    def quantized_layers(self, built: Any) -> list[str]:
+        return [n for n in self.layers if n not in built.recipe["quantization"]["float_layers"]]
+
+    def runner(self, built: Any) -> Any:
+        kept = set(built.recipe["quantization"]["float_layers"])
+        noise = np.random.default_rng(0).standard_normal(self.reference.shape)
+        scale = (0.0 if "L17" in kept else 1.0) + 0.001 * sum(n not in kept for n in self.layers)
+        return lambda feeds: {"y": self.reference[: len(feeds["x"])] + scale * noise[: len(feeds["x"])]}
+
+
+def test_deep_graphs_are_probed_by_blocks_then_layers(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from packagers.mixed_precision import MAX_PROBES, search_float_layers
+    from packagers.options import Precision
+    from sdk.manifest import TensorSpec
+
+    reference = np.random.default_rng(1).standard_normal((16, 8)) + 3.0
+    inputs = {"x": np.zeros((16, 2), np.float32)}
+    source = SimpleNamespace(inputs=[TensorSpec("x", "float32", ("batch", 2))],
+                             outputs=[TensorSpec("y", "float32", ("batch", 8))])  # fmt: skip
+    packager = _FakePackager(reference)
+    plain = packager.build(source, Precision.INT8, tmp_path / "plain", PackageOptions(), print)[0]
+    run = packager.runner(plain)
+    tol = Tolerances(min_cosine=0.99, min_cosine_mean=0.999, max_rel_diff=None)
+    from packagers.validation import compare_outputs
+
+    plain_result = compare_outputs(source.outputs, {"y": reference}, run(inputs), tol)
+    assert not plain_result["passed"]
+    lines: list[str] = []
+    found = search_float_layers(packager, source, Precision.INT8, plain, run, plain_result, [], inputs=inputs,  # type: ignore[arg-type]
+                                reference={"y": reference}, tol=tol, labels=None,
+                                options=PackageOptions(max_float_layers=0.1), workdir=tmp_path / "s",
+                                say=lines.append)  # fmt: skip
+    log = found.built.recipe["mixed_precision"]
+    assert found.result["passed"] and found.built.recipe["quantization"]["float_layers"] == ["L17"]
+    assert len(log["blocks"]) == MAX_PROBES and log["blocks"][0]["first"] <= "L17" <= log["blocks"][0]["last"]
+    assert log["sensitivity"][0][0] == "L17" and log["cap"] == 3
+    assert log["builds"] <= 2 * MAX_PROBES + 3  # base + blocks + layers of the worst blocks + one growth step
+    assert log["cost"]["size_bytes"]["mixed"] > log["cost"]["size_bytes"]["plain"]
+    assert found.summary[-1] == {"candidate": "fake+float", "passed": True, "float_layers": 1}
