@@ -12,7 +12,8 @@ its packager offers ``quantized_layers``, the search:
    most sensitive blocks one by one, so the cost stays about ``2 * MAX_PROBES`` builds whatever the depth;
 3. keeps the most sensitive layers in float, growing the set (1, 2, 4, 8, ... layers, then the cap; each
    step rebuilt and validated on every sample) until the tolerance holds or the cap
-   (``max_float_layers``) is reached.
+   (``max_float_layers``) is reached; on deep graphs it then tries the two most sensitive blocks whole
+   where they fit the cap.
 
 Probe builds calibrate on the probe samples only (``calibration_size=PROBE_SAMPLES``): they rank layers,
 they are not bundles; the growth steps calibrate as the plain build did.
@@ -215,9 +216,13 @@ def search_float_layers(
     ranked = sorted(gains, key=lambda name: -gains[name])
     log["sensitivity"] = [[name, round(gains[name], 6)] for name in ranked[:_LOG_LAYERS]]  # most sensitive first
     best = (plain, plain_run, plain_result)
-    for k in _growth(cap):
+    # The greedy steps, then (on deep graphs) the most sensitive whole blocks that fit the cap: quantization
+    # error is not additive (a float layer moves the requantization borders), so a block measured as a
+    # whole can beat its best layers taken one by one.
+    steps = [ranked[:k] for k in _growth(cap)]
+    steps += [block for _, block in block_gain[:2] if len(block) > 1 and len(block) <= cap]
+    for kept in steps:
         step_start = time.perf_counter()
-        kept = ranked[:k]
         tried = []
         try:
             candidates = search.build(kept)
@@ -236,8 +241,8 @@ def search_float_layers(
         built, run, result = max(tried, key=lambda t: (t[2]["passed"], -_badness(t[2])))
         log["steps"].append({"float_layers": kept, **_summary(result), "candidate": built.candidate,
                              "seconds": round(time.perf_counter() - step_start, 3)})  # fmt: skip
-        say(f"{tag}: mixed precision: {k} layer(s) kept in float ({', '.join(kept[:6])}"
-            f"{', ...' if k > 6 else ''}): {'passed' if result['passed'] else 'not yet'}")  # fmt: skip
+        say(f"{tag}: mixed precision: {len(kept)} layer(s) kept in float ({', '.join(kept[:6])}"
+            f"{', ...' if len(kept) > 6 else ''}): {'passed' if result['passed'] else 'not yet'}")  # fmt: skip
         if (result["passed"], -_badness(result)) > (best[2]["passed"], -_badness(best[2])):
             best = (built, run, result)
         if result["passed"]:
