@@ -25,6 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
+from packagers.mixed_precision import needs_search, search_float_layers
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
@@ -316,6 +317,11 @@ def package(
                     say(f"{skipped[-1]}: skipped")
                     continue
                 built, run, result = best
+                if needs_search(p, result, packagers[t], opts):  # keep the layers int8 ruins in float
+                    built, run, result, summary = search_float_layers(
+                        packagers[t], source, p, built, run, result, summary, inputs=inputs, reference=reference,
+                        tol=tol, labels=label_array, options=opts, workdir=tmp / f"{t.value}-{p.value}-mixed",
+                        say=say, plan=runtime_plans.get(t))  # fmt: skip
                 status = "passed" if result["passed"] else "FAILED"
                 detail = (f"min cosine {_min_cosine(result):.6f}" if result["metrics"]
                           else f"structure only: {result['numeric']['reason']}")  # fmt: skip

@@ -43,6 +43,8 @@ def bundle_row(result: PackageResult) -> dict[str, Any]:
         "cosine_mean": _worst(v, "cosine_mean"),
         "cosine_min": _worst(v, "cosine_min"),
         "top1_agreement": _worst(v, "top1_agreement"),
+        "iou_mean": _worst(v, "iou_mean"),  # dense probability maps only
+        "float_layers": len((result.manifest.runtime.quantization or {}).get("float_layers", [])),
         "accuracy": accuracy.get("bundle"),
         "passed": bool(v.get("passed")),
         "accepted_drift": bool(v.get("accepted_drift")),

@@ -31,11 +31,13 @@ from packagers._quiet import quiet
 from sdk.errors import PackagingError
 
 __all__ = [
+    "ALPHAS",
     "activation_matmuls",
     "convert_fp16",
     "is_transformer_graph",
     "quantize_int4",
     "quantize_static_qdq",
+    "sensitive_nodes",
     "smooth_matmul_inputs",
     "to_ort_format",
     "weight_matmuls",
@@ -254,8 +256,9 @@ class _Reader:
 
 
 def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *, method: str, per_channel: bool,
-                        weights_only: bool, nodes_to_exclude: Sequence[str] = (),
-                        max_samples: int = 128) -> dict[str, Any]:  # fmt: skip
+                        weights_only: bool, nodes_to_exclude: Sequence[str] = (), max_samples: int = 128,
+                        symmetric_activations: bool | None = None,
+                        symmetric_weights: bool | None = None) -> dict[str, Any]:  # fmt: skip
     """``quantize_static`` in QDQ format: uint8 asymmetric activations, int8 symmetric weights.
 
     Args:
@@ -263,6 +266,8 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
             MatMul outputs; otherwise ORT's default op set (CNNs get QLinearConv chains).
         nodes_to_exclude: nodes kept in float.
         max_samples: calibration samples used.
+        symmetric_activations: activations symmetric (``ActivationSymmetric``); None: asymmetric.
+        symmetric_weights: weights symmetric (``WeightSymmetric``); None: symmetric.
 
     Raises:
         PackagingError: the quantizer failed.
@@ -283,6 +288,10 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
         extra = {"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    if symmetric_activations is not None:
+        extra["ActivationSymmetric"] = symmetric_activations
+    if symmetric_weights is not None:
+        extra["WeightSymmetric"] = symmetric_weights
     del model
     reader = _Reader(feeds, names, max_samples)
     try:
@@ -295,8 +304,9 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
         raise PackagingError(f"static int8 quantization failed: {str(e)[:300]}") from e
     return {
         "format": "QDQ",
-        "activations": "uint8 asymmetric, per tensor, calibrated",
-        "weights": f"int8 symmetric, {'per-channel' if per_channel else 'per-tensor'}",
+        "activations": f"uint8 {'symmetric' if symmetric_activations else 'asymmetric'}, per tensor, calibrated",
+        "weights": f"int8 {'asymmetric' if symmetric_weights is False else 'symmetric'}, "
+        f"{'per-channel' if per_channel else 'per-tensor'}",
         "calibration_method": method,
         "calibration_samples": min(len(next(iter(feeds.values()))), max_samples),
         "op_types": op_types or "onnxruntime default (QDQRegistry)",

@@ -15,6 +15,9 @@
   the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set. Override with
   ``PackageOptions.extra["int8_recipe"] = "transformer" | "default"`` and
   ``extra["int8_keep_float"] = N`` (MatMuls kept in float, worst first).
+- ``int8`` and ``int8-dynamic`` keep in float the nodes ``PackageOptions`` names (``float_layers`` from the
+  mixed-precision search, ``exclude`` names or regexes, ``exclude_op_types``) through ``nodes_to_exclude``;
+  the names are ONNX node names after pre-processing (``quantized_layers`` lists the ones a build quantized).
 - ``int4``: ``MatMulNBits`` 4-bit blockwise weights for MatMuls with constant weights (block size
   ``extra["int4_block_size"]``, default 32; ``extra["int4_accuracy_level"]``); refused for graphs without
   such MatMuls.
@@ -55,6 +58,7 @@ CAPABILITIES = Capabilities(
 MODEL_MEMBER = "model.onnx"
 ORT_MEMBER = "model.ort"
 DEFAULT_INT4_BLOCK_SIZE = 32
+MAX_RECORDED = 256  # float layer names the manifest records (the report lists them all)
 
 
 def runtime_min_version() -> str:
@@ -215,6 +219,11 @@ def _ort_format_option(options: PackageOptions) -> bool:
     return value
 
 
+def _float_record(names: tuple[str, ...]) -> dict[str, Any]:
+    """``runtime.quantization``'s account of the layers kept in float (nothing when none is)."""
+    return {"float_layers": list(names[:MAX_RECORDED])} if names else {}
+
+
 class OnnxRuntimePackager:
     """Builds ``model.onnx`` for onnxruntime's CPU execution provider."""
 
@@ -299,11 +308,14 @@ class OnnxRuntimePackager:
         import onnx
         import onnxruntime as ort
 
+        from packagers.targets._ort_layers import ensure_node_names, resolve_float_nodes, static_quantized_layers
         from packagers.targets._ort_quant import (
+            ALPHAS,
             is_transformer_graph,
             quantize_static_qdq,
             sensitive_nodes,
             smooth_matmul_inputs,
+            weight_matmuls,
         )
 
         recipe_name = str(options.extra.get("int8_recipe", "auto"))
@@ -315,7 +327,7 @@ class OnnxRuntimePackager:
         progress("onnxruntime int8: pre-processing the graph")
         pre = workdir / "preprocessed.onnx"
         pre_info = _pre_process(src, pre)
-        base = pre if pre_info["applied"] else src
+        base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
         transformer = recipe_name == "transformer" or (
             recipe_name == "auto" and is_transformer_graph(onnx.load(str(base), load_external_data=False))
         )
@@ -329,13 +341,19 @@ class OnnxRuntimePackager:
         }
         smoothing: dict[str, Any] | None = None
         keep: list[str] = []
-        if transformer:
+        alpha = options.smoothquant_alpha
+        if (transformer and alpha != 0) or (alpha and weight_matmuls(onnx.load(str(base), load_external_data=False))):
             progress("onnxruntime int8: measuring activation outliers and per-layer sensitivity (smoothing)")
             smoothed = workdir / "smoothed.onnx"
-            smoothing = smooth_matmul_inputs(base, smoothed, feeds, workdir)
-            keep = sensitive_nodes(smoothing["sensitivity"], keep_float)
+            alphas = ALPHAS if alpha is None else (alpha,)
+            smoothing = smooth_matmul_inputs(base, smoothed, feeds, workdir, alphas=alphas)
+            if transformer and not options.float_layers:  # the search's or the user's float layers replace these
+                keep = sensitive_nodes(smoothing["sensitivity"], keep_float)
             smoothing["sensitivity"] = dict(list(smoothing["sensitivity"].items())[:8])  # worst few, for the report
             base = smoothed
+        selection = resolve_float_nodes(base, options, keep)
+        if selection.unmatched:
+            progress("onnxruntime int8: no layer matched " + ", ".join(selection.unmatched))
         # Per-tensor vs per-channel: transformers want per-channel (outlier rows); for other graphs
         # validation picks, as for int8-dynamic.
         channel_modes = (
@@ -351,17 +369,23 @@ class OnnxRuntimePackager:
             try:
                 quant = quantize_static_qdq(base, out, feeds, method=options.calibration_method,
                                             per_channel=per_channel, weights_only=transformer,
-                                            nodes_to_exclude=keep)  # fmt: skip
+                                            nodes_to_exclude=selection.names,
+                                            max_samples=options.calibration_size or 128,
+                                            symmetric_activations=options.activation_symmetric,
+                                            symmetric_weights=options.weight_symmetric)  # fmt: skip
             except PackagingError as e:  # one recipe failing leaves the others
                 candidates.append(CandidateFailed(label, "build", str(e)))
                 continue
-            recipe = {**common, **quant, "per_channel": per_channel, "seconds": round(time.perf_counter() - start, 3)}
+            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel,
+                      "quantized_layers": static_quantized_layers(out),
+                      "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
             if smoothing is not None:
                 recipe["smoothing"] = smoothing
             rt = {**runtime, "quantization": {"method": "static", "format": "QDQ", "per_channel": per_channel,
                                               "calibration_method": options.calibration_method,
                                               "recipe": common["recipe"], "smoothed": transformer,
-                                              "float_nodes": len(keep)}}  # fmt: skip
+                                              "float_nodes": len(selection.names),
+                                              **_float_record(selection.names)}}  # fmt: skip
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
@@ -395,40 +419,55 @@ class OnnxRuntimePackager:
 
     def _int8_dynamic(self, src: Path, workdir: Path, runtime: Mapping[str, Any], export_info: Mapping[str, Any],
                       source: Source, progress: Callable[[str], None],
-                      options: PackageOptions | None = None) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
+                      options: PackageOptions) -> list[BuiltModel | CandidateFailed]:  # fmt: skip
         import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         from packagers.targets._ort_fusion import optimize_offline, quantize_extra_options, try_fuse
-        from packagers.targets._ort_quant import is_transformer_graph, smooth_matmul_inputs
+        from packagers.targets._ort_layers import dynamic_quantized_layers, ensure_node_names, resolve_float_nodes
+        from packagers.targets._ort_quant import ALPHAS, is_transformer_graph, smooth_matmul_inputs
 
         progress("onnxruntime int8-dynamic: pre-processing the graph")
         pre = workdir / "preprocessed.onnx"
         pre_info = _pre_process(src, pre)
-        base = pre if pre_info["applied"] else src
+        base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
+        selection = resolve_float_nodes(base, options)
+        if selection.unmatched:
+            progress("onnxruntime int8-dynamic: no layer matched " + ", ".join(selection.unmatched))
         variants: list[tuple[str, bool, Path, dict[str, Any] | None]] = [
-            ("per-tensor", False, base, None),
-            ("per-channel", True, base, None),
+            (label, per_channel, base, None)
+            for label, per_channel in (("per-tensor", False), ("per-channel", True))
+            if options.per_channel in (None, per_channel)  # the option (or the search) pins one
         ]
-        if is_transformer_graph(onnx.load(str(base), load_external_data=False)):
+        alpha = options.smoothquant_alpha
+        if (
+            alpha != 0
+            and options.per_channel is not False
+            and (alpha is not None or is_transformer_graph(onnx.load(str(base), load_external_data=False)))
+        ):
             # Outlier channels in transformer activations cost dynamic int8 too (all-MiniLM-L6-v2: pooled
             # cosine 0.9925 -> 0.9955 with smoothing); a third candidate, validation still picks.
             progress("onnxruntime int8-dynamic: smoothing activation outliers (third candidate)")
             smoothed = workdir / "smoothed.onnx"
-            smoothing = smooth_matmul_inputs(base, smoothed, source.validation_inputs, workdir)
+            smoothing = smooth_matmul_inputs(base, smoothed, source.validation_inputs, workdir,
+                                             alphas=ALPHAS if alpha is None else (alpha,))  # fmt: skip
             smoothing["sensitivity"] = dict(list(smoothing["sensitivity"].items())[:8])
             smoothing["data"] = source.data_origin
             variants.append(("per-channel-smoothed", True, smoothed, smoothing))
+        extra = {"WeightSymmetric": options.weight_symmetric is not False}
+        # quantize_dynamic turns a Gemm into a MatMul named NAME_MatMul before it reads nodes_to_exclude
+        excluded = [*selection.names, *(f"{name}_MatMul" for name in selection.names)]
         candidates: list[BuiltModel | CandidateFailed] = []
-        pinned = options is not None and (options.for_runtime is not None or options.device is not None)
+        pinned = options.for_runtime is not None or options.device is not None
         for label, per_channel, graph, smoothing_info in variants:
             # Attention layers fused into one op each become QAttention (packagers/targets/_ort_fusion.py); the
             # offline-optimised graph needs the host's onnxruntime, so not when an older release is asked for
             fusion: dict[str, Any] = {"fused": 0, "note": "not with --for-runtime/--device"}
             if not pinned:
-                graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs)
+                graph, fusion = try_fuse(graph, workdir / f"{label}-fused" / MODEL_MEMBER, source.validation_inputs,
+                                         keep=set(excluded))  # fmt: skip
             fused = ", fused attention" if fusion["fused"] else ""
             progress(f"onnxruntime int8-dynamic: quantizing weights ({label}{fused})")
             out = workdir / label / MODEL_MEMBER
@@ -438,7 +477,11 @@ class OnnxRuntimePackager:
                 with quiet("onnxruntime.quantization"):
                     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                                      reduce_range=False, use_external_data_format=False,
-                                     extra_options=quantize_extra_options())  # fmt: skip
+                                     nodes_to_exclude=excluded,
+                                     extra_options={**extra, **quantize_extra_options()})  # fmt: skip
+                # base's nodes now integer ops (fused attention's MatMuls are not among them), read before the
+                # offline optimisation renames nodes
+                quantized = dynamic_quantized_layers(base, out, {*IntegerOpsRegistry, "Gemm"})
                 if fusion["fused"]:
                     fusion["offline_optimization"] = optimize_offline(out, out.with_name("optimized.onnx"))
                     out = out.with_name("optimized.onnx")
@@ -449,12 +492,14 @@ class OnnxRuntimePackager:
                 "method": "dynamic",
                 "tool": f"onnxruntime.quantization.quantize_dynamic (onnxruntime {ort.__version__})",
                 "weight_type": "QInt8",
-                "weights": f"int8 symmetric, {label}",
+                "weights": f"int8 {'asymmetric' if options.weight_symmetric is False else 'symmetric'}, {label}",
                 "activations": "uint8, scale and zero point computed at run time per tensor",
                 "per_channel": per_channel,
                 "reduce_range": False,
                 "op_types": sorted(IntegerOpsRegistry),
                 "pre_process": pre_info,
+                **selection.report(),
+                "quantized_layers": quantized,
                 "seconds": round(time.perf_counter() - start, 3),
             }
             if smoothing_info is not None:
@@ -462,12 +507,17 @@ class OnnxRuntimePackager:
             recipe["attention_fusion"] = fusion
             rt = {**runtime, "quantization": {"method": "dynamic", "weight_type": "QInt8", "per_channel": per_channel,
                                               "smoothed": smoothing_info is not None,
-                                              "fused_attention": int(fusion["fused"])}}  # fmt: skip
+                                              "fused_attention": int(fusion["fused"]),
+                                              **_float_record(selection.names)}}  # fmt: skip
             if fusion["fused"]:  # optimised offline without the fusion that slows it (see _ort_fusion)
                 rt["graph_optimization_level"] = fusion["offline_optimization"]["device_level"]
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},
                                          label))  # fmt: skip
         return candidates
+
+    def quantized_layers(self, built: BuiltModel) -> list[str]:
+        """The ONNX nodes ``built`` computes in int8, graph order (the names ``float_layers`` takes)."""
+        return list(built.recipe.get("quantization", {}).get("quantized_layers", []))
 
     def runner(self, built: BuiltModel) -> Runner:
         """A run function over an onnxruntime CPU session of ``built`` (ORT_ENABLE_ALL).

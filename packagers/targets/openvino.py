@@ -13,6 +13,9 @@ cleanup, which halves the IR of a BERT.
 - ``fp16``: the IR with weights stored in fp16 (decompressed on CPUs that compute in fp32).
 - ``int8``: NNCF post-training quantization (``nncf.quantize``) calibrated on the validation inputs,
   ``ModelType.TRANSFORMER`` (SmoothQuant, mixed preset) where the graph has attention.
+  Layers ``PackageOptions`` keeps in float (``float_layers``, ``exclude``, ``exclude_op_types``) go into
+  NNCF's ``IgnoredScope`` by OpenVINO friendly name (NNCF's node names); symmetric modes, SmoothQuant alpha
+  and the calibration size into ``nncf.quantize`` (``packagers.targets._openvino_layers``).
 - ``int8-weights``: ``nncf.compress_weights`` INT8_ASYM, per-channel, data-free.
 - ``int4``: ``nncf.compress_weights`` INT4_SYM/ASYM with a group size and a ratio; NNCF keeps the
   embeddings, the last layer and layers it cannot group in int8; the report records how many weights
@@ -64,6 +67,7 @@ MODEL_MEMBER = "model.xml"
 WEIGHTS_MEMBER = "model.bin"
 ARCH = ["x86_64", "aarch64"]  # the CPU plugin's architectures (ARM through ACL / KleidiAI)
 MAX_CALIBRATION = 300  # samples for nncf.quantize; NNCF's own default subset size
+MAX_RECORDED = 256  # float layer names the manifest records (the report lists them all)
 INT4_GROUP_SIZE = 128  # NNCF's default; smaller channels get a smaller power of two (ADJUST)
 INT4_RATIO = 1.0  # share of the eligible weights in 4 bits; the rest stay int8
 # Validation settings: batch 1 latency; the precision hint is the bundle's validated precision.
@@ -239,7 +243,7 @@ class OpenVinoPackager:
         }
         try:  # one recipe per precision here: its failure is reported as that candidate's
             if precision is Precision.INT8:
-                model, quant = self._quantize(model, source, progress)
+                model, quant = self._quantize(model, source, options, progress)
             elif precision is Precision.INT8_WEIGHTS:
                 model, quant = self._compress_int8(model, progress)
             elif precision is Precision.INT4:
@@ -251,6 +255,8 @@ class OpenVinoPackager:
         if quant is not None:
             recipe["quantization"] = quant
             runtime["quantization"] = {k: quant[k] for k in ("method", "mode", "weights") if k in quant}
+            if quant.get("kept_float"):
+                runtime["quantization"]["float_layers"] = list(quant["kept_float"][:MAX_RECORDED])
         out = workdir / MODEL_MEMBER
         # compress_to_fp16 only touches fp32 constants; quantized weights keep their int types.
         ov.save_model(model, str(out), compress_to_fp16=precision is Precision.FP16)
@@ -267,16 +273,24 @@ class OpenVinoPackager:
             BuiltModel(out, MODEL_MEMBER, runtime, recipe, precision.value, extra_members={WEIGHTS_MEMBER: weights})
         ]
 
-    def _quantize(self, model: Any, source: Source, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    def _quantize(self, model: Any, source: Source, options: PackageOptions,
+                  progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:  # fmt: skip
         import nncf
 
+        from packagers.targets._openvino_layers import nncf_settings
+        from packagers.targets._openvino_layers import quantized_layers as quantized_in
+
         transformer = source.kind == "transformers" or _has_attention(model)
-        n = min(source.samples, MAX_CALIBRATION)
+        n = min(source.samples, options.calibration_size or MAX_CALIBRATION)
         # One sample per item: calibration statistics are per sample, and the IR's batch is dynamic.
         items = [{k: np.ascontiguousarray(v[i : i + 1]) for k, v in source.validation_inputs.items()} for i in range(n)]
         kwargs: dict[str, Any] = {"subset_size": n}
         if transformer:
             kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+        settings = nncf_settings(model, options, transformer)
+        if settings.unmatched:
+            progress("openvino int8: no layer matched " + ", ".join(settings.unmatched))
+        kwargs.update(settings.kwargs)
         progress(f"openvino int8: NNCF post-training quantization on {n} samples"
                  + (" (transformer recipe)" if transformer else ""))  # fmt: skip
         start = time.perf_counter()
@@ -294,6 +308,8 @@ class OpenVinoPackager:
             "mode": "int8 weights and activations (FakeQuantize), calibrated",
             "model_type": "transformer" if transformer else "default",
             "preset": "mixed" if transformer else "performance",
+            **settings.report,
+            "quantized_layers": quantized_in(quantized),
             "calibration_samples": n,
             "calibration_data": source.data_origin,
             "weights": weights,
@@ -366,6 +382,10 @@ class OpenVinoPackager:
             "weights": weights,
             "seconds": round(time.perf_counter() - start, 3),
         }
+
+    def quantized_layers(self, built: BuiltModel) -> list[str]:
+        """The layers ``built`` quantized (NNCF node names, graph order): the names ``float_layers`` takes."""
+        return list(built.recipe.get("quantization", {}).get("quantized_layers", []))
 
     def runner(self, built: BuiltModel) -> Runner:
         """A run function over an OpenVINO CPU compiled model of ``built`` at its validated precision.

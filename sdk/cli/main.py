@@ -21,6 +21,7 @@ from typing import Any
 from sdk.cli.fleet import add_parsers as add_fleet_parsers
 from sdk.cli.keys import add_passphrase_argument, load_signers, new_key_passphrase
 from sdk.cli.package_args import add_input_arguments, input_options, per_target_targets
+from sdk.cli.quant_flags import add_quantization_arguments, quantization_options
 from sdk.cli.root import add_parser as add_root_parser
 from sdk.cli.tables import human_size
 from sdk.cli.tables import print_table as _print_table
@@ -94,6 +95,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
             device=args.device,
             validate_on=args.validate_on,
             **input_options(args),
+            **quantization_options(args),
         ),
         labels=labels,
         task=args.task,
@@ -332,6 +334,7 @@ def _add_package_parser(sub: Any) -> None:
         choices=CALIBRATION_METHODS,
         help="static int8 calibration (default: %(default)s)",
     )
+    add_quantization_arguments(pk)
     pk.add_argument(
         "--task",
         choices=TASKS,
