@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,15 +46,33 @@ def _import(name: str) -> Any:
         ) from e
 
 
-@dataclass(frozen=True)
 class TextBatch:
-    """Tokenized texts: the model's feeds plus what pipelines need to map tokens back to text."""
+    """Tokenized texts: the model's feeds plus what pipelines need to map tokens back to text.
 
-    feeds: dict[str, np.ndarray]  # model input name -> int64 [batch, sequence]
-    tokens: list[list[str]]  # token strings per text (padding included)
-    offsets: list[list[tuple[int, int]]]  # character span of each token in its text
-    special_tokens_mask: np.ndarray  # [batch, sequence], 1 for special and padding tokens
-    truncated: list[int] = field(default_factory=list)  # indices of the texts cut to max_length
+    ``tokens``, ``offsets`` and ``special_tokens_mask`` are read from the tokenizer's encodings on first
+    use: an embedding or classification call never needs them, and building them costs a Python loop
+    over every token of every text.
+    """
+
+    def __init__(self, feeds: dict[str, np.ndarray], encodings: Sequence[Any]) -> None:
+        self.feeds = feeds  # model input name -> int64 [batch, sequence]
+        self._encodings = encodings
+        self.truncated: list[int] = [i for i, e in enumerate(encodings) if e.overflowing]  # texts cut to max_length
+
+    @cached_property
+    def tokens(self) -> list[list[str]]:
+        """Token strings per text (padding included)."""
+        return [list(e.tokens) for e in self._encodings]
+
+    @cached_property
+    def offsets(self) -> list[list[tuple[int, int]]]:
+        """Character span of each token in its text."""
+        return [[(int(a), int(b)) for a, b in e.offsets] for e in self._encodings]
+
+    @cached_property
+    def special_tokens_mask(self) -> np.ndarray:
+        """[batch, sequence], 1 for special and padding tokens."""
+        return np.array([e.special_tokens_mask for e in self._encodings], dtype=np.int64)
 
 
 class TextEncoder:
@@ -130,21 +148,16 @@ class TextEncoder:
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         if ids.shape[1] == 0:
             raise InputError("the text gives no tokens")
-        columns = {
-            "input_ids": ids,
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        columns = {  # only the columns the model takes are built
+            "input_ids": lambda: ids,
+            "attention_mask": lambda: np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": lambda: np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
         unknown = [n for n in self.input_names if n not in columns]
         if unknown:
             raise ManifestError(f"the model takes {unknown}, which a tokenizer does not produce")
-        return TextBatch(
-            feeds={n: columns[n] for n in self.input_names},
-            tokens=[list(e.tokens) for e in encodings],
-            offsets=[[(int(a), int(b)) for a, b in e.offsets] for e in encodings],
-            special_tokens_mask=np.array([e.special_tokens_mask for e in encodings], dtype=np.int64),
-            truncated=[i for i, e in enumerate(encodings) if e.overflowing],
-        )
+        feeds = {n: columns[n]() for n in self.input_names}
+        return TextBatch(feeds, encodings)
 
     @property
     def unk_token(self) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from device_runtime._grouping import plan_groups
 from device_runtime.model import Model, Trust, load
 from device_runtime.preprocess import TextBatch, TextEncoder, image_processor, text_encoder
 from sdk.errors import EdgeshipError, InputError, ManifestError
@@ -213,6 +214,12 @@ class EdgeTaskModel:
 
 
 class _TextTaskModel(EdgeTaskModel):
+    # Run a batch of texts in length-similar groups (``device_runtime._grouping``) where the bundle takes
+    # any batch and sequence length; outputs come back in the caller's order. Token-level outputs at padding
+    # positions are then zero where a text's group was shorter than the call, so it is off where tokens are
+    # the result (token classification); the mask says which positions are real.
+    group_by_length: bool = True
+
     @property
     def tokenizer(self) -> TextEncoder:
         """The bundle's tokenizer with its declared truncation and padding."""
@@ -239,10 +246,13 @@ class _TextTaskModel(EdgeTaskModel):
         spec = self.model.manifest.inputs[0]
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         n = len(next(iter(feeds.values())))
-        if fixed is None or n == fixed:
-            return self.model.predict(feeds)
         named_sequence = len(spec.shape) > 1 and isinstance(spec.shape[1], str)
         mask = feeds.get(MASK_INPUT)
+        if fixed is None and self.group_by_length and named_sequence and mask is not None and n > 1:
+            if self.tokenizer.padding_side == "right":
+                return self._predict_grouped(feeds, mask)
+        if fixed is None or n == fixed:
+            return self.model.predict(feeds)
         width = next(iter(feeds.values())).shape[1]
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, fixed):
@@ -260,6 +270,28 @@ class _TextTaskModel(EdgeTaskModel):
             if arrays[0].ndim >= 2 and any(a.shape[1] != width for a in arrays) and named_sequence:
                 arrays = [_pad_axis1(a, width) for a in arrays]
             out[k] = np.concatenate(arrays)
+        return out
+
+    def _predict_grouped(self, feeds: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+        """``predict`` per group of length-similar texts, each cut to its longest; rows back in order."""
+        groups = plan_groups(mask.sum(axis=1))
+        if len(groups) == 1:
+            return self.model.predict(feeds)
+        manifest = self.model.manifest
+        sequence = manifest.inputs[0].shape[1]  # token-level outputs carry the same named dimension on axis 1
+        token_level = {o.name for o in manifest.outputs if len(o.shape) > 1 and o.shape[1] == sequence}
+        n, width = mask.shape
+        out: dict[str, np.ndarray] = {}
+        for rows in groups:
+            keep = max(int(mask[rows[-1]].sum()), 1)  # sorted by length: the group's last text is its longest
+            for k, v in self.model.predict({name: a[rows, :keep] for name, a in feeds.items()}).items():
+                if k not in out:  # token-level outputs are zero at the padding up to the call's width
+                    shape = (n, width, *v.shape[2:]) if k in token_level else (n, *v.shape[1:])
+                    out[k] = np.zeros(shape, dtype=v.dtype)
+                if k in token_level:
+                    out[k][rows, :keep] = v
+                else:
+                    out[k][rows] = v
         return out
 
 
@@ -294,6 +326,7 @@ class EdgeModelForTokenClassification(_TextTaskModel):
     """A token-classification bundle: ``model(texts)`` -> ``TokenClassifierOutput`` (one label per token)."""
 
     task = "token-classification"
+    group_by_length = False  # its result is per token: padding positions keep the model's own logits
 
     def __call__(
         self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None
@@ -346,7 +379,7 @@ class EdgeModelForFeatureExtraction(_TextTaskModel):
         pooled = pool(hidden, mask, mode)
         if self.pooling.get("normalize"):
             pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        return FeatureExtractionOutput(hidden, mask, pooled.astype(np.float32), mode)
+        return FeatureExtractionOutput(hidden, mask, pooled.astype(np.float32, copy=False), mode)
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
@@ -355,9 +388,11 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     Raises:
         ManifestError: an unknown mode.
     """
+    if mode == "mean":  # the masked sum as one matrix product per text: [batch, 1, seq] @ [batch, seq, hidden]
+        weights = mask.astype(hidden.dtype)
+        summed = np.matmul(weights[:, None, :], hidden)[:, 0]
+        return summed / np.maximum(weights.sum(axis=1, keepdims=True), 1e-9)  # type: ignore[no-any-return]
     m = mask.astype(hidden.dtype)[..., None]
-    if mode == "mean":
-        return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
     if mode == "cls":
         return hidden[:, 0]
     if mode == "max":

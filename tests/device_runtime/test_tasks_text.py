@@ -158,8 +158,14 @@ def test_feature_extraction_pooling_and_pipeline(text_bundles: TaskBundles) -> N
     hidden = ref.last_hidden_state.numpy()
     with EdgeModelForFeatureExtraction.from_bundle(bundle, trust=[text_bundles.public]) as encoder:
         assert dict(encoder.pooling) == {"mode": "cls", "normalize": True, "source": "1_Pooling/config.json"}
-        out = encoder(SENTENCES)
-        np.testing.assert_allclose(out.last_hidden_state, hidden, atol=1e-4)
+        out = encoder(SENTENCES)  # mixed lengths: run in length-similar groups, padding positions meaningless
+        real = enc["attention_mask"].astype(bool)
+        np.testing.assert_array_equal(out.attention_mask, enc["attention_mask"])
+        np.testing.assert_allclose(out.last_hidden_state[real], hidden[real], atol=1e-4)
+        assert not out.last_hidden_state[~real].all(axis=-1).all()  # zeros where a text's group was shorter
+        encoder.group_by_length = False  # one padded run: every position as transformers computes it
+        np.testing.assert_allclose(encoder(SENTENCES).last_hidden_state, hidden, atol=1e-4)
+        encoder.group_by_length = True
         cls = hidden[:, 0] / np.linalg.norm(
             hidden[:, 0], axis=-1, keepdims=True
         )  # sentence-transformers CLS + Normalize
@@ -178,6 +184,43 @@ def test_feature_extraction_pooling_and_pipeline(text_bundles: TaskBundles) -> N
             ours, theirs = pipe(text), hf_pipe(text, truncation=True)
             assert np.asarray(ours).shape == np.asarray(theirs).shape if isinstance(text, str) else len(ours) == 3
             np.testing.assert_allclose(np.asarray(ours[0]), np.asarray(theirs[0]), atol=1e-4)
+
+
+def test_length_groups_keep_the_callers_order(text_bundles: TaskBundles) -> None:
+    """Mixed-length batches run as length-similar groups, with the same results as one padded run, in order."""
+    texts = [SENTENCES[i] for i in (1, 5, 3, 2, 0, 7, 4, 6)] * 2  # long and short interleaved
+    lengths = encode_text_lengths(text_bundles, texts)
+    assert len(device_runtime._grouping.plan_groups(lengths)) > 1  # the grouped path is the one under test
+    for task, cls, field in (("feature-extraction", EdgeModelForFeatureExtraction, "pooler_output"),
+                             ("text-classification", EdgeModelForSequenceClassification, "logits")):  # fmt: skip
+        with cls.from_bundle(text_bundles.bundle(task), trust=[text_bundles.public]) as model:
+            widths: list[int] = []
+            model.model.predict = _counting(model.model.predict, widths)  # type: ignore[method-assign]
+            grouped = getattr(model(texts), field)
+            assert len(widths) > 1 and min(widths) < max(widths) == lengths.max()
+            model.group_by_length = False
+            calls = len(widths)
+            plain = getattr(model(texts), field)
+            assert widths[calls:] == [lengths.max()]  # off: one run padded to the longest text
+            np.testing.assert_allclose(grouped, plain, atol=1e-5)
+            singles = np.concatenate([getattr(model([t]), field) for t in texts])
+            np.testing.assert_allclose(grouped, singles, atol=1e-5)  # row i is text i
+
+
+def _counting(predict: Any, widths: list[int]) -> Any:
+    """``predict`` that records the sequence length of every run."""
+
+    def run(feeds: Any, **kwargs: Any) -> Any:
+        widths.append(feeds["input_ids"].shape[1])
+        return predict(feeds, **kwargs)
+
+    return run
+
+
+def encode_text_lengths(text_bundles: TaskBundles, texts: list[str]) -> np.ndarray:
+    with EdgeModelForFeatureExtraction.from_bundle(text_bundles.bundle("feature-extraction"),
+                                                   trust=[text_bundles.public]) as model:  # fmt: skip
+        return np.asarray(model.tokenizer.encode(texts).feeds["attention_mask"].sum(axis=1))
 
 
 def test_bad_text_inputs(text_bundles: TaskBundles) -> None:
