@@ -29,6 +29,13 @@ def _worst(validation: Mapping[str, Any], key: str) -> float | None:
     return min(values) if values else None
 
 
+def _float_layer_count(result: PackageResult) -> int:
+    """How many layers an int8 bundle kept in float (the manifest's ``runtime.quantization``)."""
+    runtime = result.manifest.runtime if result.manifest is not None else None
+    quantization = (runtime.quantization if runtime is not None else None) or {}
+    return len(quantization.get("float_layers", []))
+
+
 def bundle_row(result: PackageResult) -> dict[str, Any]:
     """The report's numbers for one bundle (worst output where a model has several)."""
     v = result.validation
@@ -44,7 +51,7 @@ def bundle_row(result: PackageResult) -> dict[str, Any]:
         "cosine_min": _worst(v, "cosine_min"),
         "top1_agreement": _worst(v, "top1_agreement"),
         "iou_mean": _worst(v, "iou_mean"),  # dense probability maps only
-        "float_layers": len((result.manifest.runtime.quantization or {}).get("float_layers", [])),
+        "float_layers": _float_layer_count(result),
         "accuracy": accuracy.get("bundle"),
         "passed": bool(v.get("passed")),
         "accepted_drift": bool(v.get("accepted_drift")),

@@ -244,11 +244,13 @@ def test_float_layers_keep_the_sensitive_layer_float(key: Ed25519PrivateKey, tru
 
     x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
     runs = {}
-    for name, float_layers in (("plain", ()), ("mixed", ("fully_connected:inner.sensitive",))):
+    # plain: the search switched off (cap 0); mixed: the layer named by the user; searched: found by the search
+    for name, float_layers, cap in (("plain", (), 0.0), ("mixed", ("fully_connected:inner.sensitive",), 0.0),
+                                    ("searched", (), 0.1)):  # fmt: skip
         (result,) = package(_Sensitive().eval(), name=name, version=1, key=key, out_dir=tmp_path / name,
                             target="tflite", precision="int8-dynamic", calibration={"input": x}, accept_drift=True,
                             example_inputs=(torch.zeros(1, 16),),
-                            options=PackageOptions(float_layers=float_layers))  # fmt: skip
+                            options=PackageOptions(float_layers=float_layers, max_float_layers=cap))  # fmt: skip
         model = tmp_path / f"{name}.tflite"
         model.write_bytes(bundle_member(result, trust, tmp_path / f"{name}-x", "model.tflite"))
         report = json.loads(bundle_member(result, trust, tmp_path / f"{name}-r", "report.json"))
@@ -266,6 +268,10 @@ def test_float_layers_keep_the_sensitive_layer_float(key: Ed25519PrivateKey, tru
     named = quantized_layer_names(plain[1])
     assert "fully_connected:inner.sensitive" in named and len(named) == 3
     assert "fully_connected:inner.sensitive" not in quantized_layer_names(mixed[1])
+    searched = runs["searched"]  # the mixed-precision search finds that layer by itself, and only it
+    assert searched[0].validation["passed"]
+    assert searched[2]["build"]["float_layers"] == ["fully_connected:inner.sensitive"]
+    assert _weight_types(searched[1]) == {"fc0": "int8", "fc1": "float32", "fc2": "int8"}
     assert hasattr(get_packager("tflite"), "quantized_layers")
 
 
