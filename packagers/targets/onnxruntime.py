@@ -312,6 +312,7 @@ class OnnxRuntimePackager:
         from packagers.targets._ort_quant import (
             ALPHAS,
             is_transformer_graph,
+            prepare_for_qdq,
             quantize_static_qdq,
             sensitive_nodes,
             smooth_matmul_inputs,
@@ -325,8 +326,9 @@ class OnnxRuntimePackager:
         if keep_float is not None and (isinstance(keep_float, bool) or not isinstance(keep_float, int)):
             raise PackagingError(f"extra int8_keep_float must be an integer, got {keep_float!r}")
         progress("onnxruntime int8: pre-processing the graph")
+        src, prepared = prepare_for_qdq(src, workdir / "qdq-ready.onnx")
         pre = workdir / "preprocessed.onnx"
-        pre_info = _pre_process(src, pre)
+        pre_info = {**_pre_process(src, pre), **prepared}
         base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
         transformer = recipe_name == "transformer" or (
             recipe_name == "auto" and is_transformer_graph(onnx.load(str(base), load_external_data=False))
