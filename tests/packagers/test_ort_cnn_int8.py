@@ -131,3 +131,41 @@ def test_prepare_for_qdq_leaves_a_ready_graph_alone(constant_weights: Path, tmp_
     assert ready == tmp_path / "a.onnx" and info == {"constants_to_initializers": 2}
     again, info = prepare_for_qdq(ready, tmp_path / "b.onnx")
     assert again == ready and info == {} and not (tmp_path / "b.onnx").exists()
+
+
+def test_conv_recipe_quantizes_only_the_convolutions(conv_bn_opset12: Path, key: Ed25519PrivateKey,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+    options = PackageOptions(extra={"int8_recipe": "conv"})
+    result = package(str(conv_bn_opset12), name="c", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                     precision="int8", calibration=_inputs(), options=options)[0]  # fmt: skip
+    model, report = _bundle(result)
+    assert result.validation["passed"]
+    assert [c["candidate"] for c in report["candidates"]] == ["per-channel-conv"]
+    quant = report["build"]["quantization"]
+    assert quant["op_types"] == ["Conv", "ConvTranspose"]
+    assert quant["quantized_layers"]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert {ops[n] for n in quant["quantized_layers"]} == {"Conv"}
+    assert set(_weight_scales(model).values()) == {8}
+    assert result.manifest.runtime.to_dict()["quantization"]["recipe"] == "conv"
+
+
+def test_auto_recipe_adds_the_conv_candidate(conv_bn_opset12: Path, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    result = package(str(conv_bn_opset12), name="c", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                     precision="int8", calibration=_inputs())[0]  # fmt: skip
+    _, report = _bundle(result)
+    labels = [c["candidate"] for c in report["candidates"]]
+    assert labels == ["per-tensor", "per-channel", "per-channel-conv"]
+    assert all(c["passed"] for c in report["candidates"])
+
+
+def test_conv_recipe_refused_without_convolutions(key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    from mixed_models import sensitive_inputs, write_sensitive_mlp
+
+    from sdk.errors import PackagingError
+
+    mlp = write_sensitive_mlp(tmp_path / "mlp.onnx")
+    with pytest.raises(PackagingError, match="int8_recipe conv quantizes convolutions and this graph has none"):
+        package(str(mlp), name="m", version=1, key=key, out_dir=tmp_path / "out", target="onnxruntime",
+                precision="int8", calibration=sensitive_inputs(),
+                options=PackageOptions(extra={"int8_recipe": "conv"}))  # fmt: skip
