@@ -370,7 +370,7 @@ class OnnxRuntimePackager:
         has_conv = any(n.op_type in CONV_OPS for n in onnx.load(str(base), load_external_data=False).graph.node)
         if recipe_name == "conv" and not has_conv:
             raise PackagingError("extra int8_recipe conv quantizes convolutions and this graph has none; use auto")
-        if not transformer and has_conv:  # per-channel, or per-tensor when the option says so
+        if not transformer and has_conv and recipe_name in ("auto", "conv"):  # per-tensor only when pinned so
             variants += [(pc, CONV_OPS) for pc in channel_modes if pc or options.per_channel is False]
         candidates: list[BuiltModel | CandidateFailed] = []
         for per_channel, op_types in variants:
@@ -390,7 +390,8 @@ class OnnxRuntimePackager:
             except PackagingError as e:  # one recipe failing leaves the others
                 candidates.append(CandidateFailed(label, "build", str(e)))
                 continue
-            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel,
+            pin = {"int8_recipe": "conv" if op_types else common["recipe"]}  # what rebuilds only this candidate
+            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel, "rebuild_extra": pin,
                       "quantized_layers": static_quantized_layers(out, op_types),
                       "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
             if smoothing is not None:

@@ -169,3 +169,27 @@ def test_conv_recipe_refused_without_convolutions(key: Ed25519PrivateKey, tmp_pa
         package(str(mlp), name="m", version=1, key=key, out_dir=tmp_path / "out", target="onnxruntime",
                 precision="int8", calibration=sensitive_inputs(),
                 options=PackageOptions(extra={"int8_recipe": "conv"}))  # fmt: skip
+
+
+def test_the_search_rebuilds_only_the_chosen_variant(
+    conv_bn_opset12: Path, key: Ed25519PrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from packagers.targets import _ort_quant
+
+    real, calls = _ort_quant.quantize_static_qdq, []
+
+    def quantize(src: Path, dst: Path, feeds: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append((kwargs["per_channel"], kwargs.get("op_types")))
+        return real(src, dst, feeds, **kwargs)
+
+    monkeypatch.setattr(_ort_quant, "quantize_static_qdq", quantize)
+    options = PackageOptions(target_cosine=0.9999999, max_float_layers=2)  # unreachable: the search runs
+    result = package(str(conv_bn_opset12), name="c", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                     precision="int8", calibration=_inputs(), options=options, accept_drift=True)[0]  # fmt: skip
+    _, report = _bundle(result)
+    mixed = report["build"]["mixed_precision"]
+    plain = mixed["plain"]["candidate"]
+    assert len(calls) > 3 and mixed["steps"]
+    variant = {"per-tensor": (False, None), "per-channel": (True, None)}.get(plain, (True, ("Conv", "ConvTranspose")))
+    assert set(calls[3:]) == {variant}  # one build per probe and step, of the plain candidate's recipe
+    assert {s["candidate"] for s in mixed["steps"] if "candidate" in s} == {plain}
