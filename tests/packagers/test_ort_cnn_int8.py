@@ -193,3 +193,15 @@ def test_the_search_rebuilds_only_the_chosen_variant(
     variant = {"per-tensor": (False, None), "per-channel": (True, None)}.get(plain, (True, ("Conv", "ConvTranspose")))
     assert set(calls[3:]) == {variant}  # one build per probe and step, of the plain candidate's recipe
     assert {s["candidate"] for s in mixed["steps"] if "candidate" in s} == {plain}
+
+
+def test_prepare_for_qdq_says_what_to_do_when_the_opset_cannot_be_raised(tmp_path: Path) -> None:
+    from sdk.errors import PackagingError
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], name="odd")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    path = tmp_path / "odd.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
+    with pytest.raises(PackagingError, match=r"opset 12 -> 13 .* export the model at opset >= 13"):
+        prepare_for_qdq(path, tmp_path / "out.onnx")
