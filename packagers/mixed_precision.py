@@ -120,6 +120,10 @@ class _Search:
         pinned = plain.recipe.get("quantization", {}).get("per_channel")
         # Rebuild the variant the plain search chose (per-channel or not), with the user's float layers kept.
         self.options = replace(options, per_channel=pinned if isinstance(pinned, bool) else options.per_channel)
+        # and the recipe, where the target records how to rebuild only this candidate (e.g. ORT's conv-only)
+        pin = plain.recipe.get("quantization", {}).get("rebuild_extra")
+        if isinstance(pin, Mapping) and pin:
+            self.options = replace(self.options, extra={**self.options.extra, **pin})
 
     def build(self, layers: list[str], calibration_size: int | None = None) -> list[BuiltModel]:
         self.builds += 1

@@ -65,8 +65,11 @@ def resolve_float_nodes(path: Path, options: PackageOptions, extra: list[str] | 
     )  # fmt: skip
 
 
-def static_quantized_layers(path: Path) -> list[str]:
-    """Nodes of a QDQ graph that compute on dequantized int8 inputs (data movement aside), graph order."""
+def static_quantized_layers(path: Path, op_types: Any = None) -> list[str]:
+    """Nodes of a QDQ graph that compute on dequantized int8 inputs (data movement aside), graph order.
+
+    ``op_types``: only these (a recipe that quantizes only them: the others read dequantized outputs in float).
+    """
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -74,6 +77,7 @@ def static_quantized_layers(path: Path) -> list[str]:
     return [
         n.name for n in model.graph.node
         if n.op_type not in _NOT_LAYERS | _DATA_MOVEMENT and n.name and any(i in dequantized for i in n.input)
+        and (op_types is None or n.op_type in op_types)
     ]  # fmt: skip
 
 

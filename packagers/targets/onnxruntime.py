@@ -12,8 +12,10 @@
 - ``int8``: static QDQ calibrated on the calibration (else validation) samples, calibration method and
   per-channel from ``PackageOptions``. Transformer graphs (LayerNormalization + MatMul weights) get the
   accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
-  the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set. Override with
-  ``PackageOptions.extra["int8_recipe"] = "transformer" | "default"`` and
+  the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set, and graphs with
+  convolutions also a ``per-channel-conv`` candidate (only Conv/ConvTranspose in int8; ``conv``: only it).
+  The graph is raised to opset 13 and Constant-node weights become initializers first. Override with
+  ``PackageOptions.extra["int8_recipe"] = "transformer" | "default" | "conv"`` and
   ``extra["int8_keep_float"] = N`` (MatMuls kept in float, worst first).
 - ``int8`` and ``int8-dynamic`` keep in float the nodes ``PackageOptions`` names (``float_layers`` from the
   mixed-precision search, ``exclude`` names or regexes, ``exclude_op_types``) through ``nodes_to_exclude``;
@@ -311,7 +313,9 @@ class OnnxRuntimePackager:
         from packagers.targets._ort_layers import ensure_node_names, resolve_float_nodes, static_quantized_layers
         from packagers.targets._ort_quant import (
             ALPHAS,
+            CONV_OPS,
             is_transformer_graph,
+            prepare_for_qdq,
             quantize_static_qdq,
             sensitive_nodes,
             smooth_matmul_inputs,
@@ -319,14 +323,15 @@ class OnnxRuntimePackager:
         )
 
         recipe_name = str(options.extra.get("int8_recipe", "auto"))
-        if recipe_name not in ("auto", "transformer", "default"):
-            raise PackagingError(f"extra int8_recipe must be auto, transformer or default, got {recipe_name!r}")
+        if recipe_name not in ("auto", "transformer", "default", "conv"):
+            raise PackagingError(f"extra int8_recipe must be auto, transformer, default or conv, got {recipe_name!r}")
         keep_float = options.extra.get("int8_keep_float")
         if keep_float is not None and (isinstance(keep_float, bool) or not isinstance(keep_float, int)):
             raise PackagingError(f"extra int8_keep_float must be an integer, got {keep_float!r}")
         progress("onnxruntime int8: pre-processing the graph")
+        src, prepared = prepare_for_qdq(src, workdir / "qdq-ready.onnx")
         pre = workdir / "preprocessed.onnx"
-        pre_info = _pre_process(src, pre)
+        pre_info = {**_pre_process(src, pre), **prepared}
         base = ensure_node_names(pre if pre_info["applied"] else src, workdir / "named.onnx")
         transformer = recipe_name == "transformer" or (
             recipe_name == "auto" and is_transformer_graph(onnx.load(str(base), load_external_data=False))
@@ -359,9 +364,17 @@ class OnnxRuntimePackager:
         channel_modes = (
             [options.per_channel] if options.per_channel is not None else ([True] if transformer else [False, True])
         )
+        variants: list[tuple[bool, tuple[str, ...] | None]] = [
+            (pc, None) for pc in channel_modes if recipe_name != "conv"
+        ]  # fmt: skip
+        has_conv = any(n.op_type in CONV_OPS for n in onnx.load(str(base), load_external_data=False).graph.node)
+        if recipe_name == "conv" and not has_conv:
+            raise PackagingError("extra int8_recipe conv quantizes convolutions and this graph has none; use auto")
+        if not transformer and has_conv and recipe_name in ("auto", "conv"):  # per-tensor only when pinned so
+            variants += [(pc, CONV_OPS) for pc in channel_modes if pc or options.per_channel is False]
         candidates: list[BuiltModel | CandidateFailed] = []
-        for per_channel in channel_modes:
-            label = "per-channel" if per_channel else "per-tensor"
+        for per_channel, op_types in variants:
+            label = ("per-channel" if per_channel else "per-tensor") + ("-conv" if op_types else "")
             progress(f"onnxruntime int8: calibrating ({options.calibration_method}) and quantizing ({label})")
             out = workdir / f"static-{label}" / MODEL_MEMBER
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,18 +385,21 @@ class OnnxRuntimePackager:
                                             nodes_to_exclude=selection.names,
                                             max_samples=options.calibration_size or 128,
                                             symmetric_activations=options.activation_symmetric,
-                                            symmetric_weights=options.weight_symmetric)  # fmt: skip
+                                            symmetric_weights=options.weight_symmetric,
+                                            op_types=op_types)  # fmt: skip
             except PackagingError as e:  # one recipe failing leaves the others
                 candidates.append(CandidateFailed(label, "build", str(e)))
                 continue
-            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel,
-                      "quantized_layers": static_quantized_layers(out),
+            pin = {"int8_recipe": "conv" if op_types else common["recipe"]}  # what rebuilds only this candidate
+            recipe = {**common, **quant, **selection.report(), "per_channel": per_channel, "rebuild_extra": pin,
+                      "quantized_layers": static_quantized_layers(out, op_types),
                       "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
             if smoothing is not None:
                 recipe["smoothing"] = smoothing
             rt = {**runtime, "quantization": {"method": "static", "format": "QDQ", "per_channel": per_channel,
                                               "calibration_method": options.calibration_method,
-                                              "recipe": common["recipe"], "smoothed": transformer,
+                                              "recipe": "conv" if op_types else common["recipe"],
+                                              "smoothed": transformer,
                                               "float_nodes": len(selection.names),
                                               **_float_record(selection.names)}}  # fmt: skip
             candidates.append(BuiltModel(out, MODEL_MEMBER, rt, {"export": dict(export_info), "quantization": recipe},

@@ -153,7 +153,7 @@ def test_onnx_file_fp16_int8_and_int4_refused(cnn: torch.nn.Module, digits: Digi
         if result.precision == "int8":
             quant = _report(bundle)["build"]["quantization"]
             assert quant["calibration_method"] == "percentile" and quant["recipe"] == "default"
-            assert _report(bundle)["chosen"] in ("per-tensor", "per-channel")
+            assert _report(bundle)["chosen"] in ("per-tensor", "per-channel", "per-channel-conv")
     with pytest.raises(PackagingError, match="MatMul layers with constant weights"):
         package(path, name="cnn", version=1, key=key, out_dir=tmp_path / "refused", precision="int4",
                 calibration=tmp_path / "calib.npz")  # fmt: skip
