@@ -11,6 +11,8 @@ quantize_dynamic per-channel 0.9925. Two things fix it:
 
 - only the weight MatMuls are quantized, without Q/DQ on their outputs (ORT's QDQ quantizer otherwise
   also quantizes the activation x activation attention MatMuls and every MatMul output before its bias);
+  the embedding tables (``Gather`` on a constant) are stored int8 as well, per tensor: left float, the word
+  table alone made MiniLM's static bundle 65.7 MB against 29.9 MB (cosine 0.99908 -> 0.99875, same speed);
 - SmoothQuant-style smoothing: outlier channels of the activations feeding each weight MatMul are divided
   by ``s`` (an explicit ``Mul``) and the weight rows multiplied by ``s``, exact in float. ``s = amax_x^a /
   amax_w^(1-a)`` with ``a`` chosen per activation from a small grid by the simulated int8 error on the
@@ -316,8 +318,9 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
     """``quantize_static`` in QDQ format: uint8 asymmetric activations, int8 symmetric weights.
 
     Args:
-        weights_only: the transformer recipe: only MatMul/Gemm/Conv with constant weights, no Q/DQ on
-            MatMul outputs; otherwise ORT's default op set (CNNs get QLinearConv chains).
+        weights_only: the transformer recipe: only MatMul/Gemm/Conv with constant weights and Gather on
+            constant tables (embeddings), no Q/DQ on MatMul outputs; otherwise ORT's default op set (CNNs
+            get QLinearConv chains).
         nodes_to_exclude: nodes kept in float.
         max_samples: calibration samples used.
         symmetric_activations: activations symmetric (``ActivationSymmetric``); None: asymmetric.
@@ -338,7 +341,7 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: Mapping[str, np.ndarray], *
     extra: dict[str, Any] = {}
     op_types = list(op_types) if op_types else None
     if weights_only:
-        op_types = ["MatMul", "Gemm", "Conv"]
+        op_types = ["MatMul", "Gemm", "Conv", "Gather"]  # Gather: embedding tables stored int8 (size)
         exclude += activation_matmuls(model)
         extra = {"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
     if method == "percentile":

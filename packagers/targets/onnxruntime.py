@@ -11,10 +11,11 @@
   (``QAttention``) and optimised offline, loaded at ``ORT_ENABLE_BASIC`` (recorded in the manifest).
 - ``int8``: static QDQ calibrated on the calibration (else validation) samples, calibration method and
   per-channel from ``PackageOptions``. Transformer graphs (LayerNormalization + MatMul weights) get the
-  accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls only,
-  the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op set, and graphs with
-  convolutions also a ``per-channel-conv`` candidate (only Conv/ConvTranspose in int8; ``conv``: only it).
-  The graph is raised to opset 13 and Constant-node weights become initializers first. Override with
+  accuracy-aware recipe of ``packagers.targets._ort_quant``: SmoothQuant-style smoothing, weight MatMuls
+  and embedding tables only, the most sensitive MatMuls kept in float; other graphs ORT's default QDQ op
+  set, and graphs with convolutions also a ``per-channel-conv`` candidate (only Conv/ConvTranspose in int8;
+  ``conv``: only it). The graph is raised to opset 13 and Constant-node weights become initializers first.
+  Override with
   ``PackageOptions.extra["int8_recipe"] = "transformer" | "default" | "conv"`` and
   ``extra["int8_keep_float"] = N`` (MatMuls kept in float, worst first).
 - ``int8`` and ``int8-dynamic`` keep in float the nodes ``PackageOptions`` names (``float_layers`` from the

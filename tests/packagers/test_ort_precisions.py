@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -130,7 +131,13 @@ def test_transformers_fp16_int8_int4_and_smoothed_dynamic(
             quant = build["quantization"]
             assert quant["recipe"] == "transformer" and quant["per_channel"] is True
             assert quant["smoothing"]["activations"] == 8  # 2 layers x (QKV, context, FFN in, FFN out)
-            assert quant["op_types"] == ["MatMul", "Gemm", "Conv"]
+            assert quant["op_types"] == ["MatMul", "Gemm", "Conv", "Gather"]
+            # the embedding tables are stored int8 too (a float word table tripled MiniLM's static bundle)
+            graph = onnx.load(str(bundle.path(bundle.manifest.model))).graph
+            floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+            tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in floats]
+            dequantized = [n for n in graph.node if n.op_type == "Gather" and "DequantizeLinear" in n.input[0]]
+            assert tables == [] and dequantized, [list(n.input) for n in graph.node if n.op_type == "Gather"]
             assert bundle.manifest.runtime["quantization"]["smoothed"] is True
         if result.precision == "int4":
             assert build["quantization"]["block_size"] == 16 and build["quantization"]["converted"] == 12
