@@ -45,11 +45,13 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing it
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (REPO, HERE):  # run from a checkout without installing it; _machine is a sibling (also when imported)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from _machine import cpu_line, has_int8_dot  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _machine import cpu_line, has_int8_dot  # noqa: E402
 
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 SEQUENCE = 128
