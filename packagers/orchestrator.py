@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
 from packagers.mixed_precision import needs_search, search_float_layers
-from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
+from packagers.options import INT8_FAMILY, PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
 from packagers.requests import check_calibration, check_overwrite, is_generated, parse_pairs
@@ -185,10 +185,32 @@ def _no_candidate(tag: str, summary: Sequence[Mapping[str, Any]]) -> str:
     return f"{tag}: no candidate could be built, loaded and run: {reasons or 'the packager built nothing'}"
 
 
-def _drift_message(failed: list[_Plan]) -> str:
+# What to try when a quantized precision misses its tolerance, most accurate first.
+_FALLBACKS = (Precision.INT8_DYNAMIC, Precision.INT8_WEIGHTS, Precision.FP16)
+
+
+def _what_to_try(plan: _Plan, plans: list[_Plan]) -> str:
+    """For a failed quantized plan: the search's cap, and the target's precisions that keep more in float."""
+    hints = []
+    search = plan.built.recipe.get("mixed_precision")
+    if isinstance(search, Mapping) and str(search.get("outcome", "")).startswith("tolerance not reached"):
+        hints.append(f"the search kept up to {search['cap']} of {search['quantized_layers']} layers float: "
+                     "raise --max-float-layers")  # fmt: skip
+    if plan.precision in (*INT8_FAMILY, Precision.INT8_WEIGHTS, Precision.INT4):
+        passed = {p.precision for p in plans if p.target is plan.target and p.validation["passed"]}
+        offered = [p for p in _FALLBACKS if p in plan.packager.capabilities.precisions and p is not plan.precision]
+        if offered:
+            names = ", ".join(p.value + (" (passed in this run)" if p in passed else "") for p in offered)
+            hints.append(f"or one that keeps more in float: {names} (--precision {plan.target.value}="
+                         f"{offered[0].value})")  # fmt: skip
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _drift_message(failed: list[_Plan], plans: list[_Plan]) -> str:
     lines = []
     for plan in failed:
-        lines.append(f"{plan.target.value} {plan.precision.value}: " + "; ".join(plan.validation["failures"]))
+        lines.append(f"{plan.target.value} {plan.precision.value}: " + "; ".join(plan.validation["failures"])
+                     + _what_to_try(plan, plans))  # fmt: skip
     return (
         "validation failed, nothing was written: " + " | ".join(lines)
         + ". Check the model and the data, or sign anyway with --accept-drift (accept_drift=True)."
@@ -331,7 +353,7 @@ def package(
                 raise PackagingError("nothing was written: " + " | ".join(skipped))
             failed = [plan for plan in plans if not plan.validation["passed"]]
             if failed and not accept_drift:
-                raise DriftError(_drift_message(failed))
+                raise DriftError(_drift_message(failed, plans))
 
             results = [
                 _write(plan, source=source, inputs=inputs, n=n, name=name, version=version, label=label,

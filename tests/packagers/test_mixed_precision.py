@@ -119,6 +119,18 @@ def test_a_failed_search_still_logs_what_it_tried(mlp: Path, key: Ed25519Private
     assert cosine > 0.999 and np.isfinite(cosine)  # the best it found, not the plain candidate
 
 
+def test_a_refused_precision_says_what_to_try(mlp: Path, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    tol = Tolerances(min_cosine=0.999999, min_cosine_mean=0.999999, max_rel_diff=None, golden_atol_rel=0.05,
+                     golden_rtol=0.05, golden_min_cosine=0.98)  # fmt: skip
+    with pytest.raises(DriftError) as refused:
+        package(str(mlp), name="mlp", version=1, key=key, out_dir=tmp_path, precision="int8-dynamic",
+                calibration=sensitive_inputs(), options=PackageOptions(max_float_layers=1, tolerances=tol))  # fmt: skip
+    message = str(refused.value)
+    assert "the search kept up to 1 of 4 layers float: raise --max-float-layers" in message, message
+    assert "or one that keeps more in float: fp16 (--precision onnxruntime=fp16)" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
 class _FakePackager:
     """A target whose quantized layers are ``L0``..``L29``; quantizing ``L17`` ruins the output, the others barely."""
 
