@@ -123,6 +123,12 @@ class TfLitePackager:
     target = Target.TFLITE
     capabilities = CAPABILITIES
 
+    def __init__(self) -> None:
+        # Calibration statistics of the float model by (model file, samples): one package() call quantizes
+        # the same float model many times (int8 candidates, every step of the mixed-precision search), and
+        # the min/max of its tensors do not depend on which layers are later kept float.
+        self._calibrations: dict[tuple[Any, ...], Any] = {}
+
     def build(
         self,
         source: Source,
@@ -169,7 +175,7 @@ class TfLitePackager:
         else:
             floats = options.float_layers if quantized else ()
             converter, recipe = self._from_torch(source, precision, int8_io, batch, workdir, out, progress,
-                                                 buckets, floats)  # fmt: skip
+                                                 buckets, floats, options.calibration_size)  # fmt: skip
         recipe["seconds"] = round(time.perf_counter() - start, 3)
         signature = buckets.signatures[-1] if buckets is not None else SIGNATURE
         details = inspect_model(out, signature)
@@ -252,8 +258,8 @@ class TfLitePackager:
         return path
 
     def _from_torch(self, source: Source, precision: Precision, int8_io: bool, batch: int, workdir: Path, out: Path,
-                    progress: Callable[[str], None], buckets: SequenceBuckets | None,
-                    float_layers: tuple[str, ...]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+                    progress: Callable[[str], None], buckets: SequenceBuckets | None, float_layers: tuple[str, ...],
+                    calibration_size: int | None) -> tuple[str, dict[str, Any]]:  # fmt: skip
         fp32 = self._float_torch(source, batch, workdir, progress, buckets)
         converter = f"litert-torch {_version('litert-torch')}"
         recipe: dict[str, Any] = {"converter": converter, "batch": batch, "int64_inputs": "int32 in the model"}
@@ -285,7 +291,7 @@ class TfLitePackager:
         kept = select(list_layers(fp32), float_layers) if float_layers else []
         keep_float(q, kept)  # after the recipe: later entries win
         if precision is Precision.INT8:
-            calibration = self._calibrate(q, source, fp32, batch, buckets)
+            calibration = self._calibrate(q, source, fp32, batch, buckets, calibration_size)
         try:
             with quiet("litert"):
                 result = q.quantize(calibration, enable_progress_report=False)
@@ -295,31 +301,43 @@ class TfLitePackager:
         recipe["quantization"] = {
             "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
             "method": method,
-            "calibration_samples": source.samples if calibration is not None else 0,
+            "calibration_samples": _calibration_count(source, batch, calibration_size) if calibration else 0,
             "int8_io": int8_io,
         }
         if precision in (Precision.INT8, Precision.INT8_DYNAMIC):
             recipe["float_layers"] = [layer.name for layer in kept]
         return converter, recipe
 
-    def _calibrate(self, q: Any, source: Source, fp32: Path, batch: int, buckets: SequenceBuckets | None) -> Any:
-        """Calibration samples for every signature: each bucket sees the samples at its full length."""
-        plan = [(SIGNATURE, source.validation_inputs)]
+    def _calibrate(self, q: Any, source: Source, fp32: Path, batch: int, buckets: SequenceBuckets | None,
+                   limit: int | None) -> Any:  # fmt: skip
+        """Calibration samples for every signature: each bucket sees the samples at its full length.
+
+        The first ``limit`` samples (all when None); the result is reused for the same float model file and
+        samples within this packager's package() call.
+        """
+        n = _calibration_count(source, batch, limit)
+        stat = fp32.stat()
+        key = (str(fp32), stat.st_mtime_ns, stat.st_size, id(source), n, batch)
+        if key in self._calibrations:
+            return self._calibrations[key]
+        inputs = {k: v[:n] for k, v in source.validation_inputs.items()}
+        plan = [(SIGNATURE, inputs)]
         if buckets is not None:
-            plan = [(sig, fit_length(source.validation_inputs, n))
-                    for sig, n in zip(buckets.signatures, buckets.lengths, strict=True)]  # fmt: skip
+            plan = [(sig, fit_length(inputs, length))
+                    for sig, length in zip(buckets.signatures, buckets.lengths, strict=True)]  # fmt: skip
         data: dict[str, list[dict[str, np.ndarray]]] = {}
         for sig, arrays in plan:
             details = inspect_model(fp32, sig)["inputs"]
             conv = _converter_names([s.name for s in source.inputs], list(details))
-            n = source.samples - source.samples % batch
             data[sig] = [{c: arrays[u][start : start + batch].astype(details[c]["dtype"]) for u, c in conv.items()}
                          for start in range(0, n, batch)]  # fmt: skip
         try:
             with quiet("litert"):
-                return q.calibrate(data, num_threads=1)
+                result = q.calibrate(data, num_threads=1)
         except Exception as e:  # calibration runs the model: data that do not fit it
             raise PackagingError(f"ai-edge-quantizer calibration failed: {str(e)[:300]}") from e
+        self._calibrations[key] = result
+        return result
 
     # ---- keras / SavedModel via the TensorFlow converter ------------------------------------------------
     def _from_saved_model(self, source: Source, precision: Precision, int8_io: bool, out: Path,
@@ -396,6 +414,12 @@ def _capped_preprocessing(source: Source, max_length: int) -> dict[str, Any]:
         cap = min(declared, max_length) if isinstance(declared, int) else max_length
         out["tokenizer"] = {**out["tokenizer"], "max_length": cap}
     return out
+
+
+def _calibration_count(source: Source, batch: int, limit: int | None) -> int:
+    """Calibration samples used: ``limit`` (``PackageOptions.calibration_size``) or all, whole batches."""
+    n = min(source.samples, limit or source.samples)
+    return max(n - n % batch, batch)
 
 
 def _capped_policy(source: Source, buckets: SequenceBuckets) -> dict[str, Any]:

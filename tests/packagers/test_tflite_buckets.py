@@ -275,6 +275,32 @@ def test_float_layers_keep_the_sensitive_layer_float(key: Ed25519PrivateKey, tru
     assert hasattr(get_packager("tflite"), "quantized_layers")
 
 
+def test_static_int8_calibrates_once_per_sample_count(monkeypatch: pytest.MonkeyPatch, key: Ed25519PrivateKey,
+                                                     trust: TrustedKeys, tmp_path: Path) -> None:  # fmt: skip
+    """The float model's statistics do not depend on the layers kept float: every build of the search reuses
+    them (calibrating MiniLM's five buckets took 55 s, and the search rebuilds dozens of times)."""
+    from ai_edge_quantizer import quantizer
+
+    from packagers.mixed_precision import PROBE_SAMPLES
+
+    calls: list[int] = []
+    original = quantizer.Quantizer.calibrate
+
+    def counting(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(next(iter(data.values()))))
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(quantizer.Quantizer, "calibrate", counting)
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
+    (result,) = package(_Sensitive().eval(), name="cal", version=1, key=key, out_dir=tmp_path / "out", target="tflite",
+                        precision="int8", calibration={"input": x}, accept_drift=True,
+                        example_inputs=(torch.zeros(1, 16),), options=PackageOptions(calibration_size=24))  # fmt: skip
+    report = json.loads(bundle_member(result, trust, tmp_path / "r", "report.json"))
+    assert report["build"]["mixed_precision"]["builds"] > 2  # the search ran
+    assert sorted(calls) == [PROBE_SAMPLES, 24]  # the plain build's 24 samples, the probes' 8: once each
+    assert report["build"]["quantization"]["calibration_samples"] == 24
+
+
 def test_float_layers_regex_and_unknown_names(key: Ed25519PrivateKey, tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
     (result,) = package(_Sensitive().eval(), name="re", version=1, key=key, out_dir=tmp_path / "a", target="tflite",
