@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
 from packagers.mixed_precision import needs_search, search_float_layers
-from packagers.options import INT8_FAMILY, PackageOptions, PackageResult, Precision, Target, Tolerances
+from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
 from packagers.requests import check_calibration, check_overwrite, is_generated, parse_pairs
@@ -185,8 +185,13 @@ def _no_candidate(tag: str, summary: Sequence[Mapping[str, Any]]) -> str:
     return f"{tag}: no candidate could be built, loaded and run: {reasons or 'the packager built nothing'}"
 
 
-# What to try when a quantized precision misses its tolerance, most accurate first.
-_FALLBACKS = (Precision.INT8_DYNAMIC, Precision.INT8_WEIGHTS, Precision.FP16)
+# What to try when a quantized precision misses its tolerance: the precisions that keep more in float.
+_MORE_FLOAT = {
+    Precision.INT8: (Precision.INT8_DYNAMIC, Precision.INT8_WEIGHTS, Precision.FP16),
+    Precision.INT8_DYNAMIC: (Precision.INT8_WEIGHTS, Precision.FP16),
+    Precision.INT8_WEIGHTS: (Precision.FP16,),
+    Precision.INT4: (Precision.INT8_WEIGHTS, Precision.FP16),
+}
 
 
 def _what_to_try(plan: _Plan, plans: list[_Plan]) -> str:
@@ -196,13 +201,12 @@ def _what_to_try(plan: _Plan, plans: list[_Plan]) -> str:
     if isinstance(search, Mapping) and str(search.get("outcome", "")).startswith("tolerance not reached"):
         hints.append(f"the search kept up to {search['cap']} of {search['quantized_layers']} layers float: "
                      "raise --max-float-layers")  # fmt: skip
-    if plan.precision in (*INT8_FAMILY, Precision.INT8_WEIGHTS, Precision.INT4):
+    offered = [p for p in _MORE_FLOAT.get(plan.precision, ()) if p in plan.packager.capabilities.precisions]
+    if offered:
         passed = {p.precision for p in plans if p.target is plan.target and p.validation["passed"]}
-        offered = [p for p in _FALLBACKS if p in plan.packager.capabilities.precisions and p is not plan.precision]
-        if offered:
-            names = ", ".join(p.value + (" (passed in this run)" if p in passed else "") for p in offered)
-            hints.append(f"or one that keeps more in float: {names} (--precision {plan.target.value}="
-                         f"{offered[0].value})")  # fmt: skip
+        names = ", ".join(p.value + (" (passed in this run)" if p in passed else "") for p in offered)
+        hints.append(f"or one that keeps more in float: {names} (--precision {plan.target.value}="
+                     f"{offered[0].value})")  # fmt: skip
     return f" ({'; '.join(hints)})" if hints else ""
 
 

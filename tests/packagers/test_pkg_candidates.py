@@ -197,3 +197,30 @@ def test_per_target_precisions_and_all_int8() -> None:
 def test_bad_precision_requests_are_refused(target: str, precision: list[str], message: str) -> None:
     with pytest.raises(PackagingError, match=message):
         parse_pairs(target, precision, "onnx")
+
+
+@pytest.mark.parametrize(
+    ("target", "precision", "hint"),
+    [
+        ("onnxruntime", "int8", "int8-dynamic, fp16 (--precision onnxruntime=int8-dynamic)"),
+        ("openvino", "int8", "int8-weights, fp16 (passed in this run) (--precision openvino=int8-weights)"),
+        ("openvino", "int8-weights", "fp16 (passed in this run) (--precision openvino=fp16)"),
+        ("tflite", "int8-dynamic", "fp16 (--precision tflite=fp16)"),
+        ("onnxruntime", "int4", "fp16 (--precision onnxruntime=fp16)"),
+    ],
+)
+def test_a_refused_precision_names_those_that_keep_more_in_float(target: str, precision: str, hint: str) -> None:
+    from types import SimpleNamespace
+
+    from packagers.orchestrator import _what_to_try
+    from packagers.registry import get_packager
+
+    def plan(p: str, passed: bool) -> Any:
+        return SimpleNamespace(target=Target(target), precision=Precision(p), packager=get_packager(target),
+                               built=SimpleNamespace(recipe={}), validation={"passed": passed})  # fmt: skip
+
+    others = [plan("fp16", True)] if target == "openvino" else []
+    assert _what_to_try(plan(precision, False), [plan(precision, False), *others]) == (
+        f" (or one that keeps more in float: {hint})"
+    )
+    assert _what_to_try(plan("fp16", False), []) == ""  # nothing keeps more in float than fp16
