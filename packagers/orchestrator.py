@@ -198,7 +198,7 @@ def _what_to_try(plan: _Plan, plans: list[_Plan]) -> str:
     """For a failed quantized plan: the search's cap, and the target's precisions that keep more in float."""
     hints = []
     search = plan.built.recipe.get("mixed_precision")
-    if isinstance(search, Mapping) and str(search.get("outcome", "")).startswith("tolerance not reached"):
+    if isinstance(search, Mapping) and search.get("cap"):  # the search ran (a cap above 0) and still failed
         hints.append(f"the search kept up to {search['cap']} of {search['quantized_layers']} layers float: "
                      "raise --max-float-layers")  # fmt: skip
     offered = [p for p in _MORE_FLOAT.get(plan.precision, ()) if p in plan.packager.capabilities.precisions]
