@@ -116,6 +116,8 @@ def test_a_read_only_state_dir_still_serves_and_reports(
     agent = agent_factory(broker.port, v1)
     assert_serves_v(agent, 1)
     fleet.wait_status(lambda s: s["state"] == "online" and s["model"] is not None, what="online with v1")
+    # the event is published once the link is up, which can come after the first status (a loaded machine)
+    wait_for(lambda: any(e["phase"] == "failed" for e in fleet.events(None)), 15, "the state directory event")
     problem = next(e for e in fleet.events(None) if e["phase"] == "failed")
     assert problem["detail"]["error"] == "StateError"
     # A command that cannot be journaled is not run (it could not be de-duplicated) and says why.
