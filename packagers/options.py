@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 INPUT_KINDS = ("torch", "transformers", "onnx", "keras")  # every kind packagers.sources can load
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # static int8 calibration, the first the default
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # static int8 calibration
 
 
 _E = TypeVar("_E", bound="_Named")
@@ -199,7 +199,9 @@ class PackageOptions:
     benchmark_runs: int = 50  # timed runs
     benchmark_max_seconds: float = 10.0  # seconds, stops the timed runs early
     labels_output: str | None = None  # output the labels are scored against; default the first logits-like one
-    calibration_method: str = "minmax"  # static int8: "minmax", "entropy" or "percentile"
+    # static int8 (onnxruntime): "minmax", "entropy" or "percentile"; None: minmax, and for graphs that are not
+    # transformers percentile too, as a second candidate (validation picks)
+    calibration_method: str | None = None
     per_channel: bool | None = None  # static int8 weights per output channel; None: the target decides
     extra: Mapping[str, Any] = field(default_factory=dict)  # target-specific settings, recorded in the report
     for_runtime: str | None = None  # build for this runtime release: "onnxruntime==1.17", "coreml==iOS17"
@@ -230,7 +232,7 @@ class PackageOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PackagingError(f"option {name} must be an integer >= 1, got {value!r}")
-        if self.calibration_method not in CALIBRATION_METHODS:
+        if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
             raise PackagingError(
                 f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}"
             )

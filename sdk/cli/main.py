@@ -330,9 +330,10 @@ def _add_package_parser(sub: Any) -> None:
     pk.add_argument("--labels", help=".npy of integer labels for the calibration samples (reports accuracy)")
     pk.add_argument(
         "--calibration-method",
-        default=CALIBRATION_METHODS[0],
+        default=None,
         choices=CALIBRATION_METHODS,
-        help="static int8 calibration (default: %(default)s)",
+        help="static int8 calibration (default: minmax; graphs that are not transformers also get a percentile "
+        "candidate, and validation picks)",
     )
     add_quantization_arguments(pk)
     pk.add_argument(

@@ -140,7 +140,7 @@ def test_conv_recipe_quantizes_only_the_convolutions(conv_bn_opset12: Path, key:
                      precision="int8", calibration=_inputs(), options=options)[0]  # fmt: skip
     model, report = _bundle(result)
     assert result.validation["passed"]
-    assert [c["candidate"] for c in report["candidates"]] == ["per-channel-conv"]
+    assert [c["candidate"] for c in report["candidates"]] == ["per-channel-conv", "per-channel-conv-percentile"]
     quant = report["build"]["quantization"]
     assert quant["op_types"] == ["Conv", "ConvTranspose"]
     assert quant["quantized_layers"]
@@ -155,7 +155,8 @@ def test_auto_recipe_adds_the_conv_candidate(conv_bn_opset12: Path, key: Ed25519
                      precision="int8", calibration=_inputs())[0]  # fmt: skip
     _, report = _bundle(result)
     labels = [c["candidate"] for c in report["candidates"]]
-    assert labels == ["per-tensor", "per-channel", "per-channel-conv"]
+    assert labels == ["per-tensor", "per-tensor-percentile", "per-channel", "per-channel-percentile",
+                      "per-channel-conv", "per-channel-conv-percentile"]  # fmt: skip
     assert all(c["passed"] for c in report["candidates"])
 
 
@@ -179,7 +180,7 @@ def test_the_search_rebuilds_only_the_chosen_variant(
     real, calls = _ort_quant.quantize_static_qdq, []
 
     def quantize(src: Path, dst: Path, feeds: Any, **kwargs: Any) -> dict[str, Any]:
-        calls.append((kwargs["per_channel"], kwargs.get("op_types")))
+        calls.append((kwargs["per_channel"], kwargs.get("op_types"), kwargs["method"]))
         return real(src, dst, feeds, **kwargs)
 
     monkeypatch.setattr(_ort_quant, "quantize_static_qdq", quantize)
@@ -189,9 +190,10 @@ def test_the_search_rebuilds_only_the_chosen_variant(
     _, report = _bundle(result)
     mixed = report["build"]["mixed_precision"]
     plain = mixed["plain"]["candidate"]
-    assert len(calls) > 3 and mixed["steps"]
-    variant = {"per-tensor": (False, None), "per-channel": (True, None)}.get(plain, (True, ("Conv", "ConvTranspose")))
-    assert set(calls[3:]) == {variant}  # one build per probe and step, of the plain candidate's recipe
+    assert len(calls) > 6 and mixed["steps"]
+    variant = (not plain.startswith("per-tensor"), ("Conv", "ConvTranspose") if "-conv" in plain else None,
+               "percentile" if plain.endswith("-percentile") else "minmax")  # fmt: skip
+    assert set(calls[6:]) == {variant}  # one build per probe and step, of the plain candidate's recipe
     assert {s["candidate"] for s in mixed["steps"] if "candidate" in s} == {plain}
 
 
