@@ -25,7 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
-from packagers.mixed_precision import needs_search, search_float_layers
+from packagers.mixed_precision import needs_search, search_faster_recipe, search_float_layers
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
@@ -130,18 +130,23 @@ def _failure(candidate: str, stage: str, reason: str) -> dict[str, Any]:
     return {"candidate": candidate, "passed": False, "stage": stage, "reason": reason[:400]}
 
 
+_Chosen = tuple[BuiltModel, Runner | None, dict[str, Any]]  # a candidate, its runner, its validation
+
+
 def _validate_candidates(
     packager: Packager, tried: Sequence[BuiltModel | CandidateFailed], source: Source,
     inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tol: Tolerances,
     labels: np.ndarray | None, options: PackageOptions, say: Callable[[str], None], tag: str,
-) -> tuple[tuple[BuiltModel, Runner | None, dict[str, Any]] | None, list[dict[str, Any]]]:  # fmt: skip
-    """The best candidate (passed first, then the highest worst-output cosine) and every candidate's outcome.
+) -> tuple[_Chosen | None, list[dict[str, Any]], list[_Chosen]]:  # fmt: skip
+    """The best candidate (passed first, then the highest worst-output cosine), every candidate's outcome,
+    and the other candidates that ran (with their runners: the mixed-precision search may try them).
 
     A candidate that failed to build, that the runtime cannot load, or that fails on the validation inputs
     is dropped with its stage and reason (said, and kept for the report); None when none was left.
     """
     best: tuple[BuiltModel, Runner, dict[str, Any]] | None = None
     summary: list[dict[str, Any]] = []
+    ran: list[_Chosen] = []
     for built in tried:
         if isinstance(built, CandidateFailed):
             summary.append(_failure(built.candidate, built.stage, built.reason))
@@ -153,7 +158,8 @@ def _validate_candidates(
             numeric = {"ran": False, "reason": e.reason}
             result: dict[str, Any] = {"metrics": {}, "passed": True, "failures": [], "numeric": numeric,
                                       "structure": e.structure}  # fmt: skip
-            return (built, None, result), [*summary, {"candidate": built.candidate, "passed": True, "numeric": False}]
+            return (built, None, result), [*summary, {"candidate": built.candidate, "passed": True,
+                                                       "numeric": False}], []  # fmt: skip
         except Exception as e:  # PackagingError from the loader, or the runtime's own error types
             summary.append(_failure(built.candidate, "load", str(e)))
             say(f"{tag}: candidate {built.candidate} dropped (the runtime cannot load it: {str(e)[:200]})")
@@ -174,10 +180,11 @@ def _validate_candidates(
         if not result["passed"]:
             entry.update(stage="validate", reason="; ".join(str(f) for f in result["failures"])[:400])
         summary.append(entry)
+        ran.append((built, run, result))
         key = (result["passed"], _min_cosine(result))
         if best is None or key > (best[2]["passed"], _min_cosine(best[2])):
             best = (built, run, result)
-    return best, summary
+    return best, summary, [c for c in ran if best is None or c[0] is not best[0]]
 
 
 def _no_candidate(tag: str, summary: Sequence[Mapping[str, Any]]) -> str:
@@ -336,7 +343,7 @@ def package(
                 tried = packagers[t].build(source, p, tmp / f"{t.value}-{p.value}", opts, say)
                 if t in runtime_plans:
                     tried = [fit_built(c, runtime_plans[t]) if isinstance(c, BuiltModel) else c for c in tried]
-                best, summary = _validate_candidates(packagers[t], tried, source, inputs, reference, tol,
+                best, summary, siblings = _validate_candidates(packagers[t], tried, source, inputs, reference, tol,
                                                      label_array, opts, say, tag)  # fmt: skip
                 if best is None:  # this precision cannot apply here: the others are still written
                     skipped.append(_no_candidate(tag, summary))
@@ -347,7 +354,12 @@ def package(
                     built, run, result, summary = search_float_layers(
                         packagers[t], source, p, built, run, result, summary, inputs=inputs, reference=reference,
                         tol=tol, labels=label_array, options=opts, workdir=tmp / f"{t.value}-{p.value}-mixed",
-                        say=say, plan=runtime_plans.get(t))  # fmt: skip
+                        say=say, plan=runtime_plans.get(t), siblings=siblings)  # fmt: skip
+                elif faster := search_faster_recipe(
+                    packagers[t], source, p, best, summary, siblings, inputs=inputs, reference=reference, tol=tol,
+                    labels=label_array, options=opts, workdir=tmp / f"{t.value}-{p.value}-faster", say=say,
+                    plan=runtime_plans.get(t)):  # fmt: skip
+                    built, run, result, summary = faster
                 status = "passed" if result["passed"] else "FAILED"
                 detail = (f"min cosine {_min_cosine(result):.6f}" if result["metrics"]
                           else f"structure only: {result['numeric']['reason']}")  # fmt: skip

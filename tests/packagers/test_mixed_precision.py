@@ -147,16 +147,20 @@ class _FakePackager:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "m.bin").write_bytes(b"x" * (100 + 10 * len(options.float_layers)))
         self.built.append(options.float_layers)
-        recipe = {"quantization": {"float_layers": list(options.float_layers)}}
-        return [BuiltModel(workdir / "m.bin", "m.bin", {}, recipe, "fake")]
+        name = str(options.extra.get("recipe", "fake"))  # "few": quantizes L0-L9 only (accurate, slower)
+        recipe = {"quantization": {"float_layers": list(options.float_layers), "rebuild_extra": {"recipe": name}}}
+        return [BuiltModel(workdir / "m.bin", "m.bin", {}, recipe, name)]
 
     def quantized_layers(self, built: Any) -> list[str]:
-        return [n for n in self.layers if n not in built.recipe["quantization"]["float_layers"]]
+        layers = self.layers[:10] if built.candidate == "few" else self.layers
+        return [n for n in layers if n not in built.recipe["quantization"]["float_layers"]]
 
     def runner(self, built: Any) -> Any:
         kept = set(built.recipe["quantization"]["float_layers"])
         noise = np.random.default_rng(0).standard_normal(self.reference.shape)
         scale = (0.0 if "L17" in kept else 1.0) + 0.001 * sum(n not in kept for n in self.layers)
+        if built.candidate == "few":
+            scale = 0.001
         return lambda feeds: {"y": self.reference[: len(feeds["x"])] + scale * noise[: len(feeds["x"])]}
 
 
@@ -191,3 +195,69 @@ def test_deep_graphs_are_probed_by_blocks_then_layers(tmp_path: Path) -> None:
     assert log["builds"] <= 2 * MAX_PROBES + 3  # base + blocks + layers of the worst blocks + one growth step
     assert log["cost"]["size_bytes"]["mixed"] > log["cost"]["size_bytes"]["plain"]
     assert found.summary[-1] == {"candidate": "fake+float", "passed": True, "float_layers": 1}
+
+
+def _fake_setup(tmp_path: Path, *recipes: str) -> tuple[Any, Any, Any, list[Any], Tolerances, dict[str, np.ndarray]]:
+    """The fake target's plain candidates for ``recipes`` (built, runner, validation), on 16 samples."""
+    from types import SimpleNamespace
+
+    from packagers.options import Precision
+    from packagers.validation import compare_outputs
+    from sdk.manifest import TensorSpec
+
+    reference = np.random.default_rng(1).standard_normal((16, 8)) + 3.0
+    inputs = {"x": np.zeros((16, 2), np.float32)}
+    source = SimpleNamespace(inputs=[TensorSpec("x", "float32", ("batch", 2))],
+                             outputs=[TensorSpec("y", "float32", ("batch", 8))])  # fmt: skip
+    packager = _FakePackager(reference)
+    tol = Tolerances(min_cosine=0.99, min_cosine_mean=0.999, max_rel_diff=None)
+    plains = []
+    for name in recipes:
+        built = packager.build(source, Precision.INT8, tmp_path / name, PackageOptions(extra={"recipe": name}), print)[
+            0
+        ]
+        run = packager.runner(built)
+        plains.append((built, run, compare_outputs(source.outputs, {"y": reference}, run(inputs), tol)))
+    return packager, source, reference, plains, tol, inputs
+
+
+def test_found_float_layers_are_tried_on_faster_siblings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from packagers import mixed_precision
+    from packagers.options import Precision
+
+    packager, source, reference, plains, tol, inputs = _fake_setup(tmp_path, "fake", "fast", "slow")
+    speed = {"fake": 10.0, "fast": 6.0, "slow": 12.0}  # ms at batch 1, as the short timing would measure
+    monkeypatch.setattr(mixed_precision, "_p50", lambda built, run, feeds: speed[built.candidate])
+    (plain, run, result), *siblings = plains
+    assert not result["passed"]
+    found = mixed_precision.search_float_layers(
+        packager, source, Precision.INT8, plain, run, result, [], inputs=inputs, reference={"y": reference}, tol=tol,
+        labels=None, options=PackageOptions(max_float_layers=0.1), workdir=tmp_path / "s", say=print,
+        siblings=siblings)  # type: ignore[arg-type]  # fmt: skip
+    log = found.built.recipe["mixed_precision"]
+    assert found.result["passed"] and found.built.candidate == "fast"  # the same float layer, the faster recipe
+    assert found.built.recipe["quantization"]["float_layers"] == ["L17"]
+    assert [s["candidate"] for s in log["siblings"]] == ["fast"]  # the slower sibling is not rebuilt
+    assert log["siblings"][0]["passed"] and log["siblings"][0]["p50_ms"] == 6.0
+
+
+def test_a_faster_recipe_that_misses_the_tolerance_is_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from packagers import mixed_precision
+    from packagers.options import Precision
+
+    packager, source, reference, plains, tol, inputs = _fake_setup(tmp_path, "few", "fast")
+    chosen, sibling = plains
+    assert chosen[2]["passed"] and not sibling[2]["passed"]
+    kwargs: dict[str, Any] = {"inputs": inputs, "reference": {"y": reference}, "tol": tol, "labels": None,
+                              "options": PackageOptions(max_float_layers=0.1), "say": print}  # fmt: skip
+    speed = {"few": 10.0, "fast": 6.0}
+    monkeypatch.setattr(mixed_precision, "_p50", lambda built, run, feeds: speed[built.candidate])
+    found = mixed_precision.search_faster_recipe(packager, source, Precision.INT8, chosen, [], [sibling],
+                                                 workdir=tmp_path / "s", **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    assert found is not None and found.result["passed"] and found.built.candidate == "fast"
+    assert found.built.recipe["quantization"]["float_layers"] == ["L17"]
+    assert found.built.recipe["mixed_precision"]["instead_of"] == {"candidate": "few", "p50_ms": 10.0,
+                                                                   "chosen_p50_ms": 6.0}  # fmt: skip
+    speed["fast"] = 9.8  # within the margin: not worth a search
+    assert mixed_precision.search_faster_recipe(packager, source, Precision.INT8, chosen, [], [sibling],
+                                                workdir=tmp_path / "t", **kwargs) is None  # type: ignore[arg-type]  # fmt: skip
