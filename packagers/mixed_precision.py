@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from packagers.benchmark import benchmark
-from packagers.options import CALIBRATION_METHODS, INT8_FAMILY, PackageOptions, Precision, Tolerances
+from packagers.options import INT8_FAMILY, PackageOptions, Precision, Tolerances
 from packagers.registry import BuiltModel, Packager, Runner
 from packagers.runtime_plan import fit_built
 from packagers.validation import MASK_INPUT, compare_outputs, run_batched
@@ -129,9 +129,6 @@ class _Search:
         # Rebuild the variant the plain search chose (per-channel or not), with the user's float layers kept.
         self.options = replace(options, per_channel=pinned if isinstance(pinned, bool) else options.per_channel)
         # and the recipe, where the target records how to rebuild only this candidate (e.g. ORT's conv-only)
-        method = plain.recipe.get("quantization", {}).get("calibration_method")
-        if options.calibration_method is None and method in CALIBRATION_METHODS:  # the chosen candidate's
-            self.options = replace(self.options, calibration_method=method)
         pin = plain.recipe.get("quantization", {}).get("rebuild_extra")
         if isinstance(pin, Mapping) and pin:
             self.options = replace(self.options, extra={**self.options.extra, **pin})

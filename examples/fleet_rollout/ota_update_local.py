@@ -66,7 +66,7 @@ def wait_for(messages: queue.Queue[tuple[str, dict[str, Any]]], cmd_id: str | No
         leaf, payload = messages.get(timeout=60)
         if leaf == "status":
             model = payload.get("model") or {}
-            serving = reached and model.get("version") == version
+            serving = model.get("version") == version  # the status may come before or after the event
             print(f"  status: {payload['state']}, model {model.get('name')} v{model.get('version')}, "
                   f"slot {payload.get('slot')}")  # fmt: skip
         elif leaf == "events" and payload["cmd_id"] == cmd_id:

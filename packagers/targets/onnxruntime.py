@@ -48,7 +48,7 @@ import numpy as np
 
 from packagers._ort_session import cpu_session
 from packagers._quiet import quiet
-from packagers.options import Capabilities, PackageOptions, Precision, Target
+from packagers.options import CALIBRATION_METHODS, Capabilities, PackageOptions, Precision, Target
 from packagers.registry import BuiltModel, CandidateFailed, Runner, version_floor
 from packagers.targets._onnx_rewrite import simplify_for_cpu
 from sdk.errors import PackagingError
@@ -385,12 +385,17 @@ class OnnxRuntimePackager:
             variants += [(pc, CONV_OPS) for pc in channel_modes if pc or options.per_channel is False]
         # Calibration: min-max, and for other graphs than transformers percentile too (clipping rare activation
         # peaks: PP-OCRv4's detector 0.983 -> 0.990 map cosine), unless the user chose one.
-        methods = [options.calibration_method] if options.calibration_method else (
+        rebuild = options.extra.get("int8_calibration")  # the search rebuilding one candidate (its ``rebuild_extra``)
+        if rebuild is not None and rebuild not in CALIBRATION_METHODS:
+            raise PackagingError(
+                f"extra int8_calibration must be one of {', '.join(CALIBRATION_METHODS)}, got {rebuild!r}"
+            )
+        methods = [options.calibration_method or rebuild] if options.calibration_method or rebuild else (
             ["minmax"] if transformer else ["minmax", "percentile"])  # fmt: skip
         candidates: list[BuiltModel | CandidateFailed] = []
         for (per_channel, op_types), method in itertools.product(variants, methods):
             label = ("per-channel" if per_channel else "per-tensor") + ("-conv" if op_types else "")
-            label += "" if method == "minmax" else f"-{method}"
+            label += f"-{method}" if method != "minmax" and not options.calibration_method else ""  # added candidates
             progress(f"onnxruntime int8: calibrating ({method}) and quantizing ({label})")
             out = workdir / f"static-{label}" / MODEL_MEMBER
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -407,6 +412,8 @@ class OnnxRuntimePackager:
                 candidates.append(CandidateFailed(label, "build", str(e)))
                 continue
             pin = {"int8_recipe": "conv" if op_types else common["recipe"]}  # what rebuilds only this candidate
+            if not options.calibration_method:
+                pin["int8_calibration"] = method
             recipe = {**common, **quant, **selection.report(), "per_channel": per_channel, "rebuild_extra": pin,
                       "quantized_layers": static_quantized_layers(out, op_types),
                       "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip

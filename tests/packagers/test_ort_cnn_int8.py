@@ -193,7 +193,8 @@ def test_the_search_rebuilds_only_the_chosen_variant(
     assert len(calls) > 6 and mixed["steps"]
     variant = (not plain.startswith("per-tensor"), ("Conv", "ConvTranspose") if "-conv" in plain else None,
                "percentile" if plain.endswith("-percentile") else "minmax")  # fmt: skip
-    assert set(calls[6:]) == {variant}  # one build per probe and step, of the plain candidate's recipe
+    siblings = len(mixed.get("siblings", []))  # faster recipes rebuilt with the float layers found, after the search
+    assert set(calls[6 : len(calls) - siblings]) == {variant}  # one build per probe and step, of the plain recipe
     assert {s["candidate"] for s in mixed["steps"] if "candidate" in s} == {plain}
 
 
