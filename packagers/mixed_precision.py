@@ -53,7 +53,15 @@ if TYPE_CHECKING:
     from packagers.runtime_plan import RuntimePlan
     from packagers.sources.base import Source
 
-__all__ = ["MAX_PROBES", "PROBE_SAMPLES", "Searched", "needs_search", "search_faster_recipe", "search_float_layers"]
+__all__ = [
+    "MAX_PROBES",
+    "PROBE_SAMPLES",
+    "Chosen",
+    "Searched",
+    "needs_search",
+    "search_faster_recipe",
+    "search_float_layers",
+]
 
 MAX_PROBES = 12  # sensitivity builds per round (blocks, then layers of the worst blocks)
 PROBE_SAMPLES = 8  # validation samples the sensitivity probes are scored on
@@ -64,7 +72,7 @@ FASTER_RECIPE_MARGIN = 0.05  # a failing recipe is searched when it runs this mu
 SIBLING_RUNS = 15
 
 
-_Chosen = tuple[BuiltModel, Runner | None, dict[str, Any]]  # a candidate, its runner, its validation
+Chosen = tuple[BuiltModel, Runner | None, dict[str, Any]]  # a candidate, its runner, its validation
 
 
 class Searched(NamedTuple):
@@ -193,7 +201,7 @@ def search_float_layers(
     plain_result: dict[str, Any], summary: list[dict[str, Any]], *, inputs: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray], tol: Tolerances, labels: np.ndarray | None, options: PackageOptions,
     workdir: Path, say: Callable[[str], None], plan: RuntimePlan | None = None,
-    siblings: Sequence[_Chosen] = (),
+    siblings: Sequence[Chosen] = (),
 ) -> Searched:  # fmt: skip
     """Keep the most sensitive quantized layers of ``plain`` in float until ``tol`` holds or the cap is reached.
 
@@ -287,16 +295,17 @@ def _p50(built: BuiltModel, run: Runner, inputs: Mapping[str, np.ndarray]) -> fl
 
 
 def _faster_sibling(
-    search: _Search, best: _Chosen, plain_run: Runner, siblings: Sequence[_Chosen], *,
+    search: _Search, best: Chosen, plain_run: Runner, siblings: Sequence[Chosen], *,
     kept: list[str], say: Callable[[str], None], tag: str,
-) -> tuple[_Chosen, list[dict[str, Any]]]:  # fmt: skip
+) -> tuple[Chosen, list[dict[str, Any]]]:  # fmt: skip
     """The fastest passing build among ``best`` and the faster plain siblings rebuilt with the same float layers.
 
     Which recipe needs the fewest float layers and which runs fastest are different questions: on
     PP-OCRv4's detector the most accurate plain candidate quantizes only the convolutions, while the
-    recipe that also quantizes the element-wise ops runs ~10% faster and passes with the same float
-    convolution. A sibling is rebuilt only when its plain build runs at least ``SIBLING_MARGIN`` faster than
-    the searched one (at most ``MAX_SIBLINGS``, fastest first); one rebuild and one validation each.
+    recipe that also quantizes the element-wise ops runs ~10% faster (and, measured by hand, passes with
+    the same float convolution). A sibling is rebuilt only when its plain build runs at least
+    ``SIBLING_MARGIN`` faster than the searched one (at most ``MAX_SIBLINGS``, fastest first); one rebuild
+    and one validation each.
     """
     assert best[1] is not None
     inputs = search.inputs
@@ -335,8 +344,8 @@ def _faster_sibling(
 
 
 def search_faster_recipe(
-    packager: Packager, source: Source, precision: Precision, chosen: _Chosen, summary: list[dict[str, Any]],
-    siblings: Sequence[_Chosen], *, inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+    packager: Packager, source: Source, precision: Precision, chosen: Chosen, summary: list[dict[str, Any]],
+    siblings: Sequence[Chosen], *, inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
     tol: Tolerances, labels: np.ndarray | None, options: PackageOptions, workdir: Path, say: Callable[[str], None],
     plan: RuntimePlan | None = None,
 ) -> Searched | None:  # fmt: skip

@@ -25,7 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packagers.benchmark import benchmark
-from packagers.mixed_precision import needs_search, search_faster_recipe, search_float_layers
+from packagers.mixed_precision import Chosen, needs_search, search_faster_recipe, search_float_layers
 from packagers.options import PackageOptions, PackageResult, Precision, Target, Tolerances
 from packagers.registry import BuiltModel, CandidateFailed, Packager, Runner, get_packager
 from packagers.report import write_reports
@@ -130,14 +130,11 @@ def _failure(candidate: str, stage: str, reason: str) -> dict[str, Any]:
     return {"candidate": candidate, "passed": False, "stage": stage, "reason": reason[:400]}
 
 
-_Chosen = tuple[BuiltModel, Runner | None, dict[str, Any]]  # a candidate, its runner, its validation
-
-
 def _validate_candidates(
     packager: Packager, tried: Sequence[BuiltModel | CandidateFailed], source: Source,
     inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tol: Tolerances,
     labels: np.ndarray | None, options: PackageOptions, say: Callable[[str], None], tag: str,
-) -> tuple[_Chosen | None, list[dict[str, Any]], list[_Chosen]]:  # fmt: skip
+) -> tuple[Chosen | None, list[dict[str, Any]], list[Chosen]]:  # fmt: skip
     """The best candidate (passed first, then the highest worst-output cosine), every candidate's outcome,
     and the other candidates that ran (with their runners: the mixed-precision search may try them).
 
@@ -146,7 +143,7 @@ def _validate_candidates(
     """
     best: tuple[BuiltModel, Runner, dict[str, Any]] | None = None
     summary: list[dict[str, Any]] = []
-    ran: list[_Chosen] = []
+    ran: list[Chosen] = []
     for built in tried:
         if isinstance(built, CandidateFailed):
             summary.append(_failure(built.candidate, built.stage, built.reason))
