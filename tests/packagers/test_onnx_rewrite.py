@@ -156,3 +156,38 @@ def test_the_packaged_graph_is_the_rewritten_one_and_says_so(key: Ed25519Private
                                                          "affine_into_pointwise": 1}  # fmt: skip
     model = onnx.load_model_from_string(bundle.path("model.onnx").read_bytes())
     assert "HardSigmoid" in {n.op_type for n in model.graph.node}
+
+
+def test_batch_norm_is_folded_so_float16_keeps_large_variances(tmp_path: Path) -> None:
+    from packagers.targets._ort_quant import convert_fp16
+
+    # outputs in the thousands before the batch norm, variances past float16's 65504 (as in PP-OCRv4's head)
+    inits = [
+        _const("w", RNG.normal(size=(4, 3, 3, 3)) * 300), _const("g", [1.0, 0.5, 2.0, 1.0]),
+        _const("b", [0.1, -0.2, 0.0, 0.3]), _const("m", [300.0, -200.0, 0.0, 0.5]),
+        _const("v", [1e8, 4e7, 2e6, 1e5]),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn", epsilon=1e-5),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])
+    src = tmp_path / "bn.onnx"
+    graph = helper.make_graph(nodes, "bn", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(src))
+    dst, counts = simplify_for_cpu(src, tmp_path / "folded.onnx")
+    assert counts == {"conv_affine": 1} and _ops(dst) == ["Conv"]
+    feed = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    before = _run(src, feed)
+    np.testing.assert_allclose(_run(dst, feed), before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
+
+    def fp16_error(path: Path) -> float:
+        half = tmp_path / f"half-{path.name}"
+        convert_fp16(path, half)
+        return float(np.abs(_run(half, feed) - before).max() / np.abs(before).max())
+
+    assert fp16_error(src) > 0.05  # the variances become inf in float16
+    assert fp16_error(dst) < 0.01
