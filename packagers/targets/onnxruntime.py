@@ -1,7 +1,7 @@
 """Target: ONNX Runtime (CPU execution provider).
 
 - every precision starts from the exported (or given) ONNX graph after ``_onnx_rewrite``'s exact rewrites
-  (constant affines folded into convolutions, decomposed hard-swish fused; recorded as
+  (constant affines and batch norms folded into convolutions, decomposed hard-swish fused; recorded as
   ``export.cpu_rewrites``; a graph they do not match is used as is).
 - ``fp32``: that graph; the device applies ORT_ENABLE_ALL at load.
 - ``fp16``: ``convert_float_to_float16`` with ``keep_io_types`` (callers still pass float32); op types
@@ -239,6 +239,17 @@ class OnnxRuntimePackager:
     target = Target.ONNXRUNTIME
     capabilities = CAPABILITIES
 
+    def __init__(self) -> None:
+        # exported graph -> its rewritten copy and counts: the search builds many times from one export
+        self._rewritten: dict[Path, tuple[Path, dict[str, Any]]] = {}
+
+    def _cpu_graph(self, exported: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
+        """``simplify_for_cpu`` of ``exported``, once per export while its result is on disk."""
+        cached = self._rewritten.get(exported)
+        if cached is None or not cached[0].is_file():
+            cached = self._rewritten[exported] = simplify_for_cpu(exported, workdir / "simplified.onnx")
+        return cached
+
     def _runtime(self, opset: int, exporter: str) -> dict[str, Any]:
         return {
             "package": "onnxruntime",
@@ -274,7 +285,7 @@ class OnnxRuntimePackager:
         runtime = self._runtime(exported.opset, exported.exporter)
         export_info: dict[str, Any] = {"exporter": exported.exporter, "opset": exported.opset,
                                        "seconds": round(exported.seconds, 3)}  # fmt: skip
-        graph, rewrites = simplify_for_cpu(exported.path, workdir / "simplified.onnx")
+        graph, rewrites = self._cpu_graph(exported.path, workdir)
         if rewrites:
             export_info["cpu_rewrites"] = rewrites  # exact; validation checks the result like any candidate
         built: list[BuiltModel | CandidateFailed]

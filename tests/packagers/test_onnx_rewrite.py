@@ -191,3 +191,23 @@ def test_batch_norm_is_folded_so_float16_keeps_large_variances(tmp_path: Path) -
 
     assert fp16_error(src) > 0.05  # the variances become inf in float16
     assert fp16_error(dst) < 0.01
+
+
+def test_the_rewrite_runs_once_per_export(
+    key: Ed25519PrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import packagers.targets.onnxruntime as ort_target
+
+    calls: list[Path] = []
+
+    def counted(src: Path, dst: Path) -> tuple[Path, dict[str, Any]]:
+        calls.append(src)
+        return simplify_for_cpu(src, dst)
+
+    monkeypatch.setattr(ort_target, "simplify_for_cpu", counted)
+    src = _cnn(tmp_path / "cnn.onnx")
+    x = RNG.normal(size=(16, 3, 8, 8)).astype(np.float32)
+    results = package(str(src), name="cnn", version=1, key=key, out_dir=tmp_path / "out", target="onnxruntime",
+                      precision=["fp32", "int8"], calibration={"x": x}, accept_drift=True)  # fmt: skip
+    assert [r.precision for r in results] == ["fp32", "int8"]
+    assert len(calls) == 1  # six int8 candidates and the fp32 build share one rewritten graph
