@@ -208,3 +208,13 @@ def test_prepare_for_qdq_says_what_to_do_when_the_opset_cannot_be_raised(tmp_pat
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
     with pytest.raises(PackagingError, match=r"opset 12 -> 13 .* export the model at opset >= 13"):
         prepare_for_qdq(path, tmp_path / "out.onnx")
+
+
+def test_a_bad_calibration_pin_is_refused(conv_bn_opset12: Path, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    from sdk.errors import PackagingError
+
+    options = PackageOptions(extra={"int8_calibration": "kl"})
+    with pytest.raises(PackagingError, match="extra int8_calibration must be one of minmax, entropy, percentile"):
+        package(str(conv_bn_opset12), name="c", version=1, key=key, out_dir=tmp_path, target="onnxruntime",
+                precision="int8", calibration=_inputs(), options=options)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
